@@ -1,0 +1,55 @@
+"""The ``mlkd`` command line: a thin layer over library functions.
+
+Each sub-command lives in its own module with a ``register(subparsers)`` that adds its parser and sets
+``func``; ``main`` only dispatches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mlkd import __version__
+from mlkd.cli import data, demo, metrics, proposals
+
+COMMANDS = (demo, data, proposals, metrics)
+
+EPILOG = """\
+typical flow:
+  mlkd data synth --out data/synth --num-images 200 --seed 0     # a dataset on disk
+  mlkd proposals --dataset data/synth/train.jsonl --out cache/   # proposals into an LMDB cache
+  mlkd metrics --scores scores.npy --targets targets.npy         # every multi-label metric
+  mlkd demo --out runs/demo                                      # all of the above, end to end
+
+Run `mlkd <command> --help` for the options of each command."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mlkd",
+        description="Multi-label image classification by knowledge distillation from weakly-supervised detection.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"mlkd {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    for module in COMMANDS:
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, OSError, KeyError) as e:  # user-facing errors: no traceback
+        print(f"mlkd {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

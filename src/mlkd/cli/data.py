@@ -1,0 +1,5 @@
+"""`mlkd data` (placeholder until implemented)."""
+
+
+def register(sub) -> None:
+    pass

@@ -1,0 +1,5 @@
+"""`mlkd demo` (placeholder until implemented)."""
+
+
+def register(sub) -> None:
+    pass

@@ -1,0 +1,5 @@
+"""`mlkd metrics` (placeholder until implemented)."""
+
+
+def register(sub) -> None:
+    pass

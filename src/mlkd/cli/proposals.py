@@ -1,0 +1,5 @@
+"""`mlkd proposals` (placeholder until implemented)."""
+
+
+def register(sub) -> None:
+    pass

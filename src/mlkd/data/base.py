@@ -1,0 +1,160 @@
+"""The dataset contract shared by every loader.
+
+A dataset item is ``(image, target)``:
+
+- ``image``: ``Tensor[3, H, W]`` uint8, RGB (the model's input convention is applied later, by the model).
+- ``target``: a dict with
+    - ``labels`` (``Tensor[K]`` float32): multi-hot, 1 = present, 0 = absent, -1 = ignore for this class;
+    - ``image_id`` (str) and ``orig_size`` (``Tensor[2]`` int64, (H, W) of the file on disk);
+    - ``boxes`` (``Tensor[M, 4]`` float32, (x1, y1, x2, y2) pixels, 0-based) and ``box_labels``
+      (``Tensor[M]`` int64 class indices) when the dataset has boxes (for evaluation only);
+    - ``proposals`` (``Tensor[R, 4]`` float32) and ``proposal_scores`` (``Tensor[R]`` float32) when a
+      proposal cache is attached.
+
+Boxes and proposals are always in the pixel frame of the returned image: transforms move them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+
+@dataclass(frozen=True)
+class DatasetIdentity:
+    """What makes two datasets 'the same' for caches and checkpoints."""
+
+    name: str
+    split: str
+    classes: tuple[str, ...]
+    num_images: int
+    manifest_hash: str
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["classes"] = list(self.classes)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DatasetIdentity":
+        return cls(d["name"], d["split"], tuple(d["classes"]), int(d["num_images"]), d["manifest_hash"])
+
+    def check_same(self, other: "DatasetIdentity", what: str) -> None:
+        """Raise ``ValueError`` naming both sides if ``other`` (from ``what``) differs from ``self``."""
+        diffs = [
+            f"{k}: dataset has {getattr(self, k)!r}, {what} has {getattr(other, k)!r}"
+            for k in ("name", "split", "classes", "num_images", "manifest_hash")
+            if getattr(self, k) != getattr(other, k)
+        ]
+        if diffs:
+            raise ValueError(f"{what} does not belong to this dataset:\n  " + "\n  ".join(diffs))
+
+
+@dataclass
+class ImageRecord:
+    """One image of a dataset, as listed by its annotation files (nothing decoded yet)."""
+
+    image_id: str
+    path: Path
+    labels: np.ndarray  # (K,) int8 in {1, 0, -1}
+    boxes: np.ndarray | None = None  # (M, 4) float32 x1y1x2y2, pixels of the file on disk
+    box_labels: np.ndarray | None = None  # (M,) int64
+    box_difficult: np.ndarray | None = None  # (M,) bool
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def manifest_hash(records: Sequence[ImageRecord], classes: Sequence[str]) -> str:
+    """A short stable hash of the image ids, their labels and the class order."""
+    h = hashlib.sha1(json.dumps(list(classes)).encode())
+    for r in records:
+        h.update(r.image_id.encode())
+        h.update(np.ascontiguousarray(r.labels, dtype=np.int8).tobytes())
+    return h.hexdigest()[:16]
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Decode an image file to an RGB uint8 array ``(H, W, 3)``; a clear ``OSError`` if it cannot be read."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image file not found: {path}")
+    data = np.fromfile(str(path), dtype=np.uint8)
+    img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if img is None:
+        raise OSError(f"cannot decode image {path} ({data.size} bytes): not a readable image file")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+Transform = Callable[[torch.Tensor, dict[str, Any]], tuple[torch.Tensor, dict[str, Any]]]
+
+
+class MultiLabelDataset(Dataset):
+    """Base class: subclasses fill ``name``, ``split``, ``classes`` and ``records`` then call ``super().__init__``."""
+
+    def __init__(self, name: str, split: str, classes: Sequence[str], records: list[ImageRecord],
+                 transform: Transform | None = None) -> None:
+        if len(set(classes)) != len(classes):
+            raise ValueError(f"class names must be unique, got {list(classes)}")
+        self.name, self.split = name, split
+        self.classes = list(classes)
+        self.records = records
+        self.transform = transform
+        self.proposals = None  # a ProposalCache once attached
+        self.identity = DatasetIdentity(name, split, tuple(self.classes), len(records),
+                                        manifest_hash(records, self.classes))
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def label_matrix(self) -> np.ndarray:
+        """``(N, K)`` int8 labels of every image, without decoding anything."""
+        return np.stack([r.labels for r in self.records]) if self.records else np.zeros((0, self.num_classes), np.int8)
+
+    def attach_proposals(self, cache) -> None:
+        """Attach a :class:`mlkd.proposals.cache.ProposalCache`; refuses a cache built for another dataset."""
+        cache_identity = DatasetIdentity.from_dict(cache.meta["dataset"])
+        self.identity.check_same(cache_identity, f"proposal cache {cache.path}")
+        self.proposals = cache
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        r = self.records[index]
+        img = read_image(r.path)
+        h, w = img.shape[:2]
+        target: dict[str, Any] = {
+            "labels": torch.from_numpy(r.labels.astype(np.float32)),
+            "image_id": r.image_id,
+            "orig_size": torch.tensor([h, w], dtype=torch.int64),
+        }
+        if r.boxes is not None:
+            target["boxes"] = torch.from_numpy(np.asarray(r.boxes, np.float32).reshape(-1, 4))
+            target["box_labels"] = torch.from_numpy(np.asarray(r.box_labels, np.int64))
+            if r.box_difficult is not None:
+                target["box_difficult"] = torch.from_numpy(np.asarray(r.box_difficult, bool))
+        if self.proposals is not None:
+            boxes, scores = self.proposals.get(r.image_id)
+            target["proposals"] = torch.from_numpy(boxes)
+            target["proposal_scores"] = torch.from_numpy(scores)
+        image = torch.from_numpy(img).permute(2, 0, 1).contiguous()
+        if self.transform is not None:
+            image, target = self.transform(image, target)
+        return image, target
+
+
+def collate(batch: list[tuple[torch.Tensor, dict[str, Any]]]) -> tuple[torch.Tensor | list[torch.Tensor], list[dict[str, Any]]]:
+    """Stack images when they share a size (else return a list); keep targets as a list (R varies per image)."""
+    images = [b[0] for b in batch]
+    targets = [b[1] for b in batch]
+    if all(im.shape == images[0].shape for im in images):
+        return torch.stack(images), targets
+    return images, targets
