@@ -1,0 +1,247 @@
+"""The custom dataset format: a CSV or JSON-lines manifest of image paths, label names and optional boxes.
+
+JSON lines (``.jsonl`` / ``.ndjson``), one image per line (blank lines are skipped)::
+
+    {"path": "images/0001.png", "labels": ["cat", "dog"], "boxes": [[12, 30, 80, 95, "cat"], ...]}
+
+CSV (``.csv``) with a header row; columns ``path`` and ``labels`` (names separated by ``;`` or ``|``,
+empty = no positive label), optional ``boxes`` (the same JSON list as above) and ``ignore``::
+
+    path,labels,boxes
+    images/0001.png,cat;dog,"[[12, 30, 80, 95, ""cat""]]"
+
+- ``boxes``: (x1, y1, x2, y2) pixels of the image file, 0-based, x2 > x1 and y2 > y1, each followed by its
+  class name, which must be one of the image's labels.
+- ``ignore`` (optional): names whose label is -1 ("ignore for this class" in training and metrics).
+- ``path``: relative to ``root`` (default: the manifest's folder) or absolute. It is the image id, as
+  written, so ids are stable wherever the dataset is moved; paths must be unique.
+
+Class order (part of the dataset's identity): ``classes`` may be a list of names or a path to a text file
+(one name per line). If omitted, ``classes.txt`` next to the manifest is used when it exists; otherwise the
+sorted set of names in the manifest is used **and written to** ``classes.txt`` next to it, so every later
+load (and the other splits in that folder) reuse the same order. Load the split with every class first,
+or pass ``classes`` explicitly.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from mlkd.data.base import ImageRecord, MultiLabelDataset, Transform
+
+MANIFEST_SUFFIXES = (".jsonl", ".ndjson", ".csv")
+CLASSES_FILE = "classes.txt"
+MAX_LISTED = 10  # how many missing files an error message lists
+
+
+def _fail(where: str, message: str) -> ValueError:
+    return ValueError(f"{where}: {message}")
+
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield ``("file:line", row dict)`` for each non-blank line of a JSON-lines manifest."""
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise _fail(where, f"malformed JSON ({e.msg} at column {e.colno})") from e
+            if not isinstance(row, dict):
+                raise _fail(where, f"expected a JSON object with 'path' and 'labels', got {type(row).__name__}")
+            yield where, row
+
+
+def _split_names(text: str) -> list[str]:
+    return [s.strip() for s in re.split(r"[;|]", text) if s.strip()]
+
+
+def _iter_csv(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield ``("file:line", row dict)`` for each CSV row; ``labels``/``ignore`` split, ``boxes`` JSON-decoded."""
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        columns = reader.fieldnames or []
+        missing = [c for c in ("path", "labels") if c not in columns]
+        if missing:
+            raise _fail(f"{path}:1", f"CSV header must have columns 'path' and 'labels' (optional 'boxes', "
+                                     f"'ignore'); missing {missing}, header is {columns}")
+        for raw in reader:
+            where = f"{path}:{reader.line_num}"
+            row: dict[str, Any] = {"path": raw["path"], "labels": _split_names(raw["labels"] or "")}
+            if raw.get("ignore"):
+                row["ignore"] = _split_names(raw["ignore"])
+            if raw.get("boxes") and raw["boxes"].strip():
+                try:
+                    row["boxes"] = json.loads(raw["boxes"])
+                except json.JSONDecodeError as e:
+                    raise _fail(where, f"malformed JSON in the 'boxes' column ({e.msg}): {raw['boxes']!r}") from e
+            yield where, row
+
+
+def read_manifest(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
+    """Parse a manifest into ``[("file:line", {"path", "labels", optional "boxes", "ignore"}), ...]``.
+
+    Only the syntax is checked here; names and boxes are validated by :class:`CustomDataset`.
+    """
+    path = Path(path)
+    if path.suffix.lower() not in MANIFEST_SUFFIXES:
+        raise ValueError(f"unknown manifest type {path.suffix!r} for {path}; expected one of {MANIFEST_SUFFIXES}")
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest not found: {path}")
+    rows = list(_iter_csv(path) if path.suffix.lower() == ".csv" else _iter_jsonl(path))
+    if not rows:
+        raise ValueError(f"manifest {path} lists no images")
+    return rows
+
+
+def write_jsonl_manifest(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
+    """Write rows ``{"path", "labels", optional "boxes"}`` as a JSON-lines manifest (one object per line)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, separators=(", ", ": ")) + "\n")
+
+
+def read_class_file(path: str | Path) -> list[str]:
+    """One class name per line, in order; blank lines skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"class list file not found: {path}")
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _names_in(rows: Sequence[tuple[str, dict[str, Any]]]) -> set[str]:
+    names: set[str] = set()
+    for _, row in rows:
+        names.update(str(n) for n in row.get("labels") or [])
+        names.update(str(n) for n in row.get("ignore") or [])
+    return names
+
+
+def resolve_classes(manifest: Path, rows: Sequence[tuple[str, dict[str, Any]]],
+                    classes: str | Path | Sequence[str] | None) -> tuple[list[str], str]:
+    """The class order and where it came from: the given list, the given file, ``classes.txt`` beside the
+    manifest, or inferred (sorted names of the manifest) and saved as that ``classes.txt``."""
+    if isinstance(classes, (str, Path)):
+        return read_class_file(classes), str(classes)
+    if classes is not None:
+        return [str(c) for c in classes], "the given list"
+    beside = manifest.parent / CLASSES_FILE
+    if beside.is_file():
+        return read_class_file(beside), str(beside)
+    inferred = sorted(_names_in(rows))
+    if not inferred:
+        raise ValueError(f"{manifest} names no class at all; pass the class list (classes=... / --classes)")
+    try:
+        beside.write_text("".join(f"{c}\n" for c in inferred), encoding="utf-8")
+    except OSError as e:  # a read-only dataset folder must still load; the order is then only in memory
+        warnings.warn(f"could not save the inferred class list to {beside}: {e}", stacklevel=3)
+    return inferred, f"the names in {manifest}"
+
+
+def _label_vector(where: str, row: dict[str, Any], index: dict[str, int], source: str) -> np.ndarray:
+    """``(K,)`` int8 multi-hot of a row: 1 for ``labels``, -1 for ``ignore``, 0 otherwise."""
+    labels = np.zeros(len(index), np.int8)
+    for key, value in (("labels", 1), ("ignore", -1)):
+        names = row.get(key) or []
+        if not isinstance(names, list):
+            raise _fail(where, f"'{key}' must be a list of class names, got {names!r}")
+        for name in names:
+            if str(name) not in index:
+                raise _fail(where, f"unknown class {name!r}; valid classes (from {source}) are {list(index)}")
+            if value == -1 and labels[index[str(name)]] == 1:
+                raise _fail(where, f"class {name!r} is both in 'labels' and in 'ignore'")
+            labels[index[str(name)]] = value
+    return labels
+
+
+def _parse_boxes(where: str, boxes: Any, labels: np.ndarray, index: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Validate ``[[x1, y1, x2, y2, name], ...]``; return ``(M, 4)`` float32 boxes and ``(M,)`` int64 labels."""
+    if not isinstance(boxes, list):
+        raise _fail(where, f"'boxes' must be a list of [x1, y1, x2, y2, name], got {boxes!r}")
+    coords, names = [], []
+    for b in boxes:
+        ok = isinstance(b, list) and len(b) == 5 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in b[:4])
+        if not ok:
+            raise _fail(where, f"each box must be [x1, y1, x2, y2, class name], got {b!r}")
+        x1, y1, x2, y2 = (float(v) for v in b[:4])
+        if not all(np.isfinite([x1, y1, x2, y2])) or min(x1, y1) < 0:
+            raise _fail(where, f"box {b!r} must have finite coordinates >= 0 (0-based pixels)")
+        if x2 <= x1 or y2 <= y1:
+            raise _fail(where, f"box {b!r} is empty or inverted: need x2 > x1 and y2 > y1 (x1, y1, x2, y2)")
+        name = str(b[4])
+        if name not in index:
+            raise _fail(where, f"box {b!r} names unknown class {name!r}; valid classes are {list(index)}")
+        if labels[index[name]] == 0:
+            raise _fail(where, f"box {b!r} has class {name!r}, which is not among the image's labels")
+        coords.append((x1, y1, x2, y2))
+        names.append(index[name])
+    return np.asarray(coords, np.float32).reshape(-1, 4), np.asarray(names, np.int64)
+
+
+def _records(rows: Sequence[tuple[str, dict[str, Any]]], classes: list[str], root: Path,
+             source: str) -> list[ImageRecord]:
+    """Turn parsed rows into :class:`ImageRecord` s, validating every name, box and id."""
+    index = {c: i for i, c in enumerate(classes)}
+    records, seen = [], {}
+    for where, row in rows:
+        path = row.get("path")
+        if not isinstance(path, str) or not path.strip():
+            raise _fail(where, f"'path' must be a non-empty string, got {path!r}")
+        if path in seen:
+            raise _fail(where, f"duplicate image path {path!r} (first at {seen[path]}); image ids must be unique")
+        seen[path] = where
+        labels = _label_vector(where, row, index, source)
+        record = ImageRecord(image_id=path, path=root / path, labels=labels, extra={"source": where})
+        if row.get("boxes") is not None:
+            record.boxes, record.box_labels = _parse_boxes(where, row["boxes"], labels, index)
+        records.append(record)
+    return records
+
+
+class CustomDataset(MultiLabelDataset):
+    """A dataset read from a CSV or JSON-lines manifest (format in the module docstring).
+
+    Args:
+        manifest: path to the ``.jsonl`` / ``.ndjson`` / ``.csv`` file.
+        classes: list of names, or a path to a class list file; None = ``classes.txt`` beside the manifest,
+            else inferred (sorted) and saved there.
+        root: folder the image paths are relative to (default: the manifest's folder).
+        transform: applied to each ``(image, target)``.
+        split: split name (default: the manifest's file stem, e.g. ``train``).
+        skip_missing: image files that do not exist raise ``FileNotFoundError`` (listing up to 10 and the
+            count); with True they are dropped instead, listed in ``self.missing``, and a warning gives the count.
+    """
+
+    def __init__(self, manifest: str | Path, classes: str | Path | Sequence[str] | None = None,
+                 root: str | Path | None = None, transform: Transform | None = None, split: str | None = None,
+                 skip_missing: bool = False) -> None:
+        manifest = Path(manifest)
+        rows = read_manifest(manifest)
+        class_list, source = resolve_classes(manifest, rows, classes)
+        self.manifest = manifest
+        self.root = Path(root) if root is not None else manifest.parent
+        records = _records(rows, class_list, self.root, source)
+        self.missing = [r.image_id for r in records if not r.path.is_file()]
+        if self.missing and not skip_missing:
+            listed = "\n  ".join(self.missing[:MAX_LISTED])
+            more = f"\n  ... and {len(self.missing) - MAX_LISTED} more" if len(self.missing) > MAX_LISTED else ""
+            raise FileNotFoundError(
+                f"{len(self.missing)} of {len(records)} image files listed in {manifest} do not exist under "
+                f"{self.root}:\n  {listed}{more}\n(pass skip_missing=True / --skip-missing to drop them)")
+        if self.missing:
+            warnings.warn(f"{manifest}: skipped {len(self.missing)} missing image files", stacklevel=2)
+            lost = set(self.missing)
+            records = [r for r in records if r.image_id not in lost]
+        super().__init__("custom", split or manifest.stem, class_list, records, transform)

@@ -1,0 +1,241 @@
+"""Transforms that move ``boxes`` and ``proposals`` with the image, and a multi-scale collate function.
+
+Every transform is a callable ``(image, target) -> (image, target)`` where ``image`` is ``Tensor[3, H, W]``
+uint8 and ``target`` is the dict of :mod:`mlkd.data.base`. The boxes in ``target["boxes"]`` and
+``target["proposals"]`` (``Tensor[R, 4]``, (x1, y1, x2, y2) pixels of the *current* image, 0-based) are moved
+with the pixels, and ``target["size"]`` (``Tensor[2]`` int64) is set to the returned image's (H, W).
+The input dict is never modified: a shallow copy is returned.
+
+Box coordinates are continuous pixel-edge coordinates, the torchvision convention: a box covering pixel
+columns 10..19 has x1 = 10, x2 = 20. Then resizing multiplies by the scale and a horizontal flip maps
+x -> W - x exactly, so flipping twice is the identity and a warp followed by its inverse is too.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as F
+from torch.utils.data import get_worker_info
+from torchvision.tv_tensors import BoundingBoxFormat
+
+from mlkd.data.base import Transform, collate
+
+Target = dict[str, Any]
+BOX_KEYS = ("boxes", "proposals")  # every key whose value lives in the image's pixel frame
+
+
+def _check_image(image: torch.Tensor) -> tuple[int, int]:
+    """Return (H, W) of a ``Tensor[3, H, W]``; ``ValueError`` naming the bad shape otherwise."""
+    if not isinstance(image, torch.Tensor) or image.ndim != 3 or image.shape[0] != 3:
+        got = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise ValueError(f"expected an image Tensor[3, H, W], got {got}")
+    return int(image.shape[1]), int(image.shape[2])
+
+
+def _check_boxes(boxes: torch.Tensor, what: str = "boxes") -> None:
+    if not isinstance(boxes, torch.Tensor) or boxes.ndim != 2 or boxes.shape[1] != 4:
+        got = tuple(boxes.shape) if isinstance(boxes, torch.Tensor) else type(boxes).__name__
+        raise ValueError(f"expected {what} as Tensor[R, 4] (x1, y1, x2, y2), got {got}")
+
+
+def _hw(size: int | Sequence[int], what: str) -> tuple[int, int]:
+    """Normalise ``size`` (an int or an (h, w) pair) to a positive (h, w) tuple."""
+    hw = (size, size) if isinstance(size, (int, np.integer)) else tuple(size) if isinstance(size, Sequence) else ()
+    if len(hw) != 2 or not all(_is_positive_int(v) for v in hw):
+        raise ValueError(f"{what} must be a positive int or an (h, w) pair of positive ints, got {size!r}")
+    return int(hw[0]), int(hw[1])
+
+
+def _is_positive_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0
+
+
+def rescale_boxes(boxes: torch.Tensor, from_hw: Sequence[int], to_hw: Sequence[int]) -> torch.Tensor:
+    """Map boxes from an image of size ``from_hw`` to the same image resized to ``to_hw``.
+
+    Args:
+        boxes (Tensor[R, 4]): (x1, y1, x2, y2) pixels of the ``from_hw`` image.
+        from_hw, to_hw: (H, W) of the source and destination frames, e.g. (672, 672) -> (224, 224) to move
+            teacher proposals into the student's frame.
+
+    Returns:
+        Tensor[R, 4] of the same dtype: x scaled by to_W / from_W, y by to_H / from_H (no clamping).
+    """
+    _check_boxes(boxes)
+    src, dst = _hw(tuple(int(v) for v in from_hw), "from_hw"), _hw(tuple(int(v) for v in to_hw), "to_hw")
+    out, _ = F.resize_bounding_boxes(boxes, canvas_size=src, size=list(dst), clamping_mode=None)
+    return out
+
+
+def _resize(image: torch.Tensor, target: Target, hw: tuple[int, int]) -> tuple[torch.Tensor, Target]:
+    """Resize pixels (bilinear, antialiased) and every box key of ``target`` to ``hw`` = (H, W)."""
+    old = _check_image(image)
+    target = dict(target)
+    if old != hw:
+        image = F.resize(image, list(hw), antialias=True)
+        for key in BOX_KEYS:
+            if key in target:
+                target[key] = rescale_boxes(target[key], old, hw)
+    target["size"] = torch.tensor(hw, dtype=torch.int64)
+    return image, target
+
+
+class Warp:
+    """Resize to a fixed size ignoring aspect (the release warps every image to 672 x 672).
+
+    Args:
+        size: an int for a ``size x size`` square, or an (h, w) pair.
+    """
+
+    def __init__(self, size: int | Sequence[int]) -> None:
+        self.size = _hw(size, "Warp size")
+
+    def __call__(self, image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
+        return _resize(image, target, self.size)
+
+    def __repr__(self) -> str:
+        return f"Warp(size={self.size})"
+
+
+def shorter_side_size(hw: Sequence[int], size: int, max_size: int | None = None) -> tuple[int, int]:
+    """(H, W) after scaling ``hw`` so its shorter side is ``size``, unless the longer side would then
+    exceed ``max_size``, in which case the longer side becomes ``max_size`` (Fast R-CNN / WSDDN rule)."""
+    h, w = hw
+    scale = size / min(h, w)
+    if max_size is not None and max(h, w) * scale > max_size:
+        scale = max_size / max(h, w)
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
+class ResizeShorter:
+    """Aspect-preserving resize (the original WSDDN preset: shorter side in {480, ..., 1200}, longer capped).
+
+    Args:
+        size: target length of the shorter side, pixels.
+        max_size: cap on the longer side (None = no cap). Must be >= ``size``.
+    """
+
+    def __init__(self, size: int, max_size: int | None = None) -> None:
+        if not _is_positive_int(size):
+            raise ValueError(f"ResizeShorter size must be a positive int, got {size!r}")
+        if max_size is not None and (not isinstance(max_size, (int, np.integer)) or max_size < size):
+            raise ValueError(f"ResizeShorter max_size must be an int >= size ({size}) or None, got {max_size!r}")
+        self.size, self.max_size = int(size), max_size
+
+    def __call__(self, image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
+        hw = shorter_side_size(_check_image(image), self.size, self.max_size)
+        return _resize(image, target, hw)
+
+    def __repr__(self) -> str:
+        return f"ResizeShorter(size={self.size}, max_size={self.max_size})"
+
+
+class RandomHorizontalFlip:
+    """Flip the image left-right with probability ``p``; boxes map x -> W - x (x1, x2 swap roles).
+
+    Args:
+        p: flip probability in [0, 1].
+        generator: a ``torch.Generator`` for reproducible draws. With ``None`` the global torch RNG is used,
+            which ``DataLoader`` seeds differently in each worker; a generator passed here is copied into each
+            worker with the same state, so workers would flip in lockstep.
+    """
+
+    def __init__(self, p: float = 0.5, generator: torch.Generator | None = None) -> None:
+        if not 0.0 <= float(p) <= 1.0:
+            raise ValueError(f"flip probability p must be in [0, 1], got {p!r}")
+        self.p, self.generator = float(p), generator
+
+    def __call__(self, image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
+        hw = _check_image(image)
+        target = dict(target)
+        if torch.rand(1, generator=self.generator).item() < self.p:
+            image = F.horizontal_flip(image)
+            for key in BOX_KEYS:
+                if key in target:
+                    _check_boxes(target[key], key)
+                    target[key] = F.horizontal_flip_bounding_boxes(
+                        target[key], format=BoundingBoxFormat.XYXY, canvas_size=hw)
+        target["size"] = torch.tensor(hw, dtype=torch.int64)
+        return image, target
+
+    def __repr__(self) -> str:
+        return f"RandomHorizontalFlip(p={self.p})"
+
+
+class Compose:
+    """Apply transforms in order."""
+
+    def __init__(self, transforms: Sequence[Transform]) -> None:
+        self.transforms = list(transforms)
+
+    def __call__(self, image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
+        for t in self.transforms:
+            image, target = t(image, target)
+        return image, target
+
+    def __repr__(self) -> str:
+        return "Compose([" + ", ".join(repr(t) for t in self.transforms) + "])"
+
+
+# How MultiScaleCollate resizes each image to the batch's scale.
+RESIZERS: dict[str, Callable[[int, int | None], Transform]] = {
+    "warp": lambda scale, max_size: Warp(scale),
+    "shorter": lambda scale, max_size: ResizeShorter(scale, max_size),
+}
+
+
+class MultiScaleCollate:
+    """A ``collate_fn`` that draws ONE scale per batch and resizes every image of the batch to it.
+
+    The release trains the teacher with one scale per batch drawn from {480, 576, 672, 736, 832} and warps
+    each image to ``scale x scale``; boxes and proposals move with the pixels, ``target["size"]`` records
+    the result, then ``base`` (default :func:`mlkd.data.base.collate`) stacks the batch.
+
+    Determinism: the scale of a batch is a function of ``(seed, epoch, worker id, call counter)`` only —
+    the n-th call of this object (per ``DataLoader`` worker process; the main process counts as worker -1)
+    draws ``scales[rng(seed, epoch, worker, n)]``. Workers hold copies, so each counts its own calls;
+    non-persistent workers restart their counters every epoch, so call :meth:`set_epoch` before each epoch
+    to vary the sequence across epochs. :meth:`scale_for_call` tells which scale a given call draws.
+
+    Args:
+        scales: candidate sizes (pixels), e.g. ``(480, 576, 672, 736, 832)``.
+        base: the collate function applied after resizing.
+        seed: seed of the scale sequence.
+        resize: ``"warp"`` (square ``scale x scale``, the release) or ``"shorter"`` (shorter side = scale,
+            longer side capped at ``max_size``, the WSDDN preset; batches of mixed aspect then come back as
+            lists from the default ``base``).
+        max_size: cap on the longer side for ``resize="shorter"``.
+    """
+
+    def __init__(self, scales: Sequence[int], base: Callable = collate, seed: int = 0, resize: str = "warp",
+                 max_size: int | None = None) -> None:
+        scales = tuple(scales)
+        if not scales or not all(_is_positive_int(s) for s in scales):
+            raise ValueError(f"scales must be a non-empty sequence of positive ints, got {scales!r}")
+        if resize not in RESIZERS:
+            raise ValueError(f"unknown resize mode {resize!r}; choose one of {sorted(RESIZERS)}")
+        self.scales, self.base, self.seed = tuple(int(s) for s in scales), base, int(seed)
+        self.resize, self.max_size = resize, max_size
+        self.epoch, self.calls = 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start the scale sequence of ``epoch`` (resets the call counter)."""
+        self.epoch, self.calls = int(epoch), 0
+
+    def scale_for_call(self, call: int, worker: int = -1) -> int:
+        """The scale that the ``call``-th batch (0-based) of ``worker`` draws in the current epoch."""
+        rng = np.random.default_rng([self.seed, self.epoch, worker + 1, call])
+        return self.scales[int(rng.integers(len(self.scales)))]
+
+    def __call__(self, batch: list[tuple[torch.Tensor, Target]]) -> Any:
+        info = get_worker_info()
+        scale = self.scale_for_call(self.calls, info.id if info is not None else -1)
+        self.calls += 1
+        resizer = RESIZERS[self.resize](scale, self.max_size)
+        return self.base([resizer(image, target) for image, target in batch])
+
+    def __repr__(self) -> str:
+        return f"MultiScaleCollate(scales={self.scales}, seed={self.seed}, resize={self.resize!r})"
