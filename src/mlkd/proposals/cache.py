@@ -1,0 +1,292 @@
+"""An LMDB cache of object proposals, keyed by image id, with a ``meta.json`` saying what it holds.
+
+On disk a cache is a directory::
+
+    CACHE/data.mdb, CACHE/lock.mdb   one record per image: the image id (UTF-8) -> packed proposals
+    CACHE/meta.json                  method, parameters, dataset identity, image count, box convention, version
+    CACHE/failures.json              (optional) images the last generation run could not process
+
+A record is a 12-byte little-endian header (magic ``MLKP``, format version uint32, R uint32) followed by
+``R*4`` float32 boxes ``(x1, y1, x2, y2)`` (see :mod:`mlkd.proposals.methods` for the convention) and ``R``
+float32 scores. ``R = 0`` is a valid record (an image with no proposal).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import lmdb
+import numpy as np
+
+FORMAT = "mlkd-proposals"
+VERSION = 1
+BOX_CONVENTION = "x1y1x2y2 float32, 0-based pixel edges of the image on disk, x2/y2 exclusive (x2 = x + w)"
+META_KEYS = ("format", "version", "method", "params", "dataset", "num_images", "box_convention", "shard")
+_HEADER = struct.Struct("<4sII")
+_MAGIC = b"MLKP"
+_INITIAL_MAP_SIZE = 1 << 30  # grown on demand: some file systems allocate the whole map up front
+
+
+def encode_record(boxes: np.ndarray, scores: np.ndarray) -> bytes:
+    """Pack ``boxes (R, 4)`` and ``scores (R,)`` (any real dtype) into one record."""
+    boxes = np.asarray(boxes, dtype="<f4")
+    scores = np.asarray(scores, dtype="<f4")
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"boxes must have shape (R, 4), got {boxes.shape}")
+    if scores.shape != (len(boxes),):
+        raise ValueError(f"scores must have shape ({len(boxes)},) to match boxes, got {scores.shape}")
+    return _HEADER.pack(_MAGIC, VERSION, len(boxes)) + boxes.tobytes() + scores.tobytes()
+
+
+def decode_record(data: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Unpack a record into ``boxes (R, 4)`` and ``scores (R,)`` float32 (writable copies); ``where`` names it."""
+    if len(data) < _HEADER.size:
+        raise ValueError(f"malformed proposal record {where}: {len(data)} bytes, shorter than the header")
+    magic, version, r = _HEADER.unpack_from(data)
+    if magic != _MAGIC or version != VERSION:
+        raise ValueError(f"malformed proposal record {where}: header {magic!r} v{version}, "
+                         f"expected {_MAGIC!r} v{VERSION}")
+    if len(data) != _HEADER.size + 20 * r:
+        raise ValueError(f"malformed proposal record {where}: {len(data)} bytes for R={r} "
+                         f"(expected {_HEADER.size + 20 * r})")
+    flat = np.frombuffer(data, dtype="<f4", offset=_HEADER.size)
+    return flat[: 4 * r].reshape(r, 4).astype(np.float32), flat[4 * r:].astype(np.float32)
+
+
+def make_meta(method: str, params: dict[str, Any], dataset: dict[str, Any],
+              shard: tuple[int, int] | None = None) -> dict[str, Any]:
+    """The ``meta.json`` content of a new cache; ``dataset`` is ``DatasetIdentity.to_dict()`` of the full dataset."""
+    return {"format": FORMAT, "version": VERSION, "method": method, "params": dict(params), "dataset": dataset,
+            "num_images": 0, "box_convention": BOX_CONVENTION,
+            "shard": None if shard is None else {"index": shard[0], "count": shard[1]}}
+
+
+def meta_differences(a: dict[str, Any], b: dict[str, Any], ignore: tuple[str, ...] = ("num_images",)) -> list[str]:
+    """``key: a != b`` lines for every meta field that differs (apart from ``ignore``)."""
+    keys = sorted((set(a) | set(b)) - set(ignore))
+    out = []
+    for k in keys:
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):  # name the nested field, not the whole dict
+            out += [f"{k}.{line}" for line in meta_differences(x, y, ignore=())]
+        elif x != y:
+            out.append(f"{k}: {x!r} != {y!r}")
+    return out
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """Read and validate ``path/meta.json``; clear errors for a missing, unparsable or incomplete file."""
+    meta_path = Path(path) / "meta.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"not a proposal cache: {meta_path} is missing")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"corrupt proposal cache meta {meta_path}: {e}") from e
+    if not isinstance(meta, dict):
+        raise ValueError(f"corrupt proposal cache meta {meta_path}: expected a JSON object")
+    missing = [k for k in META_KEYS if k not in meta]
+    if missing:
+        raise ValueError(f"corrupt proposal cache meta {meta_path}: missing keys {missing}")
+    if meta["format"] != FORMAT or meta["version"] != VERSION:
+        raise ValueError(f"{meta_path} is format {meta['format']!r} v{meta['version']}; "
+                         f"this mlkd reads {FORMAT!r} v{VERSION}")
+    ds_missing = [k for k in ("name", "split", "classes", "num_images", "manifest_hash")
+                  if not isinstance(meta["dataset"], dict) or k not in meta["dataset"]]
+    if ds_missing:
+        raise ValueError(f"corrupt proposal cache meta {meta_path}: dataset identity lacks {ds_missing}")
+    return meta
+
+
+# py-lmdb refuses to open one environment twice in a process, and LMDB handles must not be used (or closed)
+# across fork: so each process shares one reference-counted handle per cache directory.
+_ENVS: dict[str, tuple[int, bool, lmdb.Environment, int]] = {}  # path -> (pid, writable, env, users)
+_INHERITED: list[lmdb.Environment] = []  # a parent's handles seen after fork: kept alive, never touched
+
+
+def _acquire_env(path: Path, writable: bool) -> lmdb.Environment:
+    key = os.path.abspath(path)
+    entry = _ENVS.get(key)
+    if entry is not None and entry[0] != os.getpid():
+        _INHERITED.append(entry[2])
+        entry = None
+    if entry is not None:
+        pid, env_writable, env, users = entry
+        if writable and not env_writable:
+            raise OSError(f"proposal cache {path} is open read-only in this process; close it before writing")
+        _ENVS[key] = (pid, env_writable, env, users + 1)
+        return env
+    try:
+        if writable:
+            env = lmdb.open(key, map_size=_INITIAL_MAP_SIZE, subdir=True)
+        else:
+            env = lmdb.open(key, readonly=True, lock=False, readahead=False, subdir=True)
+    except lmdb.Error as e:
+        raise OSError(f"cannot open proposal cache {path}: {e}") from e
+    _ENVS[key] = (os.getpid(), writable, env, 1)
+    return env
+
+
+def _release_env(path: Path) -> None:
+    key = os.path.abspath(path)
+    pid, writable, env, users = _ENVS[key]
+    if users > 1:
+        _ENVS[key] = (pid, writable, env, users - 1)
+    else:
+        del _ENVS[key]
+        env.close()
+
+
+class ProposalCache:
+    """Proposals of one dataset (or one shard of it): ``get(image_id) -> (boxes (R, 4), scores (R,))``.
+
+    Build with :meth:`create` (writable) or :meth:`open` (read-only). A read-only cache can be pickled into
+    DataLoader workers: each process opens its own LMDB environment on first use (LMDB handles must not
+    cross ``fork``).
+    """
+
+    def __init__(self, path: Path, meta: dict[str, Any], writable: bool) -> None:
+        self.path, self.meta, self.writable = path, meta, writable
+        self._env: lmdb.Environment | None = None
+        self._pid = -1
+
+    @classmethod
+    def create(cls, path: str | Path, meta: dict[str, Any], resume: bool = False) -> "ProposalCache":
+        """A writable cache at ``path``. An existing cache is reopened only with ``resume=True`` and the same
+        meta (apart from ``num_images``); otherwise a ``ValueError`` names the differing fields."""
+        path = Path(path)
+        if (path / "meta.json").exists():
+            if not resume:
+                raise ValueError(f"proposal cache {path} already exists; choose another --out or remove it")
+            old = read_meta(path)
+            diffs = meta_differences(old, meta)
+            if diffs:
+                raise ValueError(f"proposal cache {path} was built with other settings, so it cannot be resumed "
+                                 "(existing != requested):\n  " + "\n  ".join(diffs))
+            meta = old
+        elif path.exists() and any(path.iterdir()):
+            raise ValueError(f"{path} exists and is not a proposal cache (no meta.json); choose an empty --out")
+        path.mkdir(parents=True, exist_ok=True)
+        cache = cls(path, dict(meta), writable=True)
+        cache.write_meta()
+        return cache
+
+    @classmethod
+    def open(cls, path: str | Path) -> "ProposalCache":
+        """Open an existing cache read-only (validates ``meta.json`` and the LMDB files)."""
+        path = Path(path)
+        meta = read_meta(path)
+        if not (path / "data.mdb").is_file():
+            raise FileNotFoundError(f"proposal cache {path} has meta.json but no data.mdb")
+        cache = cls(path, meta, writable=False)
+        cache._open_env()
+        return cache
+
+    # -- LMDB handle, one per process ------------------------------------------------------------------------
+    def _open_env(self) -> lmdb.Environment:
+        if self._env is None or self._pid != os.getpid():
+            if self.writable and self._env is not None:
+                raise RuntimeError("a writable ProposalCache cannot be used from a forked process")
+            self._env = _acquire_env(self.path, self.writable)
+            self._pid = os.getpid()
+        return self._env
+
+    def __getstate__(self) -> dict[str, Any]:
+        if self.writable:
+            raise TypeError("a writable ProposalCache cannot be pickled; open it read-only with ProposalCache.open")
+        return {"path": self.path, "meta": self.meta}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["path"], state["meta"], writable=False)
+
+    def close(self) -> None:
+        if self._env is not None and self._pid == os.getpid():
+            _release_env(self.path)
+        self._env = None
+
+    def __enter__(self) -> "ProposalCache":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.writable:
+            self.write_meta()
+        self.close()
+
+    # -- reading --------------------------------------------------------------------------------------------
+    def get(self, image_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """Proposals of ``image_id``: boxes ``(R, 4)`` float32 ``(x1, y1, x2, y2)``, scores ``(R,)`` float32."""
+        with self._open_env().begin(buffers=False) as txn:
+            data = txn.get(str(image_id).encode())
+        if data is None:
+            raise KeyError(f"image id {image_id!r} is not in proposal cache {self.path} ({len(self)} images)")
+        return decode_record(data, f"{image_id!r} in {self.path}")
+
+    def __contains__(self, image_id: object) -> bool:
+        with self._open_env().begin() as txn:
+            return txn.get(str(image_id).encode()) is not None
+
+    def __len__(self) -> int:
+        return int(self._open_env().stat()["entries"])
+
+    def keys(self) -> Iterator[str]:
+        """Every image id in the cache (LMDB byte order)."""
+        with self._open_env().begin() as txn:
+            for key in txn.cursor().iternext(keys=True, values=False):
+                yield bytes(key).decode()
+
+    def items(self) -> Iterator[tuple[str, bytes]]:
+        """``(image_id, raw record)`` pairs, for copying between caches without decoding."""
+        with self._open_env().begin() as txn:
+            for key, value in txn.cursor():
+                yield bytes(key).decode(), bytes(value)
+
+    # -- writing --------------------------------------------------------------------------------------------
+    def put(self, image_id: str, boxes: np.ndarray, scores: np.ndarray) -> None:
+        """Store (or replace) one image's proposals."""
+        self.put_many([(image_id, boxes, scores)])
+
+    def put_many(self, items: Iterable[tuple[str, np.ndarray, np.ndarray]]) -> None:
+        """Store several images in one transaction (much faster than one :meth:`put` each)."""
+        self.put_raw([(image_id, encode_record(b, s)) for image_id, b, s in items])
+
+    def put_raw(self, records: list[tuple[str, bytes]]) -> None:
+        """Store already-encoded records; grows the LMDB map when it is full."""
+        if not self.writable:
+            raise PermissionError(f"proposal cache {self.path} is open read-only")
+        env = self._open_env()
+        while True:
+            try:
+                with env.begin(write=True) as txn:
+                    for image_id, data in records:
+                        txn.put(str(image_id).encode(), data)
+                return
+            except lmdb.MapFullError:
+                env.set_mapsize(env.info()["map_size"] * 2)
+
+    def write_meta(self) -> None:
+        """Write ``meta.json`` with the current image count (atomically: write then rename)."""
+        if self._env is not None or (self.path / "data.mdb").exists():
+            self.meta["num_images"] = len(self)
+        tmp = self.path / "meta.json.tmp"
+        tmp.write_text(json.dumps(self.meta, indent=2) + "\n")
+        tmp.replace(self.path / "meta.json")
+
+    def read_failures(self) -> dict[str, str]:
+        """``image_id -> error`` of the last generation run (empty when there were none)."""
+        f = self.path / "failures.json"
+        return json.loads(f.read_text()) if f.is_file() else {}
+
+    def write_failures(self, failures: dict[str, str]) -> None:
+        """Record the images a run could not process (removes the file when there are none)."""
+        f = self.path / "failures.json"
+        if failures:
+            f.write_text(json.dumps(failures, indent=2, sort_keys=True) + "\n")
+        elif f.exists():
+            f.unlink()
+
+    def __repr__(self) -> str:
+        return f"ProposalCache({str(self.path)!r}, method={self.meta.get('method')!r}, images={self.meta.get('num_images')})"

@@ -1,0 +1,179 @@
+"""Proposal files of other tools: WSDDN / selective-search ``.mat`` files and the original release's datalist.
+
+``.mat`` (as released with WSDDN and the selective-search / EdgeBoxes proposal sets for Fast R-CNN):
+variables ``images`` (cell array of image ids, or numbers), ``boxes`` (cell array of ``R x 4`` arrays
+``[y1 x1 y2 x2]``, 1-based, inclusive) and optionally ``boxScores`` (cell array of ``R x 1``; absent -> 1.0).
+Conversion to mlkd's ``(x1, y1, x2, y2)`` (0-based, ``x2`` exclusive)::
+
+    x1 = x1_mat - 1,  y1 = y1_mat - 1,  x2 = x2_mat,  y2 = y2_mat     (and back: x1_mat = x1 + 1, x2_mat = x2)
+
+i.e. the inclusive 1-based last pixel ``x2_mat`` is the exclusive 0-based right edge: same pixels, no rounding.
+
+Datalist (the release's Caffe data layer input): one line per image, whitespace-separated::
+
+    path y_1 ... y_K x1 y1 x2 y2 score x1 y1 x2 y2 score ...
+
+``K`` labels in {0, 1}, then ``R`` groups of 5 numbers; coordinates are written and read in mlkd's convention
+as they are (the release produced them itself, so there is no external convention to convert from). Paths
+must not contain spaces. mlkd's "ignore" label (-1) has no datalist equivalent and is exported as 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import scipy.io
+
+
+# -- .mat ------------------------------------------------------------------------------------------------
+def mat_to_boxes(yxyx_1based: np.ndarray) -> np.ndarray:
+    """``(R, 4)`` ``[y1 x1 y2 x2]`` 1-based inclusive -> ``(R, 4)`` float32 ``(x1, y1, x2, y2)`` 0-based exclusive."""
+    b = np.asarray(yxyx_1based, np.float64).reshape(-1, 4)
+    return np.stack([b[:, 1] - 1, b[:, 0] - 1, b[:, 3], b[:, 2]], axis=1).astype(np.float32)
+
+
+def boxes_to_mat(boxes: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`mat_to_boxes`: ``(R, 4)`` ``(x1, y1, x2, y2)`` -> ``(R, 4)`` float64 ``[y1 x1 y2 x2]``."""
+    b = np.asarray(boxes, np.float64).reshape(-1, 4)
+    return np.stack([b[:, 1] + 1, b[:, 0] + 1, b[:, 3], b[:, 2]], axis=1)
+
+
+def _cell_to_id(value: object) -> str:
+    """One entry of the ``images`` cell array (a string, or a number such as a COCO id) -> an id string."""
+    arr = np.asarray(value)
+    if arr.dtype.kind in "US":
+        return "".join(str(s) for s in arr.ravel()).strip()
+    if arr.size == 1 and np.issubdtype(arr.dtype, np.number):
+        v = arr.item()
+        return str(int(v)) if float(v).is_integer() else str(v)
+    raise ValueError(f"cannot read an image id from {arr!r}")
+
+
+def read_mat_proposals(path: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Read a proposals ``.mat`` file: ``image id -> (boxes (R, 4) float32 x1y1x2y2, scores (R,) float32)``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"proposal .mat file not found: {path}")
+    try:
+        mat = scipy.io.loadmat(str(path), squeeze_me=False)
+    except NotImplementedError as e:  # MATLAB v7.3 files are HDF5
+        raise ValueError(f"{path} is a MATLAB v7.3 (HDF5) file; re-save it in MATLAB with save(..., '-v7')") from e
+    except (ValueError, TypeError, OSError, IndexError) as e:  # scipy raises IndexError on short files
+        raise ValueError(f"cannot read {path} as a MATLAB .mat file: {e}") from e
+    found = sorted(k for k in mat if not k.startswith("__"))
+    for var in ("images", "boxes"):
+        if var not in mat:
+            raise ValueError(f"{path} has no variable {var!r} (found {found}); expected 'images' (ids) and "
+                             "'boxes' (cell array of R x 4 [y1 x1 y2 x2], 1-based), optionally 'boxScores'")
+    images = mat["images"]
+    ids = [s.strip() for s in images.ravel()] if images.dtype.kind == "U" else [_cell_to_id(v) for v in images.ravel()]
+    cells = mat["boxes"].ravel()
+    score_cells = mat["boxScores"].ravel() if "boxScores" in mat else None
+    if len(cells) != len(ids) or (score_cells is not None and len(score_cells) != len(ids)):
+        raise ValueError(f"{path}: {len(ids)} images but {len(cells)} 'boxes' entries"
+                         + ("" if score_cells is None else f" and {len(score_cells)} 'boxScores' entries"))
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for i, (image_id, cell) in enumerate(zip(ids, cells)):
+        raw = np.asarray(cell)
+        if raw.size and (raw.ndim != 2 or raw.shape[1] != 4):
+            raise ValueError(f"{path}: boxes{{{i + 1}}} (image {image_id!r}) has shape {raw.shape}, expected R x 4")
+        boxes = mat_to_boxes(raw)
+        scores = (np.ones(len(boxes), np.float32) if score_cells is None
+                  else np.asarray(score_cells[i], np.float32).reshape(-1))
+        if len(scores) != len(boxes):
+            raise ValueError(f"{path}: image {image_id!r} has {len(boxes)} boxes but {len(scores)} boxScores")
+        out[image_id] = (boxes, scores)
+    return out
+
+
+def write_mat_proposals(path: str | Path, items: Iterable[tuple[str, np.ndarray, np.ndarray]]) -> None:
+    """Write ``(image_id, boxes (R, 4) x1y1x2y2, scores (R,))`` items as a WSDDN-layout ``.mat`` (cell arrays)."""
+    items = list(items)
+    n = len(items)
+    images, boxes, scores = (np.empty((n, 1), dtype=object) for _ in range(3))
+    for i, (image_id, b, s) in enumerate(items):
+        images[i, 0] = str(image_id)
+        boxes[i, 0] = boxes_to_mat(b)
+        scores[i, 0] = np.asarray(s, np.float64).reshape(-1, 1)
+    scipy.io.savemat(str(path), {"images": images, "boxes": boxes, "boxScores": scores}, do_compression=True)
+
+
+# -- datalist --------------------------------------------------------------------------------------------
+@dataclass
+class DatalistEntry:
+    """One datalist line: ``labels (K,)`` int8, ``boxes (R, 4)`` float32 x1y1x2y2, ``scores (R,)`` float32."""
+
+    path: str
+    labels: np.ndarray
+    boxes: np.ndarray
+    scores: np.ndarray
+    line: int
+
+
+def parse_datalist_line(text: str, num_classes: int, where: str) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
+    """Split one line into ``(path, labels (K,), boxes (R, 4), scores (R,))``; ``where`` is ``file:line``."""
+    fields = text.split()
+    n_num = len(fields) - 1
+    if n_num < num_classes or (n_num - num_classes) % 5:
+        raise ValueError(f"{where}: {len(fields)} fields; expected 1 path + {num_classes} labels + 5 numbers "
+                         f"(x1 y1 x2 y2 score) per box, i.e. 1 + {num_classes} + 5*R fields")
+    try:
+        values = np.array(fields[1:], dtype=np.float64)
+    except ValueError:
+        bad = next(f for f in fields[1:] if not _is_number(f))
+        raise ValueError(f"{where}: {bad!r} is not a number (labels, coordinates and scores must be)") from None
+    if not np.isfinite(values).all():
+        raise ValueError(f"{where}: NaN or inf among the numbers")
+    labels = values[:num_classes]
+    if not np.isin(labels, (0, 1)).all():
+        raise ValueError(f"{where}: labels must be 0 or 1, got {labels[~np.isin(labels, (0, 1))][:5].tolist()}")
+    groups = values[num_classes:].reshape(-1, 5)
+    boxes = groups[:, :4].astype(np.float32)
+    if ((boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])).any():
+        raise ValueError(f"{where}: a box has x2 < x1 or y2 < y1 (expected x1 y1 x2 y2 score groups)")
+    return fields[0], labels.astype(np.int8), boxes, groups[:, 4].astype(np.float32)
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True
+
+
+def read_datalist(path: str | Path, num_classes: int) -> list[DatalistEntry]:
+    """Parse a datalist file with ``num_classes`` labels per line (blank lines skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"datalist file not found: {path}")
+    entries = []
+    with path.open() as f:
+        for i, text in enumerate(f, start=1):
+            if text.strip():
+                p, labels, boxes, scores = parse_datalist_line(text, num_classes, f"{path}:{i}")
+                entries.append(DatalistEntry(p, labels, boxes, scores, i))
+    return entries
+
+
+def format_datalist_line(path: str, labels: np.ndarray, boxes: np.ndarray, scores: np.ndarray) -> str:
+    """One datalist line; float32 values are printed shortest-exact, so reading back gives the same numbers."""
+    if any(c.isspace() for c in path):
+        raise ValueError(f"datalist paths cannot contain whitespace: {path!r}")
+    groups = np.concatenate([np.asarray(boxes, np.float32).reshape(-1, 4),
+                             np.asarray(scores, np.float32).reshape(-1, 1)], axis=1)
+    labels = np.where(np.asarray(labels) == 1, 1, 0)  # -1 (ignore) has no datalist form
+    return " ".join([path, *labels.astype(str), *groups.ravel().astype(str)])
+
+
+def write_datalist(path: str | Path, rows: Iterable[tuple[str, np.ndarray, np.ndarray, np.ndarray]]) -> int:
+    """Write ``(path, labels (K,), boxes (R, 4), scores (R,))`` rows; returns how many lines were written."""
+    n = 0
+    with Path(path).open("w") as f:
+        for row in rows:
+            f.write(format_datalist_line(*row) + "\n")
+            n += 1
+    return n

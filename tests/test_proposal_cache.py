@@ -1,0 +1,172 @@
+"""The LMDB proposal cache, generation over a dataset (failures, resume, workers), shards and merge."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mlkd.data import CustomDataset, Warp
+from mlkd.data.synthetic import generate
+from mlkd.proposals import ProposalCache, generate_proposals, make_meta, merge_caches, parse_shard, shard_indices
+from mlkd.proposals.cache import decode_record, encode_record
+
+SS = {"mode": "fast", "max_proposals": 50}
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    manifests = generate(out, 8, seed=1, image_size=96, val_fraction=0.25, progress=False)
+    return out, manifests
+
+
+def _train(synth) -> CustomDataset:
+    return CustomDataset(synth[1]["train"])
+
+
+def _meta(ds) -> dict:
+    return make_meta("test", {"a": 1}, ds.identity.to_dict())
+
+
+def test_record_round_trip_including_zero_proposals():
+    boxes = np.array([[1.5, 2, 3, 4], [0, 0, 1e4, 7.25]], np.float64)
+    b, s = decode_record(encode_record(boxes, [0.9, 0.1]), "x")
+    assert b.dtype == np.float32 and np.array_equal(b, boxes.astype(np.float32)) and s.tolist() == pytest.approx([0.9, 0.1])
+    b, s = decode_record(encode_record(np.zeros((0, 4)), np.zeros(0)), "x")
+    assert b.shape == (0, 4) and s.shape == (0,)
+    b[:] = 1  # decoded arrays are writable copies (transforms modify them)
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"MLK", "shorter than the header"),
+    (b"XXXX" + bytes(8), "header b'XXXX'"),
+    (encode_record(np.zeros((2, 4)), np.zeros(2))[:-4], "for R=2"),
+])
+def test_malformed_record_names_the_problem(data, message):
+    with pytest.raises(ValueError, match=f"malformed proposal record 'img7'.*{message}"):
+        decode_record(data, "'img7'")
+
+
+def test_cache_round_trip_and_dataset_attachment(synth, tmp_path):
+    ds = _train(synth)
+    rng = np.random.default_rng(0)
+    stored = {}
+    with ProposalCache.create(tmp_path / "c", _meta(ds)) as cache:
+        for i, r in enumerate(ds.records):
+            n = 0 if i == 0 else int(rng.integers(1, 30))  # image 0: zero proposals
+            xy = rng.uniform(0, 40, (n, 2))
+            stored[r.image_id] = (np.concatenate([xy, xy + rng.uniform(1, 40, (n, 2))], 1).astype(np.float32),
+                                  rng.random(n).astype(np.float32))
+        cache.put_many((k, *v) for k, v in stored.items())
+    meta = json.loads((tmp_path / "c" / "meta.json").read_text())
+    assert meta["num_images"] == len(ds) and meta["dataset"]["manifest_hash"] == ds.identity.manifest_hash
+    cache = ProposalCache.open(tmp_path / "c")
+    assert len(cache) == len(ds) and set(cache.keys()) == set(stored)
+    ds.attach_proposals(cache)
+    ds.transform = Warp(48)
+    for i, r in enumerate(ds.records):
+        image, target = ds[i]
+        h, w = (int(v) for v in target["orig_size"])
+        boxes, scores = stored[r.image_id]
+        want = torch.from_numpy(boxes) * torch.tensor([48 / w, 48 / h, 48 / w, 48 / h])
+        assert torch.allclose(target["proposals"], want) and torch.equal(target["proposal_scores"], torch.from_numpy(scores))
+    assert ds[0][1]["proposals"].shape == (0, 4)
+    with pytest.raises(KeyError, match="image id 'nope' is not in proposal cache"):
+        cache.get("nope")
+    with pytest.raises(PermissionError, match="read-only"):
+        cache.put("x", np.zeros((0, 4)), np.zeros(0))
+    cache.close()
+
+
+def test_a_dataset_refuses_a_cache_of_another_dataset_naming_both_sides(synth, tmp_path):
+    train, val = _train(synth), CustomDataset(synth[1]["val"])
+    with ProposalCache.create(tmp_path / "c", _meta(val)) as cache:
+        cache.put(val.records[0].image_id, np.zeros((0, 4)), np.zeros(0))
+    with pytest.raises(ValueError) as e:
+        train.attach_proposals(ProposalCache.open(tmp_path / "c"))
+    msg = str(e.value)
+    assert "does not belong to this dataset" in msg and "split: dataset has 'train', proposal cache" in msg
+    assert f"{train.identity.manifest_hash!r}" in msg and f"{val.identity.manifest_hash!r}" in msg
+
+
+def test_open_rejects_missing_or_corrupt_meta(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a proposal cache"):
+        ProposalCache.open(tmp_path)
+    (tmp_path / "meta.json").write_text("{not json")
+    with pytest.raises(ValueError, match="corrupt proposal cache meta"):
+        ProposalCache.open(tmp_path)
+    (tmp_path / "meta.json").write_text(json.dumps({"format": "mlkd-proposals"}))
+    with pytest.raises(ValueError, match=r"missing keys \['version', 'method'"):
+        ProposalCache.open(tmp_path)
+
+
+def test_generation_reports_a_corrupt_and_a_missing_image_and_caches_the_rest(synth, tmp_path):
+    out, manifests = synth
+    ds = _train(synth)
+    ds.records[1].path.write_bytes(b"\x89PNG\r\n\x1a\n garbage")  # a corrupt image file
+    ds.records[2].path = out / "images" / "train" / "absent.png"  # an image that vanished after loading
+    try:
+        report = generate_proposals(ds, "selective_search", SS, tmp_path / "c", workers=2, progress=False)
+        assert set(report.failed) == {ds.records[1].image_id, ds.records[2].image_id}
+        assert "cannot decode image" in report.failed[ds.records[1].image_id]
+        assert "not found" in report.failed[ds.records[2].image_id]
+        assert report.processed == len(ds) - 2
+        cache = ProposalCache.open(tmp_path / "c")
+        assert len(cache) == len(ds) - 2 and set(cache.read_failures()) == set(report.failed)
+        cache.close()
+        again = generate_proposals(ds, "selective_search", SS, tmp_path / "c", workers=0, progress=False)
+        assert again.skipped == len(ds) - 2 and set(again.failed) == set(report.failed)  # retried, failed again
+    finally:
+        generate(out, 8, seed=1, image_size=96, val_fraction=0.25, progress=False)  # restore the fixture
+
+
+def test_resume_computes_only_what_is_missing_and_equals_a_fresh_run(synth, tmp_path):
+    ds = _train(synth)
+    full = generate_proposals(ds, "selective_search", SS, tmp_path / "full", workers=0, progress=False)
+    assert full.processed == len(ds) and not full.failed
+    half = CustomDataset(synth[1]["train"])
+    half.records = half.records[:3]  # an interrupted run: same identity, only 3 images done
+    generate_proposals(half, "selective_search", SS, tmp_path / "resumed", workers=0, progress=False)
+    rest = generate_proposals(ds, "selective_search", SS, tmp_path / "resumed", workers=2, progress=False)
+    assert (rest.skipped, rest.processed) == (3, len(ds) - 3)
+    a, b = ProposalCache.open(tmp_path / "full"), ProposalCache.open(tmp_path / "resumed")
+    for r in ds.records:  # workers, order and resumption do not change any box
+        assert all(np.array_equal(x, y) for x, y in zip(a.get(r.image_id), b.get(r.image_id)))
+    a.close(), b.close()
+    with pytest.raises(ValueError, match=r"(?s)built with other settings.*params.max_proposals: 50 != 20"):
+        generate_proposals(ds, "selective_search", {**SS, "max_proposals": 20}, tmp_path / "full", progress=False)
+
+
+def test_shards_partition_the_images_and_merge_equals_one_run(synth, tmp_path):
+    assert parse_shard("1/3") == (1, 3) and list(shard_indices(7, (1, 3))) == [1, 4]
+    for bad in ("3/3", "1-3", "a/b", "-1/2"):
+        with pytest.raises(ValueError, match="shard"):
+            parse_shard(bad)
+    ds = _train(synth)
+    generate_proposals(ds, "selective_search", SS, tmp_path / "one", progress=False)
+    for i in range(3):
+        generate_proposals(ds, "selective_search", SS, tmp_path / f"s{i}", shard=(i, 3), progress=False)
+    report = merge_caches(tmp_path / "merged", [tmp_path / f"s{i}" for i in range(3)], dataset=ds, progress=False)
+    assert report.complete and report.num_images == len(ds)
+    one, merged = ProposalCache.open(tmp_path / "one"), ProposalCache.open(tmp_path / "merged")
+    assert merged.meta["shard"] is None and merged.meta["params"] == one.meta["params"]
+    for r in ds.records:
+        assert all(np.array_equal(x, y) for x, y in zip(one.get(r.image_id), merged.get(r.image_id)))
+    one.close(), merged.close()
+    partial = merge_caches(tmp_path / "partial", [tmp_path / "s0", tmp_path / "s2"], dataset=ds, progress=False)
+    assert not partial.complete and partial.missing_shards == [1]
+    assert partial.missing_ids == [ds.records[i].image_id for i in shard_indices(len(ds), (1, 3))]
+
+
+def test_merge_refuses_shards_built_differently(synth, tmp_path):
+    ds = _train(synth)
+    generate_proposals(ds, "selective_search", SS, tmp_path / "a", shard=(0, 2), progress=False)
+    generate_proposals(ds, "selective_search", {**SS, "max_proposals": 10}, tmp_path / "b", shard=(1, 2),
+                       progress=False)
+    with pytest.raises(ValueError, match=r"(?s)built differently.*params.max_proposals: 50 != 10"):
+        merge_caches(tmp_path / "m", [tmp_path / "a", tmp_path / "b"], progress=False)
+    with pytest.raises(ValueError, match=r"shard index\(es\) \[0\] given more than once"):
+        merge_caches(tmp_path / "m2", [tmp_path / "a", tmp_path / "a"], progress=False)
