@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from mlkd.cli import main
 from mlkd.data import DatalistDataset, InMemoryProposals, Warp, build_dataset, collate
 from mlkd.data.base import DatasetIdentity
 
@@ -68,6 +69,13 @@ def test_in_memory_proposals_look_like_a_cache(datalist):
     assert store.meta["method"] == "import:datalist" and store.meta["num_images"] == 3
     with pytest.raises(KeyError, match="'img/z.jpg' has no proposals"):
         store.get("img/z.jpg")
+
+
+def test_cli_info_counts_labels_and_proposals(datalist, tmp_path, capsys):
+    assert main(["data", "info", "--dataset", f"datalist:{datalist}:{tmp_path / 'classes.txt'}"]) == 0
+    out = capsys.readouterr().out
+    assert "dataset datalist / split train_list: 3 images, 3 classes" in out
+    assert "proposals: 3 (1.0 per image, 0-2)" in out and "label cardinality 1.000" in out
 
 
 def test_build_dataset_spec_and_root(datalist, tmp_path):

@@ -10,6 +10,7 @@ from mlkd.data.base import (DatasetIdentity, ImageRecord, MultiLabelDataset, Tra
 from mlkd.data.coco import CocoDataset
 from mlkd.data.custom import MANIFEST_SUFFIXES, CustomDataset
 from mlkd.data.datalist import DatalistDataset, InMemoryProposals
+from mlkd.data.nuswide import NusWideDataset
 from mlkd.data.transforms import (Compose, MultiScaleCollate, RandomHorizontalFlip, ResizeShorter, Warp,
                                   rescale_boxes)
 from mlkd.data.voc import VOC_CLASSES, VOCDataset
@@ -21,6 +22,8 @@ DATASET_FORMS: dict[str, str] = {
     "coco:ROOT:SPLIT": "MS-COCO 2014, SPLIT train2014|val2014; options keep_empty, crowd=positive|ignore|negative",
     "voc:ROOT:YEAR:SPLIT": "PASCAL VOC, YEAR 2007|2012, SPLIT train|val|trainval|test; "
                            "options difficult=ignore|positive|negative, keep_empty",
+    "nuswide:ROOT:SPLIT": "NUS-WIDE, SPLIT train|test; options image_root, label_source=auto|traintest|all, "
+                          "keep_no_label, image_manifest",
     "datalist:PATH:CLASSES_FILE": "the release's datalist with its proposals; options root, split",
 }
 
@@ -28,6 +31,7 @@ DATASET_FORMS: dict[str, str] = {
 _PREFIXED: dict[str, tuple[tuple[str, ...], Callable[..., MultiLabelDataset], tuple[str, ...]]] = {
     "coco": (("ROOT", "SPLIT"), CocoDataset, CocoDataset.OPTIONS),
     "voc": (("ROOT", "YEAR", "SPLIT"), VOCDataset, VOCDataset.OPTIONS),
+    "nuswide": (("ROOT", "SPLIT"), NusWideDataset, NusWideDataset.OPTIONS),
     "datalist": (("PATH", "CLASSES_FILE"), DatalistDataset, DatalistDataset.OPTIONS),
 }
 
@@ -59,10 +63,10 @@ def build_dataset(spec: str, transform: Transform | None = None, skip_missing: b
 
     Args:
         spec: e.g. ``data/train.jsonl``, ``coco:/data/coco:val2014``, ``voc:/data:2007:test``,
-            ``datalist:lists/train.txt:lists/classes.txt``.
+            ``nuswide:/data/nus:test``, ``datalist:lists/train.txt:lists/classes.txt``.
         transform: applied to each ``(image, target)``.
         skip_missing: True drops listed images whose file does not exist (reported in ``dataset.excluded``),
-            False raises; None keeps the dataset's default.
+            False raises; None keeps the dataset's default (False, but True for NUS-WIDE).
         options: dataset-specific keyword arguments; an unknown one raises listing the valid ones.
     """
     name, fields = parse_spec(spec)
@@ -78,7 +82,7 @@ def build_dataset(spec: str, transform: Transform | None = None, skip_missing: b
 
 __all__ = [
     "DatasetIdentity", "ImageRecord", "MultiLabelDataset", "collate", "check_class_order", "CustomDataset",
-    "CocoDataset", "VOCDataset", "VOC_CLASSES", "DatalistDataset", "InMemoryProposals",
+    "CocoDataset", "VOCDataset", "VOC_CLASSES", "NusWideDataset", "DatalistDataset", "InMemoryProposals",
     "build_dataset", "parse_spec", "DATASET_FORMS", "Compose", "MultiScaleCollate", "RandomHorizontalFlip",
     "ResizeShorter", "Warp", "rescale_boxes",
 ]
