@@ -189,8 +189,8 @@ def test_build_dataset_accepts_manifests_and_lists_forms_otherwise(tmp_path, ima
     assert isinstance(ds, CustomDataset) and ds[1][0].shape == (3, 4, 4)
     (tmp_path / "t.csv").write_text("path,labels\nimg/a.png,cat\n")
     assert len(build_dataset(str(tmp_path / "t.csv"))) == 1
-    with pytest.raises(ValueError, match=r"(?s)unrecognised dataset spec 'coco:/data'.*PATH\.jsonl.*PATH\.csv"):
-        build_dataset("coco:/data")
+    with pytest.raises(ValueError, match=r"(?s)unrecognised dataset spec 'imagenet:/data'.*PATH\.jsonl.*PATH\.csv"):
+        build_dataset("imagenet:/data")
 
 
 def test_cli_info_counts_and_missing(tmp_path, images, capsys):

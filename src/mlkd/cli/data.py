@@ -1,4 +1,5 @@
-"""`mlkd data`: write the synthetic dataset (`synth`) and describe a dataset (`info`)."""
+"""`mlkd data`: write the synthetic dataset (`synth`), describe a dataset (`info`), plot its class
+frequencies (`plot`), write or check a manifest of its images with file hashes (`manifest`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ from tqdm import tqdm
 
 from mlkd.data import DATASET_FORMS, MultiLabelDataset, build_dataset
 from mlkd.data.base import read_image
+from mlkd.data.manifest import (compare_with_manifest, hash_images, manifest_summary, read_image_manifest,
+                                write_image_manifest)
+from mlkd.data.stats import plot_class_frequencies, summarize
 from mlkd.data.synthetic import IMAGE_FORMATS, class_names, generate
 
 SYNTH_DESCRIPTION = """\
@@ -21,32 +25,37 @@ dots, rings); classes sharing an outline share its colour and differ only in tex
 distractors copy colours, outlines and textures, so a class is told by one region's detail, which fades when
 the whole image is downsampled. Deterministic for a seed."""
 
+FORMS_HELP = "Accepted --dataset forms:\n" + "\n".join(f"  {k:28s} {v}" for k, v in DATASET_FORMS.items())
 INFO_DESCRIPTION = """\
-Count images, labels per class, boxes and missing image files of a dataset, without training anything.
-Accepted --dataset forms:
-""" + "\n".join(f"  {k:28s} {v}" for k, v in DATASET_FORMS.items())
+Count images, labels per class, boxes, missing and left-out images of one or more datasets (e.g. each split),
+without training anything. """ + FORMS_HELP
+PLOT_DESCRIPTION = """\
+Write a bar chart of the images per class (label 1) of one or more datasets with the same classes (grouped
+bars, e.g. train and test). """ + FORMS_HELP
+MANIFEST_DESCRIPTION = """\
+Write a manifest of a dataset's images (a SHA-1 of each file, and the images left out and why: missing on disk,
+no label, ...), so that two users can check that they evaluate the same images; or check a dataset against
+one (--check). A NUS-WIDE dataset built with --option image_manifest=FILE keeps exactly that image set.
+""" + FORMS_HELP
 
 
-def summarize(ds: MultiLabelDataset) -> dict[str, Any]:
-    """Counts of a dataset from its records alone (no image is decoded)."""
-    labels = ds.label_matrix()  # (N, K) in {1, 0, -1}
-    positives = (labels == 1).sum(1)
-    box_counts = np.zeros(ds.num_classes, np.int64)
-    num_boxes, has_boxes = 0, False
-    for r in ds.records:
-        if r.boxes is not None:
-            has_boxes = True
-            num_boxes += len(r.boxes)
-            np.add.at(box_counts, np.asarray(r.box_labels, np.int64), 1)
-    return {
-        "images": len(ds), "classes": ds.num_classes,
-        "per_class_images": (labels == 1).sum(0), "per_class_ignored": (labels == -1).sum(0),
-        "per_class_boxes": box_counts if has_boxes else None, "boxes": num_boxes if has_boxes else None,
-        "cardinality": float(positives.mean()) if len(ds) else 0.0,
-        "density": float(positives.mean() / max(ds.num_classes, 1)) if len(ds) else 0.0,
-        "no_label_images": int((positives == 0).sum()),
-        "missing": list(getattr(ds, "missing", [])),
-    }
+def parse_options(pairs: list[str] | None) -> dict[str, Any]:
+    """``["difficult=positive", "keep_empty=true"]`` -> ``{"difficult": "positive", "keep_empty": True}``."""
+    options: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--option must be KEY=VALUE (e.g. difficult=positive), got {pair!r}")
+        low = value.strip().lower()
+        options[key.strip()] = True if low == "true" else False if low == "false" else value
+    return options
+
+
+def _load(spec: str, options: dict[str, Any]) -> MultiLabelDataset:
+    """Build a dataset with missing files dropped (they are reported, not warned about)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return build_dataset(spec, skip_missing=True, **options)
 
 
 def _print_summary(ds: MultiLabelDataset, s: dict[str, Any], max_missing: int = 10) -> None:
@@ -56,6 +65,10 @@ def _print_summary(ds: MultiLabelDataset, s: dict[str, Any], max_missing: int = 
           f"{s['no_label_images']} images with no positive label")
     if s["boxes"] is not None:
         print(f"boxes: {s['boxes']} ({s['boxes'] / max(s['images'], 1):.2f} per image)")
+    per_image = s["proposals_per_image"]
+    if per_image is not None and len(per_image):
+        print(f"proposals: {per_image.sum()} ({per_image.mean():.1f} per image, "
+              f"{per_image.min()}-{per_image.max()})")
     width = max(len(c) for c in ds.classes)
     header = f"{'class':{width}s} {'images':>7s} {'ignored':>8s}" + (f" {'boxes':>6s}" if s["boxes"] is not None else "")
     print(header)
@@ -68,6 +81,9 @@ def _print_summary(ds: MultiLabelDataset, s: dict[str, Any], max_missing: int = 
         print(f"  {image_id}")
     if len(missing) > max_missing:
         print(f"  ... and {len(missing) - max_missing} more")
+    others = {k: v for k, v in s["excluded"].items() if k != "missing"}
+    if others:
+        print("left out: " + ", ".join(f"{v} {k}" for k, v in others.items()))
 
 
 def _decode_all(ds: MultiLabelDataset) -> int:
@@ -88,12 +104,47 @@ def _decode_all(ds: MultiLabelDataset) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    with warnings.catch_warnings():  # missing files are reported below, not as a warning
-        warnings.simplefilter("ignore")
-        ds = build_dataset(args.dataset, skip_missing=True)
-    _print_summary(ds, summarize(ds))
-    failed = _decode_all(ds) if args.decode else 0
+    options = parse_options(args.option)
+    failed = 0
+    for n, spec in enumerate(args.dataset):
+        if n:
+            print()
+        ds = _load(spec, options)
+        _print_summary(ds, summarize(ds))
+        failed += _decode_all(ds) if args.decode else 0
     return 1 if failed else 0
+
+
+def run_plot(args: argparse.Namespace) -> int:
+    options = parse_options(args.option)
+    datasets = [_load(spec, options) for spec in args.dataset]
+    out = plot_class_frequencies(datasets, args.out, sort=args.sort, fraction=args.fraction, log=args.log,
+                                 title=args.title)
+    print(f"wrote {out}")
+    return 0
+
+
+def run_manifest(args: argparse.Namespace) -> int:
+    ds = _load(args.dataset, parse_options(args.option))
+    if args.check:
+        manifest = read_image_manifest(args.check)
+        problems = compare_with_manifest(ds, manifest, hash_images(ds, args.workers, not args.quiet))
+        for line in problems:
+            print(f"differs: {line}")
+        print(f"{ds.name}/{ds.split}: {len(ds)} images " + ("do NOT match" if problems else "match") + f" {args.check}")
+        return 1 if problems else 0
+    counts = write_image_manifest(ds, args.out, args.workers, progress=not args.quiet)
+    print(f"wrote {args.out}: {manifest_summary(counts)} (dataset hash {ds.identity.manifest_hash})")
+    return 0
+
+
+def _add_dataset_options(p: argparse.ArgumentParser, many: bool) -> None:
+    p.add_argument("--dataset", required=True, metavar="SPEC", action="append" if many else "store",
+                   help="dataset spec (forms above), e.g. voc:/data/voc:2007:test"
+                        + ("; repeat for several datasets, e.g. the train and test splits" if many else ""))
+    p.add_argument("--option", action="append", metavar="KEY=VALUE",
+                   help="a dataset option (listed with each form above; true/false for flags), e.g. "
+                        "difficult=positive or keep_empty=true; repeatable")
 
 
 def run_synth(args: argparse.Namespace) -> int:
@@ -107,9 +158,10 @@ def run_synth(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("data", help="write the synthetic dataset, or describe a dataset",
-                       description="Dataset tools: `mlkd data synth` writes the synthetic dataset, "
-                                   "`mlkd data info` describes any dataset.")
+    p = sub.add_parser("data", help="write the synthetic dataset; describe, plot or hash a dataset",
+                       description="Dataset tools: `mlkd data synth` writes the synthetic dataset, `mlkd data info` "
+                                   "describes any dataset, `mlkd data plot` draws its class frequencies, "
+                                   "`mlkd data manifest` writes or checks a manifest of its images with file hashes.")
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
     data_sub = p.add_subparsers(dest="data_command", metavar="<subcommand>")
 
@@ -133,9 +185,39 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     i = data_sub.add_parser("info", help="counts per class, label cardinality, boxes, missing files",
                             description=INFO_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
-                            epilog="example:\n  mlkd data info --dataset data/synth/train.jsonl")
-    i.add_argument("--dataset", required=True, metavar="SPEC", help="dataset spec, e.g. a manifest path")
+                            epilog="examples:\n  mlkd data info --dataset data/synth/train.jsonl\n"
+                                   "  mlkd data info --dataset coco:/data/coco:train2014 "
+                                   "--dataset coco:/data/coco:val2014")
+    _add_dataset_options(i, many=True)
     i.add_argument("--decode", action="store_true",
                    help="also decode every image (progress bar) and report unreadable files and the size range; "
                         "exit code 1 if any fails")
     i.set_defaults(func=run_info)
+
+    pl = data_sub.add_parser("plot", help="bar chart of the images per class (PNG)", description=PLOT_DESCRIPTION,
+                             formatter_class=argparse.RawDescriptionHelpFormatter,
+                             epilog="example:\n  mlkd data plot --dataset nuswide:/data/nus:train "
+                                    "--dataset nuswide:/data/nus:test --fraction --sort --out nus.png")
+    _add_dataset_options(pl, many=True)
+    pl.add_argument("--out", required=True, metavar="PNG", help="image file to write (.png, .pdf or .svg)")
+    pl.add_argument("--sort", action="store_true", help="order classes by frequency in the first dataset "
+                                                        "(default: the dataset's class order)")
+    pl.add_argument("--fraction", action="store_true",
+                    help="plot the fraction of each dataset's images, to compare splits of different sizes")
+    pl.add_argument("--log", action="store_true", help="logarithmic y axis, for long-tailed sets such as NUS-WIDE")
+    pl.add_argument("--title", metavar="TEXT", help="figure title (default: the datasets' names and splits)")
+    pl.set_defaults(func=run_plot)
+
+    m = data_sub.add_parser("manifest", help="write (or --check) a manifest of the images with SHA-1 hashes",
+                            description=MANIFEST_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
+                            epilog="examples:\n"
+                                   "  mlkd data manifest --dataset nuswide:/data/nus:test --out nus_test.tsv\n"
+                                   "  mlkd data manifest --dataset nuswide:/data/nus:test --check nus_test.tsv")
+    _add_dataset_options(m, many=False)
+    what = m.add_mutually_exclusive_group(required=True)
+    what.add_argument("--out", metavar="FILE", help="manifest file to write (tab-separated text)")
+    what.add_argument("--check", metavar="FILE", help="compare the dataset (ids, labels, file hashes) with this "
+                                                      "manifest; exit code 1 if anything differs")
+    m.add_argument("--workers", type=int, default=4, metavar="N", help="threads hashing files (default 4)")
+    m.add_argument("--quiet", action="store_true", help="no progress bar")
+    m.set_defaults(func=run_manifest)

@@ -3,37 +3,86 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
-from mlkd.data.base import DatasetIdentity, ImageRecord, MultiLabelDataset, Transform, collate
-from mlkd.data.custom import CustomDataset
+from mlkd.data.base import (DatasetIdentity, ImageRecord, MultiLabelDataset, Transform, check_class_order,
+                            collate)
+from mlkd.data.coco import CocoDataset
+from mlkd.data.custom import MANIFEST_SUFFIXES, CustomDataset
+from mlkd.data.datalist import DatalistDataset, InMemoryProposals
+from mlkd.data.nuswide import NusWideDataset
 from mlkd.data.transforms import (Compose, MultiScaleCollate, RandomHorizontalFlip, ResizeShorter, Warp,
                                   rescale_boxes)
+from mlkd.data.voc import VOC_CLASSES, VOCDataset
 
-# Dataset specs accepted by build_dataset: how each form is recognised -> its builder.
+# Dataset specs accepted by build_dataset (printed in help): form -> what it reads and its options.
 DATASET_FORMS: dict[str, str] = {
-    "PATH.jsonl | PATH.ndjson": "custom format, JSON lines (mlkd.data.custom)",
-    "PATH.csv": "custom format, CSV (mlkd.data.custom)",
+    "PATH.jsonl | PATH.ndjson": "custom format, JSON lines; options classes, root, split",
+    "PATH.csv": "custom format, CSV; options classes, root, split",
+    "coco:ROOT:SPLIT": "MS-COCO 2014, SPLIT train2014|val2014; options keep_empty, crowd=positive|ignore|negative",
+    "voc:ROOT:YEAR:SPLIT": "PASCAL VOC, YEAR 2007|2012, SPLIT train|val|trainval|test; "
+                           "options difficult=ignore|positive|negative, keep_empty",
+    "nuswide:ROOT:SPLIT": "NUS-WIDE, SPLIT train|test; options image_root, label_source=auto|traintest|all, "
+                          "keep_no_label, image_manifest",
+    "datalist:PATH:CLASSES_FILE": "the release's datalist with its proposals; options root, split",
 }
-_MANIFEST_BUILDERS: dict[str, Callable[..., MultiLabelDataset]] = {
-    ".jsonl": CustomDataset, ".ndjson": CustomDataset, ".csv": CustomDataset,
+
+# Prefixed forms: name -> (the fields after "name:", builder taking them positionally, its options).
+_PREFIXED: dict[str, tuple[tuple[str, ...], Callable[..., MultiLabelDataset], tuple[str, ...]]] = {
+    "coco": (("ROOT", "SPLIT"), CocoDataset, CocoDataset.OPTIONS),
+    "voc": (("ROOT", "YEAR", "SPLIT"), VOCDataset, VOCDataset.OPTIONS),
+    "nuswide": (("ROOT", "SPLIT"), NusWideDataset, NusWideDataset.OPTIONS),
+    "datalist": (("PATH", "CLASSES_FILE"), DatalistDataset, DatalistDataset.OPTIONS),
 }
 
 
-def build_dataset(spec: str, transform: Transform | None = None, skip_missing: bool = False) -> MultiLabelDataset:
-    """Build a dataset from a spec string (see ``DATASET_FORMS``): for now a path to a custom manifest.
+def _forms() -> str:
+    return "\n  ".join(f"{k:28s} {v}" for k, v in DATASET_FORMS.items())
 
-    ``skip_missing`` drops listed images whose file does not exist instead of raising.
+
+def parse_spec(spec: str) -> tuple[str, list[str]]:
+    """``"voc:/data:2007:test"`` -> ``("voc", ["/data", "2007", "test"])``; a manifest path -> ``("custom", [path])``.
+
+    Fields are split from the right, so the first one (a root or path) may itself contain ``:``.
     """
-    suffix = Path(spec).suffix.lower()
-    if suffix not in _MANIFEST_BUILDERS:
-        forms = "\n  ".join(f"{k:28s} {v}" for k, v in DATASET_FORMS.items())
-        raise ValueError(f"unrecognised dataset spec {spec!r}; accepted forms:\n  {forms}")
-    return _MANIFEST_BUILDERS[suffix](spec, transform=transform, skip_missing=skip_missing)
+    name, sep, rest = spec.partition(":")
+    if sep and name in _PREFIXED:
+        names = _PREFIXED[name][0]
+        fields = rest.rsplit(":", len(names) - 1)
+        if len(fields) != len(names) or not all(fields):
+            raise ValueError(f"dataset spec {spec!r} must be {name}:{':'.join(names)}; accepted forms:\n  {_forms()}")
+        return name, fields
+    if Path(spec).suffix.lower() in MANIFEST_SUFFIXES:
+        return "custom", [spec]
+    raise ValueError(f"unrecognised dataset spec {spec!r}; accepted forms:\n  {_forms()}")
+
+
+def build_dataset(spec: str, transform: Transform | None = None, skip_missing: bool | None = None,
+                  **options: Any) -> MultiLabelDataset:
+    """Build a dataset from a spec string (forms and options in ``DATASET_FORMS``).
+
+    Args:
+        spec: e.g. ``data/train.jsonl``, ``coco:/data/coco:val2014``, ``voc:/data:2007:test``,
+            ``nuswide:/data/nus:test``, ``datalist:lists/train.txt:lists/classes.txt``.
+        transform: applied to each ``(image, target)``.
+        skip_missing: True drops listed images whose file does not exist (reported in ``dataset.excluded``),
+            False raises; None keeps the dataset's default (False, but True for NUS-WIDE).
+        options: dataset-specific keyword arguments; an unknown one raises listing the valid ones.
+    """
+    name, fields = parse_spec(spec)
+    valid = CustomDataset.OPTIONS if name == "custom" else _PREFIXED[name][2]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for a {name} dataset; valid options: {list(valid)}")
+    builder = CustomDataset if name == "custom" else _PREFIXED[name][1]
+    if skip_missing is not None:
+        options["skip_missing"] = skip_missing
+    return builder(*fields, transform=transform, **options)
 
 
 __all__ = [
-    "DatasetIdentity", "ImageRecord", "MultiLabelDataset", "collate", "CustomDataset", "build_dataset",
-    "DATASET_FORMS", "Compose", "MultiScaleCollate", "RandomHorizontalFlip", "ResizeShorter", "Warp",
-    "rescale_boxes",
+    "DatasetIdentity", "ImageRecord", "MultiLabelDataset", "collate", "check_class_order", "CustomDataset",
+    "CocoDataset", "VOCDataset", "VOC_CLASSES", "NusWideDataset", "DatalistDataset", "InMemoryProposals",
+    "build_dataset", "parse_spec", "DATASET_FORMS", "Compose", "MultiScaleCollate", "RandomHorizontalFlip",
+    "ResizeShorter", "Warp", "rescale_boxes",
 ]

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -58,6 +60,21 @@ class DatasetIdentity:
             raise ValueError(f"{what} does not belong to this dataset:\n  " + "\n  ".join(diffs))
 
 
+def check_class_order(expected: Sequence[str], got: Sequence[str], what: str) -> None:
+    """Raise ``ValueError`` naming both orders (and the first differing position) unless they are equal.
+
+    ``expected`` is e.g. the dataset's classes, ``got`` those stored in ``what`` (a checkpoint, a cache).
+    """
+    expected, got = [str(c) for c in expected], [str(c) for c in got]
+    if expected == got:
+        return
+    first = next((i for i, (a, b) in enumerate(zip(expected, got)) if a != b), min(len(expected), len(got)))
+    at = (f"position {first}: expected {expected[first]!r}, got {got[first]!r}"
+          if first < min(len(expected), len(got)) else f"lengths differ ({len(expected)} vs {len(got)})")
+    raise ValueError(f"class order of {what} differs from the expected one ({at}):\n"
+                     f"  expected ({len(expected)}): {expected}\n  got      ({len(got)}): {got}")
+
+
 @dataclass
 class ImageRecord:
     """One image of a dataset, as listed by its annotation files (nothing decoded yet)."""
@@ -80,6 +97,35 @@ def manifest_hash(records: Sequence[ImageRecord], classes: Sequence[str]) -> str
     return h.hexdigest()[:16]
 
 
+MAX_LISTED = 10  # how many ids an error message lists
+
+
+def listed(ids: Sequence[str], limit: int = MAX_LISTED) -> str:
+    """Up to ``limit`` ids, one per indented line, then ``... and N more``."""
+    more = f"\n  ... and {len(ids) - limit} more" if len(ids) > limit else ""
+    return "\n  " + "\n  ".join(ids[:limit]) + more
+
+
+def drop_missing(records: list[ImageRecord], skip_missing: bool, source: str,
+                 root: str | Path) -> tuple[list[ImageRecord], list[str]]:
+    """Check that every record's image file exists.
+
+    Returns ``(records whose file exists, ids of the others)``. Missing files raise ``FileNotFoundError``
+    (count, first ids) unless ``skip_missing``; then they are dropped with a warning giving the count.
+    ``source`` names the annotation file and ``root`` the image folder, for the messages.
+    """
+    missing = [r.image_id for r in records if not os.path.isfile(r.path)]
+    if missing and not skip_missing:
+        raise FileNotFoundError(
+            f"{len(missing)} of {len(records)} image files listed in {source} do not exist under {root}:"
+            f"{listed(missing)}\n(pass skip_missing=True / --skip-missing to drop them)")
+    if missing:
+        warnings.warn(f"{source}: skipped {len(missing)} missing image files", stacklevel=3)
+        lost = set(missing)
+        records = [r for r in records if r.image_id not in lost]
+    return records, missing
+
+
 def read_image(path: str | Path) -> np.ndarray:
     """Decode an image file to an RGB uint8 array ``(H, W, 3)``; a clear ``OSError`` if it cannot be read."""
     path = Path(path)
@@ -96,22 +142,32 @@ Transform = Callable[[torch.Tensor, dict[str, Any]], tuple[torch.Tensor, dict[st
 
 
 class MultiLabelDataset(Dataset):
-    """Base class: subclasses fill ``name``, ``split``, ``classes`` and ``records`` then call ``super().__init__``."""
+    """Base class: subclasses fill ``name``, ``split``, ``classes`` and ``records`` then call ``super().__init__``.
+
+    ``excluded`` maps a reason (``"missing"``, ``"no_label"``, ``"empty"``, ...) to the ids of the images the
+    annotation files list but the dataset left out, so every exclusion is reported, never silent.
+    """
 
     def __init__(self, name: str, split: str, classes: Sequence[str], records: list[ImageRecord],
-                 transform: Transform | None = None) -> None:
+                 transform: Transform | None = None, excluded: dict[str, list[str]] | None = None) -> None:
         if len(set(classes)) != len(classes):
             raise ValueError(f"class names must be unique, got {list(classes)}")
         self.name, self.split = name, split
         self.classes = list(classes)
         self.records = records
         self.transform = transform
+        self.excluded = {k: list(v) for k, v in (excluded or {}).items() if v}
         self.proposals = None  # a ProposalCache once attached
         self.identity = DatasetIdentity(name, split, tuple(self.classes), len(records),
                                         manifest_hash(records, self.classes))
 
     def __len__(self) -> int:
         return len(self.records)
+
+    @property
+    def missing(self) -> list[str]:
+        """Ids of listed images whose file does not exist (dropped with ``skip_missing``)."""
+        return self.excluded.get("missing", [])
 
     @property
     def num_classes(self) -> int:

@@ -34,11 +34,10 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from mlkd.data.base import ImageRecord, MultiLabelDataset, Transform
+from mlkd.data.base import ImageRecord, MultiLabelDataset, Transform, drop_missing
 
 MANIFEST_SUFFIXES = (".jsonl", ".ndjson", ".csv")
 CLASSES_FILE = "classes.txt"
-MAX_LISTED = 10  # how many missing files an error message lists
 
 
 def _fail(where: str, message: str) -> ValueError:
@@ -222,7 +221,11 @@ class CustomDataset(MultiLabelDataset):
         split: split name (default: the manifest's file stem, e.g. ``train``).
         skip_missing: image files that do not exist raise ``FileNotFoundError`` (listing up to 10 and the
             count); with True they are dropped instead, listed in ``self.missing``, and a warning gives the count.
+
+    Options of ``build_dataset`` for this form: ``OPTIONS``.
     """
+
+    OPTIONS = ("classes", "root", "split")
 
     def __init__(self, manifest: str | Path, classes: str | Path | Sequence[str] | None = None,
                  root: str | Path | None = None, transform: Transform | None = None, split: str | None = None,
@@ -233,15 +236,6 @@ class CustomDataset(MultiLabelDataset):
         self.manifest = manifest
         self.root = Path(root) if root is not None else manifest.parent
         records = _records(rows, class_list, self.root, source)
-        self.missing = [r.image_id for r in records if not r.path.is_file()]
-        if self.missing and not skip_missing:
-            listed = "\n  ".join(self.missing[:MAX_LISTED])
-            more = f"\n  ... and {len(self.missing) - MAX_LISTED} more" if len(self.missing) > MAX_LISTED else ""
-            raise FileNotFoundError(
-                f"{len(self.missing)} of {len(records)} image files listed in {manifest} do not exist under "
-                f"{self.root}:\n  {listed}{more}\n(pass skip_missing=True / --skip-missing to drop them)")
-        if self.missing:
-            warnings.warn(f"{manifest}: skipped {len(self.missing)} missing image files", stacklevel=2)
-            lost = set(self.missing)
-            records = [r for r in records if r.image_id not in lost]
-        super().__init__("custom", split or manifest.stem, class_list, records, transform)
+        records, missing = drop_missing(records, skip_missing, str(manifest), self.root)
+        super().__init__("custom", split or manifest.stem, class_list, records, transform,
+                         excluded={"missing": missing})
