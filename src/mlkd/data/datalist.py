@@ -26,44 +26,8 @@ import numpy as np
 
 from mlkd.data.base import ImageRecord, MultiLabelDataset, Transform, drop_missing
 from mlkd.data.custom import read_class_file
-
-BOX_CONVENTION = "x1y1x2y2 float32, 0-based pixel edges of the image on disk, x2/y2 exclusive (x2 = x + w)"
-
-
-def parse_datalist_line(text: str, num_classes: int, where: str) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
-    """Split one line into ``(path, labels (K,) int8, boxes (R, 4) float32, scores (R,) float32)``.
-
-    ``where`` (``file:line``) starts every error message.
-    """
-    fields = text.split()
-    n_num = len(fields) - 1
-    if n_num < num_classes or (n_num - num_classes) % 5:
-        raise ValueError(f"{where}: {len(fields)} fields; expected 1 path + {num_classes} labels + 5 numbers "
-                         f"(x1 y1 x2 y2 score) per proposal, i.e. 1 + {num_classes} + 5*R fields")
-    try:
-        values = np.array(fields[1:], dtype=np.float64)
-    except ValueError:
-        bad = next(f for f in fields[1:] if not _is_number(f))
-        raise ValueError(f"{where}: {bad!r} is not a number (labels, coordinates and scores must be)") from None
-    if not np.isfinite(values).all():
-        raise ValueError(f"{where}: NaN or inf among the numbers")
-    labels = values[:num_classes]
-    if not np.isin(labels, (0, 1)).all():
-        raise ValueError(f"{where}: labels must be 0 or 1, got {labels[~np.isin(labels, (0, 1))][:5].tolist()}")
-    groups = values[num_classes:].reshape(-1, 5)
-    boxes = groups[:, :4].astype(np.float32)
-    if ((boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])).any():
-        raise ValueError(f"{where}: a proposal has x2 < x1 or y2 < y1 (expected x1 y1 x2 y2 score groups)")
-    return fields[0], labels.astype(np.int8), boxes, groups[:, 4].astype(np.float32)
-
-
-def _is_number(s: str) -> bool:
-    try:
-        float(s)
-    except ValueError:
-        return False
-    return True
-
+from mlkd.proposals.cache import BOX_CONVENTION
+from mlkd.proposals.formats import parse_datalist_line
 
 class InMemoryProposals:
     """Proposals held in memory with the reading interface of ``ProposalCache``.

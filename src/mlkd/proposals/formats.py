@@ -133,7 +133,7 @@ def parse_datalist_line(text: str, num_classes: int, where: str) -> tuple[str, n
     groups = values[num_classes:].reshape(-1, 5)
     boxes = groups[:, :4].astype(np.float32)
     if ((boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])).any():
-        raise ValueError(f"{where}: a box has x2 < x1 or y2 < y1 (expected x1 y1 x2 y2 score groups)")
+        raise ValueError(f"{where}: a proposal has x2 < x1 or y2 < y1 (expected x1 y1 x2 y2 score groups)")
     return fields[0], labels.astype(np.int8), boxes, groups[:, 4].astype(np.float32)
 
 
