@@ -1,8 +1,15 @@
 """The end-to-end demo on the embedded synthetic dataset (what ``make demo`` runs).
 
-So far it covers what exists: data -> proposals -> proposal recall -> metrics of two honest baselines
-(a class-frequency prior for classification, the largest proposal for CorLoc). The teacher and student
-stages join as they are built.
+Stages: synthetic data -> selective-search proposals -> teacher (WSDDN) -> student without distillation ->
+student with the release's two-stage distillation (-> optionally the joint mode) -> evaluation of all on the
+held-out split -> the paper's Table-3-style table and example figure. Everything goes into one run folder::
+
+    RUN/data/            the dataset (custom format)          RUN/proposals/{train,val}/   LMDB caches
+    RUN/seed<S>/teacher, student, student_kd[, student_joint]/   runs (config.yaml, log.jsonl, curves.png, last.pt)
+    RUN/seed<S>/reports/*.json                                 full metric reports
+    RUN/figure.png   RUN/summary.json
+
+A rerun reuses what is complete (data, proposal caches, finished trainings) and resumes what is not.
 """
 
 from __future__ import annotations
@@ -10,85 +17,184 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
+import torch
 
+from mlkd.checkpoint import load_checkpoint
+from mlkd.config import load_config
 from mlkd.data import build_dataset
+from mlkd.data.base import read_image
 from mlkd.data.synthetic import generate
-from mlkd.metrics import corloc, evaluate_all, format_table, report_to_json
+from mlkd.evaluation import evaluate_student_model, evaluate_teacher_model, predict_teacher
+from mlkd.metrics import report_to_json
 from mlkd.proposals import ProposalCache, generate_proposals
-from mlkd.proposals.recall import proposal_recall
+from mlkd.student import StudentConfig, student_from_checkpoint, train_student
+from mlkd.teacher import TeacherConfig, teacher_from_checkpoint, train_teacher
+from mlkd.viz import grid, kd_figure, save_rgb
 
-PROPOSAL_METHODS = {"edge_boxes": {}, "selective_search": {"mode": "fast"}}
+PROPOSALS = ("selective_search", {"mode": "fast", "max_proposals": 200})
+STUDENTS = {"student": ("student_demo.yaml", "student w/o KD"), "student_kd": ("student_demo_kd.yaml", "student w/ KD"),
+            "student_joint": ("student_demo_joint.yaml", "student w/ KD (joint)")}
+COLUMNS = (("mAP", ("mAP", "mlic")), ("CF1", ("all_labels", "CF1")), ("OF1", ("all_labels", "OF1")),
+           ("CF1-3", ("top_k_thresholded", "CF1")), ("OF1-3", ("top_k_thresholded", "OF1")))
 
 
 def _log(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
-def prior_scores(train_labels: np.ndarray, n: int) -> np.ndarray:
-    """Chance baseline: every image gets the training frequency of each class as its score ``(n, K)``."""
-    freq = (train_labels == 1).mean(axis=0).astype(np.float32)
-    return np.broadcast_to(freq, (n, len(freq))).copy()
+def find_configs(configs: str | Path | None) -> Path:
+    """The folder of the demo's YAML configs: ``configs`` or the source checkout's ``configs/``."""
+    path = Path(configs) if configs else Path(__file__).resolve().parents[2] / "configs"
+    if not (path / "teacher_demo.yaml").is_file():
+        raise FileNotFoundError(f"demo configs not found in {path}: run from a source checkout of mlkd or pass "
+                                "--configs pointing at its configs/ folder")
+    return path
 
 
-def largest_proposal_corloc(dataset, cache) -> dict[str, Any]:
-    """CorLoc of the baseline that answers every class with the image's largest proposal."""
-    tops = []
-    for r in dataset.records:
-        boxes, _ = cache.get(r.image_id)
-        if len(boxes) == 0:  # no proposal: an empty box, which can never hit
-            big = np.zeros(4, np.float32)
-        else:
-            big = boxes[np.argmax((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))]
-        tops.append(np.tile(big, (dataset.num_classes, 1)))
-    return corloc(np.stack(tops), dataset.label_matrix(), [r.boxes for r in dataset.records],
-                  [r.box_labels for r in dataset.records], class_names=dataset.classes)
+def _finished(out: Path, epochs: int) -> bool:
+    """True when ``out/last.pt`` exists and has finished all ``epochs``."""
+    return (out / "last.pt").is_file() and load_checkpoint(out / "last.pt")["epoch"] + 1 >= epochs
 
 
-def run_demo(out: str | Path, num_images: int = 240, seed: int = 0, image_size: int = 160,
-             workers: int = 2, max_proposals: int = 200) -> dict[str, Any]:
-    """Run every stage into ``out`` and return (and write ``out/summary.json``) what was measured."""
-    out = Path(out)
+def _train(train: Callable, cfg: Any, epochs: int) -> Path:
+    out = Path(cfg.run.out)
+    if not _finished(out, epochs):
+        train(cfg, resume=(out / "last.pt").is_file())
+    return out / "last.pt"
+
+
+def prepare_data(out: Path, num_images: int, seed: int, image_size: int, workers: int) -> dict[str, Path]:
+    """The synthetic dataset and its proposal caches (reused when already complete)."""
+    meta = out / "data" / "meta.json"
+    wanted = {"num_images": num_images, "seed": seed, "image_size": image_size}
+    if not (meta.is_file() and all(json.loads(meta.read_text()).get(k) == v for k, v in wanted.items())):
+        _log(f"synthetic dataset: {num_images} images of ~{image_size} px (a quarter held out) -> {out / 'data'}")
+        generate(out / "data", num_images, seed=seed, image_size=image_size)
+    paths = {"train": out / "data" / "train.jsonl", "val": out / "data" / "val.jsonl"}
+    for split in ("train", "val"):
+        method, params = PROPOSALS
+        _log(f"proposals ({method}, at most {params['max_proposals']} per image) for {split}, {workers} workers")
+        report = generate_proposals(build_dataset(str(paths[split])), method, params, out / "proposals" / split,
+                                    workers=workers)
+        if report.failed:
+            raise RuntimeError(f"proposals failed for {len(report.failed)} images: {sorted(report.failed)[:5]}")
+    return paths
+
+
+def _overrides(out: Path, seed: int) -> list[str]:
+    return [f"data.train={out / 'data' / 'train.jsonl'}", f"data.val={out / 'data' / 'val.jsonl'}",
+            f"data.train_proposals={out / 'proposals' / 'train'}", f"run.seed={seed}"]
+
+
+def run_seed(out: Path, configs: Path, seed: int, joint: bool) -> dict[str, Any]:
+    """Train and evaluate the teacher and the students for one seed; return their reports."""
+    run = out / f"seed{seed}"
+    common = _overrides(out, seed)
+    tcfg = load_config(TeacherConfig, configs / "teacher_demo.yaml",
+                       common + [f"data.val_proposals={out / 'proposals' / 'val'}", f"run.out={run / 'teacher'}"])
+    _log(f"seed {seed}: teacher (WSDDN, {tcfg.optim.epochs} epochs) -> {run / 'teacher'}")
+    teacher_ckpt = _train(train_teacher, tcfg, tcfg.optim.epochs)
+    reports: dict[str, Any] = {"teacher": _teacher_reports(tcfg, teacher_ckpt, out)}
+    for name, (file, title) in STUDENTS.items():
+        if name == "student_joint" and not joint:
+            continue
+        scfg = load_config(StudentConfig, configs / file,
+                           common + [f"run.out={run / name}", f"distill.teacher={teacher_ckpt}"])
+        epochs = sum(s.epochs for s in scfg.stages)
+        _log(f"seed {seed}: {title} ({' + '.join(f'{s.name} {s.epochs}' for s in scfg.stages)} epochs) -> {run / name}")
+        ckpt = load_checkpoint(_train(train_student, scfg, epochs), "student")
+        report = evaluate_student_model(student_from_checkpoint(ckpt), scfg.data.val, ckpt["classes"],
+                                        scfg.model.input_convention, scfg.model.image_size, progress=False)
+        np.save(run / name / "val_scores.npy", report.pop("scores"))
+        reports[name] = report
+    (run / "reports").mkdir(exist_ok=True)
+    for name, report in reports.items():
+        (run / "reports" / f"{name}.json").write_text(report_to_json(report) + "\n")
+    return reports
+
+
+def _teacher_reports(cfg: TeacherConfig, ckpt_path: Path, out: Path) -> dict[str, Any]:
+    """Teacher on val (classification, detection AP) and CorLoc on train (the WSOD protocol)."""
+    ckpt = load_checkpoint(ckpt_path, "teacher")
+    model = teacher_from_checkpoint(ckpt)
+    kw = dict(scale=cfg.data.test_scale, max_proposals=cfg.data.max_proposals, progress=False)
+    val = evaluate_teacher_model(model, cfg.data.val, cfg.data.val_proposals, ckpt["classes"],
+                                 ckpt["input_convention"], **kw)
+    train = evaluate_teacher_model(model, cfg.data.train, cfg.data.train_proposals, ckpt["classes"],
+                                   ckpt["input_convention"], **kw)
+    val["corloc_train"], val["corloc_largest_proposal_train"] = train["corloc"], train["corloc_largest_proposal"]
+    return val
+
+
+def _value(report: dict[str, Any], path: tuple[str, str]) -> float:
+    return 100 * report["classification"][path[0]][path[1]]
+
+
+def table(per_seed: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    """The Table-3-style text (mean ± std over seeds, in %) and the same numbers as a dict."""
+    names = [n for n in ("teacher", *STUDENTS) if n in per_seed[0]]
+    titles = {"teacher": "teacher T-WDet", **{k: v[1] for k, v in STUDENTS.items()}}
+    stats: dict[str, Any] = {}
+    lines = [f"{'model':<24}" + "".join(f"{c:>15}" for c, _ in COLUMNS)]
+    for name in names:
+        row = {c: [_value(r[name], p) for r in per_seed] for c, p in COLUMNS}
+        stats[name] = {c: {"mean": float(np.mean(v)), "std": float(np.std(v)), "per_seed": v} for c, v in row.items()}
+        lines.append(f"{titles[name]:<24}" + "".join(_cell(v) for v in row.values()))
+    corloc = [100 * r["teacher"]["corloc_train"]["corloc"] for r in per_seed]
+    base = [100 * r["teacher"]["corloc_largest_proposal_train"]["corloc"] for r in per_seed]
+    det = [100 * r["teacher"]["detection"]["mAP"] for r in per_seed]
+    stats["teacher"].update(corloc_train={"mean": float(np.mean(corloc)), "per_seed": corloc},
+                            largest_proposal_corloc_train={"mean": float(np.mean(base)), "per_seed": base},
+                            detection_ap_val={"mean": float(np.mean(det)), "per_seed": det})
+    lines += ["", f"teacher CorLoc (train) {_cell(corloc).strip()}  vs largest-proposal baseline {_cell(base).strip()}"
+              f";  detection AP@0.5 (val, VOC07) {_cell(det).strip()}"]
+    margin = [a - b for a, b in zip(stats["student_kd"]["mAP"]["per_seed"], stats["student"]["mAP"]["per_seed"])]
+    stats["kd_margin_mAP"] = {"mean": float(np.mean(margin)), "std": float(np.std(margin)), "per_seed": margin}
+    lines.append(f"distillation gain in mAP (w/ KD - w/o KD): {_cell(margin).strip()} over {len(per_seed)} seed(s)")
+    return "\n".join(lines), stats
+
+
+def _cell(values: list[float]) -> str:
+    return f"{np.mean(values):15.2f}" if len(values) == 1 else f"{np.mean(values):9.2f} ±{np.std(values):4.1f}"
+
+
+def figure(out: Path, seed: int, num: int = 6) -> Path:
+    """The paper's example figure for the first ``num`` held-out images: the teacher's top-10 proposals, the
+    students' top-3 labels without and with distillation."""
+    run = out / f"seed{seed}"
+    val = build_dataset(str(out / "data" / "val.jsonl"))
+    ckpt = load_checkpoint(run / "teacher" / "last.pt", "teacher")
+    val.attach_proposals(ProposalCache.open(out / "proposals" / "val"))
+    plain, kd = (np.load(run / n / "val_scores.npy") for n in ("student", "student_kd"))
+    chosen = np.arange(min(num, len(val)))  # the first held-out images: no picking of flattering examples
+    val.records = [val.records[i] for i in chosen]
+    pred = predict_teacher(teacher_from_checkpoint(ckpt), val, ckpt["input_convention"], torch.device("cpu"),
+                           (ckpt["config"]["data"]["test_scale"],), max_proposals=ckpt["config"]["data"]["max_proposals"],
+                           progress=False)
+    figs = [kd_figure(read_image(r.path), pred["proposals"][i], pred["region_scores"][i], plain[j], kd[j], val.classes,
+                      r.labels) for i, (r, j) in enumerate(zip(val.records, chosen))]
+    return save_rgb(out / "figure.png", grid(figs, 2))
+
+
+def run_demo(out: str | Path, num_images: int = 600, seed: int = 0, seeds: int = 1, image_size: int = 160,
+             workers: int = 2, joint: bool = False, configs: str | Path | None = None) -> dict[str, Any]:
+    """Run every stage into ``out``; print the table; write ``out/summary.json``; return the summary."""
+    out, cfg_dir = Path(out), find_configs(configs)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    summary: dict[str, Any] = {"seed": seed, "num_images": num_images, "image_size": image_size}
-
-    _log(f"1/4 synthetic dataset: {num_images} images of ~{image_size}px -> {out / 'data'}")
-    manifests = generate(out / "data", num_images, seed=seed, image_size=image_size)
-    train, val = build_dataset(str(manifests["train"])), build_dataset(str(manifests["val"]))
-    summary["dataset"] = {"classes": train.classes, "train": len(train), "val": len(val)}
-
-    _log(f"2/4 proposals ({', '.join(PROPOSAL_METHODS)}), {workers} workers, at most {max_proposals} per image")
-    caches, recall = {}, {}
-    for method, params in PROPOSAL_METHODS.items():
-        for split, ds in (("train", train), ("val", val)):
-            path = out / "proposals" / f"{method}_{split}"
-            report = generate_proposals(ds, method, {**params, "max_proposals": max_proposals}, path,
-                                        workers=workers)
-            if report.failed:
-                _log(f"   {len(report.failed)} images failed: {sorted(report.failed)[:5]}")
-            caches[method, split] = ProposalCache.open(path)
-            ds_recall = proposal_recall(ds, caches[method, split], top_n=(None, 50, 10))
-            recall[f"{method}/{split}"] = ds_recall
-    summary["proposals"] = recall
-
-    _log("3/4 proposal recall of ground-truth boxes (IoU >= 0.5)")
-    for key, r in recall.items():
-        rr = r["recall"]
-        _log(f"   {key:28s} {r['mean_proposals']:6.1f} boxes/img  recall all {rr['all']['0.5']:.3f}  "
-             f"top50 {rr['top50']['0.5']:.3f}  top10 {rr['top10']['0.5']:.3f}")
-
-    _log("4/4 metrics of the baselines that later stages must beat")
-    prior = evaluate_all(prior_scores(train.label_matrix(), len(val)), val.label_matrix(), class_names=val.classes)
-    print(format_table(prior, per_class=False))
-    summary["baselines"] = {"prior_val": json.loads(report_to_json(prior))}
-    big = largest_proposal_corloc(train, caches["edge_boxes", "train"])
-    summary["baselines"]["largest_proposal_corloc_train"] = big["corloc"]
-    _log(f"   largest-proposal CorLoc on train (edge_boxes): {big['corloc']:.3f}")
-
-    summary["seconds"] = round(time.perf_counter() - t0, 1)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    _log(f"done in {summary['seconds']} s; summary in {out / 'summary.json'}")
+    prepare_data(out, num_images, seed, image_size, workers)
+    per_seed = [run_seed(out, cfg_dir, s, joint) for s in range(seed, seed + seeds)]
+    text, stats = table(per_seed)
+    _log("example figure (teacher's top-10 proposals in green; top-3 labels, blue = correct, red = wrong)")
+    fig = figure(out, seed)
+    print("\n" + text + "\n", flush=True)
+    summary = {"num_images": num_images, "data_seed": seed, "seeds": list(range(seed, seed + seeds)),
+               "image_size": image_size, "results": stats, "figure": str(fig),
+               "configs": {name: str(cfg_dir / f) for name, (f, _) in STUDENTS.items()},
+               "seconds": round(time.perf_counter() - t0, 1)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _log(f"done in {summary['seconds']} s: table above, figure {fig}, summary {out / 'summary.json'}")
     return summary

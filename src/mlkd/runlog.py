@@ -52,7 +52,6 @@ class RunLog:
             if pts:
                 axes[0].plot(*zip(*pts), label=key)
         axes[0].set(xlabel="iteration", ylabel="loss", title="training losses")
-        axes[0].legend(loc="upper right", fontsize=8)
         axes[1].plot([r["iteration"] for r in steps], [r["lr"] for r in steps])
         axes[1].set(xlabel="iteration", ylabel="learning rate", title="learning rate", yscale="log")
         for key in sorted({k for r in epochs for k in r if k.startswith("val_")}):
@@ -60,7 +59,9 @@ class RunLog:
             if pts:
                 axes[2].plot(*zip(*pts), marker="o", label=key)
         axes[2].set(xlabel="epoch", title="held-out metrics")
-        axes[2].legend(loc="lower right", fontsize=8)
+        for ax, where in ((axes[0], "upper right"), (axes[2], "lower right")):
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(loc=where, fontsize=8)
         fig.tight_layout()
         out = self.path.with_name("curves.png")
         fig.savefig(out, dpi=80)

@@ -1,0 +1,166 @@
+"""Distillation losses against naive references, the two views' box rescaling, the frozen teacher."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torchvision.ops import roi_pool
+
+from mlkd.data.transforms import TeacherStudentViews
+from mlkd.distill import Distiller, feature_loss, soft_label_loss, teacher_image_probs, top_regions
+from mlkd.models.backbones import tiny
+from mlkd.models.student import Student, label_loss
+from mlkd.models.wsddn import WSDDN
+
+K = 4
+
+
+def make_teacher(hidden: int = 16) -> WSDDN:
+    torch.manual_seed(0)
+    return WSDDN(tiny((4, 8, 8), 1), K, hidden=hidden, roi_size=2, dropout=0.5).double()
+
+
+def make_student(hidden: int = 16) -> Student:
+    torch.manual_seed(1)
+    return Student(tiny((4, 8, 8), 1), K, hidden=hidden, roi_size=2, dropout=0.5).double()
+
+
+def random_boxes(n: int, size: int, gen: torch.Generator) -> torch.Tensor:
+    xy = torch.rand(n, 2, generator=gen, dtype=torch.float64) * (size - 8)
+    wh = 4 + torch.rand(n, 2, generator=gen, dtype=torch.float64) * (size / 2)
+    return torch.cat([xy, (xy + wh).clamp(max=size)], 1)
+
+
+def test_feature_loss_matches_naive_loop():
+    gen = torch.Generator().manual_seed(0)
+    s, t = torch.randn(7, 5, generator=gen), torch.randn(7, 5, generator=gen)
+    naive = sum(sum((t[r, d] - s[r, d]) ** 2 for d in range(5)) for r in range(7)) / (2 * 7)
+    assert feature_loss(s, t).item() == pytest.approx(naive.item(), rel=1e-6)
+    with pytest.raises(ValueError, match=r"student region features \(7, 5\) and teacher's \(7, 6\) differ"):
+        feature_loss(s, torch.zeros(7, 6))
+
+
+def test_soft_label_loss_with_learnable_scale_matches_naive_loop():
+    gen = torch.Generator().manual_seed(1)
+    z, p = torch.randn(3, K, generator=gen, dtype=torch.float64), torch.rand(3, K, generator=gen, dtype=torch.float64)
+    a = torch.tensor([0.2, 0.5, 1.0, 3.0], dtype=torch.float64)
+    naive = 0.0
+    for b in range(3):
+        for k in range(K):
+            q = 1 / (1 + math.exp(-a[k].item() * z[b, k].item()))
+            naive -= p[b, k].item() * math.log(q) + (1 - p[b, k].item()) * math.log(1 - q)
+    assert soft_label_loss(z, a, p).item() == pytest.approx(naive / 3, rel=1e-10)
+
+
+def test_label_loss_ignores_minus_one_and_averages_over_images():
+    z = torch.tensor([[2.0, -1.0, 0.5], [0.0, 3.0, -2.0]], dtype=torch.float64)
+    y = torch.tensor([[1, 0, -1], [-1, 1, 0]], dtype=torch.float64)
+    naive = 0.0
+    for b in range(2):
+        for k in range(3):
+            if y[b, k] >= 0:
+                q = 1 / (1 + math.exp(-z[b, k].item()))
+                naive -= y[b, k].item() * math.log(q) + (1 - y[b, k].item()) * math.log(1 - q)
+    assert label_loss(z, y).item() == pytest.approx(naive / 2, rel=1e-10)
+
+
+def test_teacher_probs_use_both_streams_logits_doubled():
+    teacher = make_teacher().eval()
+    gen = torch.Generator().manual_seed(2)
+    images = torch.randn(2, 3, 32, 32, generator=gen, dtype=torch.float64)
+    proposals = [random_boxes(5, 32, gen), random_boxes(3, 32, gen)]
+    scores = [torch.rand(5, generator=gen, dtype=torch.float64), torch.rand(3, generator=gen, dtype=torch.float64)]
+    got = teacher_image_probs(teacher, images, proposals, scores)
+    fmap = teacher.backbone(images)
+    for i, (b, s) in enumerate(zip(proposals, scores)):  # one image at a time, by the formula
+        phi = teacher.forward_regions(fmap[i:i + 1], b, s, torch.zeros(len(b), dtype=torch.int64))
+        c, d = teacher.forward_streams(phi)
+        want = (torch.softmax(2 * c, 1) * torch.softmax(2 * d, 0)).sum(0)
+        assert torch.allclose(got[i].double(), want, atol=1e-6)
+
+
+def test_top_regions_picks_the_k_best_of_each_image():
+    obj = torch.tensor([0.1, 0.9, 0.5, 0.3, 0.8, 0.2])
+    index = torch.tensor([0, 0, 0, 1, 1, 1])
+    assert top_regions(obj, index, 2, 2).tolist() == [1, 2, 3, 4]
+    assert top_regions(obj, index, 2, 10).tolist() == [0, 1, 2, 3, 4, 5]
+
+
+def test_student_region_features_match_manual_roi_pool_and_fc_layers():
+    student = make_student().eval()
+    gen = torch.Generator().manual_seed(3)
+    images = torch.randn(2, 3, 32, 32, generator=gen, dtype=torch.float64)
+    boxes = random_boxes(6, 32, gen)
+    index = torch.tensor([0, 0, 0, 1, 1, 1])
+    fmap = student.backbone(images)
+    got = student.forward_regions(fmap, boxes, index, ("fc6", "fc7"))
+    pooled = torch.stack([roi_pool(fmap[i:i + 1], [boxes[r:r + 1]], 2, 1 / 4)[0] for r, i in enumerate(index)])
+    fc6 = torch.relu(student.fc6(pooled.flatten(1)))
+    assert torch.allclose(got["fc6"], fc6) and torch.allclose(got["fc7"], torch.relu(student.fc7(fc6)))
+
+
+def test_two_views_rescale_proposals_from_the_teacher_frame_and_flip_both():
+    image = torch.zeros(3, 40, 60, dtype=torch.uint8)
+    image[:, 5:15, 10:30] = 255  # a bright box at x 10..30, y 5..15
+    target = {"proposals": torch.tensor([[10.0, 5.0, 30.0, 15.0], [0.0, 0.0, 60.0, 40.0]]),
+              "proposal_scores": torch.ones(2), "labels": torch.zeros(K)}
+    for flip in (0.0, 1.0):
+        student, t = TeacherStudentViews((80, 120), 30, flip=flip)(image, target)
+        assert t["flipped"] == bool(flip) and student.shape == (3, 30, 30) and t["teacher_image"].shape == (3, 80, 120)
+        x1, x2 = (10.0, 30.0) if not flip else (30.0, 50.0)  # flipped: x -> 60 - x
+        assert torch.allclose(t["proposals"][0], torch.tensor([x1 * 2, 10, x2 * 2, 30]))  # teacher frame (x2, y2)
+        assert torch.allclose(t["student_proposals"][0], torch.tensor([x1 / 2, 15 / 4, x2 / 2, 45 / 4]))
+        bright = t["teacher_image"][0] > 128  # the pixels moved with the boxes in the teacher view
+        cols = bright.any(0).nonzero().squeeze(1)
+        assert cols.min().item() == pytest.approx(x1 * 2, abs=1) and cols.max().item() == pytest.approx(x2 * 2 - 1, abs=1)
+
+
+def test_distiller_keeps_the_teacher_frozen_and_grads_reach_the_student_and_scale():
+    teacher, student = make_teacher(), make_student()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    model = Distiller(student, teacher, label_weight=1.0, soft_weight=1.0, feature_weight=1.0).double()
+    model.train()
+    assert not teacher.training and all(not p.requires_grad for p in teacher.parameters())
+    gen = torch.Generator().manual_seed(4)
+    proposals = [random_boxes(5, 64, gen), random_boxes(4, 64, gen)]
+    losses = model(images=torch.randn(2, 3, 32, 32, generator=gen, dtype=torch.float64),
+                   labels=torch.tensor([[1.0, 0, 0, -1], [0, 1, 1, 0]], dtype=torch.float64),
+                   teacher_images=torch.randn(2, 3, 64, 64, generator=gen, dtype=torch.float64),
+                   proposals=proposals, proposal_scores=[torch.ones(5), torch.ones(4)],
+                   student_proposals=[b / 2 for b in proposals])
+    assert set(losses) == {"loss_label", "loss_soft", "loss_feature"}
+    sum(losses.values()).backward()
+    assert model.scale.grad is not None and model.scale.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in student.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
+    torch.optim.SGD(model.parameters(), lr=1.0).step()
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+
+
+def test_distiller_top_k_uses_only_the_best_regions():
+    teacher, student = make_teacher(), make_student()
+    gen = torch.Generator().manual_seed(5)
+    proposals = [random_boxes(6, 64, gen)]
+    kw = dict(images=torch.randn(1, 3, 32, 32, generator=gen, dtype=torch.float64), labels=torch.zeros(1, K),
+              teacher_images=torch.randn(1, 3, 64, 64, generator=gen, dtype=torch.float64), proposals=proposals,
+              proposal_scores=None, student_proposals=[b / 2 for b in proposals])
+    model = Distiller(student, teacher, 0, 0, 1, top_k=2).double().eval()
+    got = model(**kw)["loss_feature"]
+    with torch.no_grad():  # by hand: the teacher's objectness, its top 2 regions, their fc7 features
+        idx = torch.zeros(6, dtype=torch.int64)
+        t = teacher.region_layers(teacher.backbone(kw["teacher_images"]), proposals[0], torch.ones(6, dtype=torch.float64), idx)
+        c, d = teacher.forward_streams(t["fc7"])
+        keep = ((torch.softmax(c, 1) * torch.softmax(d, 0)).sum(1)).topk(2).indices.sort().values
+        s = student.forward_regions(student.backbone(kw["images"]), proposals[0][keep] / 2, idx[keep])["fc7"]
+        want = (t["fc7"][keep] - s).pow(2).sum() / 4
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)  # L_f is summed in float32
+
+
+def test_zero_proposals_in_a_distillation_batch_is_a_clear_error():
+    model = Distiller(make_student(), make_teacher(), 0, 0, 1).double()
+    with pytest.raises(ValueError, match="image 0 of the batch has zero proposals"):
+        model(images=torch.zeros(1, 3, 32, 32, dtype=torch.float64), labels=torch.zeros(1, K),
+              teacher_images=torch.zeros(1, 3, 64, 64, dtype=torch.float64), proposals=[torch.zeros(0, 4)],
+              student_proposals=[torch.zeros(0, 4)])
