@@ -11,12 +11,15 @@ import contextlib
 import math
 import time
 from collections import defaultdict
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from mlkd.config import save_config
+from mlkd.distributed import DistInfo
 from mlkd.runlog import RunLog
 
 Prepare = Callable[[Any, list[dict[str, Any]]], dict[str, Any]]
@@ -112,3 +115,32 @@ def build_optimizer(groups: list[dict[str, Any]], name: str, lr: float, momentum
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr)
     raise ValueError(f"unknown optimizer {name!r}; choose 'sgd' or 'adamw'")
+
+
+def prepare_run(cfg: Any, resume: bool, info: DistInfo) -> Path:
+    """The run folder ``cfg.run.out`` with the resolved ``config.yaml``; refuses to overwrite a finished or
+    interrupted run unless ``resume`` (rank 0 checks and writes; every rank applies ``run.threads``)."""
+    out = Path(cfg.run.out)
+    if info.is_main:
+        if not resume and (out / "last.pt").exists():
+            raise ValueError(f"{out} already holds a run (last.pt); pass --resume to continue it or choose "
+                             "another run.out")
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    return out
+
+
+def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
+    """``model`` in DistributedDataParallel when the run has several processes, else unchanged."""
+    if not info.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+
+
+def format_record(record: dict[str, Any]) -> str:
+    """One line of an epoch record for the console."""
+    return " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items() if k != "type")

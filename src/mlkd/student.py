@@ -20,16 +20,15 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from mlkd.checkpoint import load_checkpoint, save_checkpoint
-from mlkd.config import DataConfig, OptimConfig, RunConfig, save_config, to_dict
+from mlkd.config import DataConfig, OptimConfig, RunConfig, from_dict, to_dict
 from mlkd.data.base import check_class_order, collate
 from mlkd.data.loader import KeepTopProposals, make_loader, open_split
 from mlkd.data.transforms import Compose, RandomHorizontalFlip, TeacherStudentViews, Warp
 from mlkd.distill import Distiller
 from mlkd.distributed import DistInfo, barrier, cleanup, init_distributed
-from mlkd.engine import build_optimizer, param_groups, train_one_epoch
+from mlkd.engine import build_optimizer, format_record, param_groups, prepare_run, train_one_epoch, wrap_ddp
 from mlkd.models.backbones import build_backbone, load_imagenet_weights, normalize
 from mlkd.models.student import PlainStudent, Student
 from mlkd.runlog import RunLog
@@ -108,8 +107,6 @@ def build_student(cfg: StudentModelConfig, num_classes: int) -> Student:
 
 def student_from_checkpoint(ckpt: dict[str, Any]) -> Student:
     """Rebuild a trained student from its checkpoint alone (eval mode, CPU)."""
-    from mlkd.config import from_dict
-
     cfg = from_dict(StudentModelConfig, {**ckpt["config"]["model"], "weights": None})
     model = build_student(cfg, len(ckpt["classes"]))
     model.load_state_dict(ckpt["model"])
@@ -166,14 +163,7 @@ def _load_teacher(cfg: StudentConfig, classes: list[str], device: torch.device) 
 
 
 def _train(cfg: StudentConfig, resume: bool, info: DistInfo) -> Path:
-    out = Path(cfg.run.out)
-    if info.is_main:
-        if not resume and (out / "last.pt").exists():
-            raise ValueError(f"{out} already holds a run (last.pt); pass --resume or choose another run.out")
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
+    out = prepare_run(cfg, resume, info)
     dataset = open_split(cfg.data.train, cfg.data.options, cfg.data.train_proposals)
     torch.manual_seed(cfg.run.seed)
     student = build_student(cfg.model, dataset.num_classes).to(info.device)
@@ -228,8 +218,7 @@ def _run_stage(cfg: StudentConfig, index: int, stage: StageConfig, student: Stud
         start = ts["stage_epoch"] + 1
     loader = make_loader(dataset, cfg.data.batch_size, cfg.data.workers, collate, train=True, seed=cfg.run.seed,
                          rank=info.rank, world_size=info.world_size)
-    wrapped = DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None) \
-        if info.enabled else model
+    wrapped = wrap_ddp(model, info)
     stage_soft = soft if stage.soft_weight else None
 
     def prepare(images, targets):
@@ -272,5 +261,4 @@ def _end_epoch(cfg: StudentConfig, index: int, stage: StageConfig, stage_epoch: 
         "dataset": dataset.identity.to_dict()})
     log.write(record)
     log.plot()
-    print(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items() if k != "type"),
-          flush=True)
+    print(format_record(record), flush=True)

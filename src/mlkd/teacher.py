@@ -14,14 +14,13 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 
 from mlkd.checkpoint import load_checkpoint, save_checkpoint
-from mlkd.config import DataConfig, OptimConfig, RunConfig, save_config, to_dict
+from mlkd.config import DataConfig, OptimConfig, RunConfig, from_dict, to_dict
 from mlkd.data.loader import KeepTopProposals, make_loader, open_split
 from mlkd.data.transforms import Compose, MultiScaleCollate, RandomHorizontalFlip
 from mlkd.distributed import DistInfo, barrier, cleanup, init_distributed
-from mlkd.engine import build_optimizer, param_groups, train_one_epoch
+from mlkd.engine import build_optimizer, format_record, param_groups, prepare_run, train_one_epoch, wrap_ddp
 from mlkd.models.backbones import build_backbone, load_imagenet_weights, normalize
 from mlkd.models.wsddn import WSDDN
 from mlkd.runlog import RunLog
@@ -80,8 +79,6 @@ def build_teacher(cfg: TeacherModelConfig, num_classes: int) -> WSDDN:
 
 def teacher_from_checkpoint(ckpt: dict[str, Any]) -> WSDDN:
     """Rebuild a trained teacher from its checkpoint alone (eval mode, on the CPU)."""
-    from mlkd.config import from_dict
-
     cfg = from_dict(TeacherModelConfig, {**ckpt["config"]["model"], "weights": None})
     model = build_teacher(cfg, len(ckpt["classes"]))
     model.load_state_dict(ckpt["model"])
@@ -130,21 +127,8 @@ def train_teacher(cfg: TeacherConfig, resume: bool = False) -> Path:
         cleanup(info)
 
 
-def _prepare_run(cfg: TeacherConfig, resume: bool, info: DistInfo) -> Path:
-    out = Path(cfg.run.out)
-    if info.is_main:
-        if not resume and (out / "last.pt").exists():
-            raise ValueError(f"{out} already holds a run (last.pt); pass --resume to continue it or choose "
-                             "another run.out")
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
-    return out
-
-
 def _train(cfg: TeacherConfig, resume: bool, info: DistInfo) -> Path:
-    out = _prepare_run(cfg, resume, info)
+    out = prepare_run(cfg, resume, info)
     steps = ([KeepTopProposals(cfg.data.max_proposals)] if cfg.data.max_proposals else []) + \
             ([RandomHorizontalFlip(0.5)] if cfg.data.flip else [])
     dataset = open_split(cfg.data.train, cfg.data.options, cfg.data.train_proposals, Compose(steps))
@@ -167,8 +151,7 @@ def _train(cfg: TeacherConfig, resume: bool, info: DistInfo) -> Path:
         scheduler.load_state_dict(ckpt["scheduler"])
         start = ckpt["epoch"] + 1
     log = RunLog(out, enabled=info.is_main, resume_epoch=start - 1 if resume else None)
-    wrapped = DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None) \
-        if info.enabled else model
+    wrapped = wrap_ddp(model, info)
     scaler = torch.amp.GradScaler("cuda") if cfg.run.amp == "fp16" else None
     convention = cfg.model.input_convention
     for epoch in range(start, cfg.optim.epochs):
@@ -192,8 +175,7 @@ def _train(cfg: TeacherConfig, resume: bool, info: DistInfo) -> Path:
             save_checkpoint(out / "last.pt", state)
             log.write(record)
             log.plot()
-            print(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
-                           if k != "type"), flush=True)
+            print(format_record(record), flush=True)
         barrier(info)
     return out / "last.pt"
 

@@ -1,0 +1,34 @@
+"""Every shipped config parses into its typed config, and the release's values are what DESIGN.md states."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mlkd.config import load_config
+from mlkd.student import StudentConfig
+from mlkd.teacher import TeacherConfig
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_config_parses(path):
+    cls = TeacherConfig if path.name.startswith("teacher_") else StudentConfig
+    cfg = load_config(cls, path)
+    assert cfg.run.out and cfg.data.train
+
+
+def test_release_values():
+    t = load_config(TeacherConfig, CONFIGS / "teacher_coco.yaml")
+    assert (t.model.backbone, t.model.input_convention, t.model.score_scale, t.model.score_bias) == ("vgg16", "caffe", 1, 0)
+    assert t.data.scales == (480, 576, 672, 736, 832) and t.data.test_scale == 672 and t.data.max_proposals == 500
+    assert (t.optim.optimizer, t.optim.lr, t.optim.momentum, t.optim.weight_decay) == ("sgd", 5e-5, 0.9, 5e-4)
+    w = load_config(TeacherConfig, CONFIGS / "teacher_wsddn_voc07.yaml")
+    assert (w.model.score_scale, w.model.score_bias, w.model.det_temperature, w.model.reg_weight) == (10, 1, 2, 1e-4)
+    assert w.data.resize == "shorter" and w.data.scales == (480, 576, 688, 864, 1200)
+    s = load_config(StudentConfig, CONFIGS / "student_coco_kd.yaml")
+    assert s.model.image_size == 224 and s.distill.teacher_scale == 672 and s.distill.feature_layers == ("fc7",)
+    assert s.distill.scale_init == 0.2 and s.distill.scale_lr_mult == 10 and s.data.max_proposals == 500
+    assert [(x.label_weight, x.soft_weight, x.feature_weight) for x in s.stages] == [(0, 0, 1), (1, 1, 0)]
