@@ -288,6 +288,8 @@ def test_writer_errors(tmp_path, weights):
         write_caffemodel(tmp_path / "x", {"data": LayerBlobs("Input", [])}, version=1)
     with pytest.raises(ValueError, match="version must be 1 .* or 2"):
         write_prototxt(tmp_path / "x", _net(), version=3)
+    with pytest.raises(ValueError, match="version must be 1 .* or 2"):
+        write_caffemodel(tmp_path / "x", _blobs(weights), version=0)
     with pytest.raises(ValueError, match="does not have; its layers"):
         write_caffemodel(tmp_path / "x", {"fc7": LayerBlobs("InnerProduct", [])}, net=_net())
     bad = CaffeNet("n", {}, [CaffeLayer("c", "Convolution", [], [], {"convolution_param": {"num_outputs": 3}})])

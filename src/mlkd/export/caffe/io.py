@@ -180,6 +180,7 @@ def write_caffemodel(path: str | Path, layers: Mapping[str, LayerBlobs], net: Ca
     With ``net`` the file also holds the network (as Caffe's own snapshots do) and every layer in ``layers``
     must be one of its layers; without it, the file holds one layer per entry: name, type and blobs.
     """
+    _check_version(version)
     msg = net_to_message(net, version) if net is not None else pb.NetParameter()
     entries = msg.layer if version == 2 else msg.layers
     by_name = {m.name: m for m in entries}
@@ -204,8 +205,7 @@ def write_caffemodel(path: str | Path, layers: Mapping[str, LayerBlobs], net: Ca
 
 def net_to_message(net: CaffeNet, version: int = 2) -> Message:
     """A :class:`CaffeNet` as a ``NetParameter`` message (V2 or V1 layout)."""
-    if version not in (1, 2):
-        raise ValueError(f"Caffe file version must be 1 (V1 'layers') or 2 (V2 'layer'), got {version!r}")
+    _check_version(version)
     msg = pb.NetParameter(name=net.name)
     for name, shape in net.inputs.items():
         if version == 1:
@@ -224,6 +224,11 @@ def net_to_message(net: CaffeNet, version: int = 2) -> Message:
         m.top.extend(layer.tops)
         fill_message(m, layer.params, f"layer {layer.name!r}")
     return msg
+
+
+def _check_version(version: int) -> None:
+    if version not in (1, 2):
+        raise ValueError(f"Caffe file version must be 1 (V1 'layers') or 2 (V2 'layer'), got {version!r}")
 
 
 def _set_type(m: Any, layer_type: str, version: int, where: str) -> None:
