@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from mlkd.cli.common import parse_options
 from mlkd.data import DATASET_FORMS, MultiLabelDataset, build_dataset
 from mlkd.data.base import read_image
 from mlkd.data.manifest import (compare_with_manifest, hash_images, manifest_summary, read_image_manifest,
@@ -37,18 +38,6 @@ Write a manifest of a dataset's images (a SHA-1 of each file, and the images lef
 no label, ...), so that two users can check that they evaluate the same images; or check a dataset against
 one (--check). A NUS-WIDE dataset built with --option image_manifest=FILE keeps exactly that image set.
 """ + FORMS_HELP
-
-
-def parse_options(pairs: list[str] | None) -> dict[str, Any]:
-    """``["difficult=positive", "keep_empty=true"]`` -> ``{"difficult": "positive", "keep_empty": True}``."""
-    options: dict[str, Any] = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--option must be KEY=VALUE (e.g. difficult=positive), got {pair!r}")
-        low = value.strip().lower()
-        options[key.strip()] = True if low == "true" else False if low == "false" else value
-    return options
 
 
 def _load(spec: str, options: dict[str, Any]) -> MultiLabelDataset:

@@ -239,3 +239,37 @@ class MultiScaleCollate:
 
     def __repr__(self) -> str:
         return f"MultiScaleCollate(scales={self.scales}, seed={self.seed}, resize={self.resize!r})"
+
+
+class TeacherStudentViews:
+    """The two views of one image that distillation needs: the teacher's and the student's.
+
+    Flips (with probability ``flip``) once for both views, warps the image to ``teacher_size`` (proposals
+    move with it) and to ``student_size``, and rescales the teacher-frame proposals into the student's frame
+    (the release: 672 -> 224). Returns ``(student image, target)`` with ``target["teacher_image"]``
+    (``Tensor[3, H_T, W_T]`` uint8), ``target["proposals"]`` (teacher frame), ``target["student_proposals"]``
+    and ``target["flipped"]`` (bool, to look up cached teacher outputs).
+    """
+
+    def __init__(self, teacher_size: int | Sequence[int], student_size: int | Sequence[int], flip: float = 0.5,
+                 generator: torch.Generator | None = None) -> None:
+        self.teacher, self.student = Warp(teacher_size), Warp(student_size)
+        self.flip, self.generator = float(flip), generator
+        if not 0.0 <= self.flip <= 1.0:
+            raise ValueError(f"flip probability must be in [0, 1], got {flip!r}")
+
+    def __call__(self, image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
+        flipped = bool(torch.rand(1, generator=self.generator).item() < self.flip)
+        if flipped:
+            image, target = RandomHorizontalFlip(1.0)(image, target)
+        teacher_image, target = self.teacher(image, target)
+        student_image, student_target = self.student(image, {k: v for k, v in target.items() if k != "proposals"})
+        student_target.update(teacher_image=teacher_image, flipped=flipped)
+        if "proposals" in target:
+            student_target["proposals"] = target["proposals"]
+            student_target["student_proposals"] = rescale_boxes(target["proposals"], self.teacher.size,
+                                                                self.student.size)
+        return student_image, student_target
+
+    def __repr__(self) -> str:
+        return f"TeacherStudentViews(teacher={self.teacher.size}, student={self.student.size}, flip={self.flip})"

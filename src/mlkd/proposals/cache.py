@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -103,42 +104,74 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 
 
 # py-lmdb refuses to open one environment twice in a process, and LMDB handles must not be used (or closed)
-# across fork: so each process shares one reference-counted handle per cache directory.
-_ENVS: dict[str, tuple[int, bool, lmdb.Environment, int]] = {}  # path -> (pid, writable, env, users)
-_INHERITED: list[lmdb.Environment] = []  # a parent's handles seen after fork: kept alive, never touched
+# across fork. So each process shares one reference-counted handle per cache directory, and read-only handles
+# are closed just before this process forks (a DataLoader starting its workers): neither side inherits an open
+# environment, and both reopen it on their next read.
+@dataclass
+class _Handle:
+    writable: bool
+    env: lmdb.Environment | None
+    users: int
 
 
-def _acquire_env(path: Path, writable: bool) -> lmdb.Environment:
-    key = os.path.abspath(path)
-    entry = _ENVS.get(key)
-    if entry is not None and entry[0] != os.getpid():
-        _INHERITED.append(entry[2])
-        entry = None
-    if entry is not None:
-        pid, env_writable, env, users = entry
-        if writable and not env_writable:
-            raise OSError(f"proposal cache {path} is open read-only in this process; close it before writing")
-        _ENVS[key] = (pid, env_writable, env, users + 1)
-        return env
+_ENVS: dict[str, _Handle] = {}
+_INHERITED: list[lmdb.Environment] = []  # a parent's writable handles seen after fork: kept alive, never touched
+
+
+def _open_lmdb(key: str, writable: bool) -> lmdb.Environment:
     try:
         if writable:
-            env = lmdb.open(key, map_size=_INITIAL_MAP_SIZE, subdir=True)
-        else:
-            env = lmdb.open(key, readonly=True, lock=False, readahead=False, subdir=True)
+            return lmdb.open(key, map_size=_INITIAL_MAP_SIZE, subdir=True)
+        return lmdb.open(key, readonly=True, lock=False, readahead=False, subdir=True)
     except lmdb.Error as e:
-        raise OSError(f"cannot open proposal cache {path}: {e}") from e
-    _ENVS[key] = (os.getpid(), writable, env, 1)
-    return env
+        raise OSError(f"cannot open proposal cache {key}: {e}") from e
+
+
+def _acquire_env(path: Path, writable: bool) -> None:
+    key = os.path.abspath(path)
+    handle = _ENVS.get(key)
+    if handle is None:
+        _ENVS[key] = _Handle(writable, _open_lmdb(key, writable), 1)
+    elif writable and not handle.writable:
+        raise OSError(f"proposal cache {path} is open read-only in this process; close it before writing")
+    else:
+        handle.users += 1
+
+
+def _env(path: Path) -> lmdb.Environment:
+    """The open environment of an acquired cache, reopened if a fork closed it."""
+    handle = _ENVS[os.path.abspath(path)]
+    if handle.env is None:
+        handle.env = _open_lmdb(os.path.abspath(path), handle.writable)
+    return handle.env
 
 
 def _release_env(path: Path) -> None:
     key = os.path.abspath(path)
-    pid, writable, env, users = _ENVS[key]
-    if users > 1:
-        _ENVS[key] = (pid, writable, env, users - 1)
-    else:
+    handle = _ENVS.get(key)
+    if handle is None:  # acquired before a fork, released in the child: nothing of it is open here
+        return
+    handle.users -= 1
+    if handle.users == 0:
         del _ENVS[key]
-        env.close()
+        if handle.env is not None:
+            handle.env.close()
+
+
+def _close_readonly_before_fork() -> None:
+    for handle in _ENVS.values():
+        if not handle.writable and handle.env is not None:
+            handle.env.close()
+            handle.env = None
+
+
+def _forget_in_child() -> None:
+    _INHERITED.extend(h.env for h in _ENVS.values() if h.env is not None)
+    _ENVS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_close_readonly_before_fork, after_in_child=_forget_in_child)
 
 
 class ProposalCache:
@@ -151,8 +184,8 @@ class ProposalCache:
 
     def __init__(self, path: Path, meta: dict[str, Any], writable: bool) -> None:
         self.path, self.meta, self.writable = path, meta, writable
-        self._env: lmdb.Environment | None = None
-        self._pid = -1
+        self._acquired = False
+        self._pid = os.getpid()
 
     @classmethod
     def create(cls, path: str | Path, meta: dict[str, Any], resume: bool = False) -> "ProposalCache":
@@ -188,12 +221,14 @@ class ProposalCache:
 
     # -- LMDB handle, one per process ------------------------------------------------------------------------
     def _open_env(self) -> lmdb.Environment:
-        if self._env is None or self._pid != os.getpid():
-            if self.writable and self._env is not None:
+        if self._pid != os.getpid():
+            if self.writable:
                 raise RuntimeError("a writable ProposalCache cannot be used from a forked process")
-            self._env = _acquire_env(self.path, self.writable)
-            self._pid = os.getpid()
-        return self._env
+            self._acquired, self._pid = False, os.getpid()
+        if not self._acquired:
+            _acquire_env(self.path, self.writable)
+            self._acquired = True
+        return _env(self.path)
 
     def __getstate__(self) -> dict[str, Any]:
         if self.writable:
@@ -204,9 +239,9 @@ class ProposalCache:
         self.__init__(state["path"], state["meta"], writable=False)
 
     def close(self) -> None:
-        if self._env is not None and self._pid == os.getpid():
+        if self._acquired and self._pid == os.getpid():
             _release_env(self.path)
-        self._env = None
+        self._acquired = False
 
     def __enter__(self) -> "ProposalCache":
         return self
@@ -269,7 +304,7 @@ class ProposalCache:
 
     def write_meta(self) -> None:
         """Write ``meta.json`` with the current image count (atomically: write then rename)."""
-        if self._env is not None or (self.path / "data.mdb").exists():
+        if self._acquired or (self.path / "data.mdb").exists():
             self.meta["num_images"] = len(self)
         tmp = self.path / "meta.json.tmp"
         tmp.write_text(json.dumps(self.meta, indent=2) + "\n")

@@ -1,0 +1,87 @@
+"""`mlkd train-student`, `mlkd evaluate`, `mlkd predict`."""
+
+from __future__ import annotations
+
+import argparse
+
+from mlkd.cli.common import add_dataset_options, add_device_option, parse_options, resolve_device
+
+TRAIN_DESCRIPTION = """\
+Train the student classifier, without distillation (one stage with L_p) or distilling a trained teacher
+(distill.teacher): the release's two stages (region features L_f, then predictions L_p + L_p') or one joint
+stage. The config's `stages` list sets each stage's epochs, lr and loss weights (configs/student_*.yaml).
+The teacher is frozen and never written. The run folder (run.out) receives config.yaml, log.jsonl,
+curves.png, last.pt and, with cached soft targets, teacher_targets.pt.
+
+Several GPUs or nodes: torchrun --nproc_per_node N -m mlkd train-student --config ..."""
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from mlkd.config import load_config
+    from mlkd.student import StudentConfig, train_student
+
+    cfg = load_config(StudentConfig, args.config, args.set)
+    print(f"student checkpoint: {train_student(cfg, resume=args.resume)}")
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from mlkd.evaluation import evaluate_student
+    from mlkd.metrics import format_table
+
+    report = evaluate_student(args.checkpoint, args.dataset, args.out, parse_options(args.option),
+                              resolve_device(args.device), args.workers, not args.quiet, args.scores)
+    print(format_table(report["classification"], per_class=not args.summary))
+    for path, what in ((args.out, "report"), (args.scores, "scores")):
+        if path:
+            print(f"{what} written to {path}")
+    return 0
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from mlkd.predict import predict_images
+
+    predict_images(args.checkpoint, args.images, top_k=args.top_k, thresholds=args.thresholds,
+                   out_dir=args.out_dir, device=resolve_device(args.device))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    t = sub.add_parser("train-student", help="train the student, with or without distillation",
+                       description=TRAIN_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  mlkd train-student --config configs/student_demo.yaml\n"
+                              "  mlkd train-student --config configs/student_demo_kd.yaml "
+                              "--set distill.teacher=runs/demo/teacher/last.pt")
+    t.add_argument("--config", metavar="YAML", help="config file (keys: model, data, optim, run, distill, stages)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key, e.g. optim.lr=1e-4 or distill.top_k=100; repeatable")
+    t.add_argument("--resume", action="store_true", help="continue the run in run.out from its last.pt")
+    t.set_defaults(func=run_train)
+
+    e = sub.add_parser("evaluate", help="every multi-label metric of a student checkpoint on a dataset",
+                       description="Evaluate a student: mAP (mlic, voc07, voc_area), CP/CR/CF1/OP/OR/OF1 at 0.5, "
+                                   "top-3 variants; classes without positives are excluded and listed. Prints a "
+                                   "table; --out writes the JSON report, --scores the (N, K) probabilities.")
+    e.add_argument("--checkpoint", required=True, metavar="CKPT", help="student checkpoint (last.pt)")
+    add_dataset_options(e)
+    e.add_argument("--out", metavar="JSON", help="write the full report here")
+    e.add_argument("--scores", metavar="NPY", help="write the probabilities (N, K) here (for `mlkd metrics`)")
+    e.add_argument("--summary", action="store_true", help="no per-class AP rows in the table")
+    e.add_argument("--workers", type=int, default=2, help="DataLoader workers (default 2)")
+    add_device_option(e)
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(func=run_evaluate)
+
+    p = sub.add_parser("predict", help="top-k labels of images with a student checkpoint",
+                       description="Classify image files: prints each image's top-k labels with probabilities; "
+                                   "with --thresholds (a file of 'class threshold' lines, or one number) also the "
+                                   "labels above their class threshold; --out-dir writes annotated copies.")
+    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="student checkpoint")
+    p.add_argument("images", nargs="+", metavar="PATH",
+                   help="image files, folders (their images), or .txt files listing image paths")
+    p.add_argument("--top-k", type=int, default=3, metavar="K", help="labels printed per image (default 3)")
+    p.add_argument("--thresholds", metavar="FILE|P",
+                   help="per-class thresholds file ('name value' per line) or one value for all classes")
+    p.add_argument("--out-dir", metavar="DIR", help="write each image with its predictions drawn on it")
+    add_device_option(p)
+    p.set_defaults(func=run_predict)

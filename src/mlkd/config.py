@@ -1,0 +1,220 @@
+"""Typed dataclass configs: built from YAML files and ``--set key=value`` overrides, saved resolved.
+
+One dataclass tree per entry point (``TeacherConfig`` and ``StudentConfig`` in :mod:`mlkd.configs`). This
+module holds the machinery: :func:`from_dict` (unknown keys and wrong types are errors naming the key, the
+value and what was expected), :func:`apply_overrides`, :func:`load_config` and :func:`to_dict`.
+
+A YAML file may start from another with ``base: other.yaml`` (path relative to the file): the file's keys
+are applied on top of the base's, section by section.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Sequence, TypeVar, Union
+
+import yaml
+
+T = TypeVar("T")
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (converting int -> float and lists -> tuples)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(errors[0] if len(errors) == 1 else f"{key}: {value!r} is not a {_type_name(tp)}")
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{key}: {value!r} is not one of {list(args)}")
+        return value
+    if origin in (list, tuple, Sequence) or tp in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{key}: expected a list, got {value!r}")
+        item = args[0] if args else Any
+        return tuple(_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, prefix=f"{key}.")
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):
+        raise ValueError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
+    """Build dataclass ``cls`` from a (nested) dict; missing keys keep their defaults."""
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ValueError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown config key(s) {[prefix + k for k in unknown]}; valid keys here: "
+                         f"{[prefix + k for k in fields]}")
+    hints = typing.get_type_hints(cls)
+    values = {name: _coerce(v, hints[name], prefix + name) for name, v in data.items()}
+    obj = cls(**values)
+    if hasattr(obj, "validate"):
+        obj.validate()
+    return obj
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain nested dict (lists, not tuples) of a dataclass config: what YAML files and checkpoints hold."""
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+    return plain(cfg)
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A config file as a dict, its ``base:`` chain resolved."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"cannot parse config {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"config {path} must be a mapping of keys, got {type(data).__name__}")
+    base = data.pop("base", None)
+    return _merge(read_yaml(path.parent / base), data) if base else data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"optim.lr=0.01"`` -> (["optim", "lr"], 0.01); the value is read as YAML (numbers, lists, null, ...)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"override must look like key=value (e.g. optim.lr=0.001), got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ValueError(f"cannot parse the value of override {text!r}: {e}") from e
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Set each ``a.b.c=value`` in the nested dict ``data`` (a copy is returned; checking happens in from_dict)."""
+    out = _merge({}, data)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = out
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {text!r}: {k!r} is a value, not a section")
+        node[keys[-1]] = value
+    return out
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
+    """``cls`` built from the YAML file at ``path`` (optional) with ``overrides`` applied on top."""
+    data = read_yaml(path) if path else {}
+    return from_dict(cls, apply_overrides(data, overrides))
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML (what a run actually used)."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# --------------------------------------------------------------------------------------- shared sections
+@dataclasses.dataclass
+class DataConfig:
+    """Datasets, proposals and the input pipeline."""
+
+    train: str = ""  # dataset spec of the training split (see `mlkd data info --help`)
+    val: str | None = None  # held-out split evaluated after each epoch (for the log; never the test split)
+    options: dict = dataclasses.field(default_factory=dict)  # dataset options, e.g. {difficult: ignore}
+    train_proposals: str | None = None  # proposal cache of the training split (teacher, distillation)
+    val_proposals: str | None = None  # proposal cache of the val split (teacher evaluation)
+    max_proposals: int | None = None  # use at most this many proposals per image (cache order = best first)
+    scales: tuple[int, ...] = (480, 576, 672, 736, 832)  # one drawn per training batch
+    test_scale: int = 672  # single-scale evaluation size
+    resize: Literal["warp", "shorter"] = "warp"  # warp to scale x scale (release) or shorter side = scale (WSDDN)
+    max_size: int | None = None  # cap on the longer side with resize=shorter
+    flip: bool = True  # random horizontal flip in training
+    batch_size: int = 1  # images per iteration per process
+    workers: int = 2  # DataLoader worker processes
+
+    def validate(self) -> None:
+        if not self.scales or min(self.scales) < 1 or self.test_scale < 1:
+            raise ValueError(f"data.scales / data.test_scale must be positive, got {self.scales}, {self.test_scale}")
+        if self.batch_size < 1 or self.workers < 0:
+            raise ValueError(f"data.batch_size must be >= 1 and data.workers >= 0, got {self.batch_size}, "
+                             f"{self.workers}")
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    """SGD with momentum (the release) or AdamW, step decay, Caffe-style parameter groups (biases: lr x2, no
+    decay)."""
+
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 5e-5
+    momentum: float = 0.9  # SGD momentum (AdamW uses betas (0.9, 0.999))
+    weight_decay: float = 5e-4
+    epochs: int = 20
+    lr_steps: tuple[int, ...] = (10,)  # epochs after which the lr is multiplied by gamma
+    gamma: float = 0.1
+    accumulate: int = 1  # micro-batches per optimizer step (effective batch = batch_size x accumulate x GPUs)
+    bias_lr_mult: float = 2.0  # Caffe's VGG convention
+    bias_decay: bool = False
+    clip_grad: float | None = None  # max gradient norm (None = off)
+
+    def validate(self) -> None:
+        if self.lr <= 0 or self.epochs < 1 or self.accumulate < 1:
+            raise ValueError(f"optim.lr must be > 0, optim.epochs and optim.accumulate >= 1; got {self.lr}, "
+                             f"{self.epochs}, {self.accumulate}")
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """Where outputs go and how the run executes."""
+
+    out: str = "runs/run"  # run folder: config.yaml, log.jsonl, curves.png, checkpoints
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: Literal["none", "bf16", "fp16"] = "none"  # autocast dtype (bf16 works on CPU and recent GPUs)
+    threads: int | None = None  # torch intra-op threads (None = torch's default)
+    log_every: int = 20  # iterations between log lines
+    eval_every: int = 1  # epochs between evaluations of data.val (0 = never)
+    progress: bool = True  # tqdm bars

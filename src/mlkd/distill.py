@@ -1,0 +1,136 @@
+"""Knowledge distillation from the WSDDN teacher into the student (DESIGN.md §1), in one visible place.
+
+The teacher is frozen: it stays in eval mode (no dropout), its parameters have ``requires_grad=False``, its
+outputs are computed under ``torch.no_grad()`` and nothing ever steps its weights. Losses (B images, K classes,
+region r of image b, N_R = sum over images of their regions):
+
+- ``L_p``  = 1/B sum_b sum_k BCE(sigmoid(z_bk), y_bk)                       (labels; y = -1 ignored)
+- ``L_p'`` = 1/B sum_b sum_k BCE(sigmoid(a_k z_bk), p^T_bk)                 (teacher's image scores)
+  with p^T the teacher's image score computed with both streams' logits x 2 (T = 0.5) and ``a`` the
+  learnable per-class scale (init 0.2, i.e. T = 5; lr x 10, no weight decay)
+- ``L_f``  = sum_layers sum_(b,r) ||F_T(b, r) - F_S(b, r)||^2 / (2 N_R)     (region features, e.g. fc7)
+  = the paper's sum ||F_T - F_S||^2 / (2 N R) when every image has R regions.
+
+Stage 1 of the release trains with L_f, stage 2 with L_p + L_p'; a joint mode weights all three.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mlkd.models.student import Student, label_loss, region_inputs
+from mlkd.models.wsddn import WSDDN, flatten_proposals, wsddn_scores
+
+TEACHER_TEMPERATURE = 0.5  # the release multiplies both streams' logits by 2 for the soft targets
+
+
+def feature_loss(student: Tensor, teacher: Tensor) -> Tensor:
+    """L_f of one layer: ``sum ||F_T - F_S||^2 / (2 N_R)`` over region features ``(N_R, D)``."""
+    if student.shape != teacher.shape:
+        raise ValueError(f"student region features {tuple(student.shape)} and teacher's {tuple(teacher.shape)} "
+                         "differ: the student's fc6/fc7 (or adapter) width must equal the teacher's")
+    return (teacher - student).pow(2).sum() / (2 * max(student.shape[0], 1))
+
+
+def soft_label_loss(logits: Tensor, scale: Tensor, teacher_probs: Tensor) -> Tensor:
+    """L_p': ``1/B sum_b sum_k BCE(sigmoid(a_k z_bk), p^T_bk)`` for logits ``(B, K)``, scale ``a (K,)``,
+    teacher probabilities ``(B, K)`` in [0, 1]."""
+    return F.binary_cross_entropy_with_logits(logits * scale, teacher_probs.to(logits.dtype),
+                                              reduction="sum") / logits.shape[0]
+
+
+@torch.no_grad()
+def teacher_image_probs(teacher: WSDDN, images: Tensor, proposals: Sequence[Tensor],
+                        scores: Sequence[Tensor] | None, temperature: float = TEACHER_TEMPERATURE) -> Tensor:
+    """The teacher's image scores ``(B, K)`` with both streams' logits divided by ``temperature``."""
+    boxes, flat_scores, index = flatten_proposals(proposals, scores)
+    features = teacher.forward_regions(teacher.backbone(images), boxes, flat_scores, index)
+    cls_logits, det_logits = teacher.forward_streams(features)
+    _, probs = wsddn_scores(cls_logits.float(), det_logits.float(), index, images.shape[0], temperature, temperature)
+    return probs.clamp(0.0, 1.0)
+
+
+def top_regions(objectness: Tensor, index: Tensor, num_images: int, k: int) -> Tensor:
+    """Row indices of the ``k`` regions of highest objectness s' in each image (all of them if fewer)."""
+    keep = []
+    for i in range(num_images):
+        rows = (index == i).nonzero().squeeze(1)
+        keep.append(rows[objectness[rows].topk(min(k, rows.numel())).indices.sort().values])
+    return torch.cat(keep)
+
+
+class Distiller(nn.Module):
+    """Student + frozen teacher; ``forward`` returns the weighted losses of the current stage.
+
+    Args:
+        student, teacher: the models (the teacher is frozen here and stays so).
+        label_weight, soft_weight, feature_weight: weights of L_p, L_p', L_f (0 = not computed).
+        feature_layers: region layers matched by L_f (``("fc7",)`` in the release; add ``"fc6"`` for both).
+        top_k: use only each image's ``top_k`` proposals by the teacher's objectness s' for L_f (None = all).
+        scale_init: initial value of the learnable per-class scale a of L_p'.
+    """
+
+    def __init__(self, student: Student, teacher: WSDDN, label_weight: float = 1.0, soft_weight: float = 0.0,
+                 feature_weight: float = 0.0, feature_layers: Sequence[str] = ("fc7",), top_k: int | None = None,
+                 scale_init: float = 0.2) -> None:
+        super().__init__()
+        self.student = student
+        self.teacher = teacher.eval()
+        self.teacher.requires_grad_(False)  # frozen: it only provides targets, nothing may update it
+        self.scale = nn.Parameter(torch.full((student.num_classes,), float(scale_init)))
+        self.weights = {"label": label_weight, "soft": soft_weight, "feature": feature_weight}
+        self.feature_layers, self.top_k = tuple(feature_layers), top_k
+
+    def train(self, mode: bool = True) -> "Distiller":
+        super().train(mode)
+        self.teacher.eval()  # dropout in the teacher would make its targets random
+        return self
+
+    def forward(self, images: Tensor, labels: Tensor, teacher_images: Tensor | None = None,
+                proposals: Sequence[Tensor] | None = None, proposal_scores: Sequence[Tensor] | None = None,
+                student_proposals: Sequence[Tensor] | None = None, teacher_probs: Tensor | None = None
+                ) -> dict[str, Tensor]:
+        """Weighted losses.
+
+        Args:
+            images (Tensor[B, 3, h, w]): the student's input. labels (Tensor[B, K]).
+            teacher_images (Tensor[B, 3, H, W]): the teacher's view of the same images (same flip).
+            proposals, proposal_scores: per image ``(R_i, 4)`` / ``(R_i,)`` in the teacher's frame.
+            student_proposals: the same proposals rescaled to the student's frame.
+            teacher_probs (Tensor[B, K]): cached teacher image scores (T = 0.5); computed here when None.
+        """
+        w = self.weights
+        fmap = self.student.backbone(images)
+        logits = self.student.forward_logits(fmap).float()
+        losses = {}
+        if w["label"]:
+            losses["loss_label"] = w["label"] * label_loss(logits, labels)
+        if w["soft"]:
+            if teacher_probs is None:
+                teacher_probs = teacher_image_probs(self.teacher, teacher_images, proposals, proposal_scores)
+            losses["loss_soft"] = w["soft"] * soft_label_loss(logits, self.scale, teacher_probs)
+        if w["feature"]:
+            losses["loss_feature"] = w["feature"] * self._feature_loss(fmap, teacher_images, proposals,
+                                                                       proposal_scores, student_proposals)
+        return losses
+
+    def _feature_loss(self, fmap: Tensor, teacher_images: Tensor, proposals: Sequence[Tensor],
+                      proposal_scores: Sequence[Tensor] | None, student_proposals: Sequence[Tensor]) -> Tensor:
+        with torch.no_grad():
+            boxes, scores, index = flatten_proposals(proposals, proposal_scores)
+            target = self.teacher.region_layers(self.teacher.backbone(teacher_images), boxes, scores, index)
+            keep = None
+            if self.top_k is not None:
+                regions, _ = wsddn_scores(*self.teacher.forward_streams(target["fc7"]), index, len(proposals),
+                                          self.teacher.cls_temperature, self.teacher.det_temperature)
+                keep = top_regions(regions.sum(1), index, len(proposals), self.top_k)  # s' = sum_k S
+        s_boxes, s_index = region_inputs(student_proposals)
+        if keep is not None:
+            s_boxes, s_index = s_boxes[keep], s_index[keep]
+        feats = self.student.forward_regions(fmap, s_boxes, s_index, self.feature_layers)
+        return sum(feature_loss(feats[layer].float(), (target[layer] if keep is None else target[layer][keep]).float())
+                   for layer in self.feature_layers)

@@ -1,0 +1,1 @@
+"""Models: backbones, the WSDDN teacher and the student classifier."""

@@ -1,0 +1,162 @@
+"""Convolutional backbones, the input conventions they expect, and ImageNet weights from local files.
+
+A backbone is an ``nn.Module`` mapping normalised images ``(B, 3, H, W)`` to a feature map
+``(B, out_channels, H / stride, W / stride)``, with attributes ``out_channels`` and ``stride``.
+
+- ``vgg16``: torchvision's VGG16 ``features`` without pool5 (conv1_1 .. conv5_3 + ReLU, stride 16), the
+  teacher's and student's backbone in the release. Module indices are torchvision's, so a torchvision
+  ``vgg16`` state dict loads as it is.
+- ``tiny``: a VGG-style stack for tests and the demo, ``len(channels)`` blocks of ``convs_per_block`` 3x3
+  conv + ReLU with a 2x2 max pool between blocks (stride ``2 ** (len(channels) - 1)``).
+- ``resnet50`` / ``resnet101``: torchvision ResNets up to layer4 (stride 32), for students.
+
+Weights are never downloaded: ``weights`` is a path to a local file (see :func:`load_imagenet_weights`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torchvision
+from torch import nn
+
+# Input conventions (DESIGN.md §2): how uint8 RGB images become network input.
+#  caffe: BGR, 0-255, minus the per-channel mean (B, G, R order), no std (the release's VGG16 caffemodel)
+#  torchvision: RGB, 0-1, ImageNet mean/std (torchvision's pretrained weights)
+CONVENTIONS = {
+    "caffe": {"bgr": True, "scale": 1.0, "mean": (103.52, 116.28, 123.675), "std": (1.0, 1.0, 1.0)},
+    "torchvision": {"bgr": False, "scale": 1 / 255, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)},
+}
+
+
+def normalize(images: torch.Tensor, convention: str) -> torch.Tensor:
+    """uint8 (or 0-255 float) RGB ``(B, 3, H, W)`` -> float32 network input in ``convention``."""
+    if convention not in CONVENTIONS:
+        raise ValueError(f"unknown input convention {convention!r}; choose one of {sorted(CONVENTIONS)}")
+    c = CONVENTIONS[convention]
+    x = images.float()
+    if c["bgr"]:
+        x = x.flip(1)
+    mean = torch.tensor(c["mean"], device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(c["std"], device=x.device).view(1, 3, 1, 1)
+    return (x * c["scale"] - mean) / std
+
+
+class ConvBackbone(nn.Module):
+    """A plain ``features`` stack (VGG-like) with ``out_channels`` and ``stride``."""
+
+    def __init__(self, features: nn.Sequential, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.features, self.out_channels, self.stride = features, out_channels, stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)  # (B, 3, H, W) -> (B, C, H / s, W / s)
+
+
+def vgg16() -> ConvBackbone:
+    """conv1_1 .. conv5_3 of torchvision's VGG16 (pool5 removed): 512 channels, stride 16."""
+    features = torchvision.models.vgg16().features[:30]
+    return ConvBackbone(features, 512, 16)
+
+
+def tiny(channels: Sequence[int] = (16, 32, 64, 64), convs_per_block: int = 1) -> ConvBackbone:
+    """A small VGG-style backbone: stride ``2 ** (len(channels) - 1)``, ``channels[-1]`` output channels."""
+    if not channels or any(c < 1 for c in channels) or convs_per_block < 1:
+        raise ValueError(f"tiny backbone needs positive channels and convs_per_block, got {channels}, "
+                         f"{convs_per_block}")
+    layers: list[nn.Module] = []
+    in_ch = 3
+    for block, out_ch in enumerate(channels):
+        if block:
+            layers.append(nn.MaxPool2d(2, 2))
+        for _ in range(convs_per_block):
+            layers += [nn.Conv2d(in_ch, out_ch, 3, padding=1), nn.ReLU(inplace=True)]
+            in_ch = out_ch
+    return ConvBackbone(nn.Sequential(*layers), channels[-1], 2 ** (len(channels) - 1))
+
+
+class ResNetBackbone(nn.Module):
+    """torchvision ResNet stem .. layer4 (stride 32); module names are torchvision's."""
+
+    def __init__(self, depth: int) -> None:
+        super().__init__()
+        net = {50: torchvision.models.resnet50, 101: torchvision.models.resnet101}[depth]()
+        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        self.out_channels, self.stride = 2048, 32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))  # (B, 2048, H / 32, W / 32)
+
+
+BACKBONES: dict[str, Callable[..., nn.Module]] = {
+    "vgg16": lambda **kw: vgg16(),
+    "tiny": lambda channels=(16, 32, 64, 64), convs_per_block=1, **kw: tiny(channels, convs_per_block),
+    "resnet50": lambda **kw: ResNetBackbone(50),
+    "resnet101": lambda **kw: ResNetBackbone(101),
+}
+
+
+def build_backbone(name: str, **kwargs) -> nn.Module:
+    """A backbone by name (``vgg16``, ``tiny``, ``resnet50``, ``resnet101``); ``kwargs`` for ``tiny``."""
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
+    return BACKBONES[name](**kwargs)
+
+
+def read_state_dict(path: str | Path, convention: str | None = None) -> dict[str, torch.Tensor]:
+    """A state dict from a local file: a plain state dict, or an mlkd checkpoint / converted file (its
+    ``model``). Such a file records the input convention its weights expect; with ``convention`` given, a
+    different recorded one is an error rather than a silent mismatch."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path} (mlkd never downloads weights; give a local file)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file; name the file instead
+        raise ValueError(f"cannot read weights from {path}: {type(e).__name__}: {e}") from e
+    recorded = obj.get("input_convention") if isinstance(obj, dict) else None
+    if convention is not None and recorded is not None and recorded != convention:
+        raise ValueError(f"{path} holds weights for input convention {recorded!r}, but the model is configured "
+                         f"for {convention!r} (set model.input_convention={recorded})")
+    obj = obj.get("model", obj) if isinstance(obj, dict) else obj
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path} does not hold a state dict (name -> tensor)")
+    return obj
+
+
+def load_imagenet_weights(model: nn.Module, path: str | Path, mapping: dict[str, str],
+                          convention: str | None = None) -> list[str]:
+    """Copy ImageNet weights from a local torchvision-layout file into ``model``.
+
+    ``mapping`` maps a key prefix of the file (e.g. ``"features."``, ``"classifier.0."``) to a prefix of
+    ``model`` (e.g. ``"backbone.features."``, ``"fc6."``). Keys of the file with no matching prefix are ignored
+    (e.g. the 1000-way classifier). Every mapped key must exist in the model with the same shape, and every
+    model key under a mapped prefix must be provided: otherwise a ``ValueError`` lists the differences.
+    ``convention`` is checked against the one the file records (see :func:`read_state_dict`).
+    Returns the model keys that were loaded.
+    """
+    src = read_state_dict(path, convention)
+    own = model.state_dict()
+    loaded: dict[str, torch.Tensor] = {}
+    problems = []
+    for key, value in src.items():
+        for old, new in mapping.items():
+            if key.startswith(old):
+                target = new + key[len(old):]
+                if target not in own:
+                    problems.append(f"{key} -> {target}: not a parameter of the model")
+                elif own[target].shape != value.shape:
+                    problems.append(f"{key} -> {target}: shape {tuple(value.shape)} in the file, "
+                                    f"{tuple(own[target].shape)} in the model")
+                else:
+                    loaded[target] = value
+    expected = [k for k in own if any(k.startswith(new) for new in mapping.values())]
+    problems += [f"{k}: missing from {path}" for k in expected if k not in loaded and "num_batches" not in k]
+    if problems:
+        raise ValueError(f"weights in {path} do not fit the model:\n  " + "\n  ".join(problems[:20]))
+    model.load_state_dict(loaded, strict=False)
+    return sorted(loaded)

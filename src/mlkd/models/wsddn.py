@@ -1,0 +1,222 @@
+"""The teacher T-WDet: a WSDDN-style weakly-supervised detector (Bilen & Vedaldi 2016, as the release ran it).
+
+For an image with proposals ``b_r`` (r = 1..R) and a K-class problem::
+
+    phi_r   = fc7(fc6(RoIPool(conv(x), b_r) * (score_scale * s_r + score_bias)))    region features (R, D)
+    S^c     = softmax over classes k of fc8_c(phi_r) / T_c                           classification stream
+    S^d     = softmax over regions r of fc8_d(phi_r) / T_d                           detection stream
+    S       = S^c * S^d                                                              region scores (R, K)
+    p_k     = sum_r S_{r,k}  in (0, 1)                                               image scores (K,)
+    s'_r    = sum_k S_{r,k}                                                          objectness (mlkd's choice)
+    L_cls   = mean over images of sum_k BCE(clamp(p_k, 1e-4, 1 - 1e-4), y_k)   (y_k = -1 ignored)
+
+Optional spatial regulariser (original WSDDN), for each image and each positive class k: with r* the best
+region of k and N the other regions among k's top ``reg_top`` whose IoU with r* exceeds ``reg_iou``::
+
+    L_reg = reg_weight * mean over images of sum_k sum_{r in N} 0.5 * S_{r,k} * ||phi_r - phi_r*||^2
+
+with S treated as a constant (the gradient of the released MatConvNet layer). Several images of different R
+are processed together: the detection softmax and the sum over regions run per image (segment operations
+over a flat ``(sum R_i, K)`` layout), never over padding.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import box_iou, roi_align, roi_pool
+
+P_CLAMP = 1e-4  # image scores are clamped to [P_CLAMP, 1 - P_CLAMP] in the loss (the release's value)
+
+
+def segment_softmax(logits: Tensor, index: Tensor, num_segments: int) -> Tensor:
+    """Softmax over the rows of each segment, separately for every column.
+
+    Args:
+        logits (Tensor[N, K]): rows of all segments, concatenated.
+        index (Tensor[N] int64): segment (image) of each row, values in [0, num_segments).
+        num_segments: number of segments B.
+
+    Returns:
+        Tensor[N, K]: each column sums to 1 within each non-empty segment.
+    """
+    k = logits.shape[1]
+    idx = index[:, None].expand(-1, k)
+    top = logits.new_full((num_segments, k), float("-inf")).scatter_reduce(0, idx, logits, "amax")
+    e = (logits - top[index]).exp()  # (N, K), <= 1: no overflow
+    total = logits.new_zeros((num_segments, k)).index_add(0, index, e)
+    return e / total[index]
+
+
+def wsddn_scores(cls_logits: Tensor, det_logits: Tensor, index: Tensor, num_images: int,
+                 cls_temperature: float = 1.0, det_temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Region scores S ``(N, K)`` and image scores p ``(B, K)`` from the two streams' logits ``(N, K)``.
+
+    Logits are divided by their temperature (T = 0.5 doubles them, as the release does for distillation).
+    """
+    s_cls = F.softmax(cls_logits / cls_temperature, dim=1)  # over classes, per region
+    s_det = segment_softmax(det_logits / det_temperature, index, num_images)  # over regions, per image
+    regions = s_cls * s_det
+    return regions, regions.new_zeros((num_images, regions.shape[1])).index_add(0, index, regions)
+
+
+def wsddn_loss(image_scores: Tensor, labels: Tensor) -> Tensor:
+    """Binary log loss of image scores ``(B, K)`` against labels ``(B, K)`` in {1, 0, -1 = ignore}:
+    clamped to [1e-4, 1 - 1e-4], summed over classes, averaged over images."""
+    p = image_scores.clamp(P_CLAMP, 1 - P_CLAMP)
+    valid = labels >= 0
+    loss = F.binary_cross_entropy(p, labels.clamp(min=0).to(p.dtype), reduction="none")
+    return (loss * valid).sum() / image_scores.shape[0]
+
+
+def spatial_regulariser(features: Tensor, boxes: Tensor, regions: Tensor, index: Tensor, labels: Tensor,
+                        iou: float = 0.6, top: int = 10) -> Tensor:
+    """The WSDDN spatial regulariser, summed over images' positive classes and averaged over images.
+
+    Args:
+        features (Tensor[N, D]): region features phi (fc7). boxes (Tensor[N, 4]): their proposals (x1, y1, x2, y2).
+        regions (Tensor[N, K]): region scores S (used as constant weights). index (Tensor[N]): image of each row.
+        labels (Tensor[B, K]): image labels; only 1 counts as positive.
+    """
+    weights = regions.detach()
+    total = features.new_zeros(())
+    for i in range(labels.shape[0]):
+        rows = (index == i).nonzero().squeeze(1)
+        classes = (labels[i] == 1).nonzero().squeeze(1)
+        if rows.numel() < 2 or classes.numel() == 0:
+            continue
+        scores, ranked = weights[rows][:, classes].topk(min(top, rows.numel()), dim=0)  # (T, P) each
+        best = rows[ranked[0]]  # (P,) r* of each positive class
+        others = rows[ranked[1:]]  # (T-1, P)
+        overlap = box_iou(boxes[best], boxes[rows]).gather(1, ranked[1:].T).T  # (T-1, P) IoU with r*
+        near = (overlap > iou).to(features.dtype) * scores[1:]
+        dist = (features[others] - features[best][None]).pow(2).sum(-1)  # (T-1, P)
+        total = total + 0.5 * (near * dist).sum()
+    return total / labels.shape[0]
+
+
+def caffe_xavier_(layer: nn.Linear) -> None:
+    """Caffe's "xavier" filler (uniform in +-sqrt(3 / fan_in)), zero bias: how the release initialised new layers."""
+    bound = math.sqrt(3.0 / layer.in_features)
+    nn.init.uniform_(layer.weight, -bound, bound)
+    nn.init.zeros_(layer.bias)
+
+
+def flatten_proposals(proposals: Sequence[Tensor], scores: Sequence[Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Concatenate per-image proposals: boxes ``(N, 4)``, scores ``(N,)`` (1 where absent), image index ``(N,)``.
+
+    Raises ``ValueError`` for an image with zero proposals: its detection softmax would be empty and its image
+    scores 0, so the loss would be silently meaningless.
+    """
+    for i, b in enumerate(proposals):
+        if b.ndim != 2 or b.shape[1] != 4:
+            raise ValueError(f"proposals[{i}] must be Tensor[R, 4] (x1, y1, x2, y2), got shape {tuple(b.shape)}")
+        if b.shape[0] == 0:
+            raise ValueError(f"image {i} of the batch has zero proposals; WSDDN needs at least one region per "
+                             "image (drop the image or regenerate its proposals)")
+    boxes = torch.cat(list(proposals))
+    if scores is None:
+        flat_scores = boxes.new_ones(boxes.shape[0])
+    else:
+        if len(scores) != len(proposals) or any(s.shape != (b.shape[0],) for s, b in zip(scores, proposals)):
+            raise ValueError("proposal_scores must be one Tensor[R_i] per image, matching the proposals")
+        flat_scores = torch.cat(list(scores)).to(boxes.dtype)
+    index = torch.cat([torch.full((b.shape[0],), i, dtype=torch.int64, device=boxes.device)
+                       for i, b in enumerate(proposals)])
+    return boxes, flat_scores, index
+
+
+class WSDDN(nn.Module):
+    """Backbone + RoI pooling + fc6/fc7 + two K-way streams (fc8_c, fc8_d).
+
+    Args:
+        backbone: a module with ``out_channels`` and ``stride`` (see :mod:`mlkd.models.backbones`).
+        num_classes: K.
+        hidden: width of fc6/fc7 (4096 for VGG16).
+        roi_size: RoI pooling output (7 for VGG16's fc6); roi_op: ``"roi_pool"`` (Fast R-CNN, the release)
+            or ``"roi_align"``.
+        dropout: after fc6 and fc7 (0.5).
+        score_scale, score_bias: pooled features are multiplied by ``score_scale * s_r + score_bias``
+            (release (1, 0); original WSDDN (10, 1)).
+        cls_temperature, det_temperature: the streams' logits are divided by these (WSDDN preset: T_d = 2).
+        reg_weight, reg_iou, reg_top: spatial regulariser (off when ``reg_weight == 0``).
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int, hidden: int = 4096, roi_size: int = 7,
+                 roi_op: str = "roi_pool", dropout: float = 0.5, score_scale: float = 1.0, score_bias: float = 0.0,
+                 cls_temperature: float = 1.0, det_temperature: float = 1.0, reg_weight: float = 0.0,
+                 reg_iou: float = 0.6, reg_top: int = 10) -> None:
+        super().__init__()
+        if roi_op not in ("roi_pool", "roi_align"):
+            raise ValueError(f"roi_op must be 'roi_pool' or 'roi_align', got {roi_op!r}")
+        self.backbone = backbone
+        self.roi_op, self.roi_size = roi_op, roi_size
+        self.fc6 = nn.Linear(backbone.out_channels * roi_size * roi_size, hidden)
+        self.fc7 = nn.Linear(hidden, hidden)
+        self.drop = nn.Dropout(dropout)
+        self.fc8_c = nn.Linear(hidden, num_classes)
+        self.fc8_d = nn.Linear(hidden, num_classes)
+        for layer in (self.fc6, self.fc7, self.fc8_c, self.fc8_d):
+            caffe_xavier_(layer)
+        self.score_scale, self.score_bias = score_scale, score_bias
+        self.cls_temperature, self.det_temperature = cls_temperature, det_temperature
+        self.reg_weight, self.reg_iou, self.reg_top = reg_weight, reg_iou, reg_top
+
+    @property
+    def num_classes(self) -> int:
+        return self.fc8_c.out_features
+
+    def pool(self, fmap: Tensor, boxes: Tensor, index: Tensor) -> Tensor:
+        """RoI features ``(N, C, s, s)`` of ``boxes (N, 4)`` (image pixels) on ``fmap (B, C, h, w)``."""
+        rois = torch.cat([index[:, None].to(boxes.dtype), boxes], dim=1)  # (N, 5) = (image, x1, y1, x2, y2)
+        scale = 1.0 / self.backbone.stride
+        if self.roi_op == "roi_pool":
+            return roi_pool(fmap, rois.to(fmap.dtype), self.roi_size, scale)
+        return roi_align(fmap, rois.to(fmap.dtype), self.roi_size, scale, sampling_ratio=2, aligned=True)
+
+    def region_layers(self, fmap: Tensor, boxes: Tensor, scores: Tensor, index: Tensor) -> dict[str, Tensor]:
+        """fc6 and fc7 region features ``(N, hidden)`` after ReLU (fc7's input is the dropped-out fc6)."""
+        pooled = self.pool(fmap, boxes, index)  # (N, C, s, s)
+        pooled = pooled * (self.score_scale * scores + self.score_bias).to(pooled.dtype)[:, None, None, None]
+        fc6 = F.relu(self.fc6(pooled.flatten(1)))
+        return {"fc6": fc6, "fc7": F.relu(self.fc7(self.drop(fc6)))}
+
+    def forward_regions(self, fmap: Tensor, boxes: Tensor, scores: Tensor, index: Tensor) -> Tensor:
+        """Region features phi ``(N, hidden)`` (fc7 after ReLU and dropout)."""
+        return self.drop(self.region_layers(fmap, boxes, scores, index)["fc7"])
+
+    def forward_streams(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        """Logits of the classification and detection streams, each ``(N, K)``."""
+        return self.fc8_c(features), self.fc8_d(features)
+
+    def forward(self, images: Tensor, proposals: Sequence[Tensor], proposal_scores: Sequence[Tensor] | None = None,
+                labels: Tensor | None = None) -> dict[str, Any] | list[dict[str, Tensor]]:
+        """Training (``self.training``, ``labels (B, K)`` given): a dict of named losses.
+        Eval: per image a dict with ``region_scores (R_i, K)``, ``image_scores (K,)``, ``objectness (R_i,)``.
+
+        Args:
+            images (Tensor[B, 3, H, W]): normalised input. proposals: B tensors ``(R_i, 4)``, pixels of ``images``.
+            proposal_scores: B tensors ``(R_i,)`` or None (every s_r = 1).
+        """
+        if len(proposals) != images.shape[0]:
+            raise ValueError(f"got {len(proposals)} proposal tensors for a batch of {images.shape[0]} images")
+        boxes, scores, index = flatten_proposals(proposals, proposal_scores)
+        features = self.forward_regions(self.backbone(images), boxes, scores, index)  # (N, D)
+        cls_logits, det_logits = self.forward_streams(features)
+        regions, image_scores = wsddn_scores(cls_logits.float(), det_logits.float(), index, images.shape[0],
+                                             self.cls_temperature, self.det_temperature)
+        if self.training:
+            if labels is None:
+                raise ValueError("training needs labels (B, K)")
+            losses = {"loss_cls": wsddn_loss(image_scores, labels)}
+            if self.reg_weight > 0:
+                reg = spatial_regulariser(features.float(), boxes, regions, index, labels, self.reg_iou, self.reg_top)
+                losses["loss_reg"] = self.reg_weight * reg
+            return losses
+        sizes = [len(b) for b in proposals]
+        return [{"region_scores": r, "image_scores": p, "objectness": r.sum(1)}
+                for r, p in zip(regions.split(sizes), image_scores)]

@@ -1,0 +1,68 @@
+"""A run's log: JSON lines (one record per logged iteration and per epoch) and a training-curve PNG."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+
+class RunLog:
+    """Appends records to ``RUN/log.jsonl`` (kept across resumes) and draws ``RUN/curves.png`` from it.
+
+    On resume, records of epochs after the checkpoint's (written before the interruption) are dropped, so the
+    log matches the run that the checkpoint continues.
+    """
+
+    def __init__(self, out: str | Path, enabled: bool = True, resume_epoch: int | None = None) -> None:
+        self.path = Path(out) / "log.jsonl"
+        self.enabled = enabled
+        if enabled and resume_epoch is not None and self.path.is_file():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("epoch", -1) <= resume_epoch]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        elif enabled and resume_epoch is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text("")
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def records(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def plot(self) -> Path | None:
+        """Loss curves per iteration, learning rate, and any per-epoch metrics: ``RUN/curves.png``."""
+        if not self.enabled:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        recs = self.records()
+        steps = [r for r in recs if r.get("type") == "iter"]
+        epochs = [r for r in recs if r.get("type") == "epoch"]
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+        for key in sorted({k for r in steps for k in r if k.startswith("loss")}):
+            pts = [(r["iteration"], r[key]) for r in steps if key in r and math.isfinite(r[key])]
+            if pts:
+                axes[0].plot(*zip(*pts), label=key)
+        axes[0].set(xlabel="iteration", ylabel="loss", title="training losses")
+        axes[0].legend(loc="upper right", fontsize=8)
+        axes[1].plot([r["iteration"] for r in steps], [r["lr"] for r in steps])
+        axes[1].set(xlabel="iteration", ylabel="learning rate", title="learning rate", yscale="log")
+        for key in sorted({k for r in epochs for k in r if k.startswith("val_")}):
+            pts = [(r["epoch"] + 1, r[key]) for r in epochs if r.get(key) is not None]
+            if pts:
+                axes[2].plot(*zip(*pts), marker="o", label=key)
+        axes[2].set(xlabel="epoch", title="held-out metrics")
+        axes[2].legend(loc="lower right", fontsize=8)
+        fig.tight_layout()
+        out = self.path.with_name("curves.png")
+        fig.savefig(out, dpi=80)
+        plt.close(fig)
+        return out
