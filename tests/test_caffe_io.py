@@ -209,7 +209,8 @@ layer { name: "conv1_1" type: "Convolution" bottom: "data" top: "conv1_1"
   param { lr_mult: 1 decay_mult: 1 } param { lr_mult: 2 decay_mult: 0 }
   convolution_param { num_output: 64 pad: 1 kernel_size: 3 weight_filler { type: "xavier" } } }
 layer { name: "roi_pool5" type: "ROIPooling" bottom: "conv1_1" bottom: "rois" top: "pool5"
-  roi_pooling_param { pooled_w: 7 pooled_h: 7 spatial_scale: 0.0625 } }
+  roi_pooling_param { pooled_w: 7 pooled_h: 7 spatial_scale: 0.0625 score_scale: 1 } }
+layer { name: "data_size224" type: "Interp" bottom: "data" top: "data_size224" interp_param { height: 224 } }
 layer { name: "loss" type: "SigmoidCrossEntropyLoss" bottom: "pool5" include { phase: TRAIN } }
 """
 
@@ -231,11 +232,14 @@ def test_release_style_prototxt_unknown_fields_skipped_unknown_types_listed(tmp_
     with pytest.raises(ValueError) as err:
         read_prototxt(path)
     msg = str(err.value)
-    assert "'roi_pool5' (ROIPooling)" in msg and "'loss' (SigmoidCrossEntropyLoss)" in msg
+    assert "'roi_pool5' (ROIPooling)" in msg and "'loss' (SigmoidCrossEntropyLoss)" in msg and "(Interp)" in msg
     assert "'Convolution'" in msg and "'InnerProduct'" in msg and "supported=None" in msg
     net = read_prototxt(path, supported=None)
     assert net.inputs == {"data": (1, 3, 672, 672), "rois": (500, 5)}
-    assert net.layer("roi_pool5").params == {}  # roi_pooling_param is unknown to mlkd's schema: skipped
+    assert net.layer("data_size224").params == {}  # interp_param is unknown to mlkd's schema: skipped
+    # the release fork's roi_pooling_param (score scaling included) is known
+    assert net.layer("roi_pool5").params == {"roi_pooling_param": {"pooled_h": 7, "pooled_w": 7, "spatial_scale": 0.0625,
+                                                                   "score_scale": 1.0}}
     assert net.layer("conv1_1").params["param"] == [{"lr_mult": 1.0, "decay_mult": 1.0},
                                                     {"lr_mult": 2.0, "decay_mult": 0.0}]
     assert net.layer("loss").params == {"include": [{"phase": "TRAIN"}]}

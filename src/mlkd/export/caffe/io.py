@@ -5,7 +5,7 @@ V2 by default and V1 on request (``version=1``: ``layers`` with type enums, inpu
 blob sizes in the legacy 4-D fields, as in the ImageNet VGG16 files).
 
 Fields mlkd's schema does not know are skipped: the binary parser ignores unknown field numbers and the text
-reader unknown field names, so files of Caffe forks (e.g. ``roi_pooling_param``) read fine. A file cut
+reader unknown field names, so files of Caffe forks (e.g. the release's ``interp_param``) read fine. A file cut
 exactly between two top-level layers is still a valid message and cannot be told from a smaller model;
 any other truncation is reported.
 """
