@@ -14,6 +14,12 @@ Typical use::
     export_vgg(student, "deploy.prototxt", "student.caffemodel", input_size=224, classifier_name="fc8_coco",
                output="sigmoid")
 
+    # the teacher (WSDDN) as the release's network minus its RoI pooling, which becomes the input `roi_pooling`
+    export_wsddn(teacher, "teacher.prototxt", "teacher.caffemodel", input_size=672, regions=500)
+
+The architecture of a Caffe file is read and checked by :func:`vgg_layout` (:mod:`mlkd.export.caffe.layout`);
+``mlkd import-caffe`` (:mod:`mlkd.export.importer`) builds on it.
+
 Importing this package raises ImportError with the install command when protobuf is missing or too old.
 """
 
@@ -21,9 +27,12 @@ from mlkd.export.caffe.io import net_to_message, read_caffemodel, read_prototxt,
 from mlkd.export.caffe.net import SUPPORTED_TYPES, V1_TO_V2_TYPE, CaffeLayer, CaffeNet, LayerBlobs
 from mlkd.export.caffe.vgg import (check_pool_rounding, export_vgg, feature_sizes, features_to_caffe,
                                    import_vgg_weights, vgg_layer_names, vgg_name_map, vgg_to_caffe)
+from mlkd.export.caffe.layout import KD_TEACHER, RELEASE, Naming, VggLayout, vgg_layout
+from mlkd.export.caffe.wsddn import export_wsddn, wsddn_to_caffe
 
 __all__ = [
-    "SUPPORTED_TYPES", "V1_TO_V2_TYPE", "CaffeLayer", "CaffeNet", "LayerBlobs", "check_pool_rounding", "export_vgg",
-    "feature_sizes", "features_to_caffe", "import_vgg_weights", "net_to_message", "read_caffemodel", "read_prototxt",
-    "vgg_layer_names", "vgg_name_map", "vgg_to_caffe", "write_caffemodel", "write_prototxt",
+    "KD_TEACHER", "RELEASE", "SUPPORTED_TYPES", "V1_TO_V2_TYPE", "CaffeLayer", "CaffeNet", "LayerBlobs", "Naming",
+    "VggLayout", "check_pool_rounding", "export_vgg", "export_wsddn", "feature_sizes", "features_to_caffe",
+    "import_vgg_weights", "net_to_message", "read_caffemodel", "read_prototxt", "vgg_layer_names", "vgg_layout",
+    "vgg_name_map", "vgg_to_caffe", "write_caffemodel", "write_prototxt", "wsddn_to_caffe",
 ]
