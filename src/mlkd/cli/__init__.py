@@ -10,9 +10,9 @@ import argparse
 import sys
 
 from mlkd import __version__
-from mlkd.cli import data, demo, metrics, proposals, student, teacher
+from mlkd.cli import data, demo, export, metrics, proposals, student, teacher
 
-COMMANDS = (demo, data, proposals, teacher, student, metrics)
+COMMANDS = (demo, data, proposals, teacher, student, metrics, export)
 
 EPILOG = """\
 typical flow:
