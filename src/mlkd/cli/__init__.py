@@ -20,6 +20,7 @@ typical flow:
   mlkd proposals --dataset data/synth/train.jsonl --out cache/   # proposals into an LMDB cache
   mlkd metrics --scores scores.npy --targets targets.npy         # every multi-label metric
   mlkd demo --out runs/demo                                      # all of the above, end to end
+  mlkd export --checkpoint runs/demo/student/last.pt --format onnx --out export/  # deployable, verified
 
 Run `mlkd <command> --help` for the options of each command."""
 

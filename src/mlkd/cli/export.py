@@ -1,4 +1,4 @@
-"""`mlkd import-caffe`."""
+"""`mlkd import-caffe` and `mlkd export`."""
 
 from __future__ import annotations
 
@@ -20,6 +20,22 @@ Missing layers, shape mismatches, unknown layer types and layers with weights th
 are errors. Imported models record the Caffe input convention (BGR, 0-255, minus mean (103.52, 116.28,
 123.675)), so evaluation and export use it."""
 
+EXPORT_DESCRIPTION = """\
+Export a checkpoint's model and verify it before reporting success: the exported files are run by another
+runtime (OpenCV's DNN module for Caffe, onnxruntime for ONNX) on sample images normalised by the model's
+convention (a synthetic scene, uniform noise, and --image files), and every output must match PyTorch:
+max |runtime - PyTorch| <= tolerance * max(1, max |PyTorch|). Otherwise the command fails (exit 1).
+
+  student, caffe  student.prototxt + student.caffemodel: conv1_1 ... pool5, fc6, fc7, <classifier>, prob
+                  (Sigmoid); VGG-head students only
+  student, onnx   student.onnx: input `images` (N, 3, S, S), outputs `logits`, `probabilities` (N, K)
+  teacher, caffe  teacher.prototxt + teacher.caffemodel: the release's teacher network without its RoI
+                  pooling (an input `roi_pooling`); also checks the weights round trip through import-caffe
+
+Beside them: export.json and README.md with the input convention (channel order, scale, mean, std, size),
+the outputs' meaning and the measured differences."""
+
+
 def run_import(args: argparse.Namespace) -> int:
     from mlkd.export.importer import ImportOptions, import_caffe
 
@@ -33,6 +49,21 @@ def run_import(args: argparse.Namespace) -> int:
             print(f"  skipped {name}: {why}")
         for note in r.notes:
             print(f"  note: {note}")
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from mlkd.export.exporter import export_checkpoint
+
+    manifest, checks = export_checkpoint(args.checkpoint, args.format, args.out, args.classifier_name, args.opset,
+                                         args.tolerance, args.image, args.image_size, args.regions)
+    runtime = manifest["verification"]["runtime"]
+    print(f"{manifest['kind']} exported as {args.format} to {args.out}: {', '.join(manifest['files'].values())}, "
+          "export.json, README.md")
+    print(f"verified with {runtime} on {len(manifest['verification']['images'])} image(s), tolerance "
+          f"{args.tolerance:g} x max(1, max |PyTorch|):")
+    for c in checks:
+        print(f"  {c.line(runtime.split()[0])}")
     return 0
 
 
@@ -61,3 +92,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a derived model-config key, e.g. score_scale=10 or dropout=0.5; repeatable")
     i.set_defaults(func=run_import)
+
+    e = sub.add_parser("export", help="export a checkpoint to Caffe or ONNX, verified against PyTorch",
+                       description=EXPORT_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  mlkd export --checkpoint runs/demo/student/last.pt --format onnx "
+                              "--out export/onnx\n  mlkd export --checkpoint runs/demo/student/last.pt --format caffe "
+                              "--out export/caffe --classifier-name fc8_synth")
+    e.add_argument("--checkpoint", required=True, metavar="CKPT", help="student or teacher checkpoint (.pt)")
+    e.add_argument("--format", required=True, choices=("caffe", "onnx"), help="caffe (prototxt + caffemodel) or onnx")
+    e.add_argument("--out", required=True, metavar="DIR", help="folder for the files (one format per folder)")
+    e.add_argument("--classifier-name", metavar="LAYER",
+                   help="student caffe: name of the K-way layer (default fc8; the release used fc8_<dataset>)")
+    e.add_argument("--opset", type=int, default=17, help="onnx: the ONNX opset (default 17)")
+    e.add_argument("--tolerance", type=float, default=1e-4,
+                   help="allowed max abs difference per output, relative to max(1, max |PyTorch|) (default 1e-4)")
+    e.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="also verify on this image file (warped and normalised like the model's input); repeatable")
+    e.add_argument("--image-size", type=int, metavar="S",
+                   help="teacher: the input size of the deploy prototxt (default: the checkpoint's test_scale)")
+    e.add_argument("--regions", type=int, metavar="R",
+                   help="teacher: proposals per image baked into the prototxt (default: data.max_proposals, else "
+                        "500 as in the release)")
+    e.set_defaults(func=run_export)
