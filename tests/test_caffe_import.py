@@ -15,9 +15,10 @@ from mlkd.checkpoint import load_checkpoint
 from mlkd.cli import main
 from mlkd.export.caffe import CaffeNet, LayerBlobs, read_prototxt, write_caffemodel
 from mlkd.export.importer import plan_imagenet, plan_student, plan_teacher
-from mlkd.models.backbones import read_state_dict
+from mlkd.models.backbones import load_imagenet_weights, read_state_dict, tiny
+from mlkd.models.student import Student
 from mlkd.student import StudentModelConfig, build_student, student_from_checkpoint
-from mlkd.teacher import TeacherModelConfig, build_teacher, teacher_from_checkpoint
+from mlkd.teacher import VGG16_IMAGENET, TeacherModelConfig, build_teacher, teacher_from_checkpoint
 
 cv2.setNumThreads(1)
 torch.set_num_threads(1)
@@ -165,6 +166,12 @@ def test_imagenet_vgg_import_matches_opencv_and_records_caffe_convention(tmp_pat
     assert sorted(state) == sorted(TorchvisionLayoutVGG().state_dict())  # features.0/2/5/7, classifier.0/3/6
     with pytest.raises(ValueError, match="input convention 'caffe', but the model is configured for 'torchvision'"):
         read_state_dict(path, convention="torchvision")
+
+    # usable as model.weights: the teacher's / student's VGG16_IMAGENET mapping takes it (here on a tiny backbone
+    # of the same layout: features without pool5, fc6 over the 8 x 8 pool5 grid)
+    student = Student(tiny((8, 16), convs_per_block=2), 4, hidden=32, roi_size=8)
+    loaded = load_imagenet_weights(student, path, VGG16_IMAGENET, convention="caffe")
+    assert len(loaded) == 12 and torch.equal(student.fc7.weight, state["classifier.3.weight"])
 
     model = TorchvisionLayoutVGG().eval()
     model.load_state_dict(state)

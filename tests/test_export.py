@@ -14,6 +14,7 @@ import torch
 from mlkd.checkpoint import load_checkpoint, save_checkpoint
 from mlkd.cli import main
 from mlkd.config import DataConfig, to_dict
+from mlkd.data.synthetic import render_image
 from mlkd.export import exporter
 from mlkd.export.caffe import read_prototxt
 from mlkd.export.verify import sample_inputs
@@ -77,10 +78,12 @@ def _fresh_inputs(n: int = 3) -> torch.Tensor:
 
 
 def test_student_caffe_export_runs_in_opencv_and_imports_back(trained_student, tmp_path, capsys):
-    out = tmp_path / "caffe"
+    out, photo = tmp_path / "caffe", tmp_path / "scene.png"
+    cv2.imwrite(str(photo), render_image(np.random.default_rng(3), image_size=120)[0][:, :, ::-1])  # RGB -> BGR file
     rc, stdout, err = _run(capsys, "export", "--checkpoint", str(trained_student), "--format", "caffe", "--out",
-                           str(out), "--classifier-name", "fc8_synth")
+                           str(out), "--classifier-name", "fc8_synth", "--image", str(photo))
     assert rc == 0, err
+    assert "verified with OpenCV" in stdout and "on 3 image(s)" in stdout
     assert "fc8_synth: max |OpenCV - PyTorch| = " in stdout and "prob: max |OpenCV - PyTorch|" in stdout
     net = read_prototxt(out / "student.prototxt")
     assert [l.name for l in net.layers] == ["conv1_1", "relu1_1", "pool1", "conv2_1", "relu2_1", "pool2", "conv3_1",
@@ -92,6 +95,7 @@ def test_student_caffe_export_runs_in_opencv_and_imports_back(trained_student, t
                                                                                        ["N", 3, 96, 96])
     assert data["mean"] == [0.485, 0.456, 0.406] and data["std"] == [0.229, 0.224, 0.225]
     assert manifest["classes"] == CLASSES and set(manifest["outputs"]) == {"fc8_synth", "prob"}
+    assert manifest["verification"]["images"] == ["synthetic scene", "uniform noise", str(photo)]
     assert manifest["verification"]["passed"] and "folded into fc6" in manifest["notes"][1]
     assert "channels in RGB order" in (out / "README.md").read_text()
 

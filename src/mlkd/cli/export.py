@@ -18,13 +18,15 @@ Import a Caffe model (prototxt + caffemodel, V1 or V2) into mlkd. --arch says wh
 The architecture is read from both files and must be one mlkd builds (VGG16, or a tiny VGG-style net).
 Missing layers, shape mismatches, unknown layer types and layers with weights that mlkd has no place for
 are errors. Imported models record the Caffe input convention (BGR, 0-255, minus mean (103.52, 116.28,
-123.675)), so evaluation and export use it."""
+123.675)), so evaluation and export use it; re-importing an `mlkd export` of a model trained with the
+torchvision convention takes --input-convention torchvision (its export.json says which)."""
 
 EXPORT_DESCRIPTION = """\
 Export a checkpoint's model and verify it before reporting success: the exported files are run by another
 runtime (OpenCV's DNN module for Caffe, onnxruntime for ONNX) on sample images normalised by the model's
 convention (a synthetic scene, uniform noise, and --image files), and every output must match PyTorch:
-max |runtime - PyTorch| <= tolerance * max(1, max |PyTorch|). Otherwise the command fails (exit 1).
+max |runtime - PyTorch| <= tolerance * max(1, max |PyTorch|) (probabilities: the max |.| of their logits).
+Otherwise the command fails (exit 1) and leaves the files for inspection.
 
   student, caffe  student.prototxt + student.caffemodel: conv1_1 ... pool5, fc6, fc7, <classifier>, prob
                   (Sigmoid); VGG-head students only
@@ -42,7 +44,8 @@ def run_import(args: argparse.Namespace) -> int:
     opts = ImportOptions(args.classes, args.set, args.classifier_name, args.teacher_out, args.image_size,
                          args.input_convention)
     for r in import_caffe(args.prototxt, args.caffemodel, args.arch, args.out, opts):
-        cfg = ", ".join(f"{k}={v}" for k, v in r.config.items() if k != "weights")
+        tiny = r.config.get("backbone") == "tiny"
+        cfg = ", ".join(f"{k}={v}" for k, v in r.config.items() if k != "weights" and (tiny or "tiny" not in k))
         print(f"{r.kind} -> {r.path}\n  config: {cfg}\n  imported {len(r.imported)} Caffe layers: "
               f"{' '.join(r.imported)}")
         for name, why in sorted(r.skipped.items()):
@@ -61,7 +64,7 @@ def run_export(args: argparse.Namespace) -> int:
     print(f"{manifest['kind']} exported as {args.format} to {args.out}: {', '.join(manifest['files'].values())}, "
           "export.json, README.md")
     print(f"verified with {runtime} on {len(manifest['verification']['images'])} image(s), tolerance "
-          f"{args.tolerance:g} x max(1, max |PyTorch|):")
+          f"{args.tolerance:g} relative to each output's scale (rule in export.json):")
     for c in checks:
         print(f"  {c.line(runtime.split()[0])}")
     return 0

@@ -2,7 +2,8 @@
 
 An export is only reported as done after another runtime (OpenCV's DNN module for Caffe files, onnxruntime for
 ONNX) has produced the same outputs as PyTorch on the same inputs: ``max |other - PyTorch| <= tolerance * max(1,
-max |PyTorch|)`` for every output (float32 arithmetic in a different order differs by ~1e-6 relative).
+max |PyTorch|)`` for every output (float32 arithmetic in a different order differs by ~1e-6 relative), where
+probabilities are held to the scale of the logits they come from.
 """
 
 from __future__ import annotations
@@ -41,14 +42,19 @@ class Check:
         return f"{self.name}: {measure} = {self.max_abs_diff:.3e} (allowed {self.allowed:.1e}) {verdict}"
 
 
-def compare(name: str, got: np.ndarray, ref: torch.Tensor | np.ndarray, tolerance: float) -> Check:
-    """Compare an output of another runtime with PyTorch's; shapes must agree up to size-1 axes."""
+def compare(name: str, got: np.ndarray, ref: torch.Tensor | np.ndarray, tolerance: float,
+            scale: float | None = None) -> Check:
+    """Compare an output of another runtime with PyTorch's; shapes must agree up to size-1 axes. The allowed
+    difference is ``tolerance * max(1, scale)``, ``scale`` defaulting to ``max |ref|``; give outputs computed from
+    logits by a sigmoid or softmax (at most 1/4- and 1/2-Lipschitz) the logits' scale, which bounds their error."""
     ref = ref.detach().cpu().numpy() if isinstance(ref, torch.Tensor) else np.asarray(ref)
     got = np.asarray(got, dtype=np.float32)
     if got.size != ref.size or got.squeeze().shape != ref.squeeze().shape:
         raise ValueError(f"{name}: the exported model gives shape {got.shape}, PyTorch {ref.shape}")
     diff = float(np.abs(got.reshape(ref.shape) - ref).max()) if ref.size else 0.0
-    return Check(name, diff, tolerance * max(1.0, float(np.abs(ref).max()) if ref.size else 1.0))
+    if scale is None:
+        scale = float(np.abs(ref).max()) if ref.size else 1.0
+    return Check(name, diff, tolerance * max(1.0, scale))
 
 
 def require(checks: Sequence[Check], runtime: str, where: str | Path) -> None:
