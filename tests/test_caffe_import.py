@@ -111,6 +111,8 @@ def _close(name: str, got: np.ndarray, ref: torch.Tensor) -> None:
 def _run(argv: list[str], capsys) -> tuple[int, str, str]:
     rc = main(argv)
     out, err = capsys.readouterr()
+    with capsys.disabled():  # the import report, also under pytest -s
+        print(out, end="")
     return rc, out, err
 
 

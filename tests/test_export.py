@@ -34,15 +34,19 @@ DEMO_STUDENT = StudentModelConfig(backbone="tiny", tiny_channels=(16, 32, 64, 64
 
 
 def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    """Run the CLI; its report (the measured differences) is shown under ``pytest -s`` too."""
     rc = main(list(argv))
     out, err = capsys.readouterr()
+    with capsys.disabled():
+        print(out, end="")
     return rc, out, err
 
 
-def _close(name: str, got: np.ndarray, ref: torch.Tensor, tolerance: float = 1e-4) -> float:
+def _close(capsys, name: str, got: np.ndarray, ref: torch.Tensor, tolerance: float = 1e-4) -> float:
     ref = ref.detach().numpy()
     diff, scale = float(np.abs(got.reshape(ref.shape) - ref).max()), max(1.0, float(np.abs(ref).max()))
-    print(f"{name}: max abs diff {diff:.2e} (allowed {tolerance * scale:.1e})")
+    with capsys.disabled():
+        print(f"{name}: max abs diff {diff:.2e} (allowed {tolerance * scale:.1e})")
     assert got.size == ref.size and diff <= tolerance * scale
     return diff
 
@@ -106,8 +110,8 @@ def test_student_caffe_export_runs_in_opencv_and_imports_back(trained_student, t
     logits, prob = cv.forward(["fc8_synth", "prob"])
     with torch.no_grad():
         ref = student(x)
-    _close("Caffe/OpenCV logits", logits, ref)
-    _close("Caffe/OpenCV probabilities", prob, torch.sigmoid(ref))
+    _close(capsys, "Caffe/OpenCV logits", logits, ref)
+    _close(capsys, "Caffe/OpenCV probabilities", prob, torch.sigmoid(ref))
 
     classes = tmp_path / "classes.txt"
     classes.write_text("\n".join(CLASSES) + "\n")
@@ -119,7 +123,7 @@ def test_student_caffe_export_runs_in_opencv_and_imports_back(trained_student, t
     assert back["input_convention"] == "torchvision" and back["config"]["model"]["roi_size"] == 6  # the folded fc6
     assert back["config"]["model"]["dropout"] == 0.25 and back["config"]["model"]["image_size"] == 96
     with torch.no_grad():
-        _close("imported back", student_from_checkpoint(back)(x).numpy(), ref, 1e-5)
+        _close(capsys, "imported back", student_from_checkpoint(back)(x).numpy(), ref, 1e-5)
 
 
 def test_student_onnx_export_runs_in_onnxruntime_with_any_batch(trained_student, tmp_path, capsys):
@@ -144,8 +148,8 @@ def test_student_onnx_export_runs_in_onnxruntime_with_any_batch(trained_student,
         logits, prob = session.run(["logits", "probabilities"], {"images": x.numpy()})
         with torch.no_grad():
             ref = student(x)
-        _close(f"ONNX logits (batch {n})", logits, ref)
-        _close(f"ONNX probabilities (batch {n})", prob, torch.sigmoid(ref))
+        _close(capsys, f"ONNX logits (batch {n})", logits, ref)
+        _close(capsys, f"ONNX probabilities (batch {n})", prob, torch.sigmoid(ref))
 
 
 def test_resnet_head_student_refused_by_caffe_exported_by_onnx(tmp_path):
