@@ -10,9 +10,9 @@ import argparse
 import sys
 
 from mlkd import __version__
-from mlkd.cli import data, demo, metrics, proposals, student, teacher
+from mlkd.cli import data, demo, export, metrics, proposals, student, teacher
 
-COMMANDS = (demo, data, proposals, teacher, student, metrics)
+COMMANDS = (demo, data, proposals, teacher, student, metrics, export)
 
 EPILOG = """\
 typical flow:
@@ -20,6 +20,7 @@ typical flow:
   mlkd proposals --dataset data/synth/train.jsonl --out cache/   # proposals into an LMDB cache
   mlkd metrics --scores scores.npy --targets targets.npy         # every multi-label metric
   mlkd demo --out runs/demo                                      # all of the above, end to end
+  mlkd export --checkpoint runs/demo/student/last.pt --format onnx --out export/  # deployable, verified
 
 Run `mlkd <command> --help` for the options of each command."""
 

@@ -1,0 +1,38 @@
+"""Caffe model files: read and write ``.caffemodel`` / ``.prototxt`` (V1 and V2), and convert VGG-style models.
+
+Typical use::
+
+    from mlkd.export.caffe import read_caffemodel, import_vgg_weights, vgg_name_map, export_vgg
+
+    # ImageNet VGG16 (V1 caffemodel) -> a K-class student: every layer but fc8
+    names = vgg_name_map(student.features, heads={"fc6": "fc6", "fc7": "fc7"})
+    state = import_vgg_weights(read_caffemodel("VGG_ILSVRC_16_layers.caffemodel"), names,
+                               expected=student.state_dict(), ignore={"fc8"})
+    student.load_state_dict(state, strict=False)
+
+    # a student -> deploy prototxt + caffemodel, e.g. for OpenCV's DNN module
+    export_vgg(student, "deploy.prototxt", "student.caffemodel", input_size=224, classifier_name="fc8_coco",
+               output="sigmoid")
+
+    # the teacher (WSDDN) as the release's network minus its RoI pooling, which becomes the input `roi_pooling`
+    export_wsddn(teacher, "teacher.prototxt", "teacher.caffemodel", input_size=672, regions=500)
+
+The architecture of a Caffe file is read and checked by :func:`vgg_layout` (:mod:`mlkd.export.caffe.layout`);
+``mlkd import-caffe`` (:mod:`mlkd.export.importer`) builds on it.
+
+Importing this package raises ImportError with the install command when protobuf is missing or too old.
+"""
+
+from mlkd.export.caffe.io import net_to_message, read_caffemodel, read_prototxt, write_caffemodel, write_prototxt
+from mlkd.export.caffe.net import SUPPORTED_TYPES, V1_TO_V2_TYPE, CaffeLayer, CaffeNet, LayerBlobs
+from mlkd.export.caffe.vgg import (check_pool_rounding, export_vgg, feature_sizes, features_to_caffe,
+                                   import_vgg_weights, vgg_layer_names, vgg_name_map, vgg_to_caffe)
+from mlkd.export.caffe.layout import KD_TEACHER, RELEASE, Naming, VggLayout, vgg_layout
+from mlkd.export.caffe.wsddn import export_wsddn, wsddn_to_caffe
+
+__all__ = [
+    "KD_TEACHER", "RELEASE", "SUPPORTED_TYPES", "V1_TO_V2_TYPE", "CaffeLayer", "CaffeNet", "LayerBlobs", "Naming",
+    "VggLayout", "check_pool_rounding", "export_vgg", "export_wsddn", "feature_sizes", "features_to_caffe",
+    "import_vgg_weights", "net_to_message", "read_caffemodel", "read_prototxt", "vgg_layer_names", "vgg_layout",
+    "vgg_name_map", "vgg_to_caffe", "write_caffemodel", "write_prototxt", "wsddn_to_caffe",
+]

@@ -1,0 +1,72 @@
+"""ONNX export of a classifier: input ``images`` ``(N, 3, S, S)``, outputs ``logits`` and ``probabilities``
+(sigmoid of the logits) ``(N, K)``, the batch axis dynamic, the opset pinned.
+
+The graph comes from PyTorch's TorchScript-based exporter (``dynamo=False``): it needs only ``onnx``, not the
+``onnxscript`` package of the newer exporter, and handles these plain convolutional classifiers exactly.
+Needs ``onnx`` and ``onnxruntime`` (``pip install 'mlkd[export]'``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+DEFAULT_OPSET = 17
+INPUT, OUTPUTS = "images", ("logits", "probabilities")
+
+
+def _require() -> tuple[object, object]:
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError as e:
+        raise ValueError(f"ONNX export needs onnx and onnxruntime: pip install 'mlkd[export]' ({e})") from e
+    return onnx, onnxruntime
+
+
+class WithProbabilities(nn.Module):
+    """``images -> (logits, sigmoid(logits))``: both outputs of a multi-label classifier in one graph."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(images)
+        return logits, torch.sigmoid(logits)
+
+
+def export_onnx(model: nn.Module, path: str | Path, image_size: int, opset: int = DEFAULT_OPSET) -> None:
+    """Write ``model`` (images -> logits, in eval mode) as ONNX at ``path`` and check the file with onnx's checker."""
+    onnx, _ = _require()
+    wrapped = WithProbabilities(model).eval()
+    example = torch.zeros(1, 3, image_size, image_size)
+    axes = {name: {0: "batch"} for name in (INPUT, *OUTPUTS)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter's notice (see module docstring)
+        torch.onnx.export(wrapped, (example,), str(path), dynamo=False, opset_version=opset, input_names=[INPUT],
+                          output_names=list(OUTPUTS), dynamic_axes=axes, do_constant_folding=True)
+    loaded = onnx.load(str(path))
+    onnx.checker.check_model(loaded)
+    if loaded.opset_import[0].version != opset:
+        raise ValueError(f"{path} has opset {loaded.opset_import[0].version}, expected {opset}")
+
+
+def run_onnx(path: str | Path, images: torch.Tensor) -> dict[str, np.ndarray]:
+    """Outputs of the ONNX file on ``images`` with onnxruntime's CPU provider (one thread: reproducible)."""
+    _, ort = _require()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, {INPUT: images.numpy().astype(np.float32)})))
+
+
+def runtime_name() -> str:
+    """How the verification names onnxruntime, e.g. "onnxruntime 1.32.0 (CPU)"."""
+    _, ort = _require()
+    return f"onnxruntime {ort.__version__} (CPU)"
