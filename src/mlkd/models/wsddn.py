@@ -172,11 +172,16 @@ class WSDDN(nn.Module):
 
     def pool(self, fmap: Tensor, boxes: Tensor, index: Tensor) -> Tensor:
         """RoI features ``(N, C, s, s)`` of ``boxes (N, 4)`` (image pixels) on ``fmap (B, C, h, w)``."""
-        rois = torch.cat([index[:, None].to(boxes.dtype), boxes], dim=1)  # (N, 5) = (image, x1, y1, x2, y2)
+        # At least float32: torchvision's CPU kernels have no bfloat16 (roi_pool has no CPU autocast either), and
+        # box coordinates rounded to bfloat16 would move by up to 4 pixels at 832.
+        dtype = torch.promote_types(fmap.dtype, torch.float32)
+        rois = torch.cat([index[:, None].to(dtype), boxes.to(dtype)], dim=1)  # (N, 5) = (image, x1, y1, x2, y2)
         scale = 1.0 / self.backbone.stride
         if self.roi_op == "roi_pool":
-            return roi_pool(fmap, rois.to(fmap.dtype), self.roi_size, scale)
-        return roi_align(fmap, rois.to(fmap.dtype), self.roi_size, scale, sampling_ratio=2, aligned=True)
+            pooled = roi_pool(fmap.to(dtype), rois, self.roi_size, scale)
+        else:
+            pooled = roi_align(fmap.to(dtype), rois, self.roi_size, scale, sampling_ratio=2, aligned=True)
+        return pooled.to(fmap.dtype)
 
     def region_layers(self, fmap: Tensor, boxes: Tensor, scores: Tensor, index: Tensor) -> dict[str, Tensor]:
         """fc6 and fc7 region features ``(N, hidden)`` after ReLU (fc7's input is the dropped-out fc6)."""
