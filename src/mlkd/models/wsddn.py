@@ -68,9 +68,10 @@ def wsddn_loss(image_scores: Tensor, labels: Tensor) -> Tensor:
     """Binary log loss of image scores ``(B, K)`` against labels ``(B, K)`` in {1, 0, -1 = ignore}:
     clamped to [1e-4, 1 - 1e-4], summed over classes, averaged over images."""
     p = image_scores.clamp(P_CLAMP, 1 - P_CLAMP)
-    valid = labels >= 0
-    loss = F.binary_cross_entropy(p, labels.clamp(min=0).to(p.dtype), reduction="none")
-    return (loss * valid).sum() / image_scores.shape[0]
+    y = labels.clamp(min=0).to(p.dtype)
+    # Written out: F.binary_cross_entropy raises inside CUDA autocast ("unsafe to autocast"), even on float32.
+    loss = -(y * p.log() + (1 - y) * (1 - p).log())  # (B, K)
+    return (loss * (labels >= 0)).sum() / image_scores.shape[0]
 
 
 def spatial_regulariser(features: Tensor, boxes: Tensor, regions: Tensor, index: Tensor, labels: Tensor,
