@@ -213,14 +213,15 @@ class WSDDN(nn.Module):
         boxes, scores, index = flatten_proposals(proposals, proposal_scores)
         features = self.forward_regions(self.backbone(images), boxes, scores, index)  # (N, D)
         cls_logits, det_logits = self.forward_streams(features)
-        regions, image_scores = wsddn_scores(cls_logits.float(), det_logits.float(), index, images.shape[0],
+        up = torch.promote_types(features.dtype, torch.float32)  # scores and losses in float32 at least
+        regions, image_scores = wsddn_scores(cls_logits.to(up), det_logits.to(up), index, images.shape[0],
                                              self.cls_temperature, self.det_temperature)
         if self.training:
             if labels is None:
                 raise ValueError("training needs labels (B, K)")
             losses = {"loss_cls": wsddn_loss(image_scores, labels)}
             if self.reg_weight > 0:
-                reg = spatial_regulariser(features.float(), boxes, regions, index, labels, self.reg_iou, self.reg_top)
+                reg = spatial_regulariser(features.to(up), boxes, regions, index, labels, self.reg_iou, self.reg_top)
                 losses["loss_reg"] = self.reg_weight * reg
             return losses
         sizes = [len(b) for b in proposals]
