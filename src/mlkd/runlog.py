@@ -60,7 +60,8 @@ class RunLog:
             if pts:
                 axes[2].plot(*zip(*pts), marker="o", label=key)
         axes[2].set(xlabel="epoch", title="held-out metrics")
-        axes[2].legend(loc="lower right", fontsize=8)
+        if axes[2].get_legend_handles_labels()[0]:  # runs without data.val have none
+            axes[2].legend(loc="lower right", fontsize=8)
         fig.tight_layout()
         out = self.path.with_name("curves.png")
         fig.savefig(out, dpi=80)
