@@ -68,9 +68,10 @@ def wsddn_loss(image_scores: Tensor, labels: Tensor) -> Tensor:
     """Binary log loss of image scores ``(B, K)`` against labels ``(B, K)`` in {1, 0, -1 = ignore}:
     clamped to [1e-4, 1 - 1e-4], summed over classes, averaged over images."""
     p = image_scores.clamp(P_CLAMP, 1 - P_CLAMP)
-    valid = labels >= 0
-    loss = F.binary_cross_entropy(p, labels.clamp(min=0).to(p.dtype), reduction="none")
-    return (loss * valid).sum() / image_scores.shape[0]
+    y = labels.clamp(min=0).to(p.dtype)
+    # Written out: F.binary_cross_entropy raises inside CUDA autocast ("unsafe to autocast"), even on float32.
+    loss = -(y * p.log() + (1 - y) * (1 - p).log())  # (B, K)
+    return (loss * (labels >= 0)).sum() / image_scores.shape[0]
 
 
 def spatial_regulariser(features: Tensor, boxes: Tensor, regions: Tensor, index: Tensor, labels: Tensor,
@@ -172,11 +173,16 @@ class WSDDN(nn.Module):
 
     def pool(self, fmap: Tensor, boxes: Tensor, index: Tensor) -> Tensor:
         """RoI features ``(N, C, s, s)`` of ``boxes (N, 4)`` (image pixels) on ``fmap (B, C, h, w)``."""
-        rois = torch.cat([index[:, None].to(boxes.dtype), boxes], dim=1)  # (N, 5) = (image, x1, y1, x2, y2)
+        # At least float32: torchvision's CPU kernels have no bfloat16 (roi_pool has no CPU autocast either), and
+        # box coordinates rounded to bfloat16 would move by up to 4 pixels at 832.
+        dtype = torch.promote_types(fmap.dtype, torch.float32)
+        rois = torch.cat([index[:, None].to(dtype), boxes.to(dtype)], dim=1)  # (N, 5) = (image, x1, y1, x2, y2)
         scale = 1.0 / self.backbone.stride
         if self.roi_op == "roi_pool":
-            return roi_pool(fmap, rois.to(fmap.dtype), self.roi_size, scale)
-        return roi_align(fmap, rois.to(fmap.dtype), self.roi_size, scale, sampling_ratio=2, aligned=True)
+            pooled = roi_pool(fmap.to(dtype), rois, self.roi_size, scale)
+        else:
+            pooled = roi_align(fmap.to(dtype), rois, self.roi_size, scale, sampling_ratio=2, aligned=True)
+        return pooled.to(fmap.dtype)
 
     def region_layers(self, fmap: Tensor, boxes: Tensor, scores: Tensor, index: Tensor) -> dict[str, Tensor]:
         """fc6 and fc7 region features ``(N, hidden)`` after ReLU (fc7's input is the dropped-out fc6)."""
@@ -207,14 +213,15 @@ class WSDDN(nn.Module):
         boxes, scores, index = flatten_proposals(proposals, proposal_scores)
         features = self.forward_regions(self.backbone(images), boxes, scores, index)  # (N, D)
         cls_logits, det_logits = self.forward_streams(features)
-        regions, image_scores = wsddn_scores(cls_logits.float(), det_logits.float(), index, images.shape[0],
+        up = torch.promote_types(features.dtype, torch.float32)  # scores and losses in float32 at least
+        regions, image_scores = wsddn_scores(cls_logits.to(up), det_logits.to(up), index, images.shape[0],
                                              self.cls_temperature, self.det_temperature)
         if self.training:
             if labels is None:
                 raise ValueError("training needs labels (B, K)")
             losses = {"loss_cls": wsddn_loss(image_scores, labels)}
             if self.reg_weight > 0:
-                reg = spatial_regulariser(features.float(), boxes, regions, index, labels, self.reg_iou, self.reg_top)
+                reg = spatial_regulariser(features.to(up), boxes, regions, index, labels, self.reg_iou, self.reg_top)
                 losses["loss_reg"] = self.reg_weight * reg
             return losses
         sizes = [len(b) for b in proposals]

@@ -1,0 +1,132 @@
+"""Training the teacher (mlkd.teacher.train_teacher): exact resume, non-finite losses, DDP over 2 CPU processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch.utils.data import DataLoader, DistributedSampler
+
+import mlkd
+import mlkd.teacher
+from mlkd.checkpoint import load_checkpoint
+from mlkd.config import apply_overrides, load_config
+from mlkd.teacher import TeacherConfig, build_teacher, train_teacher
+
+
+def config(teacher_data, out: Path, **extra) -> TeacherConfig:
+    return load_config(TeacherConfig, None, teacher_data.overrides(out, **extra))
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def assert_same_tensors(a, b, exact: bool = True) -> None:
+    """Equal nested state (dicts / lists of tensors and numbers)."""
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b) if exact else torch.allclose(a, b, rtol=1e-4, atol=1e-6), (a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_same_tensors(a[k], b[k], exact)
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same_tensors(x, y, exact)
+    else:
+        assert a == b
+
+
+def test_resume_is_bit_identical_to_an_uninterrupted_run(teacher_data, tmp_path):
+    """Dropout, flips, multi-scale and shuffling all draw random numbers; per-epoch reseeding makes a run that
+    stopped after epoch 1 and resumed end with exactly the weights and optimizer state of one that did not."""
+    extra = {"data.val": teacher_data.val, "data.val_proposals": teacher_data.val_proposals}
+    full = torch.load(train_teacher(config(teacher_data, tmp_path / "full", **extra)), weights_only=True)
+
+    part = tmp_path / "part"
+    train_teacher(config(teacher_data, part, **{**extra, "optim.epochs": 1}))
+    first = load_checkpoint(part / "last.pt", "teacher")
+    assert first["epoch"] == 0 and first["optimizer"]["state"]  # momentum buffers saved
+    with (part / "log.jsonl").open("a") as f:  # written by the interrupted run after its last checkpoint
+        f.write(json.dumps({"type": "epoch", "epoch": 1, "train_loss_cls": 9.0}) + "\n")
+    with pytest.raises(ValueError, match="already holds a run.*pass --resume"):
+        train_teacher(config(teacher_data, part, **extra))
+    resumed = torch.load(train_teacher(config(teacher_data, part, **extra), resume=True), weights_only=True)
+
+    assert resumed["epoch"] == full["epoch"] == 2
+    assert_same_tensors(resumed["model"], full["model"])
+    assert_same_tensors(resumed["optimizer"], full["optimizer"])
+    assert resumed["scheduler"]["last_epoch"] == 3 and resumed["scheduler"] == full["scheduler"]
+    assert not torch.equal(first["model"]["fc8_d.weight"], resumed["model"]["fc8_d.weight"])  # it did train
+
+    logs = {name: records(tmp_path / name) for name in ("full", "part")}
+    epochs = [[r for r in logs[n] if r["type"] == "epoch"] for n in ("full", "part")]
+    assert [r["epoch"] for r in epochs[1]] == [0, 1, 2]  # no duplicate, the stale epoch-1 record dropped
+    assert epochs[0] == epochs[1]  # same losses, same val_mAP
+    assert "val_mAP" in epochs[1][0]
+    iters = [r["iteration"] for r in logs["part"] if r["type"] == "iter"]
+    assert iters == sorted(set(iters)) == list(range(3 * 6))  # 12 images, batch 2, log_every 1
+    assert (tmp_path / "part" / "curves.png").is_file() and (tmp_path / "part" / "config.yaml").is_file()
+    assert resumed["classes"] == full["classes"] and resumed["kind"] == "teacher"
+
+
+def test_resume_without_a_checkpoint_is_an_error(teacher_data, tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        train_teacher(config(teacher_data, tmp_path / "none"), resume=True)
+
+
+def test_non_finite_loss_stops_with_the_loss_dict(teacher_data, tmp_path):
+    cfg = config(teacher_data, tmp_path / "nan", **{"model.score_scale": ".nan", "model.reg_weight": 0.1})
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at epoch 1, iteration 1: "
+                                                 r"\{'loss_cls': nan, 'loss_reg': nan\}"):
+        train_teacher(cfg)
+    assert not (tmp_path / "nan" / "last.pt").exists()
+
+
+def ddp_equivalent_loader(dataset, batch_size, workers, collate_fn, *, train, seed=0, rank=0, world_size=1):
+    """The order DDP uses, in one process: DistributedSampler over 1 replica draws the same permutation
+    (seed + epoch) that 2 replicas split as rank r <- positions r, r + 2, r + 4, ...; so step s of the 2-process
+    run (rank 0: perm[2s], rank 1: perm[2s + 1]) is batch s of this loader with batch_size 2."""
+    sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=train, seed=seed)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_fn)
+
+
+def test_ddp_two_cpu_processes_equal_one_process_with_the_doubled_batch(teacher_data, tmp_path, monkeypatch):
+    """torchrun, gloo, 2 processes x batch 1 vs 1 process x batch 2 over the same image pairs per step: DDP
+    averages the two gradients, the batch loss averages the two images' losses, so the weights agree (up to
+    float summation order). Needs dropout 0, no flip and one scale: their random draws differ per process."""
+    same = {"model.dropout": 0.0, "data.flip": "false", "data.scales": "[80]", "optim.epochs": 1, "optim.lr": 0.05}
+    cfg_file = tmp_path / "ddp.yaml"
+    cfg_file.write_text(yaml.safe_dump(apply_overrides({}, teacher_data.overrides(tmp_path / "ddp", **same))))
+    src = str(Path(mlkd.__file__).parents[1])
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mlkd",
+           "train-teacher", "--config", str(cfg_file), "--set", "data.batch_size=1", "--set", "run.log_every=1"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    out = tmp_path / "ddp"
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "curves.png", "last.pt", "log.jsonl"]
+    assert proc.stdout.count("teacher checkpoint:") == 2 and proc.stdout.count("epoch 0 ") == 1  # rank 0 logs
+    logged = records(out)
+    assert [r["iteration"] for r in logged if r["type"] == "iter"] == list(range(6))  # 12 images / 2 ranks
+    assert [r["epoch"] for r in logged if r["type"] == "epoch"] == [0]
+    ddp = load_checkpoint(out / "last.pt", "teacher")
+    assert load_config(TeacherConfig, out / "config.yaml").data.batch_size == 1
+
+    monkeypatch.setattr(mlkd.teacher, "make_loader", ddp_equivalent_loader)
+    cfg = config(teacher_data, tmp_path / "single", **same)
+    single = torch.load(train_teacher(cfg), weights_only=True)
+    assert len([r for r in records(tmp_path / "single") if r["type"] == "iter"]) == 6
+    torch.manual_seed(cfg.run.seed)  # the initial weights, as _train draws them
+    start = build_teacher(cfg.model, len(single["classes"])).state_dict()
+    assert (single["model"]["fc8_c.weight"] - start["fc8_c.weight"]).abs().max() > 1e-2  # it trained
+    assert_same_tensors(ddp["model"], single["model"], exact=False)
+    assert_same_tensors(ddp["optimizer"]["state"], single["optimizer"]["state"], exact=False)
