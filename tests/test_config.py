@@ -163,3 +163,10 @@ def test_student_stages_are_nested_dataclasses(tmp_path):
     with pytest.raises(ValueError, match="distil from the teacher: set distill.teacher"):
         load_config(StudentConfig, None, ["data.train=t", "stages=[{soft_weight: 1}]"])
     assert dataclasses.is_dataclass(cfg.stages[1])
+
+
+def test_a_looping_base_chain_is_a_clear_error(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\nrun: {seed: 1}\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ValueError, match=r"config base chain loops: .*a.yaml -> .*b.yaml -> .*a.yaml"):
+        read_yaml(tmp_path / "a.yaml")

@@ -164,3 +164,13 @@ def test_zero_proposals_in_a_distillation_batch_is_a_clear_error():
         model(images=torch.zeros(1, 3, 32, 32, dtype=torch.float64), labels=torch.zeros(1, K),
               teacher_images=torch.zeros(1, 3, 64, 64, dtype=torch.float64), proposals=[torch.zeros(0, 4)],
               student_proposals=[torch.zeros(0, 4)])
+
+
+def test_student_region_features_run_under_cpu_bf16_autocast():
+    student = make_student().float().eval()
+    boxes, index = torch.tensor([[0.0, 0.0, 20.0, 20.0], [4.0, 4.0, 30.0, 31.0]]), torch.zeros(2, dtype=torch.int64)
+    images = torch.randn(1, 3, 32, 32)
+    want = student.forward_regions(student.backbone(images), boxes, index)["fc7"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = student.forward_regions(student.backbone(images), boxes, index)["fc7"]
+    assert got.dtype == torch.bfloat16 and torch.allclose(got.float(), want, atol=0.1, rtol=0.05)

@@ -118,9 +118,11 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
+def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A config file as a dict, its ``base:`` chain resolved."""
     path = Path(path)
+    if path.resolve() in _chain:
+        raise ValueError(f"config base chain loops: {' -> '.join(str(p) for p in (*_chain, path.resolve()))}")
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     try:
@@ -130,7 +132,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"config {path} must be a mapping of keys, got {type(data).__name__}")
     base = data.pop("base", None)
-    return _merge(read_yaml(path.parent / base), data) if base else data
+    return _merge(read_yaml(path.parent / base, (*_chain, path.resolve())), data) if base else data
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -226,7 +226,7 @@ def _run_stage(cfg: StudentConfig, index: int, stage: StageConfig, student: Stud
 
     for stage_epoch in range(start, stage.epochs):
         epoch = epoch_offset + stage_epoch
-        seed_epoch(cfg.run.seed, epoch)
+        seed_epoch(cfg.run.seed, epoch, info.rank)
         if hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(epoch)
         losses = train_one_epoch(wrapped, loader, optimizer, prepare, epoch=epoch, device=info.device,

@@ -111,9 +111,13 @@ def teacher_inputs(images: Any, targets: list[dict[str, Any]], device: torch.dev
     return out
 
 
-def seed_epoch(seed: int, epoch: int) -> None:
-    """Reseed torch and numpy for an epoch, so epoch e draws the same numbers whether or not the run resumed."""
-    state = np.random.SeedSequence([seed, epoch]).generate_state(2)
+def seed_epoch(seed: int, epoch: int, rank: int = 0) -> None:
+    """Reseed torch and numpy for an epoch, so epoch e draws the same numbers whether or not the run resumed.
+
+    Each DDP rank gets its own stream (flips and dropout differ between ranks); rank 0 draws what a single
+    process draws.
+    """
+    state = np.random.SeedSequence([seed, epoch] + ([rank] if rank else [])).generate_state(2)
     torch.manual_seed(int(state[0]))
     np.random.seed(int(state[1]))
 
@@ -155,7 +159,7 @@ def _train(cfg: TeacherConfig, resume: bool, info: DistInfo) -> Path:
     scaler = torch.amp.GradScaler("cuda") if cfg.run.amp == "fp16" else None
     convention = cfg.model.input_convention
     for epoch in range(start, cfg.optim.epochs):
-        seed_epoch(cfg.run.seed, epoch)
+        seed_epoch(cfg.run.seed, epoch, info.rank)
         collate.set_epoch(epoch)
         if hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(epoch)

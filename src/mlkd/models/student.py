@@ -21,9 +21,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import roi_align, roi_pool
 
-from mlkd.models.wsddn import caffe_xavier_, flatten_proposals
+from mlkd.models.wsddn import caffe_xavier_, flatten_proposals, pool_regions
 
 
 class Student(nn.Module):
@@ -78,14 +77,12 @@ class Student(nn.Module):
         Returns ``{layer: (N, D)}`` for the requested ``layers`` (VGG head: ``fc6``/``fc7`` after ReLU, before
         dropout; ResNet head: ``fc7`` = the adapter's output).
         """
-        rois = torch.cat([index[:, None].to(fmap.dtype), boxes.to(fmap.dtype)], dim=1)  # (N, 5)
-        scale = 1.0 / self.backbone.stride
         if self.head == "resnet":
             if set(layers) - {"fc7"}:
                 raise ValueError(f"a ResNet student has only the 'fc7' (adapter) region features, asked {layers}")
-            pooled = roi_align(fmap, rois, self.roi_size, scale, sampling_ratio=2, aligned=True)
+            pooled = pool_regions(fmap, boxes, index, self.roi_size, self.backbone.stride, "roi_align")
             return {"fc7": self.adapter(pooled.mean((2, 3)))}
-        pooled = roi_pool(fmap, rois, self.roi_size, scale)  # (N, C, s, s)
+        pooled = pool_regions(fmap, boxes, index, self.roi_size, self.backbone.stride)  # (N, C, s, s)
         out = {"fc6": F.relu(self.fc6(pooled.flatten(1)))}
         out["fc7"] = F.relu(self.fc7(out["fc6"]))
         return {k: out[k] for k in layers}

@@ -100,6 +100,22 @@ def spatial_regulariser(features: Tensor, boxes: Tensor, regions: Tensor, index:
     return total / labels.shape[0]
 
 
+def pool_regions(fmap: Tensor, boxes: Tensor, index: Tensor, size: int, stride: int, op: str = "roi_pool") -> Tensor:
+    """RoI features ``(N, C, size, size)`` of ``boxes (N, 4)`` (pixels) of images ``index (N,)`` on ``fmap``.
+
+    ``op`` is ``"roi_pool"`` (Fast R-CNN max pooling, the release) or ``"roi_align"`` (aligned, 2 samples per
+    bin). Computed in at least float32: torchvision's CPU kernels have no bfloat16, and box coordinates rounded
+    to bfloat16 would move by up to 4 pixels at 832. The result has ``fmap``'s dtype.
+    """
+    dtype = torch.promote_types(fmap.dtype, torch.float32)
+    rois = torch.cat([index[:, None].to(dtype), boxes.to(dtype)], dim=1)  # (N, 5) = (image, x1, y1, x2, y2)
+    if op == "roi_pool":
+        pooled = roi_pool(fmap.to(dtype), rois, size, 1.0 / stride)
+    else:
+        pooled = roi_align(fmap.to(dtype), rois, size, 1.0 / stride, sampling_ratio=2, aligned=True)
+    return pooled.to(fmap.dtype)
+
+
 def caffe_xavier_(layer: nn.Linear) -> None:
     """Caffe's "xavier" filler (uniform in +-sqrt(3 / fan_in)), zero bias: how the release initialised new layers."""
     bound = math.sqrt(3.0 / layer.in_features)
@@ -173,16 +189,7 @@ class WSDDN(nn.Module):
 
     def pool(self, fmap: Tensor, boxes: Tensor, index: Tensor) -> Tensor:
         """RoI features ``(N, C, s, s)`` of ``boxes (N, 4)`` (image pixels) on ``fmap (B, C, h, w)``."""
-        # At least float32: torchvision's CPU kernels have no bfloat16 (roi_pool has no CPU autocast either), and
-        # box coordinates rounded to bfloat16 would move by up to 4 pixels at 832.
-        dtype = torch.promote_types(fmap.dtype, torch.float32)
-        rois = torch.cat([index[:, None].to(dtype), boxes.to(dtype)], dim=1)  # (N, 5) = (image, x1, y1, x2, y2)
-        scale = 1.0 / self.backbone.stride
-        if self.roi_op == "roi_pool":
-            pooled = roi_pool(fmap.to(dtype), rois, self.roi_size, scale)
-        else:
-            pooled = roi_align(fmap.to(dtype), rois, self.roi_size, scale, sampling_ratio=2, aligned=True)
-        return pooled.to(fmap.dtype)
+        return pool_regions(fmap, boxes, index, self.roi_size, self.backbone.stride, self.roi_op)
 
     def region_layers(self, fmap: Tensor, boxes: Tensor, scores: Tensor, index: Tensor) -> dict[str, Tensor]:
         """fc6 and fc7 region features ``(N, hidden)`` after ReLU (fc7's input is the dropped-out fc6)."""
