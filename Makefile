@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_proposals.py
 	$(BIN)/python benchmarks/bench_data.py
 	$(BIN)/python benchmarks/bench_teacher.py
+	$(BIN)/python benchmarks/bench_student.py
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info
