@@ -15,12 +15,16 @@ from mlkd.cli import data, demo, export, metrics, proposals, student, teacher
 COMMANDS = (demo, data, proposals, teacher, student, metrics, export)
 
 EPILOG = """\
-typical flow:
-  mlkd data synth --out data/synth --num-images 200 --seed 0     # a dataset on disk
-  mlkd proposals --dataset data/synth/train.jsonl --out cache/   # proposals into an LMDB cache
-  mlkd metrics --scores scores.npy --targets targets.npy         # every multi-label metric
-  mlkd demo --out runs/demo                                      # all of the above, end to end
-  mlkd export --checkpoint runs/demo/student/last.pt --format onnx --out export/  # deployable, verified
+typical flow, step by step (paths as in configs/*_demo.yaml; `mlkd demo` runs it all):
+  mlkd data synth --out runs/demo/data --num-images 600 --seed 0
+  mlkd proposals --dataset runs/demo/data/train.jsonl --method selective_search --max-proposals 200 \\
+      --out runs/demo/proposals/train                      # and the same for val.jsonl -> proposals/val
+  mlkd train-teacher --config configs/teacher_demo.yaml
+  mlkd evaluate-teacher --checkpoint runs/demo/teacher/last.pt --dataset runs/demo/data/val.jsonl \\
+      --proposals runs/demo/proposals/val
+  mlkd train-student --config configs/student_demo_kd.yaml
+  mlkd evaluate --checkpoint runs/demo/student_kd/last.pt --dataset runs/demo/data/val.jsonl
+  mlkd export --checkpoint runs/demo/student_kd/last.pt --format onnx --out export/
 
 Run `mlkd <command> --help` for the options of each command."""
 
