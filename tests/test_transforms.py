@@ -113,8 +113,9 @@ def test_flip_twice_is_identity_and_p0_never_flips():
     back, t = flip(*flip(img, target))
     assert torch.equal(back, img)
     assert torch.equal(t["boxes"], target["boxes"]) and torch.equal(t["proposals"], target["proposals"])
+    assert flip(img, target)[1]["flipped"] is True and t["flipped"] is False  # recorded; two flips cancel
     same, t0 = RandomHorizontalFlip(p=0.0)(img, target)
-    assert torch.equal(same, img) and torch.equal(t0["boxes"], target["boxes"])
+    assert torch.equal(same, img) and torch.equal(t0["boxes"], target["boxes"]) and t0["flipped"] is False
 
 
 def test_flip_with_generator_is_reproducible_and_random():

@@ -135,16 +135,7 @@ def _stage_transform(cfg: StudentConfig, stage: StageConfig, teacher_scale: int 
     if stage.feature_weight or (stage.soft_weight and not cached):
         keep = [KeepTopProposals(cfg.data.max_proposals)] if cfg.data.max_proposals else []
         return Compose(keep + [TeacherStudentViews(teacher_scale, size, 0.5 if cfg.data.flip else 0.0)])
-    return Compose(([RecordFlip(0.5)] if cfg.data.flip else [RecordFlip(0.0)]) + [Warp(size)])
-
-
-class RecordFlip(RandomHorizontalFlip):
-    """A random flip that records ``target["flipped"]`` (cached teacher targets are looked up by it)."""
-
-    def __call__(self, image: torch.Tensor, target: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
-        flipped = bool(torch.rand(1, generator=self.generator).item() < self.p)
-        image, target = RandomHorizontalFlip(1.0 if flipped else 0.0)(image, target)
-        return image, {**target, "flipped": flipped}
+    return Compose([RandomHorizontalFlip(0.5 if cfg.data.flip else 0.0), Warp(size)])
 
 
 def train_student(cfg: StudentConfig, resume: bool = False) -> Path:

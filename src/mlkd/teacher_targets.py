@@ -52,14 +52,15 @@ def compute_teacher_targets(teacher: torch.nn.Module, ckpt: dict[str, Any], teac
     """Load the cached targets if their fingerprint matches, else compute them (rank 0) and save them."""
     path = out / "teacher_targets.pt"
     key = _fingerprint(teacher_path, scale, dataset, max_proposals)
-    if info.is_main and not (path.is_file() and torch.load(path, weights_only=True)["key"] == key):
+    saved = torch.load(path, weights_only=True) if info.is_main and path.is_file() else None
+    if info.is_main and (saved is None or saved["key"] != key):
         if dataset.proposals is None:
             raise ValueError("soft targets need the training split's proposals: set data.train_proposals")
         teacher.eval()
         convention = ckpt["input_convention"]
         keep = [KeepTopProposals(max_proposals)] if max_proposals else []
         rows: dict[str, list[torch.Tensor]] = {r.image_id: [] for r in dataset.records}
-        saved = dataset.transform
+        previous = dataset.transform
         for flipped in (False, True):
             dataset.transform = Compose(keep + [RandomHorizontalFlip(float(flipped)), Warp(scale)])
             loader = make_loader(dataset, 1, 0, collate, train=False)
@@ -68,7 +69,11 @@ def compute_teacher_targets(teacher: torch.nn.Module, ckpt: dict[str, Any], teac
                 x = teacher_inputs(images, targets, next(teacher.parameters()).device, convention, with_labels=False)
                 probs = teacher_image_probs(teacher, x["images"], x["proposals"], x["proposal_scores"])
                 rows[targets[0]["image_id"]].append(probs[0].cpu())
-        dataset.transform = saved
-        torch.save({"key": key, "probs": {k: torch.stack(v) for k, v in rows.items()}}, path)
+        dataset.transform = previous
+        saved = {"key": key, "probs": {k: torch.stack(v) for k, v in rows.items()}}
+        torch.save(saved, path.with_name(path.name + ".tmp"))
+        os.replace(path.with_name(path.name + ".tmp"), path)  # an interrupted run leaves no half-written file
     barrier(info)
-    return TeacherTargets(torch.load(path, weights_only=True)["probs"])
+    if not info.is_main:  # rank 0 may have just written the file
+        saved = torch.load(path, weights_only=True)
+    return TeacherTargets(saved["probs"])

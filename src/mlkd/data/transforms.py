@@ -136,6 +136,8 @@ class ResizeShorter:
 class RandomHorizontalFlip:
     """Flip the image left-right with probability ``p``; boxes map x -> W - x (x1, x2 swap roles).
 
+    ``target["flipped"]`` records whether the returned image is mirrored (two flips cancel).
+
     Args:
         p: flip probability in [0, 1].
         generator: a ``torch.Generator`` for reproducible draws. With ``None`` the global torch RNG is used,
@@ -151,7 +153,9 @@ class RandomHorizontalFlip:
     def __call__(self, image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
         hw = _check_image(image)
         target = dict(target)
-        if torch.rand(1, generator=self.generator).item() < self.p:
+        flip = torch.rand(1, generator=self.generator).item() < self.p
+        target["flipped"] = bool(target.get("flipped", False)) ^ flip  # cached teacher outputs are looked up by it
+        if flip:
             image = F.horizontal_flip(image)
             for key in BOX_KEYS:
                 if key in target:
@@ -254,17 +258,13 @@ class TeacherStudentViews:
     def __init__(self, teacher_size: int | Sequence[int], student_size: int | Sequence[int], flip: float = 0.5,
                  generator: torch.Generator | None = None) -> None:
         self.teacher, self.student = Warp(teacher_size), Warp(student_size)
-        self.flip, self.generator = float(flip), generator
-        if not 0.0 <= self.flip <= 1.0:
-            raise ValueError(f"flip probability must be in [0, 1], got {flip!r}")
+        self.flipper = RandomHorizontalFlip(flip, generator)
 
     def __call__(self, image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
-        flipped = bool(torch.rand(1, generator=self.generator).item() < self.flip)
-        if flipped:
-            image, target = RandomHorizontalFlip(1.0)(image, target)
+        image, target = self.flipper(image, target)
         teacher_image, target = self.teacher(image, target)
         student_image, student_target = self.student(image, {k: v for k, v in target.items() if k != "proposals"})
-        student_target.update(teacher_image=teacher_image, flipped=flipped)
+        student_target["teacher_image"] = teacher_image
         if "proposals" in target:
             student_target["proposals"] = target["proposals"]
             student_target["student_proposals"] = rescale_boxes(target["proposals"], self.teacher.size,
@@ -272,4 +272,4 @@ class TeacherStudentViews:
         return student_image, student_target
 
     def __repr__(self) -> str:
-        return f"TeacherStudentViews(teacher={self.teacher.size}, student={self.student.size}, flip={self.flip})"
+        return f"TeacherStudentViews(teacher={self.teacher.size}, student={self.student.size}, flip={self.flipper.p})"

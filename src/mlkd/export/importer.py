@@ -30,6 +30,7 @@ import torch
 
 from mlkd.checkpoint import save_checkpoint
 from mlkd.config import DataConfig, from_dict, parse_override, to_dict
+from mlkd.data.custom import read_class_file
 from mlkd.export.caffe import SUPPORTED_TYPES, CaffeNet, LayerBlobs, import_vgg_weights, read_caffemodel, read_prototxt
 from mlkd.export.caffe.layout import KD_TEACHER, RELEASE, Naming, VggLayout, fc_input_side, fc_shapes, vgg_layout
 from mlkd.export.caffe.wsddn import SUM_LAYER, check_sum_layer, head_settings
@@ -73,10 +74,7 @@ def read_classes(path: str | Path | None, num_classes: int) -> list[str]:
     if path is None:
         raise ValueError(f"the model has {num_classes} classes: give their names with --classes FILE (one per line, "
                          "in the order of the Caffe classifier's outputs)")
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"classes file not found: {path}")
-    names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    names = read_class_file(path)
     if len(names) != num_classes or len(set(names)) != len(names):
         dupes = sorted({n for n in names if names.count(n) > 1})
         raise ValueError(f"{path} lists {len(names)} class names{f' (duplicated: {dupes})' if dupes else ''}; the "
