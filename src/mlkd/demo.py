@@ -26,10 +26,11 @@ from mlkd.checkpoint import load_checkpoint
 from mlkd.config import load_config
 from mlkd.data import build_dataset
 from mlkd.data.base import read_image
+from mlkd.data.loader import open_split
 from mlkd.data.synthetic import generate
 from mlkd.evaluation import evaluate_student_model, evaluate_teacher_model, predict_teacher
 from mlkd.metrics import report_to_json
-from mlkd.proposals import ProposalCache, generate_proposals
+from mlkd.proposals import generate_proposals
 from mlkd.student import StudentConfig, student_from_checkpoint, train_student
 from mlkd.teacher import TeacherConfig, teacher_from_checkpoint, train_teacher
 from mlkd.viz import grid, kd_figure, save_rgb
@@ -165,9 +166,8 @@ def figure(out: Path, seed: int, num: int = 6) -> Path:
     """The paper's example figure for the first ``num`` held-out images: the teacher's top-10 proposals, the
     students' top-3 labels without and with distillation."""
     run = out / f"seed{seed}"
-    val = build_dataset(str(out / "data" / "val.jsonl"))
+    val = open_split(str(out / "data" / "val.jsonl"), proposals=str(out / "proposals" / "val"))
     ckpt = load_checkpoint(run / "teacher" / "last.pt", "teacher")
-    val.attach_proposals(ProposalCache.open(out / "proposals" / "val"))
     plain, kd = (np.load(run / n / "val_scores.npy") for n in ("student", "student_kd"))
     chosen = np.arange(min(num, len(val)))  # the first held-out images: no picking of flattering examples
     val.records = [val.records[i] for i in chosen]
