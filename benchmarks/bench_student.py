@@ -23,10 +23,9 @@ from typing import Callable
 import torch
 import torchvision
 
-from mlkd.distill import Distiller
-from mlkd.models.student import PlainStudent
-from mlkd.student import StudentModelConfig, build_student
-from mlkd.teacher import TeacherModelConfig, build_teacher
+from mlkd.distill import StudentObjective
+from mlkd.models.build import build_student, build_teacher
+from mlkd.models.configs import StudentModelConfig, TeacherModelConfig
 
 K = 80
 
@@ -87,17 +86,17 @@ def training(device: torch.device, batch: int, proposals: int, repeats: int) -> 
     inputs = {k: [v.to(device) for v in x] if isinstance(x, list) else x.to(device) for k, x in inputs.items()}
     cached = torch.rand(batch, K, device=device)
     cases = {
-        "plain student (L_p)": (PlainStudent(student), {}),
-        "stage 1 (L_f, teacher on the fly)": (Distiller(student, teacher, 0, 0, 1), {}),
-        "stage 2 (L_p + L_p', cached targets)": (Distiller(student, teacher, 1, 1, 0), {"teacher_probs": cached}),
-        "stage 2 (L_p + L_p', teacher on the fly)": (Distiller(student, teacher, 1, 1, 0), {}),
+        "plain student (L_p)": (StudentObjective(student, None), {}),
+        "stage 1 (L_f, teacher on the fly)": (StudentObjective(student, teacher, 0, 0, 1), {}),
+        "stage 2 (L_p + L_p', cached targets)": (StudentObjective(student, teacher, 1, 1, 0), {"teacher_probs": cached}),
+        "stage 2 (L_p + L_p', teacher on the fly)": (StudentObjective(student, teacher, 1, 1, 0), {}),
     }
     base = None
     for name, (model, extra) in cases.items():
         model.to(device).train()
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-6, momentum=0.9)
-        args = {**inputs, **extra} if isinstance(model, Distiller) else {"images": inputs["images"],
-                                                                          "labels": inputs["labels"]}
+        args = {**inputs, **extra} if model.teacher is not None else {"images": inputs["images"],
+                                                                       "labels": inputs["labels"]}
 
         def step():
             loss = sum(model(**args).values())

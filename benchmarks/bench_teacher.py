@@ -32,8 +32,9 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_pool
 
+from mlkd.models.build import build_teacher
+from mlkd.models.configs import TeacherModelConfig
 from mlkd.models.wsddn import P_CLAMP, WSDDN
-from mlkd.teacher import TeacherModelConfig, build_teacher
 
 NUM_CLASSES = 20
 

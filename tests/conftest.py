@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny synthetic dataset with selective-search proposal caches, and a tiny teacher recipe."""
+"""Shared fixtures: a tiny synthetic dataset with selective-search proposal caches, a tiny teacher recipe, and a
+tiny teacher and student trained on it."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from mlkd.config import load_config
 from mlkd.data import CustomDataset
 from mlkd.data.synthetic import generate
 from mlkd.proposals import generate_proposals
+from mlkd.train_student import StudentConfig, train_student
+from mlkd.train_teacher import TeacherConfig, train_teacher
 
 
 @dataclass
@@ -43,3 +47,30 @@ def teacher_data(tmp_path_factory) -> TeacherData:
         generate_proposals(CustomDataset(manifests[split]), "selective_search", {"mode": "fast", "max_proposals": 30},
                            caches[split], workers=0, progress=False)
     return TeacherData(manifests["train"], manifests["val"], caches["train"], caches["val"])
+
+
+@dataclass
+class Trained:
+    data: TeacherData
+    teacher: Path  # last.pt of a tiny teacher (2 epochs)
+    student: Path  # last.pt of a tiny student distilled from it (one stage-1 and one stage-2 epoch)
+
+
+TINY_STUDENT = {"model.backbone": "tiny", "model.tiny_channels": "[8, 16, 16]", "model.hidden": 32,
+                "model.roi_size": 3, "model.input_convention": "torchvision", "model.image_size": 48,
+                "data.batch_size": 4, "data.workers": 0, "data.max_proposals": 30, "optim.optimizer": "adamw",
+                "optim.lr": 0.001, "run.progress": "false", "run.device": "cpu"}
+
+
+@pytest.fixture(scope="session")
+def trained(teacher_data, tmp_path_factory) -> Trained:
+    """A tiny teacher and a student distilled from it, trained once for the tests that need real checkpoints."""
+    root = tmp_path_factory.mktemp("trained")
+    teacher = train_teacher(load_config(TeacherConfig, None,
+                                        teacher_data.overrides(root / "teacher", **{"optim.epochs": 2})))
+    stages = ('[{name: feature, epochs: 1, label_weight: 0, feature_weight: 1}, '
+              '{name: prediction, epochs: 1, label_weight: 1, soft_weight: 1}]')
+    sets = {**TINY_STUDENT, "data.train": teacher_data.train, "data.train_proposals": teacher_data.train_proposals,
+            "distill.teacher": teacher, "stages": stages, "run.out": root / "student"}
+    student = train_student(load_config(StudentConfig, None, [f"{k}={v}" for k, v in sets.items()]))
+    return Trained(teacher_data, teacher, student)

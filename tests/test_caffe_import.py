@@ -16,9 +16,9 @@ from mlkd.cli import main
 from mlkd.export.caffe import CaffeNet, LayerBlobs, read_prototxt, write_caffemodel
 from mlkd.export.importer import plan_imagenet, plan_student, plan_teacher
 from mlkd.models.backbones import load_imagenet_weights, read_state_dict, tiny
+from mlkd.models.build import VGG16_IMAGENET, build_student, build_teacher, model_from_checkpoint
+from mlkd.models.configs import StudentModelConfig, TeacherModelConfig
 from mlkd.models.student import Student
-from mlkd.student import StudentModelConfig, build_student, student_from_checkpoint
-from mlkd.teacher import VGG16_IMAGENET, TeacherModelConfig, build_teacher, teacher_from_checkpoint
 
 cv2.setNumThreads(1)
 torch.set_num_threads(1)
@@ -312,12 +312,12 @@ def test_release_wsddn_teacher_import_rebuilds_and_matches_opencv(tmp_path, caps
     assert "skipped image_level_score: the sum over regions" in out
     ckpt = load_checkpoint(tmp_path / "wsddn.pt", "teacher")
     assert ckpt["input_convention"] == "caffe" and ckpt["classes"] == ["cat", "dog", "car", "bus"]
-    assert ckpt["config"]["model"] | {"tiny_channels": [8, 16]} == ckpt["config"]["model"]
-    m = ckpt["config"]["model"]
+    assert ckpt["model_config"] | {"tiny_channels": [8, 16]} == ckpt["model_config"]
+    m = ckpt["model_config"]
     assert (m["backbone"], m["tiny_convs_per_block"], m["roi_size"], m["hidden"]) == ("tiny", 1, 2, 32)
     assert (m["score_scale"], m["score_bias"], m["input_convention"]) == (10.0, 1.0, "caffe")  # from roi_pooling_param
-    assert ckpt["config"]["data"]["test_scale"] == 32  # the prototxt's input
-    teacher = teacher_from_checkpoint(ckpt)
+    assert ckpt["inference"]["image_size"] == 32  # the prototxt's input
+    teacher = model_from_checkpoint(ckpt)
     blobs = _teacher_weights(RELEASE_FC)
     assert np.array_equal(teacher.fc8_d.weight.detach().numpy(), blobs["fc8_d"].blobs[0])
     assert np.array_equal(teacher.backbone.features[3].bias.detach().numpy(), blobs["conv2_1"].blobs[1])
@@ -354,9 +354,9 @@ def _student_weights(classifier: str = "fc8_voc", seed: int = 1) -> dict[str, La
 
 def _check_student(tmp_path, ckpt_path, deploy, caffemodel, classifier="fc8_voc") -> None:
     ckpt = load_checkpoint(ckpt_path, "student")
-    m = ckpt["config"]["model"]
+    m = ckpt["model_config"]
     assert (ckpt["input_convention"], m["image_size"], m["roi_size"], m["tiny_channels"]) == ("caffe", 32, 8, [8, 16])
-    student = student_from_checkpoint(ckpt)
+    student = model_from_checkpoint(ckpt)
     x = torch.from_numpy(np.random.default_rng(4).uniform(-120, 150, (2, 3, 32, 32)).astype(np.float32))
     (logits,) = _opencv(deploy, caffemodel, {"data": x.numpy()}, [classifier])
     with torch.no_grad():
@@ -408,7 +408,7 @@ def test_kd_stage2_snapshot_student_and_teacher_copy(tmp_path, capsys):
     deploy = tmp_path / "deploy.prototxt"  # the student alone, for OpenCV; the caffemodel also holds the teacher
     deploy.write_text(_input(2, "data", (1, 3, 32, 32)) + _student_text(2))
     _check_student(tmp_path, tmp_path / "student.pt", deploy, tmp_path / "kd.caffemodel")
-    teacher = teacher_from_checkpoint(load_checkpoint(tmp_path / "teacher.pt", "teacher"))
+    teacher = model_from_checkpoint(load_checkpoint(tmp_path / "teacher.pt", "teacher"))
     assert np.array_equal(teacher.fc8_c.weight.detach().numpy(), weights["fc_wsd_8_c"].blobs[0])
     assert np.array_equal(teacher.backbone.features[0].weight.detach().numpy(), weights["conv_wsd_1_1"].blobs[0])
     assert (teacher.score_scale, teacher.roi_size) == (10.0, 2)

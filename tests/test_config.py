@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 
 from mlkd.config import apply_overrides, from_dict, load_config, parse_override, read_yaml, save_config, to_dict
-from mlkd.student import StageConfig, StudentConfig
-from mlkd.teacher import TeacherConfig
+from mlkd.train_student import StageConfig, StudentConfig
+from mlkd.train_teacher import TeacherConfig
 
 TRAIN = {"data": {"train": "data/train.jsonl"}}
 

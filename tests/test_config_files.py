@@ -1,4 +1,5 @@
-"""Every shipped config parses into its typed config, and the release's values are what DESIGN.md states."""
+"""Every shipped config parses into its typed config, configs load by name from any folder, and the release's
+values are what docs/method.md states."""
 
 from __future__ import annotations
 
@@ -6,14 +7,20 @@ from pathlib import Path
 
 import pytest
 
-from mlkd.config import load_config
-from mlkd.student import StudentConfig
-from mlkd.teacher import TeacherConfig
+from mlkd.config import CONFIG_DIR, load_config, packaged_configs, resolve_config
+from mlkd.train_student import StudentConfig
+from mlkd.train_teacher import TeacherConfig
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "src" / "mlkd" / "configs"
+SHIPPED = sorted(CONFIGS.glob("*.yaml"))
 
 
-@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_the_configs_ship_inside_the_package():
+    assert CONFIG_DIR == CONFIGS and len(SHIPPED) == 15
+    assert packaged_configs() == [p.stem for p in SHIPPED]
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_config_parses(path):
     cls = TeacherConfig if path.name.startswith("teacher_") else StudentConfig
     cfg = load_config(cls, path)
@@ -32,3 +39,17 @@ def test_release_values():
     assert s.model.image_size == 224 and s.distill.teacher_scale == 672 and s.distill.feature_layers == ("fc7",)
     assert s.distill.scale_init == 0.2 and s.distill.scale_lr_mult == 10 and s.data.max_proposals == 500
     assert [(x.label_weight, x.soft_weight, x.feature_weight) for x in s.stages] == [(0, 0, 1), (1, 1, 0)]
+
+
+def test_configs_load_by_name_from_any_folder_and_paths_still_work(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    by_name = load_config(TeacherConfig, "teacher_coco")
+    assert by_name == load_config(TeacherConfig, "teacher_coco.yaml") == load_config(TeacherConfig, CONFIGS / "teacher_coco.yaml")
+    own = tmp_path / "mine.yaml"
+    own.write_text("base: " + str(CONFIGS / "teacher_demo.yaml") + "\noptim: {epochs: 2}\n")
+    assert load_config(TeacherConfig, "mine.yaml").optim.epochs == 2
+    (tmp_path / "teacher_coco.yaml").write_text("optim: {epochs: 3}\ndata: {train: x.jsonl}\n")
+    assert load_config(TeacherConfig, "teacher_coco.yaml").optim.epochs == 3  # a file here wins over the shipped one
+    assert resolve_config("teacher_coco") == CONFIG_DIR / "teacher_coco.yaml"
+    with pytest.raises(FileNotFoundError, match=r"teacher_cocoa.*neither a file nor one of mlkd's configs: .*teacher_coco"):
+        load_config(TeacherConfig, "teacher_cocoa")

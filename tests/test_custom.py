@@ -65,7 +65,7 @@ def test_class_order_from_list_file_or_existing_classes_txt(tmp_path, images):
     (tmp_path / "classes.txt").write_text("dog\nbird\ncat\nzebra\n")
     ds = CustomDataset(manifest)
     assert ds.classes == ["dog", "bird", "cat", "zebra"] and ds.label_matrix()[2].tolist() == [0, 1, -1, 0]
-    assert ds.identity.manifest_hash != by_list.identity.manifest_hash  # class order is part of the identity
+    assert ds.identity.labels_hash != by_list.identity.labels_hash  # class order is part of the identity
 
 
 def test_csv_with_both_separators_boxes_and_ignore(tmp_path, images):

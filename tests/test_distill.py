@@ -9,7 +9,7 @@ import torch
 from torchvision.ops import roi_pool
 
 from mlkd.data.transforms import TeacherStudentViews
-from mlkd.distill import Distiller, feature_loss, soft_label_loss, teacher_image_probs, top_regions
+from mlkd.distill import StudentObjective, feature_loss, soft_label_loss, teacher_image_probs, top_regions
 from mlkd.models.backbones import tiny
 from mlkd.models.student import Student, label_loss
 from mlkd.models.wsddn import WSDDN
@@ -120,7 +120,7 @@ def test_two_views_rescale_proposals_from_the_teacher_frame_and_flip_both():
 def test_distiller_keeps_the_teacher_frozen_and_grads_reach_the_student_and_scale():
     teacher, student = make_teacher(), make_student()
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    model = Distiller(student, teacher, label_weight=1.0, soft_weight=1.0, feature_weight=1.0).double()
+    model = StudentObjective(student, teacher, label_weight=1.0, soft_weight=1.0, feature_weight=1.0).double()
     model.train()
     assert not teacher.training and all(not p.requires_grad for p in teacher.parameters())
     gen = torch.Generator().manual_seed(4)
@@ -146,7 +146,7 @@ def test_distiller_top_k_uses_only_the_best_regions():
     kw = dict(images=torch.randn(1, 3, 32, 32, generator=gen, dtype=torch.float64), labels=torch.zeros(1, K),
               teacher_images=torch.randn(1, 3, 64, 64, generator=gen, dtype=torch.float64), proposals=proposals,
               proposal_scores=None, student_proposals=[b / 2 for b in proposals])
-    model = Distiller(student, teacher, 0, 0, 1, top_k=2).double().eval()
+    model = StudentObjective(student, teacher, 0, 0, 1, top_k=2).double().eval()
     got = model(**kw)["loss_feature"]
     with torch.no_grad():  # by hand: the teacher's objectness, its top 2 regions, their fc7 features
         idx = torch.zeros(6, dtype=torch.int64)
@@ -159,7 +159,7 @@ def test_distiller_top_k_uses_only_the_best_regions():
 
 
 def test_zero_proposals_in_a_distillation_batch_is_a_clear_error():
-    model = Distiller(make_student(), make_teacher(), 0, 0, 1).double()
+    model = StudentObjective(make_student(), make_teacher(), 0, 0, 1).double()
     with pytest.raises(ValueError, match="image 0 of the batch has zero proposals"):
         model(images=torch.zeros(1, 3, 32, 32, dtype=torch.float64), labels=torch.zeros(1, K),
               teacher_images=torch.zeros(1, 3, 64, 64, dtype=torch.float64), proposals=[torch.zeros(0, 4)],

@@ -15,13 +15,15 @@ from mlkd.checkpoint import load_checkpoint, save_checkpoint
 from mlkd.cli import main
 from mlkd.config import DataConfig, to_dict
 from mlkd.data.synthetic import render_image
-from mlkd.export import exporter
+from mlkd.export import caffe_export, exporter
 from mlkd.export.caffe import read_prototxt
 from mlkd.export.verify import sample_inputs
 from mlkd.models.backbones import tiny
 from mlkd.models.student import Student, label_loss
-from mlkd.student import StudentConfig, StudentModelConfig, build_student, student_from_checkpoint
-from mlkd.teacher import TeacherConfig, TeacherModelConfig, build_teacher, teacher_from_checkpoint
+from mlkd.models.build import build_student, build_teacher, model_from_checkpoint
+from mlkd.models.configs import StudentModelConfig, TeacherModelConfig
+from mlkd.train_student import StudentConfig
+from mlkd.train_teacher import TeacherConfig
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -103,7 +105,7 @@ def test_student_caffe_export_runs_in_opencv_and_imports_back(trained_student, t
     assert manifest["verification"]["passed"] and "folded into fc6" in manifest["notes"][1]
     assert "channels in RGB order" in (out / "README.md").read_text()
 
-    student = student_from_checkpoint(load_checkpoint(trained_student))
+    student = model_from_checkpoint(load_checkpoint(trained_student))
     x = _fresh_inputs()
     cv = cv2.dnn.readNetFromCaffe(str(out / "student.prototxt"), str(out / "student.caffemodel"))
     cv.setInput(x.numpy())
@@ -120,10 +122,10 @@ def test_student_caffe_export_runs_in_opencv_and_imports_back(trained_student, t
                            str(tmp_path / "back.pt"), "--input-convention", "torchvision")
     assert rc == 0, err
     back = load_checkpoint(tmp_path / "back.pt", "student")
-    assert back["input_convention"] == "torchvision" and back["config"]["model"]["roi_size"] == 6  # the folded fc6
-    assert back["config"]["model"]["dropout"] == 0.25 and back["config"]["model"]["image_size"] == 96
+    assert back["input_convention"] == "torchvision" and back["model_config"]["roi_size"] == 6  # the folded fc6
+    assert back["model_config"]["dropout"] == 0.25 and back["model_config"]["image_size"] == 96
     with torch.no_grad():
-        _close(capsys, "imported back", student_from_checkpoint(back)(x).numpy(), ref, 1e-5)
+        _close(capsys, "imported back", model_from_checkpoint(back)(x).numpy(), ref, 1e-5)
 
 
 def test_student_onnx_export_runs_in_onnxruntime_with_any_batch(trained_student, tmp_path, capsys):
@@ -141,7 +143,7 @@ def test_student_onnx_export_runs_in_onnxruntime_with_any_batch(trained_student,
     manifest = json.loads((out / "export.json").read_text())
     assert manifest["opset"] == 17 and manifest["inputs"][0]["name"] == "images" and manifest["verification"]["passed"]
 
-    student = student_from_checkpoint(load_checkpoint(trained_student))
+    student = model_from_checkpoint(load_checkpoint(trained_student))
     session = ort.InferenceSession(str(out / "student.onnx"), providers=["CPUExecutionProvider"])
     for n in (1, 5):
         x = _fresh_inputs(n)
@@ -158,21 +160,21 @@ def test_resnet_head_student_refused_by_caffe_exported_by_onnx(tmp_path):
     student = Student(tiny((8, 16)), 3, head="resnet", hidden=16).eval()
     names, x = sample_inputs(32, "torchvision")
     with pytest.raises(ValueError, match="ResNet-head student cannot be written as Caffe layers .* --format onnx"):
-        exporter.export_student_caffe(student, tmp_path, 32, "fc8", 1e-4, x)
+        caffe_export.export_student_caffe(student, tmp_path, 32, "fc8", 1e-4, x)
     part = exporter.export_student_onnx(student, tmp_path, 32, 17, 1e-4, x)
     assert all(c.passed for c in part["checks"]), [c.line("onnxruntime") for c in part["checks"]]
 
 
 def test_failed_verification_fails_the_command(trained_student, tmp_path, capsys, monkeypatch):
     """A converter that writes a wrong classifier bias: OpenCV disagrees, the command exits 1 and says so."""
-    real = exporter.vgg_to_caffe
+    real = caffe_export.vgg_to_caffe
 
     def broken(*args, **kwargs):
         net, blobs = real(*args, **kwargs)
         blobs["fc8"].blobs[1] = blobs["fc8"].blobs[1] + 0.5
         return net, blobs
 
-    monkeypatch.setattr(exporter, "vgg_to_caffe", broken)
+    monkeypatch.setattr(caffe_export, "vgg_to_caffe", broken)
     rc, _, err = _run(capsys, "export", "--checkpoint", str(trained_student), "--format", "caffe", "--out",
                       str(tmp_path / "bad"))
     assert rc == 1
@@ -233,9 +235,9 @@ def test_teacher_caffe_export_and_weight_round_trip(teacher_checkpoint, tmp_path
                       "--set", "score_bias=1")
     assert rc == 0, err
     original, back = load_checkpoint(teacher_checkpoint), load_checkpoint(tmp_path / "back.pt", "teacher")
-    assert back["config"]["model"] == original["config"]["model"]  # det_temperature from the Power layer
-    assert back["config"]["data"]["test_scale"] == 160
-    state = teacher_from_checkpoint(back).state_dict()
+    assert back["model_config"] == original["model_config"]  # det_temperature from the Power layer
+    assert back["inference"]["image_size"] == 160
+    state = model_from_checkpoint(back).state_dict()
     assert state.keys() == original["model"].keys()
     assert all(torch.equal(state[k], original["model"][k]) for k in state)
 
@@ -243,4 +245,4 @@ def test_teacher_caffe_export_and_weight_round_trip(teacher_checkpoint, tmp_path
 def test_teacher_export_refuses_onnx(teacher_checkpoint, tmp_path, capsys):
     rc, _, err = _run(capsys, "export", "--checkpoint", str(teacher_checkpoint), "--format", "onnx", "--out",
                       str(tmp_path / "t"))
-    assert rc == 1 and "a teacher exports to --format caffe only" in err
+    assert rc == 1 and "a teacher exports to --format caffe or safetensors only" in err

@@ -11,6 +11,7 @@ import torch
 from mlkd.data import CustomDataset, Warp
 from mlkd.data.synthetic import generate
 from mlkd.proposals import ProposalCache, generate_proposals, make_meta, merge_caches, parse_shard, shard_indices
+from mlkd.proposals.attach import check_cache_matches, open_split
 from mlkd.proposals.cache import decode_record, encode_record
 
 SS = {"mode": "fast", "max_proposals": 50}
@@ -62,11 +63,11 @@ def test_cache_round_trip_and_dataset_attachment(synth, tmp_path):
                                   rng.random(n).astype(np.float32))
         cache.put_many((k, *v) for k, v in stored.items())
     meta = json.loads((tmp_path / "c" / "meta.json").read_text())
-    assert meta["num_images"] == len(ds) and meta["dataset"]["manifest_hash"] == ds.identity.manifest_hash
+    assert meta["num_images"] == len(ds) and meta["dataset"]["labels_hash"] == ds.identity.labels_hash
     cache = ProposalCache.open(tmp_path / "c")
     assert len(cache) == len(ds) and set(cache.keys()) == set(stored)
-    ds.attach_proposals(cache)
-    ds.transform = Warp(48)
+    check_cache_matches(ds, cache)
+    ds = ds.view(transform=Warp(48), proposals=cache)
     for i, r in enumerate(ds.records):
         image, target = ds[i]
         h, w = (int(v) for v in target["orig_size"])
@@ -81,15 +82,48 @@ def test_cache_round_trip_and_dataset_attachment(synth, tmp_path):
     cache.close()
 
 
-def test_a_dataset_refuses_a_cache_of_another_dataset_naming_both_sides(synth, tmp_path):
+def test_a_dataset_refuses_a_cache_of_other_images_naming_the_fields_and_the_images(synth, tmp_path):
     train, val = _train(synth), CustomDataset(synth[1]["val"])
     with ProposalCache.create(tmp_path / "c", _meta(val)) as cache:
         cache.put(val.records[0].image_id, np.zeros((0, 4)), np.zeros(0))
     with pytest.raises(ValueError) as e:
-        train.attach_proposals(ProposalCache.open(tmp_path / "c"))
+        open_split(str(synth[1]["train"]), proposals=str(tmp_path / "c"))
     msg = str(e.value)
-    assert "does not belong to this dataset" in msg and "split: dataset has 'train', proposal cache" in msg
-    assert f"{train.identity.manifest_hash!r}" in msg and f"{val.identity.manifest_hash!r}" in msg
+    assert "was not built for the images of" in msg and f"num_images: dataset has {len(train)}, proposal cache" in msg
+    assert f"{train.identity.images_hash!r}" in msg and f"{val.identity.images_hash!r}" in msg
+    assert f"images of the dataset not in the cache ({len(train)})" in msg and train.records[0].image_id in msg
+    assert "images in the cache not in the dataset (1)" in msg and val.records[0].image_id in msg
+
+
+def test_a_label_policy_change_reuses_the_cache_but_other_images_do_not(synth, tmp_path):
+    """Proposals depend on the images only: another class list (a label policy) keeps the cache usable, the
+    identity check is on the image ids and file names."""
+    ds = _train(synth)
+    with ProposalCache.create(tmp_path / "c", _meta(ds)) as cache:
+        cache.put_many((r.image_id, np.zeros((1, 4)), np.ones(1)) for r in ds.records)
+    relabelled = CustomDataset(synth[1]["train"], classes=list(reversed(ds.classes)))  # other labels, same images
+    assert relabelled.identity.labels_hash != ds.identity.labels_hash
+    assert relabelled.identity.images_hash == ds.identity.images_hash
+    assert open_split(str(synth[1]["train"]), {"classes": list(reversed(ds.classes))}, str(tmp_path / "c")).proposals
+    lines = synth[1]["train"].read_text().splitlines()
+    fewer = synth[1]["train"].with_name("fewer.jsonl")
+    fewer.write_text("\n".join(lines[:-1]) + "\n")
+    with pytest.raises(ValueError, match=rf"(?s)num_images: dataset has {len(ds) - 1}.*images_hash.*"
+                                         r"images in the cache not in the dataset \(1\)"):
+        open_split(str(fewer), proposals=str(tmp_path / "c"))
+
+
+def test_a_version_1_cache_is_still_read_and_matched_on_labels_as_before(synth, tmp_path):
+    ds = _train(synth)
+    with ProposalCache.create(tmp_path / "c", _meta(ds)) as cache:
+        cache.put_many((r.image_id, np.zeros((1, 4)), np.ones(1)) for r in ds.records)
+    meta = json.loads((tmp_path / "c" / "meta.json").read_text())
+    old = {k: v for k, v in meta["dataset"].items() if k not in ("labels_hash", "images_hash")}
+    meta.update(version=1, dataset={**old, "manifest_hash": ds.identity.labels_hash})  # as mlkd 0.1 wrote it
+    (tmp_path / "c" / "meta.json").write_text(json.dumps(meta))
+    assert open_split(str(synth[1]["train"]), proposals=str(tmp_path / "c")).proposals.meta["version"] == 1
+    with pytest.raises(ValueError, match=r"(?s)version-1 cache, matched on labels too.*labels_hash"):
+        open_split(str(synth[1]["train"]), {"classes": list(reversed(ds.classes))}, str(tmp_path / "c"))
 
 
 def test_open_rejects_missing_or_corrupt_meta(tmp_path):

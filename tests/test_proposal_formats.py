@@ -10,7 +10,7 @@ import scipy.io
 from mlkd.cli import main
 from mlkd.data import CustomDataset
 from mlkd.data.synthetic import generate
-from mlkd.proposals import (ProposalCache, export_datalist, export_mat, import_datalist, import_mat, read_datalist,
+from mlkd.proposals import (make_meta, ProposalCache, export_datalist, export_mat, import_datalist, import_mat, read_datalist,
                             read_mat_proposals)
 from mlkd.proposals.formats import boxes_to_mat, format_datalist_line, mat_to_boxes, parse_datalist_line
 
@@ -81,9 +81,7 @@ def test_datalist_line_hand_written_and_errors():
 
 def _filled_cache(ds, path):
     rng = np.random.default_rng(5)
-    with ProposalCache.create(path, {"format": "mlkd-proposals", "version": 1, "method": "test", "params": {},
-                                     "dataset": ds.identity.to_dict(), "num_images": 0, "box_convention": "",
-                                     "shard": None}) as cache:
+    with ProposalCache.create(path, make_meta("test", {}, ds.identity.to_dict())) as cache:
         for i, r in enumerate(ds.records):
             n = 0 if i == 1 else 7
             xy = rng.uniform(0, 30, (n, 2)).astype(np.float32)

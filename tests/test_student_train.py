@@ -14,17 +14,20 @@ from mlkd.checkpoint import load_checkpoint
 from mlkd.cli import main
 from mlkd.config import load_config
 from mlkd.data.base import collate
-from mlkd.data.loader import make_loader, open_split
+from mlkd.data.loader import make_loader
+from mlkd.proposals.attach import open_split
 from mlkd.data.synthetic import generate
 from mlkd.data.transforms import TeacherStudentViews
-from mlkd.distill import Distiller, teacher_image_probs
+from mlkd.distill import StudentObjective, teacher_image_probs
 from mlkd.distributed import DistInfo
 from mlkd.engine import train_one_epoch
 from mlkd.models.backbones import normalize
 from mlkd.proposals import generate_proposals
-from mlkd.student import StudentConfig, build_student, student_inputs, train_student
-from mlkd.teacher import TeacherConfig, teacher_from_checkpoint, train_teacher
-from mlkd.teacher_targets import compute_teacher_targets
+from mlkd.distill import compute_teacher_targets
+from mlkd.models.build import build_student, model_from_checkpoint
+from mlkd.models.inputs import student_inputs
+from mlkd.train_student import StudentConfig, train_student
+from mlkd.train_teacher import TeacherConfig, train_teacher
 
 TINY = {"tiny_channels": [4, 8, 8], "tiny_convs_per_block": 1, "input_convention": "torchvision", "hidden": 16,
         "roi_size": 2, "dropout": 0.5}
@@ -70,7 +73,8 @@ def test_two_stage_run_leaves_the_teacher_file_untouched_and_logs_both_stages(wo
     last = train_student(student_cfg(world, tmp_path / "kd", TWO_STAGE))
     assert sha(teacher_path) == before
     ckpt = load_checkpoint(last, "student")
-    assert ckpt["epoch"] == 2 and ckpt["train_state"]["stage"] == 1 and "scale" in ckpt["train_state"]
+    state = ckpt["train_state"]
+    assert state["epoch"] == 2 and state["stage"] == 1 and state["stage_epoch"] == 1 and "scale" in state["extra"]
     assert not any(k.startswith("teacher") for k in ckpt["model"])  # the teacher is never saved with the student
     epochs = [json.loads(line) for line in (tmp_path / "kd" / "log.jsonl").read_text().splitlines()]
     epochs = [r for r in epochs if r["type"] == "epoch"]
@@ -81,12 +85,12 @@ def test_two_stage_run_leaves_the_teacher_file_untouched_and_logs_both_stages(wo
 
 def test_teacher_parameters_are_bit_identical_after_a_student_epoch(world):
     root, _, teacher_path = world
-    teacher = teacher_from_checkpoint(load_checkpoint(teacher_path))
+    teacher = model_from_checkpoint(load_checkpoint(teacher_path))
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     dataset = open_split(str(root / "data" / "train.jsonl"), proposals=str(root / "p_train"),
                          transform=TeacherStudentViews(64, 32))
     student = build_student(student_cfg(world, root / "unused", TWO_STAGE).model, dataset.num_classes)
-    model = Distiller(student, teacher, 1.0, 1.0, 1.0)
+    model = StudentObjective(student, teacher, 1.0, 1.0, 1.0)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
     loader = make_loader(dataset, 3, 0, collate, train=True)
     train_one_epoch(model, loader, opt, lambda im, t: student_inputs(im, t, torch.device("cpu"), "torchvision",
@@ -99,13 +103,14 @@ def test_teacher_parameters_are_bit_identical_after_a_student_epoch(world):
 def test_cached_teacher_targets_equal_the_targets_computed_on_the_fly(world, tmp_path):
     root, _, teacher_path = world
     ckpt = load_checkpoint(teacher_path)
-    teacher = teacher_from_checkpoint(ckpt)
+    teacher = model_from_checkpoint(ckpt)
     dataset = open_split(str(root / "data" / "train.jsonl"), proposals=str(root / "p_train"))
-    cache = compute_teacher_targets(teacher, ckpt, str(teacher_path), dataset, 64, tmp_path, DistInfo(), progress=False)
+    cache = compute_teacher_targets(teacher, ckpt["input_convention"], str(teacher_path), dataset, 64, tmp_path,
+                                    DistInfo(), progress=False)
     for flip in (0.0, 1.0):
-        dataset.transform = TeacherStudentViews(64, 32, flip=flip)
-        for i in range(len(dataset)):
-            _, t = dataset[i]
+        views = dataset.view(transform=TeacherStudentViews(64, 32, flip=flip))
+        for i in range(len(views)):
+            _, t = views[i]
             live = teacher_image_probs(teacher, normalize(t["teacher_image"][None], "torchvision"), [t["proposals"]],
                                        [t["proposal_scores"]])
             assert torch.allclose(cache.lookup([t])[0], live[0], atol=1e-6), (i, flip)
@@ -117,7 +122,7 @@ def test_resumed_run_gives_the_same_weights_as_an_uninterrupted_one(world, tmp_p
     train_student(student_cfg(world, tmp_path / "cut", cut))
     resumed = load_checkpoint(train_student(student_cfg(world, tmp_path / "cut", TWO_STAGE), resume=True))
     assert all(torch.equal(full["model"][k], resumed["model"][k]) for k in full["model"])
-    assert torch.equal(full["train_state"]["scale"], resumed["train_state"]["scale"])
+    assert torch.equal(full["train_state"]["extra"]["scale"], resumed["train_state"]["extra"]["scale"])
     with pytest.raises(ValueError, match="already holds a run"):
         train_student(student_cfg(world, tmp_path / "cut", TWO_STAGE))
 

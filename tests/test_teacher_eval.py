@@ -1,4 +1,4 @@
-"""Evaluating the teacher (mlkd.evaluation): per-class detections, top boxes, reports, the CLI, class order."""
+"""Evaluating the teacher (mlkd.evaluation, mlkd.inference): per-class detections, top boxes, reports, the CLI, class order."""
 
 from __future__ import annotations
 
@@ -12,10 +12,12 @@ from torchvision.ops import nms
 from mlkd.checkpoint import load_checkpoint
 from mlkd.cli import main
 from mlkd.config import load_config
-from mlkd.data.loader import open_split
-from mlkd.evaluation import (NMS_IOU, class_detections, evaluate_teacher, evaluate_teacher_model, predict_teacher,
-                             teacher_report, top_boxes)
-from mlkd.teacher import TeacherConfig, teacher_from_checkpoint, train_teacher
+from mlkd.evaluation import evaluate_teacher, evaluate_teacher_model, teacher_report
+from mlkd.inference import predict_teacher
+from mlkd.models.build import model_from_checkpoint
+from mlkd.models.wsddn import NMS_IOU, class_detections, top_boxes
+from mlkd.proposals.attach import open_split
+from mlkd.train_teacher import TeacherConfig, train_teacher
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +66,7 @@ def test_top_boxes():
 
 def test_predict_and_report(teacher_data, checkpoint):
     ckpt = load_checkpoint(checkpoint, "teacher")
-    model = teacher_from_checkpoint(ckpt)
+    model = model_from_checkpoint(ckpt)
     assert not model.training
     dataset = open_split(str(teacher_data.val), None, str(teacher_data.val_proposals))
     pred = predict_teacher(model, dataset, "torchvision", torch.device("cpu"), (80,), max_proposals=30,
@@ -115,7 +117,7 @@ def test_evaluate_teacher_cli_writes_json(teacher_data, checkpoint, tmp_path, ca
 def test_class_order_mismatch_names_both_orders(teacher_data, checkpoint, tmp_path, capsys):
     classes = load_checkpoint(checkpoint)["classes"]
     swapped = [classes[1], classes[0], *classes[2:]]
-    model = teacher_from_checkpoint(load_checkpoint(checkpoint))
+    model = model_from_checkpoint(load_checkpoint(checkpoint))
     with pytest.raises(ValueError) as e:
         evaluate_teacher_model(model, str(teacher_data.val), None, classes, "torchvision",
                                options={"classes": swapped}, progress=False)

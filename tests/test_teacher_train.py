@@ -1,4 +1,4 @@
-"""Training the teacher (mlkd.teacher.train_teacher): exact resume, non-finite losses, DDP over 2 CPU processes."""
+"""Training the teacher (mlkd.train_teacher.train_teacher): exact resume, non-finite losses, DDP over 2 CPU processes."""
 
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ import yaml
 from torch.utils.data import DataLoader, DistributedSampler
 
 import mlkd
-import mlkd.teacher
+import mlkd.train_teacher
 from mlkd.checkpoint import load_checkpoint
 from mlkd.config import apply_overrides, load_config
-from mlkd.teacher import TeacherConfig, build_teacher, train_teacher
+from mlkd.models.build import build_teacher
+from mlkd.train_teacher import TeacherConfig, train_teacher
 
 
 def config(teacher_data, out: Path, **extra) -> TeacherConfig:
@@ -53,17 +54,18 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(teacher_data, tmp_path)
     part = tmp_path / "part"
     train_teacher(config(teacher_data, part, **{**extra, "optim.epochs": 1}))
     first = load_checkpoint(part / "last.pt", "teacher")
-    assert first["epoch"] == 0 and first["optimizer"]["state"]  # momentum buffers saved
+    assert first["train_state"]["epoch"] == 0 and first["train_state"]["optimizer"]["state"]  # momentum buffers
     with (part / "log.jsonl").open("a") as f:  # written by the interrupted run after its last checkpoint
         f.write(json.dumps({"type": "epoch", "epoch": 1, "train_loss_cls": 9.0}) + "\n")
     with pytest.raises(ValueError, match="already holds a run.*pass --resume"):
         train_teacher(config(teacher_data, part, **extra))
     resumed = torch.load(train_teacher(config(teacher_data, part, **extra), resume=True), weights_only=True)
 
-    assert resumed["epoch"] == full["epoch"] == 2
+    done, ref = resumed["train_state"], full["train_state"]
+    assert done["epoch"] == ref["epoch"] == 2 and done["stage"] == 0 and done["stage_epoch"] == 2
     assert_same_tensors(resumed["model"], full["model"])
-    assert_same_tensors(resumed["optimizer"], full["optimizer"])
-    assert resumed["scheduler"]["last_epoch"] == 3 and resumed["scheduler"] == full["scheduler"]
+    assert_same_tensors(done["optimizer"], ref["optimizer"])
+    assert done["scheduler"]["last_epoch"] == 3 and done["scheduler"] == ref["scheduler"]
     assert not torch.equal(first["model"]["fc8_d.weight"], resumed["model"]["fc8_d.weight"])  # it did train
 
     logs = {name: records(tmp_path / name) for name in ("full", "part")}
@@ -121,7 +123,7 @@ def test_ddp_two_cpu_processes_equal_one_process_with_the_doubled_batch(teacher_
     ddp = load_checkpoint(out / "last.pt", "teacher")
     assert load_config(TeacherConfig, out / "config.yaml").data.batch_size == 1
 
-    monkeypatch.setattr(mlkd.teacher, "make_loader", ddp_equivalent_loader)
+    monkeypatch.setattr(mlkd.train_teacher, "make_loader", ddp_equivalent_loader)
     cfg = config(teacher_data, tmp_path / "single", **same)
     single = torch.load(train_teacher(cfg), weights_only=True)
     assert len([r for r in records(tmp_path / "single") if r["type"] == "iter"]) == 6
@@ -129,4 +131,5 @@ def test_ddp_two_cpu_processes_equal_one_process_with_the_doubled_batch(teacher_
     start = build_teacher(cfg.model, len(single["classes"])).state_dict()
     assert (single["model"]["fc8_c.weight"] - start["fc8_c.weight"]).abs().max() > 1e-2  # it trained
     assert_same_tensors(ddp["model"], single["model"], exact=False)
-    assert_same_tensors(ddp["optimizer"]["state"], single["optimizer"]["state"], exact=False)
+    assert_same_tensors(ddp["train_state"]["optimizer"]["state"], single["train_state"]["optimizer"]["state"],
+                        exact=False)

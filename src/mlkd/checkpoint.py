@@ -1,32 +1,79 @@
-"""Checkpoints written atomically, with everything needed to rebuild the model and resume the run.
+"""Checkpoints: :func:`save_checkpoint` is the one function that writes them, :func:`load_checkpoint` the one
+that reads them. Everything else (training, import, export, the Python API) goes through these two.
 
-A checkpoint is a dict: ``model`` (state dict), ``optimizer``, ``scheduler``, ``epoch`` (last finished, 0-based),
-``config`` (the resolved config dict), ``classes`` (class names in order), ``input_convention``, ``kind``
-("teacher" / "student"), ``dataset`` (identity dict of the training split) and ``mlkd_version``.
+A checkpoint is a ``torch.save`` dict of plain values and tensors (read with ``weights_only=True``, so loading a
+file never runs code), format version 2::
+
+    format          "mlkd-checkpoint"
+    format_version  2
+    mlkd_version    the version that wrote it
+    kind            "teacher" | "student" | "imagenet_weights"
+    model           the state dict
+    model_config    the model's config dict (TeacherModelConfig / StudentModelConfig); None for imagenet_weights
+    classes         class names in output order
+    input_convention  "caffe" | "torchvision": what input the weights expect
+    inference       {"image_size": S, "max_proposals": R or None, "proposals": {"method", "params"} or None}: how
+                    to feed the model at test time (a teacher records how its training proposals were made)
+    dataset         identity of the training split (DatasetIdentity.to_dict()), or None
+    config          the resolved run config (the whole recipe), or None for imported models
+    train_state     {"epoch", "stage", "stage_epoch", "optimizer", "scheduler", "extra"} to resume, or None
+    source          where imported weights came from (files, arch), or None
+
+Version 1 (mlkd 0.1) had no ``format_version``; :func:`load_checkpoint` converts such files in memory (the
+teacher's optimizer state was at the top level, the student's under ``train_state`` with ``scale``).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
-from mlkd import __version__
+from mlkd.version import __version__
+
+FORMAT = "mlkd-checkpoint"
+FORMAT_VERSION = 2
+KINDS = ("teacher", "student", "imagenet_weights")
+TRAIN_STATE_KEYS = ("epoch", "stage", "stage_epoch", "optimizer", "scheduler", "extra")
 
 
-def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """Write ``state`` to ``path`` atomically: a crash mid-write leaves the previous file intact."""
+def make_checkpoint(kind: str, model: dict[str, torch.Tensor], *, input_convention: str,
+                    classes: Sequence[str] = (), model_config: dict[str, Any] | None = None,
+                    image_size: int | None = None, max_proposals: int | None = None,
+                    proposals: dict[str, Any] | None = None, dataset: dict[str, Any] | None = None, config: dict[str, Any] | None = None,
+                    train_state: dict[str, Any] | None = None, source: dict[str, Any] | None = None
+                    ) -> dict[str, Any]:
+    """The checkpoint dict of the layout above (checked as :func:`load_checkpoint` checks a file)."""
+    ckpt = {"format": FORMAT, "format_version": FORMAT_VERSION, "mlkd_version": __version__, "kind": kind,
+            "model": model, "model_config": model_config, "classes": list(classes),
+            "input_convention": input_convention,
+            "inference": {"image_size": image_size, "max_proposals": max_proposals, "proposals": proposals},
+            "dataset": dataset,
+            "config": config, "train_state": train_state, "source": source}
+    check_layout(ckpt, "the checkpoint being written")
+    return ckpt
+
+
+def save_checkpoint(path: str | Path, ckpt: dict[str, Any]) -> Path:
+    """Write ``ckpt`` (from :func:`make_checkpoint`) to ``path`` atomically: a crash mid-write leaves the previous
+    file intact and no partial file under ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({**state, "mlkd_version": __version__}, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 def load_checkpoint(path: str | Path, kind: str | None = None) -> dict[str, Any]:
-    """Read a checkpoint on the CPU; ``kind`` checks it is a teacher or a student checkpoint."""
+    """Read a checkpoint on the CPU, as format version 2 (older files are converted in memory); ``kind``
+    checks it is a teacher / student checkpoint."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -34,9 +81,67 @@ def load_checkpoint(path: str | Path, kind: str | None = None) -> dict[str, Any]
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file: say which file
         raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
-    missing = [k for k in ("model", "config", "classes", "kind") if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise ValueError(f"{path} is not an mlkd checkpoint (missing {missing})")
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path} is not an mlkd checkpoint (it holds a {type(ckpt).__name__}, not a dict)")
+    if "format_version" not in ckpt:
+        ckpt = upgrade_v1(ckpt, str(path))
+    elif ckpt.get("format") != FORMAT or not isinstance(ckpt["format_version"], int) \
+            or ckpt["format_version"] > FORMAT_VERSION:
+        raise ValueError(f"{path} is {ckpt.get('format')!r} format version {ckpt.get('format_version')!r}; this "
+                         f"mlkd ({__version__}) reads {FORMAT!r} up to version {FORMAT_VERSION}")
+    check_layout(ckpt, str(path))
     if kind is not None and ckpt["kind"] != kind:
         raise ValueError(f"{path} is a {ckpt['kind']} checkpoint; expected a {kind} checkpoint")
     return ckpt
+
+
+def check_layout(ckpt: dict[str, Any], where: str) -> None:
+    """Raise ``ValueError`` naming ``where`` and the field unless ``ckpt`` has the version-2 layout."""
+    problems = [f"missing {k!r}" for k in ("kind", "model", "classes", "input_convention", "model_config",
+                                           "inference", "train_state") if k not in ckpt]
+    if not problems:
+        if ckpt["kind"] not in KINDS:
+            problems.append(f"kind {ckpt['kind']!r} is not one of {list(KINDS)}")
+        if not isinstance(ckpt["model"], dict) or not all(isinstance(v, torch.Tensor) for v in ckpt["model"].values()):
+            problems.append("'model' is not a state dict (name -> tensor)")
+        if not isinstance(ckpt["classes"], list) or not all(isinstance(c, str) for c in ckpt["classes"]):
+            problems.append("'classes' is not a list of names")
+        if ckpt["kind"] != "imagenet_weights" and not isinstance(ckpt["model_config"], dict):
+            problems.append("'model_config' is not a dict")
+        ts = ckpt["train_state"]
+        if ts is not None and (not isinstance(ts, dict) or set(TRAIN_STATE_KEYS) - set(ts)):
+            problems.append(f"'train_state' must be None or hold {list(TRAIN_STATE_KEYS)}")
+    if problems:
+        raise ValueError(f"{where} is not a valid mlkd checkpoint: " + "; ".join(problems))
+
+
+def upgrade_v1(old: dict[str, Any], where: str) -> dict[str, Any]:
+    """A checkpoint of mlkd 0.1 (no ``format_version``) in the version-2 layout."""
+    missing = [k for k in ("model", "kind", "input_convention") if k not in old]
+    if missing:
+        raise ValueError(f"{where} is not an mlkd checkpoint (missing {missing})")
+    kind, config = old["kind"], old.get("config")
+    if kind != "imagenet_weights" and not isinstance(config, dict):
+        raise ValueError(f"{where} is not an mlkd checkpoint (missing 'config')")
+    source = dict(old.get("imported_from") or {}) or None
+    if kind == "imagenet_weights":
+        return make_checkpoint(kind, old["model"], input_convention=old["input_convention"],
+                               source={**(source or {}), "backbone": old.get("arch")})
+    data = config.get("data", {})
+    image_size = config["model"].get("image_size") if kind == "student" else data.get("test_scale")
+    return make_checkpoint(kind, old["model"], input_convention=old["input_convention"], classes=old.get("classes", []),
+                           model_config=config["model"], image_size=image_size,
+                           max_proposals=data.get("max_proposals") if kind == "teacher" else None,
+                           dataset=old.get("dataset"), config=config, train_state=_v1_train_state(old), source=source)
+
+
+def _v1_train_state(old: dict[str, Any]) -> dict[str, Any] | None:
+    if "train_state" in old:  # a student: stage, stage_epoch, optimizer, scheduler (+ scale of L_p')
+        ts = old["train_state"]
+        extra = {"scale": ts["scale"]} if "scale" in ts else {}
+        return {"epoch": old["epoch"], "stage": ts["stage"], "stage_epoch": ts["stage_epoch"],
+                "optimizer": ts["optimizer"], "scheduler": ts["scheduler"], "extra": extra}
+    if "optimizer" in old:  # a teacher: one stage
+        return {"epoch": old["epoch"], "stage": 0, "stage_epoch": old["epoch"], "optimizer": old["optimizer"],
+                "scheduler": old["scheduler"], "extra": {}}
+    return None  # an imported model: nothing to resume

@@ -1,11 +1,13 @@
 """Typed dataclass configs: built from YAML files and ``--set key=value`` overrides, saved resolved.
 
-One dataclass tree per entry point (``TeacherConfig`` and ``StudentConfig`` in :mod:`mlkd.configs`). This
-module holds the machinery: :func:`from_dict` (unknown keys and wrong types are errors naming the key, the
-value and what was expected), :func:`apply_overrides`, :func:`load_config` and :func:`to_dict`.
+One dataclass tree per entry point: ``TeacherConfig`` (:mod:`mlkd.train_teacher`) and ``StudentConfig``
+(:mod:`mlkd.train_student`), whose ``model`` sections live in :mod:`mlkd.models.configs`. This module holds the
+machinery: :func:`from_dict` (unknown keys and wrong types are errors naming the key, the value and what was
+expected), :func:`apply_overrides`, :func:`load_config` and :func:`to_dict`; and the sections both recipes share.
 
-A YAML file may start from another with ``base: other.yaml`` (path relative to the file): the file's keys
-are applied on top of the base's, section by section.
+A config is a YAML file or the name of one shipped with mlkd (``teacher_coco`` is
+``mlkd/configs/teacher_coco.yaml``; :func:`packaged_configs` lists them). A file may start from another with
+``base: other.yaml`` (path relative to the file): its keys are applied on top of the base's, section by section.
 """
 
 from __future__ import annotations
@@ -20,6 +22,25 @@ from typing import Any, Literal, Sequence, TypeVar, Union
 import yaml
 
 T = TypeVar("T")
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # the recipes shipped with mlkd
+
+
+def packaged_configs() -> list[str]:
+    """Names of the configs shipped with mlkd (``--config NAME`` works from any folder)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def resolve_config(name: str | Path) -> Path:
+    """The YAML file of ``name``: an existing path, else a config shipped with mlkd (``teacher_coco`` or
+    ``teacher_coco.yaml``). An unknown name is an error listing the shipped ones."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = CONFIG_DIR / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
+    if path.parent == Path(".") and shipped.is_file():
+        return shipped
+    raise FileNotFoundError(f"config file not found: {name} (neither a file nor one of mlkd's configs: "
+                            f"{', '.join(packaged_configs())})")
 
 
 class _Loader(yaml.SafeLoader):
@@ -162,8 +183,8 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
-    """``cls`` built from the YAML file at ``path`` (optional) with ``overrides`` applied on top."""
-    data = read_yaml(path) if path else {}
+    """``cls`` built from the YAML file or shipped config ``path`` (optional) with ``overrides`` on top."""
+    data = read_yaml(resolve_config(path)) if path else {}
     return from_dict(cls, apply_overrides(data, overrides))
 
 

@@ -15,6 +15,7 @@ A rerun reuses what is complete (data, proposal caches, finished trainings) and 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -23,17 +24,21 @@ import numpy as np
 import torch
 
 from mlkd.checkpoint import load_checkpoint
-from mlkd.config import load_config
+from mlkd.config import CONFIG_DIR, load_config
 from mlkd.data import build_dataset
 from mlkd.data.base import read_image
-from mlkd.data.loader import open_split
 from mlkd.data.synthetic import generate
-from mlkd.evaluation import evaluate_student_model, evaluate_teacher_model, predict_teacher
+from mlkd.evaluation import evaluate_student_model, evaluate_teacher_model
+from mlkd.inference import predict_teacher
 from mlkd.metrics import report_to_json
-from mlkd.proposals import generate_proposals
-from mlkd.student import StudentConfig, student_from_checkpoint, train_student
-from mlkd.teacher import TeacherConfig, teacher_from_checkpoint, train_teacher
+from mlkd.models.build import model_from_checkpoint
+from mlkd.proposals.attach import open_split
+from mlkd.proposals.generate import generate_proposals
+from mlkd.train_student import StudentConfig, train_student
+from mlkd.train_teacher import TeacherConfig, train_teacher
 from mlkd.viz import grid, kd_figure, save_rgb
+
+logger = logging.getLogger(__name__)
 
 PROPOSALS = ("selective_search", {"mode": "fast", "max_proposals": 200})
 STUDENTS = {"student": ("student_demo.yaml", "student w/o KD"), "student_kd": ("student_demo_kd.yaml", "student w/ KD"),
@@ -43,21 +48,23 @@ COLUMNS = (("mAP", ("mAP", "mlic")), ("CF1", ("all_labels", "CF1")), ("OF1", ("a
 
 
 def _log(msg: str) -> None:
-    print(f"[demo] {msg}", flush=True)
+    logger.info(f"[demo] {msg}")
 
 
 def find_configs(configs: str | Path | None) -> Path:
-    """The folder of the demo's YAML configs: ``configs`` or the source checkout's ``configs/``."""
-    path = Path(configs) if configs else Path(__file__).resolve().parents[2] / "configs"
+    """The folder of the demo's YAML configs: ``configs``, or the ones shipped with mlkd."""
+    path = Path(configs) if configs else CONFIG_DIR
     if not (path / "teacher_demo.yaml").is_file():
-        raise FileNotFoundError(f"demo configs not found in {path}: run from a source checkout of mlkd or pass "
-                                "--configs pointing at its configs/ folder")
+        raise FileNotFoundError(f"demo configs (teacher_demo.yaml, student_demo*.yaml) not found in {path}")
     return path
 
 
 def _finished(out: Path, epochs: int) -> bool:
     """True when ``out/last.pt`` exists and has finished all ``epochs``."""
-    return (out / "last.pt").is_file() and load_checkpoint(out / "last.pt")["epoch"] + 1 >= epochs
+    if not (out / "last.pt").is_file():
+        return False
+    state = load_checkpoint(out / "last.pt")["train_state"]
+    return state is not None and state["epoch"] + 1 >= epochs
 
 
 def _train(train: Callable, cfg: Any, epochs: int) -> Path:
@@ -67,33 +74,35 @@ def _train(train: Callable, cfg: Any, epochs: int) -> Path:
     return out / "last.pt"
 
 
-def prepare_data(out: Path, num_images: int, seed: int, image_size: int, workers: int) -> dict[str, Path]:
+def prepare_data(out: Path, num_images: int, seed: int, image_size: int, workers: int,
+                 progress: bool = True) -> dict[str, Path]:
     """The synthetic dataset and its proposal caches (reused when already complete)."""
     meta = out / "data" / "meta.json"
     wanted = {"num_images": num_images, "seed": seed, "image_size": image_size}
     if not (meta.is_file() and all(json.loads(meta.read_text()).get(k) == v for k, v in wanted.items())):
         _log(f"synthetic dataset: {num_images} images of ~{image_size} px (a quarter held out) -> {out / 'data'}")
-        generate(out / "data", num_images, seed=seed, image_size=image_size)
+        generate(out / "data", num_images, seed=seed, image_size=image_size, progress=progress)
     paths = {"train": out / "data" / "train.jsonl", "val": out / "data" / "val.jsonl"}
     for split in ("train", "val"):
         method, params = PROPOSALS
         _log(f"proposals ({method}, at most {params['max_proposals']} per image) for {split}, {workers} workers")
         report = generate_proposals(build_dataset(str(paths[split])), method, params, out / "proposals" / split,
-                                    workers=workers)
+                                    workers=workers, progress=progress)
         if report.failed:
             raise RuntimeError(f"proposals failed for {len(report.failed)} images: {sorted(report.failed)[:5]}")
     return paths
 
 
-def _overrides(out: Path, seed: int) -> list[str]:
+def _overrides(out: Path, seed: int, progress: bool) -> list[str]:
     return [f"data.train={out / 'data' / 'train.jsonl'}", f"data.val={out / 'data' / 'val.jsonl'}",
-            f"data.train_proposals={out / 'proposals' / 'train'}", f"run.seed={seed}"]
+            f"data.train_proposals={out / 'proposals' / 'train'}", f"run.seed={seed}",
+            f"run.progress={'true' if progress else 'false'}"]
 
 
-def run_seed(out: Path, configs: Path, seed: int, joint: bool) -> dict[str, Any]:
+def run_seed(out: Path, configs: Path, seed: int, joint: bool, progress: bool = True) -> dict[str, Any]:
     """Train and evaluate the teacher and the students for one seed; return their reports."""
     run = out / f"seed{seed}"
-    common = _overrides(out, seed)
+    common = _overrides(out, seed, progress)
     tcfg = load_config(TeacherConfig, configs / "teacher_demo.yaml",
                        common + [f"data.val_proposals={out / 'proposals' / 'val'}", f"run.out={run / 'teacher'}"])
     _log(f"seed {seed}: teacher (WSDDN, {tcfg.optim.epochs} epochs) -> {run / 'teacher'}")
@@ -107,7 +116,7 @@ def run_seed(out: Path, configs: Path, seed: int, joint: bool) -> dict[str, Any]
         epochs = sum(s.epochs for s in scfg.stages)
         _log(f"seed {seed}: {title} ({' + '.join(f'{s.name} {s.epochs}' for s in scfg.stages)} epochs) -> {run / name}")
         ckpt = load_checkpoint(_train(train_student, scfg, epochs), "student")
-        report = evaluate_student_model(student_from_checkpoint(ckpt), scfg.data.val, ckpt["classes"],
+        report = evaluate_student_model(model_from_checkpoint(ckpt), scfg.data.val, ckpt["classes"],
                                         scfg.model.input_convention, scfg.model.image_size, progress=False)
         np.save(run / name / "val_scores.npy", report.pop("scores"))
         reports[name] = report
@@ -120,7 +129,7 @@ def run_seed(out: Path, configs: Path, seed: int, joint: bool) -> dict[str, Any]
 def _teacher_reports(cfg: TeacherConfig, ckpt_path: Path, out: Path) -> dict[str, Any]:
     """Teacher on val (classification, detection AP) and CorLoc on train (the WSOD protocol)."""
     ckpt = load_checkpoint(ckpt_path, "teacher")
-    model = teacher_from_checkpoint(ckpt)
+    model = model_from_checkpoint(ckpt)
     kw = dict(scale=cfg.data.test_scale, max_proposals=cfg.data.max_proposals, progress=False)
     val = evaluate_teacher_model(model, cfg.data.val, cfg.data.val_proposals, ckpt["classes"],
                                  ckpt["input_convention"], **kw)
@@ -170,31 +179,32 @@ def figure(out: Path, seed: int, num: int = 6) -> Path:
     ckpt = load_checkpoint(run / "teacher" / "last.pt", "teacher")
     plain, kd = (np.load(run / n / "val_scores.npy") for n in ("student", "student_kd"))
     chosen = np.arange(min(num, len(val)))  # the first held-out images: no picking of flattering examples
-    val.records = [val.records[i] for i in chosen]
-    pred = predict_teacher(teacher_from_checkpoint(ckpt), val, ckpt["input_convention"], torch.device("cpu"),
-                           (ckpt["config"]["data"]["test_scale"],), max_proposals=ckpt["config"]["data"]["max_proposals"],
+    first = val.view(indices=chosen)
+    pred = predict_teacher(model_from_checkpoint(ckpt), first, ckpt["input_convention"], torch.device("cpu"),
+                           (ckpt["inference"]["image_size"],), max_proposals=ckpt["inference"]["max_proposals"],
                            progress=False)
     figs = [kd_figure(read_image(r.path), pred["proposals"][i], pred["region_scores"][i], plain[j], kd[j], val.classes,
-                      r.labels) for i, (r, j) in enumerate(zip(val.records, chosen))]
+                      r.labels) for i, (r, j) in enumerate(zip(first.records, chosen))]
     return save_rgb(out / "figure.png", grid(figs, 2))
 
 
 def run_demo(out: str | Path, num_images: int = 600, seed: int = 0, seeds: int = 1, image_size: int = 160,
-             workers: int = 2, joint: bool = False, configs: str | Path | None = None) -> dict[str, Any]:
-    """Run every stage into ``out``; print the table; write ``out/summary.json``; return the summary."""
+             workers: int = 2, joint: bool = False, configs: str | Path | None = None,
+             progress: bool = True) -> dict[str, Any]:
+    """Run every stage into ``out``; write ``out/summary.json``; return the summary (its ``table`` is the text
+    of the results table)."""
     out, cfg_dir = Path(out), find_configs(configs)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    prepare_data(out, num_images, seed, image_size, workers)
-    per_seed = [run_seed(out, cfg_dir, s, joint) for s in range(seed, seed + seeds)]
+    prepare_data(out, num_images, seed, image_size, workers, progress)
+    per_seed = [run_seed(out, cfg_dir, s, joint, progress) for s in range(seed, seed + seeds)]
     text, stats = table(per_seed)
     _log("example figure (teacher's top-10 proposals in green; top-3 labels, blue = correct, red = wrong)")
     fig = figure(out, seed)
-    print("\n" + text + "\n", flush=True)
-    summary = {"num_images": num_images, "data_seed": seed, "seeds": list(range(seed, seed + seeds)),
+    summary = {"table": text, "num_images": num_images, "data_seed": seed, "seeds": list(range(seed, seed + seeds)),
                "image_size": image_size, "results": stats, "figure": str(fig),
                "configs": {name: str(cfg_dir / f) for name, (f, _) in STUDENTS.items()},
                "seconds": round(time.perf_counter() - t0, 1)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    _log(f"done in {summary['seconds']} s: table above, figure {fig}, summary {out / 'summary.json'}")
+    _log(f"done in {summary['seconds']} s: figure {fig}, summary {out / 'summary.json'}")
     return summary

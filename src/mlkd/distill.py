@@ -1,4 +1,4 @@
-"""Knowledge distillation from the WSDDN teacher into the student (DESIGN.md §1), in one visible place.
+"""The student's training objective, with knowledge distillation from the WSDDN teacher, in one visible place.
 
 The teacher is frozen: it stays in eval mode (no dropout), its parameters have ``requires_grad=False``, its
 outputs are computed under ``torch.no_grad()`` and nothing ever steps its weights. Losses (B images, K classes,
@@ -11,19 +11,35 @@ region r of image b, N_R = sum over images of their regions):
 - ``L_f``  = sum_layers sum_(b,r) ||F_T(b, r) - F_S(b, r)||^2 / (2 N_R)     (region features, e.g. fc7)
   = the paper's sum ||F_T - F_S||^2 / (2 N R) when every image has R regions.
 
-Stage 1 of the release trains with L_f, stage 2 with L_p + L_p'; a joint mode weights all three.
+Stage 1 of the release trains with L_f, stage 2 with L_p + L_p'; a joint mode weights all three; a student
+without distillation trains with L_p alone.
+
+Stage 2's teacher scores are computed once per (image, flip) before training (:func:`compute_teacher_targets`).
+Why this is exact: the frozen teacher is deterministic (eval mode, no dropout) and its input for an image
+depends only on the image and on whether the student's view of it is flipped: the teacher always sees the
+image warped to its own scale with the cached proposals. The student's other augmentation (its own warp)
+never reaches the teacher. Stage 1 (region features) runs the teacher on the fly.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import os
+from pathlib import Path
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm import tqdm
 
-from mlkd.models.student import Student, label_loss, region_inputs
-from mlkd.models.wsddn import WSDDN, flatten_proposals, wsddn_scores
+from mlkd.data.base import MultiLabelDataset, collate
+from mlkd.data.loader import make_loader
+from mlkd.distributed import DistInfo, barrier
+from mlkd.inference import teacher_view
+from mlkd.models.inputs import teacher_inputs
+from mlkd.models.ops import flatten_proposals
+from mlkd.models.student import Student, label_loss
+from mlkd.models.wsddn import WSDDN, wsddn_scores
 
 TEACHER_TEMPERATURE = 0.5  # the release multiplies both streams' logits by 2 for the soft targets
 
@@ -63,32 +79,42 @@ def top_regions(objectness: Tensor, index: Tensor, num_images: int, k: int) -> T
     return torch.cat(keep)
 
 
-class Distiller(nn.Module):
-    """Student + frozen teacher; ``forward`` returns the weighted losses of the current stage.
+class StudentObjective(nn.Module):
+    """The student (+ the frozen teacher when distilling); ``forward`` returns the weighted losses of a stage.
 
     Args:
-        student, teacher: the models (the teacher is frozen here and stays so).
+        student, teacher: the models (the teacher is frozen here and stays so); ``teacher=None`` for a stage
+            that learns from labels only (then only ``label_weight`` may be set).
         label_weight, soft_weight, feature_weight: weights of L_p, L_p', L_f (0 = not computed).
         feature_layers: region layers matched by L_f (``("fc7",)`` in the release; add ``"fc6"`` for both).
         top_k: use only each image's ``top_k`` proposals by the teacher's objectness s' for L_f (None = all).
         scale_init: initial value of the learnable per-class scale a of L_p'.
     """
 
-    def __init__(self, student: Student, teacher: WSDDN, label_weight: float = 1.0, soft_weight: float = 0.0,
+    def __init__(self, student: Student, teacher: WSDDN | None, label_weight: float = 1.0, soft_weight: float = 0.0,
                  feature_weight: float = 0.0, feature_layers: Sequence[str] = ("fc7",), top_k: int | None = None,
                  scale_init: float = 0.2) -> None:
         super().__init__()
+        if teacher is None and (soft_weight or feature_weight):
+            raise ValueError("soft_weight and feature_weight distil from a teacher: give the teacher")
         self.student = student
-        self.teacher = teacher.eval()
-        self.teacher.requires_grad_(False)  # frozen: it only provides targets, nothing may update it
-        self.scale = nn.Parameter(torch.full((student.num_classes,), float(scale_init)))
+        self.teacher = teacher
+        if teacher is not None:
+            teacher.eval()
+            teacher.requires_grad_(False)  # frozen: it only provides targets, nothing may update it
+            self.scale = nn.Parameter(torch.full((student.num_classes,), float(scale_init)))  # a of L_p'
         self.weights = {"label": label_weight, "soft": soft_weight, "feature": feature_weight}
         self.feature_layers, self.top_k = tuple(feature_layers), top_k
 
-    def train(self, mode: bool = True) -> "Distiller":
+    def train(self, mode: bool = True) -> "StudentObjective":
         super().train(mode)
-        self.teacher.eval()  # dropout in the teacher would make its targets random
+        if self.teacher is not None:
+            self.teacher.eval()  # dropout in the teacher would make its targets random
         return self
+
+    def extra_parameters(self) -> dict[str, nn.Parameter]:
+        """Parameters of the objective that are not the student's (saved to resume): the scale a of L_p'."""
+        return {"scale": self.scale} if self.teacher is not None else {}
 
     def forward(self, images: Tensor, labels: Tensor, teacher_images: Tensor | None = None,
                 proposals: Sequence[Tensor] | None = None, proposal_scores: Sequence[Tensor] | None = None,
@@ -128,9 +154,63 @@ class Distiller(nn.Module):
                 regions, _ = wsddn_scores(*self.teacher.forward_streams(target["fc7"]), index, len(proposals),
                                           self.teacher.cls_temperature, self.teacher.det_temperature)
                 keep = top_regions(regions.sum(1), index, len(proposals), self.top_k)  # s' = sum_k S
-        s_boxes, s_index = region_inputs(student_proposals)
+        s_boxes, _, s_index = flatten_proposals(student_proposals, None)
         if keep is not None:
             s_boxes, s_index = s_boxes[keep], s_index[keep]
         feats = self.student.forward_regions(fmap, s_boxes, s_index, self.feature_layers)
         return sum(feature_loss(feats[layer].float(), (target[layer] if keep is None else target[layer][keep]).float())
                    for layer in self.feature_layers)
+
+
+# -- stage 2's teacher targets, computed once ------------------------------------------------------------------
+class TeacherTargets:
+    """``image id -> Tensor[2, K]`` (row 0 unflipped, row 1 flipped); :meth:`lookup` builds a batch."""
+
+    def __init__(self, probs: dict[str, torch.Tensor]) -> None:
+        self.probs = probs
+
+    def lookup(self, targets: list[dict[str, Any]]) -> torch.Tensor:
+        """``(B, K)`` targets of a batch; each target needs ``image_id`` and ``flipped``."""
+        return torch.stack([self.probs[t["image_id"]][int(t["flipped"])] for t in targets])
+
+
+def _fingerprint(teacher_path: str, scale: int, dataset: MultiLabelDataset, max_proposals: int | None) -> dict:
+    st = os.stat(teacher_path)
+    return {"teacher": os.path.abspath(teacher_path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "scale": scale,
+            "dataset": dataset.identity.to_dict(), "max_proposals": max_proposals,
+            "proposals": None if dataset.proposals is None else dataset.proposals.meta.get("params")}
+
+
+@torch.no_grad()
+def compute_teacher_targets(teacher: WSDDN, convention: str, teacher_path: str, dataset: MultiLabelDataset,
+                            scale: int, out: Path, info: DistInfo, max_proposals: int | None = None,
+                            progress: bool = True) -> TeacherTargets:
+    """The teacher's image scores (T = 0.5) of every (image, flip) of ``dataset``.
+
+    Cached in ``out/teacher_targets.pt``, keyed by a fingerprint of the teacher checkpoint file, its scale, the
+    dataset identity and the proposals: a run resumed with the same inputs reuses the file. Rank 0 computes and
+    writes it (atomically); the other ranks read it after a barrier.
+    """
+    path = out / "teacher_targets.pt"
+    key = _fingerprint(teacher_path, scale, dataset, max_proposals)
+    saved = torch.load(path, weights_only=True) if info.is_main and path.is_file() else None
+    if info.is_main and (saved is None or saved["key"] != key):
+        if dataset.proposals is None:
+            raise ValueError("soft targets need the training split's proposals: set data.train_proposals")
+        teacher.eval()
+        device = next(teacher.parameters()).device
+        rows: dict[str, list[torch.Tensor]] = {r.image_id: [] for r in dataset.records}
+        for flipped in (False, True):
+            loader = make_loader(teacher_view(dataset, scale, flipped, max_proposals), 1, 0, collate, train=False)
+            for images, targets in tqdm(loader, desc=f"teacher targets{' (flipped)' if flipped else ''}",
+                                        unit="img", disable=not progress):
+                x = teacher_inputs(images, targets, device, convention, with_labels=False)
+                probs = teacher_image_probs(teacher, x["images"], x["proposals"], x["proposal_scores"])
+                rows[targets[0]["image_id"]].append(probs[0].cpu())
+        saved = {"key": key, "probs": {k: torch.stack(v) for k, v in rows.items()}}
+        torch.save(saved, path.with_name(path.name + ".tmp"))
+        os.replace(path.with_name(path.name + ".tmp"), path)  # an interrupted run leaves no half-written file
+    barrier(info)
+    if not info.is_main:  # rank 0 may have just written the file
+        saved = torch.load(path, weights_only=True)
+    return TeacherTargets(saved["probs"])

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from mlkd.device import pick_device
+
 
 @dataclass
 class DistInfo:
@@ -27,16 +29,6 @@ class DistInfo:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
-
-
-def pick_device(preference: str, local_rank: int = 0) -> torch.device:
-    """``auto``: the local GPU if there is one, else the CPU; ``cuda`` without a GPU is an error."""
-    if preference == "cuda" and not torch.cuda.is_available():
-        raise ValueError("run.device=cuda but no CUDA device is available (use run.device=cpu or auto)")
-    if preference in ("cuda", "auto") and torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
 
 
 def init_distributed(preference: str = "auto") -> DistInfo:

@@ -1,37 +1,38 @@
-"""The training loop, written out: one epoch of forward -> named losses -> backward -> step.
+"""The training loop, written out: one epoch of forward -> named losses -> backward -> step, and the run over
+stages that both recipes use (the teacher's run is one stage; the student's one or more).
 
-Models (the teacher, the student, the distiller that wraps both) return a dict of named losses in training;
-``prepare`` turns a DataLoader batch into the model's keyword arguments on the right device. The loop is the
-same for all of them, single-process or under DDP.
+An objective (the teacher itself, or :class:`mlkd.distill.StudentObjective`) returns a dict of named losses in
+training; ``prepare`` turns a DataLoader batch into its keyword arguments on the right device. The loop is the
+same for all of them, single-process or under DDP. After every epoch rank 0 evaluates (optionally), writes
+``last.pt`` through :func:`mlkd.checkpoint.save_checkpoint` and logs; every epoch starts by reseeding from
+(seed, epoch, rank), so a resumed run ends bit-identical to an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from mlkd.checkpoint import save_checkpoint
 from mlkd.config import save_config
-from mlkd.distributed import DistInfo
+from mlkd.device import autocast
+from mlkd.distributed import DistInfo, barrier
 from mlkd.runlog import RunLog
 
+logger = logging.getLogger(__name__)
+
 Prepare = Callable[[Any, list[dict[str, Any]]], dict[str, Any]]
-
-
-def autocast(device: torch.device, amp: str):
-    """``torch.autocast`` for ``amp`` in {"none", "bf16", "fp16"} (fp16 only on CUDA)."""
-    if amp == "none":
-        return contextlib.nullcontext()
-    if amp == "fp16" and device.type != "cuda":
-        raise ValueError("run.amp=fp16 needs a CUDA device; use bf16 on the CPU")
-    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
 def check_finite(losses: dict[str, torch.Tensor], where: str) -> None:
@@ -117,6 +118,17 @@ def build_optimizer(groups: list[dict[str, Any]], name: str, lr: float, momentum
     raise ValueError(f"unknown optimizer {name!r}; choose 'sgd' or 'adamw'")
 
 
+def seed_epoch(seed: int, epoch: int, rank: int = 0) -> None:
+    """Reseed torch and numpy for an epoch, so epoch e draws the same numbers whether or not the run resumed.
+
+    Each DDP rank gets its own stream (flips and dropout differ between ranks); rank 0 draws what a single
+    process draws.
+    """
+    state = np.random.SeedSequence([seed, epoch] + ([rank] if rank else [])).generate_state(2)
+    torch.manual_seed(int(state[0]))
+    np.random.seed(int(state[1]))
+
+
 def prepare_run(cfg: Any, resume: bool, info: DistInfo) -> Path:
     """The run folder ``cfg.run.out`` with the resolved ``config.yaml``; refuses to overwrite a finished or
     interrupted run unless ``resume`` (rank 0 checks and writes; every rank applies ``run.threads``)."""
@@ -144,3 +156,76 @@ def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
 def format_record(record: dict[str, Any]) -> str:
     """One line of an epoch record for the console."""
     return " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items() if k != "type")
+
+
+# -- the run: stages of epochs ---------------------------------------------------------------------------------
+@dataclass
+class StageParts:
+    """What one stage trains with, built when the stage starts."""
+
+    objective: nn.Module  # forward(**prepare(images, targets)) -> {name: loss}
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loader: Any  # a DataLoader; its collate_fn and sampler get set_epoch(epoch) when they have it
+    prepare: Prepare
+    scaler: torch.amp.GradScaler | None = None
+    extra: dict[str, nn.Parameter] = field(default_factory=dict)  # objective parameters saved for resuming
+
+
+@dataclass
+class Stage:
+    """``epochs`` epochs of the parts that ``build()`` returns."""
+
+    name: str
+    epochs: int
+    build: Callable[[], StageParts]
+
+
+def run_stages(stages: list[Stage], cfg: Any, info: DistInfo, out: Path, log: RunLog,
+               checkpoint: Callable[[dict[str, Any]], dict[str, Any]],
+               validate: Callable[[], dict[str, float]] | None = None,
+               state: dict[str, Any] | None = None) -> Path:
+    """Train ``stages`` in order (``cfg.run`` / ``cfg.optim`` give seed, precision, logging and accumulation);
+    resume from a checkpoint's ``train_state`` when given. After each epoch rank 0 runs ``validate`` (every
+    ``run.eval_every`` epochs) and writes ``out/last.pt`` = ``checkpoint(train_state)``. Returns that path."""
+    offset = 0
+    for index, stage in enumerate(stages):
+        if state is not None and index < state["stage"]:
+            offset += stage.epochs
+            continue
+        parts = stage.build()
+        start = 0
+        if state is not None and index == state["stage"]:
+            parts.optimizer.load_state_dict(state["optimizer"])
+            parts.scheduler.load_state_dict(state["scheduler"])
+            for name, p in parts.extra.items():
+                p.data.copy_(state["extra"][name])
+            start = state["stage_epoch"] + 1
+        wrapped = wrap_ddp(parts.objective, info)
+        for stage_epoch in range(start, stage.epochs):
+            epoch = offset + stage_epoch
+            seed_epoch(cfg.run.seed, epoch, info.rank)
+            for hook in (parts.loader.collate_fn, parts.loader.sampler):
+                if hasattr(hook, "set_epoch"):
+                    hook.set_epoch(epoch)
+            losses = train_one_epoch(wrapped, parts.loader, parts.optimizer, parts.prepare, epoch=epoch,
+                                     device=info.device, accumulate=cfg.optim.accumulate, amp=cfg.run.amp,
+                                     clip_grad=cfg.optim.clip_grad, scaler=parts.scaler, log=log,
+                                     log_every=cfg.run.log_every, progress=cfg.run.progress and info.is_main)
+            parts.scheduler.step()
+            if info.is_main:
+                record: dict[str, Any] = {"type": "epoch", "epoch": epoch, "stage": stage.name,
+                                          **{f"train_{k}": v for k, v in losses.items()}}
+                if validate is not None and cfg.run.eval_every and (epoch + 1) % cfg.run.eval_every == 0:
+                    record.update(validate())
+                train_state = {"epoch": epoch, "stage": index, "stage_epoch": stage_epoch,
+                               "optimizer": parts.optimizer.state_dict(), "scheduler": parts.scheduler.state_dict(),
+                               "extra": {k: p.detach().cpu() for k, p in parts.extra.items()}}
+                save_checkpoint(out / "last.pt", checkpoint(train_state))
+                log.write(record)
+                log.plot()
+                logger.info(format_record(record))
+            barrier(info)
+        offset += stage.epochs
+    return out / "last.pt"
+

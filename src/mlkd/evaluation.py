@@ -1,9 +1,9 @@
-"""Evaluating the teacher: classification metrics of its image scores, VOC detection AP and CorLoc of its
-region scores (DESIGN.md §3).
+"""Evaluation of trained models on a dataset, every protocol named (see docs/evaluation.md):
 
-Test-time views: one pass at ``scale`` (the release: 672, no flip) by default; with several ``scales`` and/or
-``flip`` the region scores of all views are averaged per proposal (a flip keeps the proposals' order), and the
-image scores are the sums of the averaged region scores.
+- the teacher: classification metrics of its image scores; VOC07 detection AP at IoU 0.5 and CorLoc of its
+  region scores (with the largest-proposal baseline); test-time views as in :func:`mlkd.inference.predict_teacher`;
+- the student: classification metrics of its probabilities;
+- the teacher's figures (:func:`visualize_teacher`): its top proposals and detections on the first images.
 """
 
 from __future__ import annotations
@@ -13,77 +13,16 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from torchvision.ops import batched_nms
 from tqdm import tqdm
 
 from mlkd.checkpoint import load_checkpoint
-from mlkd.data.base import MultiLabelDataset, check_class_order, collate
-from mlkd.data.loader import KeepTopProposals, make_loader, open_split
-from mlkd.data.transforms import Compose, RandomHorizontalFlip, Warp
+from mlkd.data.base import MultiLabelDataset, check_class_order, read_image
+from mlkd.inference import predict_student, predict_teacher
 from mlkd.metrics import corloc, detection_ap, evaluate_all, report_to_json
-from mlkd.models.wsddn import WSDDN
-
-NMS_IOU = 0.4  # per-class NMS on region scores before detection AP (WSDDN's evaluation)
-
-
-@torch.no_grad()
-def predict_teacher(model: WSDDN, dataset: MultiLabelDataset, convention: str, device: torch.device,
-                    scales: Sequence[int] = (672,), flip: bool = False, max_proposals: int | None = None,
-                    workers: int = 0, progress: bool = True) -> dict[str, Any]:
-    """Teacher outputs for every image of ``dataset`` (which must have proposals attached).
-
-    Returns ``image_ids``; ``image_scores`` ``(N, K)`` float32; per image ``region_scores`` ``(R_i, K)`` and
-    ``proposals`` ``(R_i, 4)`` in pixels of the image file (x1, y1, x2, y2).
-    """
-    from mlkd.teacher import teacher_inputs
-
-    model.eval()
-    views = [(s, f) for s in scales for f in ((False, True) if flip else (False,))]
-    sums: list[torch.Tensor] = [None] * len(dataset)  # type: ignore[list-item]
-    keep = [KeepTopProposals(max_proposals)] if max_proposals else []
-    for scale, flipped in views:
-        dataset.transform = Compose(keep + ([RandomHorizontalFlip(1.0)] if flipped else []) + [Warp(scale)])
-        loader = make_loader(dataset, 1, workers, collate, train=False)
-        desc = f"teacher @{scale}{' flip' if flipped else ''}"
-        for i, (images, targets) in enumerate(tqdm(loader, desc=desc, unit="img", disable=not progress)):
-            out = model(**teacher_inputs(images, targets, device, convention, with_labels=False))[0]
-            r = out["region_scores"].float().cpu()
-            sums[i] = r if sums[i] is None else sums[i] + r
-    dataset.transform = None
-    regions = [s / len(views) for s in sums]
-    proposals = [dataset.proposals.get(r.image_id)[0][: max_proposals or None] for r in dataset.records]
-    return {"image_ids": [r.image_id for r in dataset.records],
-            "image_scores": torch.stack([r.sum(0) for r in regions]).numpy() if regions else np.zeros((0, 0)),
-            "region_scores": [r.numpy() for r in regions], "proposals": proposals}
-
-
-def class_detections(proposals: np.ndarray, regions: np.ndarray, nms_iou: float = NMS_IOU,
-                     max_per_class: int = 100) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Detections of one image: every (proposal, class) scored by ``regions`` ``(R, K)``, per-class NMS, the
-    best ``max_per_class`` of each class kept. Returns boxes ``(D, 4)``, scores ``(D,)``, labels ``(D,)``."""
-    r, k = regions.shape
-    boxes = torch.from_numpy(np.repeat(proposals[None], k, 0).reshape(-1, 4))  # (K * R, 4), class-major
-    scores = torch.from_numpy(np.ascontiguousarray(regions.T).reshape(-1))
-    labels = torch.arange(k).repeat_interleave(r)
-    kept = batched_nms(boxes, scores, labels, nms_iou)  # sorted by score
-    per_class_rank = _rank_within(labels[kept])
-    kept = kept[per_class_rank < max_per_class]
-    return boxes[kept].numpy(), scores[kept].numpy(), labels[kept].numpy()
-
-
-def _rank_within(labels: torch.Tensor) -> torch.Tensor:
-    """Position of each entry among the earlier entries of the same label (0 for the first of each label)."""
-    order = torch.argsort(labels, stable=True)
-    sorted_labels = labels[order]
-    starts = torch.searchsorted(sorted_labels, sorted_labels, right=False)
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(len(labels)) - starts
-    return rank
-
-
-def top_boxes(proposals: Sequence[np.ndarray], regions: Sequence[np.ndarray]) -> np.ndarray:
-    """The best proposal of every class in every image: ``(N, K, 4)`` (CorLoc's input)."""
-    return np.stack([p[r.argmax(0)] for p, r in zip(proposals, regions)])
+from mlkd.models.build import model_from_checkpoint
+from mlkd.models.wsddn import NMS_IOU, WSDDN, class_detections, top_boxes
+from mlkd.proposals.attach import open_split
+from mlkd.viz import detections_figure, save_rgb, teacher_figure
 
 
 def largest_proposal_corloc(dataset: MultiLabelDataset, proposals: Sequence[np.ndarray]) -> dict[str, Any]:
@@ -137,18 +76,15 @@ def evaluate_teacher_model(model: WSDDN, spec: str, proposals: str | None, class
 
 def evaluate_teacher(checkpoint: str, spec: str, proposals: str | None, out: str | None = None, **kwargs: Any
                      ) -> dict[str, Any]:
-    """``mlkd evaluate-teacher``: the checkpoint's teacher on a dataset; the JSON report is written to ``out``."""
-    from mlkd.teacher import teacher_from_checkpoint
-
+    """A teacher checkpoint on a dataset (``mlkd evaluate-teacher``); the JSON report is also written to ``out``.
+    Scale and proposal budget default to the checkpoint's."""
     ckpt = load_checkpoint(checkpoint, "teacher")
-    model = teacher_from_checkpoint(ckpt).to(kwargs.get("device", torch.device("cpu")))
-    kwargs.setdefault("max_proposals", ckpt["config"]["data"]["max_proposals"])
-    kwargs.setdefault("scale", ckpt["config"]["data"]["test_scale"])
+    model = model_from_checkpoint(ckpt).to(kwargs.get("device", torch.device("cpu")))
+    kwargs.setdefault("max_proposals", ckpt["inference"]["max_proposals"])
+    kwargs.setdefault("scale", ckpt["inference"]["image_size"])
     report = evaluate_teacher_model(model, spec, proposals, ckpt["classes"], ckpt["input_convention"], **kwargs)
     report["checkpoint"] = str(checkpoint)
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(report_to_json(report) + "\n")
+    _write_report(report, out)
     return report
 
 
@@ -163,51 +99,63 @@ def summary_line(report: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-
-# ----------------------------------------------------------------------------------------------- student
-@torch.no_grad()
-def predict_student(model: torch.nn.Module, dataset: MultiLabelDataset, convention: str, image_size: int,
-                    device: torch.device, workers: int = 0, batch_size: int = 32, progress: bool = True) -> np.ndarray:
-    """Sigmoid probabilities ``(N, K)`` float32 of the student on every image (warped to ``image_size``)."""
-    from mlkd.models.backbones import normalize
-
-    model.eval()
-    dataset.transform = Warp(image_size)
-    loader = make_loader(dataset, batch_size, workers, collate, train=False)
-    scores = [torch.sigmoid(model(normalize(images.to(device), convention)).float()).cpu()
-              for images, _ in tqdm(loader, desc="student", unit="batch", disable=not progress)]
-    dataset.transform = None
-    return torch.cat(scores).numpy() if scores else np.zeros((0, dataset.num_classes), np.float32)
-
-
 def evaluate_student_model(model: torch.nn.Module, spec: str, classes: Sequence[str], convention: str,
                            image_size: int, options: dict[str, Any] | None = None,
                            device: torch.device = torch.device("cpu"), workers: int = 0,
                            progress: bool = True) -> dict[str, Any]:
-    """Every classification metric of the student on the dataset ``spec`` (class order checked)."""
+    """Every classification metric of the student on the dataset ``spec`` (class order checked); the
+    probabilities ``(N, K)`` are in ``report["scores"]``."""
     dataset = open_split(spec, options)
     check_class_order(classes, dataset.classes, f"dataset {spec}")
     scores = predict_student(model, dataset, convention, image_size, device, workers, progress=progress)
-    return {"dataset": dataset.identity.to_dict(), "classification": evaluate_all(scores, dataset.label_matrix(),
-                                                                                  dataset.classes),
-            "scores": scores}
+    return {"dataset": dataset.identity.to_dict(),
+            "classification": evaluate_all(scores, dataset.label_matrix(), dataset.classes), "scores": scores}
 
 
 def evaluate_student(checkpoint: str, spec: str, out: str | None = None, options: dict[str, Any] | None = None,
                      device: torch.device = torch.device("cpu"), workers: int = 0, progress: bool = True,
                      scores_out: str | None = None) -> dict[str, Any]:
-    """``mlkd evaluate``: a student checkpoint on a dataset; JSON report to ``out``, scores to ``scores_out``."""
-    from mlkd.student import student_from_checkpoint
-
+    """A student checkpoint on a dataset (``mlkd evaluate``); JSON report to ``out``, scores to ``scores_out``."""
     ckpt = load_checkpoint(checkpoint, "student")
-    model = student_from_checkpoint(ckpt).to(device)
+    model = model_from_checkpoint(ckpt).to(device)
     report = evaluate_student_model(model, spec, ckpt["classes"], ckpt["input_convention"],
-                                    ckpt["config"]["model"]["image_size"], options, device, workers, progress)
+                                    ckpt["inference"]["image_size"], options, device, workers, progress)
     scores = report.pop("scores")
     report["checkpoint"] = str(checkpoint)
     if scores_out:
         np.save(scores_out, scores)
+    _write_report(report, out)
+    return report
+
+
+def _write_report(report: dict[str, Any], out: str | Path | None) -> None:
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(report_to_json(report) + "\n")
-    return report
+
+
+def visualize_teacher(checkpoint: str, spec: str, proposals: str | None, out: str | Path, num_images: int = 8,
+                      options: dict[str, Any] | None = None, device: torch.device = torch.device("cpu"),
+                      top_proposals: int = 10, per_class: bool = False, progress: bool = True) -> list[Path]:
+    """Teacher figures (and per-class detection figures) of the first ``num_images`` images of a dataset
+    (``mlkd visualize-teacher``); returns the PNG paths."""
+    ckpt = load_checkpoint(checkpoint, "teacher")
+    dataset = open_split(spec, options, proposals)
+    check_class_order(ckpt["classes"], dataset.classes, f"dataset {spec}")
+    if dataset.proposals is None:
+        raise ValueError(f"dataset {spec} has no proposals: give its proposal cache (--proposals)")
+    first = dataset.view(indices=range(min(num_images, len(dataset))))
+    model = model_from_checkpoint(ckpt).to(device)
+    pred = predict_teacher(model, first, ckpt["input_convention"], device, (ckpt["inference"]["image_size"],),
+                           max_proposals=ckpt["inference"]["max_proposals"], progress=progress)
+    paths = []
+    for i, r in enumerate(tqdm(first.records, desc="figures", unit="img", disable=not progress)):
+        image, stem = read_image(r.path), Path(r.image_id).stem
+        fig = teacher_figure(image, pred["proposals"][i], pred["region_scores"][i], dataset.classes, r.labels,
+                             top_proposals)
+        paths.append(save_rgb(Path(out) / f"{i:03d}_{stem}_teacher.png", fig))
+        if per_class:
+            boxes, scores, cls = class_detections(pred["proposals"][i], pred["region_scores"][i], max_per_class=1)
+            fig = detections_figure(image, boxes, scores, cls, dataset.classes, r.labels)
+            paths.append(save_rgb(Path(out) / f"{i:03d}_{stem}_detections.png", fig))
+    return paths

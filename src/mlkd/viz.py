@@ -8,12 +8,10 @@ text panel on its right.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import cv2
 import numpy as np
-import torch
-from tqdm import tqdm
 
 GREEN, BLUE, RED, BLACK = (0, 200, 0), (30, 90, 255), (230, 30, 30), (0, 0, 0)
 PANEL_WIDTH, LINE = 300, 22
@@ -78,12 +76,10 @@ def teacher_figure(image: np.ndarray, proposals: np.ndarray, regions: np.ndarray
     return with_panel(draw_boxes(big, proposals[top], GREEN, s), lines)
 
 
-def detections_figure(image: np.ndarray, proposals: np.ndarray, regions: np.ndarray, classes: Sequence[str],
-                      labels: np.ndarray, per_class: int = 1, height: int = 360) -> np.ndarray:
-    """The teacher's best ``per_class`` detections (after NMS) of each class present in the image."""
-    from mlkd.evaluation import class_detections
-
-    boxes, scores, cls = class_detections(proposals, regions, max_per_class=per_class)
+def detections_figure(image: np.ndarray, boxes: np.ndarray, scores: np.ndarray, cls: np.ndarray,
+                      classes: Sequence[str], labels: np.ndarray, height: int = 360) -> np.ndarray:
+    """The teacher's detections ``boxes (D, 4)``, ``scores (D,)``, class indices ``cls (D,)`` (e.g. the best of
+    each class after NMS: :func:`mlkd.models.wsddn.class_detections`) of the classes present in the image."""
     present = np.isin(cls, np.flatnonzero(labels == 1))
     big, s = scaled(image, height)
     names = [f"{classes[c]} {p:.2f}" for c, p in zip(cls[present], scores[present])]
@@ -101,37 +97,6 @@ def kd_figure(image: np.ndarray, proposals: np.ndarray, regions: np.ndarray, pla
     lines += top_k_lines(plain, classes, labels, 3, "student without KD:") + [("", BLACK)]
     lines += top_k_lines(kd, classes, labels, 3, "student with KD:")
     return with_panel(draw_boxes(big, proposals[top], GREEN, s), lines)
-
-
-def visualize_teacher(checkpoint: str, spec: str, proposals: str | None, out: str | Path, num_images: int = 8,
-                      options: dict[str, Any] | None = None, device: torch.device = torch.device("cpu"),
-                      top_proposals: int = 10, per_class: bool = False, progress: bool = True) -> list[Path]:
-    """``mlkd visualize-teacher``: teacher figures (and per-class detection figures) of the first images."""
-    from mlkd.checkpoint import load_checkpoint
-    from mlkd.data.base import check_class_order, read_image
-    from mlkd.data.loader import open_split
-    from mlkd.evaluation import predict_teacher
-    from mlkd.teacher import teacher_from_checkpoint
-
-    ckpt = load_checkpoint(checkpoint, "teacher")
-    dataset = open_split(spec, options, proposals)
-    check_class_order(ckpt["classes"], dataset.classes, f"dataset {spec}")
-    if dataset.proposals is None:
-        raise ValueError(f"dataset {spec} has no proposals: give its proposal cache (--proposals)")
-    dataset.records = dataset.records[:num_images]
-    model = teacher_from_checkpoint(ckpt).to(device)
-    pred = predict_teacher(model, dataset, ckpt["input_convention"], device, (ckpt["config"]["data"]["test_scale"],),
-                           max_proposals=ckpt["config"]["data"]["max_proposals"], progress=progress)
-    paths = []
-    for i, r in enumerate(tqdm(dataset.records, desc="figures", unit="img", disable=not progress)):
-        image, stem = read_image(r.path), Path(r.image_id).stem
-        fig = teacher_figure(image, pred["proposals"][i], pred["region_scores"][i], dataset.classes, r.labels,
-                             top_proposals)
-        paths.append(save_rgb(Path(out) / f"{i:03d}_{stem}_teacher.png", fig))
-        if per_class:
-            fig = detections_figure(image, pred["proposals"][i], pred["region_scores"][i], dataset.classes, r.labels)
-            paths.append(save_rgb(Path(out) / f"{i:03d}_{stem}_detections.png", fig))
-    return paths
 
 
 def grid(figures: Sequence[np.ndarray], columns: int = 2) -> np.ndarray:

@@ -7,24 +7,26 @@ Each sub-command lives in its own module with a ``register(subparsers)`` that ad
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
-from mlkd import __version__
-from mlkd.cli import data, demo, export, metrics, proposals, student, teacher
+from mlkd.version import __version__
+from mlkd.cli import data, demo, export, metrics, predict, proposals, student, teacher
+from mlkd.optional import MissingExtra
 
-COMMANDS = (demo, data, proposals, teacher, student, metrics, export)
+COMMANDS = (demo, data, proposals, teacher, student, predict, metrics, export)
 
 EPILOG = """\
-typical flow, step by step (paths as in configs/*_demo.yaml; `mlkd demo` runs it all):
+typical flow, step by step (what `mlkd demo` runs; paths as in mlkd's *_demo configs):
   mlkd data synth --out runs/demo/data --num-images 600 --seed 0
   mlkd proposals --dataset runs/demo/data/train.jsonl --method selective_search --max-proposals 200 \\
       --out runs/demo/proposals/train                      # and the same for val.jsonl -> proposals/val
-  mlkd train-teacher --config configs/teacher_demo.yaml
-  mlkd evaluate-teacher --checkpoint runs/demo/teacher/last.pt --dataset runs/demo/data/val.jsonl \\
+  mlkd train-teacher --config teacher_demo
+  mlkd evaluate-teacher --checkpoint runs/demo/seed0/teacher/last.pt --dataset runs/demo/data/val.jsonl \\
       --proposals runs/demo/proposals/val
-  mlkd train-student --config configs/student_demo_kd.yaml
-  mlkd evaluate --checkpoint runs/demo/student_kd/last.pt --dataset runs/demo/data/val.jsonl
-  mlkd export --checkpoint runs/demo/student_kd/last.pt --format onnx --out export/
+  mlkd train-student --config student_demo_kd
+  mlkd evaluate --checkpoint runs/demo/seed0/student_kd/last.pt --dataset runs/demo/data/val.jsonl
+  mlkd export --checkpoint runs/demo/seed0/student_kd/last.pt --format safetensors --out model/
 
 Run `mlkd <command> --help` for the options of each command."""
 
@@ -43,15 +45,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """A handler writing to whatever ``sys.stdout`` is when a record arrives (tests and tools replace it)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Library modules log through ``logging`` (``mlkd.*`` loggers); the command line shows their messages."""
+    handler = _StdoutHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger("mlkd")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    setup_logging()
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, OSError, KeyError) as e:  # user-facing errors: no traceback
+    except (ValueError, FileNotFoundError, OSError, KeyError, MissingExtra) as e:  # user-facing errors: no traceback
         print(f"mlkd {args.command}: error: {e}", file=sys.stderr)
         return 1
 

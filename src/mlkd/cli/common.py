@@ -32,6 +32,6 @@ def add_device_option(p: argparse.ArgumentParser) -> None:
 
 
 def resolve_device(name: str):
-    from mlkd.distributed import pick_device
+    from mlkd.device import pick_device
 
     return pick_device(name)

@@ -49,7 +49,7 @@ def _load(spec: str, options: dict[str, Any]) -> MultiLabelDataset:
 
 def _print_summary(ds: MultiLabelDataset, s: dict[str, Any], max_missing: int = 10) -> None:
     print(f"dataset {ds.name} / split {ds.split}: {s['images']} images, {s['classes']} classes "
-          f"(manifest hash {ds.identity.manifest_hash})")
+          f"(labels hash {ds.identity.labels_hash}, images hash {ds.identity.images_hash})")
     print(f"label cardinality {s['cardinality']:.3f} labels/image, density {s['density']:.4f}, "
           f"{s['no_label_images']} images with no positive label")
     if s["boxes"] is not None:
@@ -123,7 +123,7 @@ def run_manifest(args: argparse.Namespace) -> int:
         print(f"{ds.name}/{ds.split}: {len(ds)} images " + ("do NOT match" if problems else "match") + f" {args.check}")
         return 1 if problems else 0
     counts = write_image_manifest(ds, args.out, args.workers, progress=not args.quiet)
-    print(f"wrote {args.out}: {manifest_summary(counts)} (dataset hash {ds.identity.manifest_hash})")
+    print(f"wrote {args.out}: {manifest_summary(counts)} (labels hash {ds.identity.labels_hash})")
     return 0
 
 

@@ -26,7 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-size", type=int, default=160, help="longer image side of the dataset in pixels (160)")
     p.add_argument("--workers", type=int, default=2, help="processes for proposal generation (default 2)")
     p.add_argument("--joint", action="store_true", help="also train the joint-mode student (about 2 minutes more)")
-    p.add_argument("--configs", metavar="DIR", help="folder of the demo configs (default: the checkout's configs/)")
+    p.add_argument("--configs", metavar="DIR",
+                   help="folder with teacher_demo.yaml and student_demo*.yaml (default: the ones shipped with mlkd)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run)
 
 
@@ -35,6 +37,8 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.seeds < 1 or args.num_images < 8:
         raise ValueError(f"--seeds must be >= 1 and --num-images >= 8, got {args.seeds}, {args.num_images}")
-    run_demo(args.out, num_images=args.num_images, seed=args.seed, seeds=args.seeds, image_size=args.image_size,
-             workers=args.workers, joint=args.joint, configs=args.configs)
+    summary = run_demo(args.out, num_images=args.num_images, seed=args.seed, seeds=args.seeds,
+                       image_size=args.image_size, workers=args.workers, joint=args.joint, configs=args.configs,
+                       progress=not args.quiet)
+    print("\n" + summary["table"] + "\n", flush=True)
     return 0

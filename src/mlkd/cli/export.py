@@ -22,7 +22,9 @@ are errors. Imported models record the Caffe input convention (BGR, 0-255, minus
 torchvision convention takes --input-convention torchvision (its export.json says which)."""
 
 EXPORT_DESCRIPTION = """\
-Export a checkpoint's model and verify it before reporting success: the exported files are run by another
+Export a checkpoint's model and verify it before reporting success. --format safetensors writes the folder that
+mlkd.load() and `mlkd predict` read (model.safetensors + config.json: weights, classes, model config, input
+convention; no pickle), checked by reading it back. For caffe and onnx the exported files are run by another
 runtime (OpenCV's DNN module for Caffe, onnxruntime for ONNX) on sample images normalised by the model's
 convention (a synthetic scene, uniform noise, and --image files), and every output must match PyTorch:
 max |runtime - PyTorch| <= tolerance * max(1, max |PyTorch|) (probabilities: the max |.| of their logits).
@@ -58,12 +60,18 @@ def run_import(args: argparse.Namespace) -> int:
 def run_export(args: argparse.Namespace) -> int:
     from mlkd.export.exporter import export_checkpoint
 
-    manifest, checks = export_checkpoint(args.checkpoint, args.format, args.out, args.classifier_name, args.opset,
-                                         args.tolerance, args.image, args.image_size, args.regions)
-    runtime = manifest["verification"]["runtime"]
-    print(f"{manifest['kind']} exported as {args.format} to {args.out}: {', '.join(manifest['files'].values())}, "
-          "export.json, README.md")
-    print(f"verified with {runtime} on {len(manifest['verification']['images'])} image(s), tolerance "
+    info, checks = export_checkpoint(args.checkpoint, args.format, args.out, args.classifier_name, args.opset,
+                                     args.tolerance, args.image, args.image_size, args.regions)
+    runtime = info["verification"]["runtime"]
+    extra = "README.md" if args.format == "safetensors" else "export.json, README.md"
+    print(f"{info['kind']} exported as {args.format} to {args.out}: {', '.join(info['files'].values())}, {extra}")
+    if args.format == "safetensors":
+        print(f"read back by mlkd on {len(info['verification']['images'])} image(s): outputs equal bit for bit; "
+              f"load it with mlkd.load({str(args.out)!r})")
+        for c in checks:
+            print(f"  {c.line('mlkd')}")
+        return 0
+    print(f"verified with {runtime} on {len(info['verification']['images'])} image(s), tolerance "
           f"{args.tolerance:g} relative to each output's scale (rule in export.json):")
     for c in checks:
         print(f"  {c.line(runtime.split()[0])}")
@@ -102,7 +110,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                               "--out export/onnx\n  mlkd export --checkpoint runs/demo/student/last.pt --format caffe "
                               "--out export/caffe --classifier-name fc8_synth")
     e.add_argument("--checkpoint", required=True, metavar="CKPT", help="student or teacher checkpoint (.pt)")
-    e.add_argument("--format", required=True, choices=("caffe", "onnx"), help="caffe (prototxt + caffemodel) or onnx")
+    e.add_argument("--format", required=True, choices=("caffe", "onnx", "safetensors"),
+                   help="caffe (prototxt + caffemodel), onnx, or safetensors (a model folder for mlkd.load, no pickle)")
     e.add_argument("--out", required=True, metavar="DIR", help="folder for the files (one format per folder)")
     e.add_argument("--classifier-name", metavar="LAYER",
                    help="student caffe: name of the K-way layer (default fc8; the release used fc8_<dataset>)")

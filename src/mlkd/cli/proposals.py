@@ -6,11 +6,25 @@ import argparse
 import json
 from pathlib import Path
 
-from mlkd.data import DATASET_FORMS, build_dataset
-from mlkd.proposals import (ProposalCache, export_datalist, export_mat, generate_proposals, import_datalist,
-                            import_mat, merge_caches, parse_shard)
-from mlkd.proposals.generate import CLEAN_DEFAULTS, default_workers
+from mlkd.cli.common import parse_options
+from mlkd.data import DATASET_FORMS, MultiLabelDataset, build_dataset
+from mlkd.proposals.attach import check_cache_matches
+from mlkd.proposals.cache import ProposalCache
+from mlkd.proposals.convert import export_datalist, export_mat, import_datalist, import_mat
+from mlkd.proposals.generate import CLEAN_DEFAULTS, default_workers, generate_proposals
 from mlkd.proposals.recall import proposal_recall
+from mlkd.proposals.shards import merge_caches, parse_shard
+
+OPTION_HELP = ("dataset option, e.g. difficult=positive (as in `mlkd data info`); repeatable. Proposals depend on "
+               "the images only, so options that change labels do not change the cache")
+
+
+def _dataset(args: argparse.Namespace) -> MultiLabelDataset:
+    return build_dataset(args.dataset, **parse_options(args.option))
+
+
+def _add_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help=OPTION_HELP)
 
 DESCRIPTION = """\
 Compute object proposals for every image of a dataset into an LMDB cache (CACHE/data.mdb + CACHE/meta.json).
@@ -54,7 +68,7 @@ def run_generate(args: argparse.Namespace) -> int:
                if v is None]
     if missing:
         raise ValueError(f"generating proposals needs {', '.join(missing)} (see `mlkd proposals --help`)")
-    dataset = build_dataset(args.dataset)
+    dataset = _dataset(args)
     shard = parse_shard(args.shard) if args.shard else None
     workers = default_workers() if args.workers is None else args.workers
     report = generate_proposals(dataset, args.method, _method_params(args), args.out, workers=workers,
@@ -72,7 +86,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    dataset = build_dataset(args.dataset) if args.dataset else None
+    dataset = _dataset(args) if args.dataset else None
     report = merge_caches(args.out, args.shards, dataset=dataset, progress=not args.quiet)
     print(f"{report.cache_path}: {report.num_images} of {report.expected} images")
     if report.missing_shards:
@@ -84,7 +98,7 @@ def run_merge(args: argparse.Namespace) -> int:
 
 
 def run_import(args: argparse.Namespace) -> int:
-    dataset = build_dataset(args.dataset)
+    dataset = _dataset(args)
     if args.format == "mat":
         if args.root:
             raise ValueError("--root applies to datalist files (their image paths); .mat files list image ids")
@@ -101,7 +115,7 @@ def run_import(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    dataset = build_dataset(args.dataset)
+    dataset = _dataset(args)
     with ProposalCache.open(args.cache) as cache:
         if args.format == "mat":
             export_mat(args.out, dataset, cache, progress=not args.quiet)
@@ -120,15 +134,15 @@ def run_info(args: argparse.Namespace) -> int:
         print(f"{cache.path}: {len(cache)} images, method {meta['method']}")
         print(f"  parameters: {json.dumps(meta['params'], sort_keys=True)}")
         print(f"  dataset: {ds['name']}/{ds['split']}, {ds['num_images']} images, {len(ds['classes'])} classes, "
-              f"manifest hash {ds['manifest_hash']}")
+              f"images hash {ds.get('images_hash', '(v1 cache: none)')}")
         print(f"  boxes: {meta['box_convention']}")
         if meta["shard"]:
             print(f"  shard {meta['shard']['index']}/{meta['shard']['count']}")
         failures = cache.read_failures()
         print(f"  failed images in the last run: {len(failures)}")
         if args.dataset:
-            dataset = build_dataset(args.dataset)
-            dataset.attach_proposals(cache)
+            dataset = _dataset(args)
+            check_cache_matches(dataset, cache)
             if all(r.boxes is not None for r in dataset.records):
                 r = proposal_recall(dataset, cache, top_n=(None, 100, 10))
                 print(f"  {r['mean_proposals']:.1f} proposals/img, {r['images_without_proposals']} images with none; "
@@ -140,6 +154,7 @@ def run_info(args: argparse.Namespace) -> int:
 
 def _add_generate_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", metavar="SPEC", help="dataset spec (forms listed above), e.g. data/synth/train.jsonl")
+    _add_option(p)
     p.add_argument("--method", choices=("selective_search", "edge_boxes"),
                    help="edge_boxes: the release's choice (scores kept); selective_search: WSDDN's (no scores)")
     p.add_argument("--out", metavar="CACHE", help="cache directory (created; an existing one with the same "
@@ -176,6 +191,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--dataset", metavar="SPEC", help="the dataset the shards were computed for (to list gaps)")
     m.add_argument("shards", nargs="+", metavar="SHARD_CACHE", help="the shard cache directories")
     m.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_option(m)
     m.set_defaults(func=run_merge)
 
     i = actions.add_parser("import", help="import a WSDDN .mat or a release datalist file", description=(
@@ -192,6 +208,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--allow-missing", action="store_true",
                    help="import even if some dataset images have no entry (they are listed)")
     i.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_option(i)
     i.set_defaults(func=run_import)
 
     e = actions.add_parser("export", help="write a cache as a datalist or a WSDDN .mat", description=(
@@ -203,6 +220,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--out", required=True, metavar="FILE", help="output file")
     e.add_argument("--relative-to", metavar="DIR", help="datalist: write image paths relative to DIR")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_option(e)
     e.set_defaults(func=run_export)
 
     n = actions.add_parser("info", help="what a cache holds; recall of ground-truth boxes", description=(
@@ -210,4 +228,5 @@ def register(sub: argparse._SubParsersAction) -> None:
         "the cache) also the recall of its ground-truth boxes at IoU 0.5/0.7 for all, top-100 and top-10 boxes."))
     n.add_argument("--cache", required=True, metavar="CACHE", help="the proposal cache")
     n.add_argument("--dataset", metavar="SPEC", help="the dataset, for recall (needs boxes)")
+    _add_option(n)
     n.set_defaults(func=run_info)

@@ -1,4 +1,4 @@
-"""`mlkd train-student`, `mlkd evaluate`, `mlkd predict`."""
+"""`mlkd train-student`, `mlkd evaluate`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from mlkd.cli.common import add_dataset_options, add_device_option, parse_option
 TRAIN_DESCRIPTION = """\
 Train the student classifier, without distillation (one stage with L_p) or distilling a trained teacher
 (distill.teacher): the release's two stages (region features L_f, then predictions L_p + L_p') or one joint
-stage. The config's `stages` list sets each stage's epochs, lr and loss weights (configs/student_*.yaml).
+stage. The config's `stages` list sets each stage's epochs, lr and loss weights (mlkd's student_* configs).
 The teacher is frozen and never written. The run folder (run.out) receives config.yaml, log.jsonl,
 curves.png, last.pt and, with cached soft targets, teacher_targets.pt.
 
@@ -18,7 +18,7 @@ Several GPUs or nodes: torchrun --nproc_per_node N -m mlkd train-student --confi
 
 def run_train(args: argparse.Namespace) -> int:
     from mlkd.config import load_config
-    from mlkd.student import StudentConfig, train_student
+    from mlkd.train_student import StudentConfig, train_student
 
     cfg = load_config(StudentConfig, args.config, args.set)
     print(f"student checkpoint: {train_student(cfg, resume=args.resume)}")
@@ -38,21 +38,15 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_predict(args: argparse.Namespace) -> int:
-    from mlkd.predict import predict_images
-
-    predict_images(args.checkpoint, args.images, top_k=args.top_k, thresholds=args.thresholds,
-                   out_dir=args.out_dir, device=resolve_device(args.device))
-    return 0
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train-student", help="train the student, with or without distillation",
                        description=TRAIN_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="examples:\n  mlkd train-student --config configs/student_demo.yaml\n"
                               "  mlkd train-student --config configs/student_demo_kd.yaml "
                               "--set distill.teacher=runs/demo/teacher/last.pt")
-    t.add_argument("--config", metavar="YAML", help="config file (keys: model, data, optim, run, distill, stages)")
+    t.add_argument("--config", metavar="YAML|NAME",
+                   help="config file, or the name of one shipped with mlkd (e.g. student_coco_kd; "
+                        "keys: model, data, optim, run, distill, stages)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key, e.g. optim.lr=1e-4 or distill.top_k=100; repeatable")
     t.add_argument("--resume", action="store_true", help="continue the run in run.out from its last.pt")
@@ -71,17 +65,3 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_device_option(e)
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=run_evaluate)
-
-    p = sub.add_parser("predict", help="top-k labels of images with a student checkpoint",
-                       description="Classify image files: prints each image's top-k labels with probabilities; "
-                                   "with --thresholds (a file of 'class threshold' lines, or one number) also the "
-                                   "labels above their class threshold; --out-dir writes annotated copies.")
-    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="student checkpoint")
-    p.add_argument("images", nargs="+", metavar="PATH",
-                   help="image files, folders (their images), or .txt files listing image paths")
-    p.add_argument("--top-k", type=int, default=3, metavar="K", help="labels printed per image (default 3)")
-    p.add_argument("--thresholds", metavar="FILE|P",
-                   help="per-class thresholds file ('name value' per line) or one value for all classes")
-    p.add_argument("--out-dir", metavar="DIR", help="write each image with its predictions drawn on it")
-    add_device_option(p)
-    p.set_defaults(func=run_predict)

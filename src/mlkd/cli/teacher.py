@@ -7,8 +7,9 @@ import argparse
 from mlkd.cli.common import add_dataset_options, add_device_option, parse_options, resolve_device
 
 TRAIN_DESCRIPTION = """\
-Train the WSDDN teacher from image-level labels over cached proposals (DESIGN.md §1). The config file holds
-every knob (see configs/teacher_*.yaml); --set overrides single keys. The run folder (run.out) receives
+Train the WSDDN teacher from image-level labels over cached proposals (docs/method.md). The config file holds
+every knob (mlkd ships teacher_voc07, teacher_coco, teacher_nuswide, teacher_wsddn_voc07, teacher_demo: give
+the name or a file); --set overrides single keys. The run folder (run.out) receives
 config.yaml, log.jsonl, curves.png and last.pt (written atomically after every epoch).
 
 Several GPUs or nodes: launch the same command with torchrun, e.g.
@@ -18,7 +19,7 @@ Several GPUs or nodes: launch the same command with torchrun, e.g.
 
 def run_train(args: argparse.Namespace) -> int:
     from mlkd.config import load_config
-    from mlkd.teacher import TeacherConfig, train_teacher
+    from mlkd.train_teacher import TeacherConfig, train_teacher
 
     cfg = load_config(TeacherConfig, args.config, args.set)
     path = train_teacher(cfg, resume=args.resume)
@@ -45,7 +46,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def run_visualize(args: argparse.Namespace) -> int:
-    from mlkd.viz import visualize_teacher
+    from mlkd.evaluation import visualize_teacher
 
     paths = visualize_teacher(args.checkpoint, args.dataset, args.proposals, args.out, num_images=args.num_images,
                               options=parse_options(args.option), device=resolve_device(args.device),
@@ -59,7 +60,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=TRAIN_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="example:\n  mlkd train-teacher --config configs/teacher_demo.yaml "
                               "--set run.out=runs/t1 --set optim.epochs=4")
-    t.add_argument("--config", metavar="YAML", help="config file (keys: model, data, optim, run)")
+    t.add_argument("--config", metavar="YAML|NAME",
+                   help="config file, or the name of one shipped with mlkd (e.g. teacher_voc07; keys: model, data, "
+                        "optim, run)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key, e.g. optim.lr=1e-4 or data.scales=[480,576]; repeatable")
     t.add_argument("--resume", action="store_true", help="continue the run in run.out from its last.pt")

@@ -16,6 +16,7 @@ Boxes and proposals are always in the pixel frame of the returned image: transfo
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -30,15 +31,25 @@ import torch
 from torch.utils.data import Dataset
 
 
+BOX_CONVENTION = "x1y1x2y2 float32, 0-based pixel edges of the image on disk, x2/y2 exclusive (x2 = x + w)"
+
+
 @dataclass(frozen=True)
 class DatasetIdentity:
-    """What makes two datasets 'the same' for caches and checkpoints."""
+    """What makes two datasets 'the same' for checkpoints (all fields) and proposal caches (the images only).
+
+    ``labels_hash`` covers the image ids, their labels and the class order; ``images_hash`` only the set of
+    image ids and their file names, which is all that proposals depend on (see :func:`images_hash`).
+    """
 
     name: str
     split: str
     classes: tuple[str, ...]
     num_images: int
-    manifest_hash: str
+    labels_hash: str
+    images_hash: str | None = None  # None in identities written before mlkd 0.2
+
+    FIELDS = ("name", "split", "classes", "num_images", "labels_hash", "images_hash")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -47,15 +58,18 @@ class DatasetIdentity:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DatasetIdentity":
-        return cls(d["name"], d["split"], tuple(d["classes"]), int(d["num_images"]), d["manifest_hash"])
+        """Read an identity dict; mlkd 0.1 called ``labels_hash`` ``manifest_hash`` and had no ``images_hash``."""
+        labels = d["labels_hash"] if "labels_hash" in d else d["manifest_hash"]
+        return cls(d["name"], d["split"], tuple(d["classes"]), int(d["num_images"]), labels, d.get("images_hash"))
+
+    def differences(self, other: "DatasetIdentity", what: str, fields: Sequence[str] = FIELDS) -> list[str]:
+        """``field: dataset has X, <what> has Y`` lines for the ``fields`` that differ."""
+        return [f"{k}: dataset has {getattr(self, k)!r}, {what} has {getattr(other, k)!r}"
+                for k in fields if getattr(self, k) != getattr(other, k)]
 
     def check_same(self, other: "DatasetIdentity", what: str) -> None:
         """Raise ``ValueError`` naming both sides if ``other`` (from ``what``) differs from ``self``."""
-        diffs = [
-            f"{k}: dataset has {getattr(self, k)!r}, {what} has {getattr(other, k)!r}"
-            for k in ("name", "split", "classes", "num_images", "manifest_hash")
-            if getattr(self, k) != getattr(other, k)
-        ]
+        diffs = self.differences(other, what)
         if diffs:
             raise ValueError(f"{what} does not belong to this dataset:\n  " + "\n  ".join(diffs))
 
@@ -88,12 +102,21 @@ class ImageRecord:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def manifest_hash(records: Sequence[ImageRecord], classes: Sequence[str]) -> str:
-    """A short stable hash of the image ids, their labels and the class order."""
+def labels_hash(records: Sequence[ImageRecord], classes: Sequence[str]) -> str:
+    """A short stable hash of the image ids (in order), their labels and the class order."""
     h = hashlib.sha1(json.dumps(list(classes)).encode())
     for r in records:
         h.update(r.image_id.encode())
         h.update(np.ascontiguousarray(r.labels, dtype=np.int8).tobytes())
+    return h.hexdigest()[:16]
+
+
+def images_hash(records: Sequence[ImageRecord]) -> str:
+    """A short stable hash of the set of images: each image id with its file name, in sorted order. Labels,
+    class names and record order do not enter, so a label policy (e.g. VOC ``difficult=positive``) keeps it."""
+    h = hashlib.sha1()
+    for image_id, name in sorted((r.image_id, Path(r.path).name) for r in records):
+        h.update(f"{image_id}\t{name}\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -139,6 +162,7 @@ def read_image(path: str | Path) -> np.ndarray:
 
 
 Transform = Callable[[torch.Tensor, dict[str, Any]], tuple[torch.Tensor, dict[str, Any]]]
+KEEP = object()  # "leave as it is" for MultiLabelDataset.view
 
 
 class MultiLabelDataset(Dataset):
@@ -159,7 +183,7 @@ class MultiLabelDataset(Dataset):
         self.excluded = {k: list(v) for k, v in (excluded or {}).items() if v}
         self.proposals = None  # a ProposalCache once attached
         self.identity = DatasetIdentity(name, split, tuple(self.classes), len(records),
-                                        manifest_hash(records, self.classes))
+                                        labels_hash(records, self.classes), images_hash(records))
 
     def __len__(self) -> int:
         return len(self.records)
@@ -177,11 +201,22 @@ class MultiLabelDataset(Dataset):
         """``(N, K)`` int8 labels of every image, without decoding anything."""
         return np.stack([r.labels for r in self.records]) if self.records else np.zeros((0, self.num_classes), np.int8)
 
-    def attach_proposals(self, cache) -> None:
-        """Attach a :class:`mlkd.proposals.cache.ProposalCache`; refuses a cache built for another dataset."""
-        cache_identity = DatasetIdentity.from_dict(cache.meta["dataset"])
-        self.identity.check_same(cache_identity, f"proposal cache {cache.path}")
-        self.proposals = cache
+    def view(self, transform: Transform | None | object = KEEP, indices: Sequence[int] | None = None,
+             proposals: Any = KEEP) -> "MultiLabelDataset":
+        """A shallow copy with another ``transform``, only the records at ``indices``, and/or other
+        ``proposals``; this dataset is left as it is. ``identity`` stays the full dataset's.
+
+        ``proposals`` is anything with ``get(image_id) -> (boxes (R, 4), scores (R,))`` (a proposal cache);
+        whoever opens it checks that it belongs to this dataset (:func:`mlkd.proposals.open_split`).
+        """
+        out = copy.copy(self)
+        if transform is not KEEP:
+            out.transform = transform
+        if indices is not None:
+            out.records = [self.records[i] for i in indices]
+        if proposals is not KEEP:
+            out.proposals = proposals
+        return out
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
         r = self.records[index]

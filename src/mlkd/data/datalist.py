@@ -19,15 +19,93 @@ proposal (500 proposals x 82k COCO images is ~0.8 GB); for large sets import the
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from mlkd.data.base import ImageRecord, MultiLabelDataset, Transform, drop_missing
+from mlkd.data.base import BOX_CONVENTION, ImageRecord, MultiLabelDataset, Transform, drop_missing
 from mlkd.data.custom import read_class_file
-from mlkd.proposals.cache import BOX_CONVENTION
-from mlkd.proposals.formats import parse_datalist_line
+
+
+# -- the line format --------------------------------------------------------------------------------------------
+@dataclass
+class DatalistEntry:
+    """One datalist line: ``labels (K,)`` int8, ``boxes (R, 4)`` float32 x1y1x2y2, ``scores (R,)`` float32."""
+
+    path: str
+    labels: np.ndarray
+    boxes: np.ndarray
+    scores: np.ndarray
+    line: int
+
+
+def parse_datalist_line(text: str, num_classes: int, where: str) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
+    """Split one line into ``(path, labels (K,), boxes (R, 4), scores (R,))``; ``where`` is ``file:line``."""
+    fields = text.split()
+    n_num = len(fields) - 1
+    if n_num < num_classes or (n_num - num_classes) % 5:
+        raise ValueError(f"{where}: {len(fields)} fields; expected 1 path + {num_classes} labels + 5 numbers "
+                         f"(x1 y1 x2 y2 score) per box, i.e. 1 + {num_classes} + 5*R fields")
+    try:
+        values = np.array(fields[1:], dtype=np.float64)
+    except ValueError:
+        bad = next(f for f in fields[1:] if not _is_number(f))
+        raise ValueError(f"{where}: {bad!r} is not a number (labels, coordinates and scores must be)") from None
+    if not np.isfinite(values).all():
+        raise ValueError(f"{where}: NaN or inf among the numbers")
+    labels = values[:num_classes]
+    if not np.isin(labels, (0, 1)).all():
+        raise ValueError(f"{where}: labels must be 0 or 1, got {labels[~np.isin(labels, (0, 1))][:5].tolist()}")
+    groups = values[num_classes:].reshape(-1, 5)
+    boxes = groups[:, :4].astype(np.float32)
+    if ((boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])).any():
+        raise ValueError(f"{where}: a proposal has x2 < x1 or y2 < y1 (expected x1 y1 x2 y2 score groups)")
+    return fields[0], labels.astype(np.int8), boxes, groups[:, 4].astype(np.float32)
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True
+
+
+def read_datalist(path: str | Path, num_classes: int) -> list[DatalistEntry]:
+    """Parse a datalist file with ``num_classes`` labels per line (blank lines skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"datalist file not found: {path}")
+    entries = []
+    with path.open() as f:
+        for i, text in enumerate(f, start=1):
+            if text.strip():
+                p, labels, boxes, scores = parse_datalist_line(text, num_classes, f"{path}:{i}")
+                entries.append(DatalistEntry(p, labels, boxes, scores, i))
+    return entries
+
+
+def format_datalist_line(path: str, labels: np.ndarray, boxes: np.ndarray, scores: np.ndarray) -> str:
+    """One datalist line; float32 values are printed shortest-exact, so reading back gives the same numbers."""
+    if any(c.isspace() for c in path):
+        raise ValueError(f"datalist paths cannot contain whitespace: {path!r}")
+    groups = np.concatenate([np.asarray(boxes, np.float32).reshape(-1, 4),
+                             np.asarray(scores, np.float32).reshape(-1, 1)], axis=1)
+    labels = np.where(np.asarray(labels) == 1, 1, 0)  # -1 (ignore) has no datalist form
+    return " ".join([path, *labels.astype(str), *groups.ravel().astype(str)])
+
+
+def write_datalist(path: str | Path, rows: Iterable[tuple[str, np.ndarray, np.ndarray, np.ndarray]]) -> int:
+    """Write ``(path, labels (K,), boxes (R, 4), scores (R,))`` rows; returns how many lines were written."""
+    n = 0
+    with Path(path).open("w") as f:
+        for row in rows:
+            f.write(format_datalist_line(*row) + "\n")
+            n += 1
+    return n
+
 
 class InMemoryProposals:
     """Proposals held in memory with the reading interface of ``ProposalCache``.
@@ -113,4 +191,5 @@ class DatalistDataset(MultiLabelDataset):
                          excluded={"missing": missing})
         meta = {"method": "import:datalist", "params": {"source": str(path.resolve())},
                 "dataset": self.identity.to_dict(), "num_images": len(records), "box_convention": BOX_CONVENTION}
-        self.attach_proposals(InMemoryProposals(path, {r.image_id: proposals[r.image_id] for r in records}, meta))
+        # built from the same lines as the records, so they belong to this dataset by construction
+        self.proposals = InMemoryProposals(path, {r.image_id: proposals[r.image_id] for r in records}, meta)

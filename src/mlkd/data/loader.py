@@ -1,46 +1,14 @@
-"""Opening a split for training or evaluation, and the DataLoader around it (single process or DDP)."""
+"""The DataLoader around a dataset, for training or evaluation (single process or DDP)."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import cv2
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
-from mlkd.data.base import MultiLabelDataset, Transform
-from mlkd.data.transforms import Target
-
-
-class KeepTopProposals:
-    """Keep the first ``n`` proposals (caches store them best first); a transform, so it runs in the workers."""
-
-    def __init__(self, n: int) -> None:
-        if n < 1:
-            raise ValueError(f"max_proposals must be >= 1, got {n}")
-        self.n = n
-
-    def __call__(self, image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
-        target = dict(target)
-        for key in ("proposals", "proposal_scores"):
-            if key in target:
-                target[key] = target[key][: self.n]
-        return image, target
-
-    def __repr__(self) -> str:
-        return f"KeepTopProposals({self.n})"
-
-
-def open_split(spec: str, options: dict[str, Any] | None = None, proposals: str | None = None,
-               transform: Transform | None = None) -> MultiLabelDataset:
-    """Build the dataset of ``spec`` and attach the proposal cache at ``proposals`` (its identity is checked)."""
-    from mlkd.data import build_dataset  # the package imports this module
-    from mlkd.proposals.cache import ProposalCache
-
-    dataset = build_dataset(spec, transform=transform, **(options or {}))
-    if proposals is not None:
-        dataset.attach_proposals(ProposalCache.open(proposals))
-    return dataset
+from mlkd.data.base import MultiLabelDataset
 
 
 def make_loader(dataset: MultiLabelDataset, batch_size: int, workers: int, collate_fn: Callable, *, train: bool,

@@ -4,7 +4,7 @@ evaluate the same images (NUS-WIDE copies differ by which Flickr images could st
 A manifest is a UTF-8 text file, tab-separated, ``#`` lines first::
 
     # mlkd-image-manifest v1
-    # dataset: {"name": "nuswide", "split": "test", "classes": [...], "num_images": 2, "manifest_hash": "..."}
+    # dataset: {"name": "nuswide", "split": "test", "classes": [...], "num_images": 2, "labels_hash": "...", ...}
     status	sha1	image_id
     kept	3f786850e387550fdab836ed7e6dc881de23001b	actor/0001_2124494179.jpg
     kept	89e6c98d92887913cadf06b2adb97f26cde4849b	actor/0002_174174086.jpg
@@ -13,7 +13,7 @@ A manifest is a UTF-8 text file, tab-separated, ``#`` lines first::
 
 ``kept`` rows are the dataset's images in its order, with the SHA-1 of the file's bytes; the other statuses
 are images the annotation files list but the dataset left out, and why (``dataset.excluded``), unhashed.
-The ``dataset`` line is :class:`mlkd.data.base.DatasetIdentity`, whose ``manifest_hash`` covers ids, labels
+The ``dataset`` line is :class:`mlkd.data.base.DatasetIdentity`, whose ``labels_hash`` covers ids, labels
 and class order. :class:`mlkd.data.nuswide.NusWideDataset` takes a manifest to fix its image set.
 """
 
@@ -115,7 +115,7 @@ def compare_with_manifest(ds: MultiLabelDataset, manifest: ImageManifest, hashes
     """Differences between ``ds`` and a manifest (identity, image ids, and file hashes when ``hashes`` of
     ``ds.records`` are given), one readable line each; empty when they match."""
     problems = [f"{k}: dataset has {getattr(ds.identity, k)!r}, manifest has {getattr(manifest.identity, k)!r}"
-                for k in ("name", "split", "num_images", "manifest_hash")
+                for k in ("name", "split", "num_images", "labels_hash")
                 if getattr(ds.identity, k) != getattr(manifest.identity, k)]
     if ds.identity.classes != manifest.identity.classes:
         problems.append("class order differs")

@@ -162,9 +162,9 @@ class NusWideDataset(MultiLabelDataset):
         else:
             records, excluded = self._exclude(records, skip_missing, keep_no_label, list_path)
         super().__init__("nuswide", split, concepts, records, transform, excluded=excluded)
-        if manifest is not None and self.identity.manifest_hash != manifest.identity.manifest_hash:
+        if manifest is not None and self.identity.labels_hash != manifest.identity.labels_hash:
             raise ValueError(f"the labels of the images in {manifest.path} differ from this copy's label files "
-                             f"(hash {self.identity.manifest_hash} != {manifest.identity.manifest_hash})")
+                             f"(hash {self.identity.labels_hash} != {manifest.identity.labels_hash})")
 
     def _exclude(self, records: list[ImageRecord], skip_missing: bool, keep_no_label: bool,
                  list_path: Path) -> tuple[list[ImageRecord], dict[str, list[str]]]:

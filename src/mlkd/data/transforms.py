@@ -184,6 +184,25 @@ class Compose:
         return "Compose([" + ", ".join(repr(t) for t in self.transforms) + "])"
 
 
+class KeepTopProposals:
+    """Keep the first ``n`` proposals (caches store them best first); a transform, so it runs in the workers."""
+
+    def __init__(self, n: int) -> None:
+        if n < 1:
+            raise ValueError(f"max_proposals must be >= 1, got {n}")
+        self.n = n
+
+    def __call__(self, image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
+        target = dict(target)
+        for key in ("proposals", "proposal_scores"):
+            if key in target:
+                target[key] = target[key][: self.n]
+        return image, target
+
+    def __repr__(self) -> str:
+        return f"KeepTopProposals({self.n})"
+
+
 # How MultiScaleCollate resizes each image to the batch's scale.
 RESIZERS: dict[str, Callable[[int, int | None], Transform]] = {
     "warp": lambda scale, max_size: Warp(scale),

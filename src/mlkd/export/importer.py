@@ -28,12 +28,14 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from mlkd.checkpoint import save_checkpoint
+from mlkd.checkpoint import make_checkpoint, save_checkpoint
 from mlkd.config import DataConfig, from_dict, parse_override, to_dict
 from mlkd.data.custom import read_class_file
 from mlkd.export.caffe import SUPPORTED_TYPES, CaffeNet, LayerBlobs, import_vgg_weights, read_caffemodel, read_prototxt
 from mlkd.export.caffe.layout import KD_TEACHER, RELEASE, Naming, VggLayout, fc_input_side, fc_shapes, vgg_layout
 from mlkd.export.caffe.wsddn import SUM_LAYER, check_sum_layer, head_settings
+from mlkd.models.build import build_student, build_teacher
+from mlkd.models.configs import StudentModelConfig, TeacherModelConfig
 
 ARCHS = ("vgg16", "wsddn", "student")
 # Layer types of the release's prototxts besides those mlkd converts: data, RoI generation and pooling, the WSDDN
@@ -220,8 +222,8 @@ def import_imagenet(net: CaffeNet, weights: Mapping[str, LayerBlobs], out: str |
                     opts: ImportOptions) -> ImportReport:
     layout, names = plan_imagenet(net, weights)
     state = import_vgg_weights(weights, names)
-    save_checkpoint(out, {"model": state, "input_convention": opts.convention, "kind": "imagenet_weights",
-                          "arch": layout.backbone_config(), "imported_from": opts.source})
+    save_checkpoint(out, make_checkpoint("imagenet_weights", state, input_convention=opts.convention,
+                                         source={**opts.source, "backbone": layout.backbone_config()}))
     notes = [] if "fc8" in weights else ["no fc8 in the caffemodel: the file has no classifier.6 (mlkd never uses it)"]
     config = {**layout.backbone_config(), "input_convention": opts.convention}
     return ImportReport(Path(out), "imagenet_weights", config, sorted(set(names.values())), notes=notes + opts.notes())
@@ -229,8 +231,6 @@ def import_imagenet(net: CaffeNet, weights: Mapping[str, LayerBlobs], out: str |
 
 def import_teacher(net: CaffeNet, weights: Mapping[str, LayerBlobs], out: str | Path, opts: ImportOptions,
                    naming: Naming = RELEASE, ignore: Mapping[str, str] | None = None) -> ImportReport:
-    from mlkd.teacher import TeacherConfig, TeacherModelConfig, build_teacher
-
     derived, names, k = plan_teacher(net, weights, naming)
     skipped = dict(ignore or {})
     if SUM_LAYER in weights:
@@ -241,9 +241,8 @@ def import_teacher(net: CaffeNet, weights: Mapping[str, LayerBlobs], out: str | 
     scale = opts.image_size or _input_size(net, names["backbone.features.0"]) or DataConfig().test_scale
     model = build_teacher(cfg, k)
     state = _load(model, weights, names, set(skipped))
-    config = to_dict(TeacherConfig(model=cfg, data=DataConfig(test_scale=scale)))
-    save_checkpoint(out, {"model": state, "config": config, "classes": classes, "input_convention": opts.convention,
-                          "kind": "teacher", "imported_from": opts.source})
+    save_checkpoint(out, make_checkpoint("teacher", state, input_convention=opts.convention, classes=classes,
+                                         model_config=to_dict(cfg), image_size=scale, source=opts.source))
     return ImportReport(Path(out), "teacher", {**to_dict(cfg), "test_scale": scale}, sorted(set(names.values())),
                         skipped, opts.notes())
 
@@ -270,16 +269,14 @@ def _kd_skips(weights: Mapping[str, LayerBlobs], fc8: str) -> tuple[dict[str, st
 
 def import_student(net: CaffeNet, weights: Mapping[str, LayerBlobs], out: str | Path,
                    opts: ImportOptions) -> list[ImportReport]:
-    from mlkd.student import StudentConfig, StudentModelConfig, build_student
-
     derived, names, k = plan_student(net, weights, opts.classifier)
     skipped, notes = _kd_skips(weights, names["fc8"])
     classes = read_classes(opts.classes, k)
     cfg = _model_config(StudentModelConfig, {**derived, "input_convention": opts.convention}, opts.sets)
     model = build_student(cfg, k)
     state = _load(model, weights, names, set(skipped))
-    save_checkpoint(out, {"model": state, "config": to_dict(StudentConfig(model=cfg)), "classes": classes,
-                          "input_convention": opts.convention, "kind": "student", "imported_from": opts.source})
+    save_checkpoint(out, make_checkpoint("student", state, input_convention=opts.convention, classes=classes,
+                                         model_config=to_dict(cfg), image_size=cfg.image_size, source=opts.source))
     reports = [ImportReport(Path(out), "student", to_dict(cfg), sorted(set(names.values())), skipped,
                             notes + opts.notes())]
     if opts.teacher_out is not None:

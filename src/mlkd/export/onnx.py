@@ -15,17 +15,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from mlkd.optional import optional_import
+
 DEFAULT_OPSET = 17
 INPUT, OUTPUTS = "images", ("logits", "probabilities")
 
 
 def _require() -> tuple[object, object]:
-    try:
-        import onnx
-        import onnxruntime
-    except ImportError as e:
-        raise ValueError(f"ONNX export needs onnx and onnxruntime: pip install 'mlkd[export]' ({e})") from e
-    return onnx, onnxruntime
+    """onnx and onnxruntime, imported on first use (the ``[export]`` extra)."""
+    return (optional_import("onnx", "export", "ONNX export"),
+            optional_import("onnxruntime", "export", "ONNX export"))
 
 
 class WithProbabilities(nn.Module):

@@ -95,3 +95,12 @@ def describe_input(convention: str, size: int, name: str) -> dict[str, Any]:
             "resize": f"warp the whole image to {size}x{size} (aspect ratio not kept; bilinear, antialiased)",
             "formula": f"x[c] = (pixel[c] * {c['scale']:.6g} - mean[c]) / std[c], pixels 0-255, channels in {order} "
                        "order"}
+
+
+def random_boxes(n: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` boxes (x1, y1, x2, y2) inside a ``size`` image, and proposal scores in (0.05, 1)."""
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(n, 2, generator=g) * size * 0.7
+    wh = (0.1 + 0.5 * torch.rand(n, 2, generator=g)) * size
+    boxes = torch.cat([xy, (xy + wh).clamp(max=size - 1)], 1)
+    return boxes, 0.05 + 0.95 * torch.rand(n, generator=g)

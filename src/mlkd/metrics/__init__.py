@@ -1,4 +1,4 @@
-"""Evaluation protocols (DESIGN.md §3): multi-label classification and weakly-supervised detection."""
+"""Evaluation protocols (docs/evaluation.md): multi-label classification and weakly-supervised detection."""
 
 from mlkd.metrics.classification import (
     AP_MODES,
@@ -8,6 +8,7 @@ from mlkd.metrics.classification import (
     evaluate_all,
     excluded_classes,
     format_table,
+    mean_average_precision,
     predicted_labels,
     report_to_json,
     threshold_metrics,
@@ -17,6 +18,6 @@ from mlkd.metrics.detection import corloc, detection_ap
 
 __all__ = [
     "AP_MODES", "THRESHOLD_KEYS", "average_precision", "check_scores_targets", "evaluate_all",
-    "excluded_classes", "format_table", "predicted_labels", "report_to_json", "threshold_metrics",
+    "excluded_classes", "format_table", "mean_average_precision", "predicted_labels", "report_to_json", "threshold_metrics",
     "top_k_mask", "corloc", "detection_ap",
 ]

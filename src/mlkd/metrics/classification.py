@@ -1,4 +1,4 @@
-"""Evaluation protocols for multi-label classification and weakly-supervised detection (DESIGN.md §3).
+"""Evaluation protocols for multi-label classification and weakly-supervised detection (docs/evaluation.md).
 
 Every variant is named; nothing is mixed silently.
 
@@ -178,6 +178,11 @@ def average_precision(scores: Any, targets: Any, mode: str = "mlic") -> np.ndarr
     """
     s, t = check_scores_targets(scores, targets)
     return _ap_modes(s, t, (mode,))[mode]
+
+
+def mean_average_precision(scores: Any, targets: Any, mode: str = "mlic") -> float:
+    """mAP: the mean of :func:`average_precision` over the classes that have positives."""
+    return _nanmean(average_precision(scores, targets, mode))
 
 
 # ------------------------------------------------------------------------------- threshold metrics

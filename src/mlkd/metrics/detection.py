@@ -1,4 +1,4 @@
-"""Weakly-supervised detection protocols: VOC-style detection AP and CorLoc (DESIGN.md §3).
+"""Weakly-supervised detection protocols: VOC-style detection AP and CorLoc (docs/evaluation.md).
 
 Boxes are (x1, y1, x2, y2) in continuous 0-based pixel coordinates (no devkit "+1"); IoU is
 ``torchvision.ops.box_iou``; a prediction matches a ground-truth box at IoU >= the threshold, as in the

@@ -22,7 +22,7 @@ import torch
 import torchvision
 from torch import nn
 
-# Input conventions (DESIGN.md §2): how uint8 RGB images become network input.
+# Input conventions (docs/conventions.md): how uint8 RGB images become network input.
 #  caffe: BGR, 0-255, minus the per-channel mean (B, G, R order), no std (the release's VGG16 caffemodel)
 #  torchvision: RGB, 0-1, ImageNet mean/std (torchvision's pretrained weights)
 CONVENTIONS = {

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mlkd.models.wsddn import caffe_xavier_, flatten_proposals, pool_regions
+from mlkd.models.ops import caffe_xavier_, pool_regions
 
 
 class Student(nn.Module):
@@ -98,20 +98,3 @@ def label_loss(logits: Tensor, labels: Tensor) -> Tensor:
     valid = (labels >= 0).to(logits.dtype)
     loss = F.binary_cross_entropy_with_logits(logits, labels.clamp(min=0).to(logits.dtype), reduction="none")
     return (loss * valid).sum() / logits.shape[0]
-
-
-class PlainStudent(nn.Module):
-    """Training wrapper without distillation: ``forward(images, labels) -> {"loss_label": L_p}``."""
-
-    def __init__(self, student: Student) -> None:
-        super().__init__()
-        self.student = student
-
-    def forward(self, images: Tensor, labels: Tensor, **unused: object) -> dict[str, Tensor]:
-        return {"loss_label": label_loss(self.student(images).float(), labels)}
-
-
-def region_inputs(proposals: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-    """Flat boxes ``(N, 4)`` and image index ``(N,)`` of per-image proposals (zero proposals are an error)."""
-    boxes, _, index = flatten_proposals(proposals, None)
-    return boxes, index

@@ -22,34 +22,17 @@ over a flat ``(sum R_i, K)`` layout), never over padding.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import box_iou, roi_align, roi_pool
+from torchvision.ops import batched_nms, box_iou
+
+from mlkd.models.ops import caffe_xavier_, flatten_proposals, pool_regions, segment_softmax
 
 P_CLAMP = 1e-4  # image scores are clamped to [P_CLAMP, 1 - P_CLAMP] in the loss (the release's value)
-
-
-def segment_softmax(logits: Tensor, index: Tensor, num_segments: int) -> Tensor:
-    """Softmax over the rows of each segment, separately for every column.
-
-    Args:
-        logits (Tensor[N, K]): rows of all segments, concatenated.
-        index (Tensor[N] int64): segment (image) of each row, values in [0, num_segments).
-        num_segments: number of segments B.
-
-    Returns:
-        Tensor[N, K]: each column sums to 1 within each non-empty segment.
-    """
-    k = logits.shape[1]
-    idx = index[:, None].expand(-1, k)
-    top = logits.new_full((num_segments, k), float("-inf")).scatter_reduce(0, idx, logits, "amax")
-    e = (logits - top[index]).exp()  # (N, K), <= 1: no overflow
-    total = logits.new_zeros((num_segments, k)).index_add(0, index, e)
-    return e / total[index]
 
 
 def wsddn_scores(cls_logits: Tensor, det_logits: Tensor, index: Tensor, num_images: int,
@@ -98,53 +81,6 @@ def spatial_regulariser(features: Tensor, boxes: Tensor, regions: Tensor, index:
         dist = (features[others] - features[best][None]).pow(2).sum(-1)  # (T-1, P)
         total = total + 0.5 * (near * dist).sum()
     return total / labels.shape[0]
-
-
-def pool_regions(fmap: Tensor, boxes: Tensor, index: Tensor, size: int, stride: int, op: str = "roi_pool") -> Tensor:
-    """RoI features ``(N, C, size, size)`` of ``boxes (N, 4)`` (pixels) of images ``index (N,)`` on ``fmap``.
-
-    ``op`` is ``"roi_pool"`` (Fast R-CNN max pooling, the release) or ``"roi_align"`` (aligned, 2 samples per
-    bin). Computed in at least float32: torchvision's CPU kernels have no bfloat16, and box coordinates rounded
-    to bfloat16 would move by up to 4 pixels at 832. The result has ``fmap``'s dtype.
-    """
-    dtype = torch.promote_types(fmap.dtype, torch.float32)
-    rois = torch.cat([index[:, None].to(dtype), boxes.to(dtype)], dim=1)  # (N, 5) = (image, x1, y1, x2, y2)
-    if op == "roi_pool":
-        pooled = roi_pool(fmap.to(dtype), rois, size, 1.0 / stride)
-    else:
-        pooled = roi_align(fmap.to(dtype), rois, size, 1.0 / stride, sampling_ratio=2, aligned=True)
-    return pooled.to(fmap.dtype)
-
-
-def caffe_xavier_(layer: nn.Linear) -> None:
-    """Caffe's "xavier" filler (uniform in +-sqrt(3 / fan_in)), zero bias: how the release initialised new layers."""
-    bound = math.sqrt(3.0 / layer.in_features)
-    nn.init.uniform_(layer.weight, -bound, bound)
-    nn.init.zeros_(layer.bias)
-
-
-def flatten_proposals(proposals: Sequence[Tensor], scores: Sequence[Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:
-    """Concatenate per-image proposals: boxes ``(N, 4)``, scores ``(N,)`` (1 where absent), image index ``(N,)``.
-
-    Raises ``ValueError`` for an image with zero proposals: its detection softmax would be empty and its image
-    scores 0, so the loss would be silently meaningless.
-    """
-    for i, b in enumerate(proposals):
-        if b.ndim != 2 or b.shape[1] != 4:
-            raise ValueError(f"proposals[{i}] must be Tensor[R, 4] (x1, y1, x2, y2), got shape {tuple(b.shape)}")
-        if b.shape[0] == 0:
-            raise ValueError(f"image {i} of the batch has zero proposals; WSDDN needs at least one region per "
-                             "image (drop the image or regenerate its proposals)")
-    boxes = torch.cat(list(proposals))
-    if scores is None:
-        flat_scores = boxes.new_ones(boxes.shape[0])
-    else:
-        if len(scores) != len(proposals) or any(s.shape != (b.shape[0],) for s, b in zip(scores, proposals)):
-            raise ValueError("proposal_scores must be one Tensor[R_i] per image, matching the proposals")
-        flat_scores = torch.cat(list(scores)).to(boxes.dtype)
-    index = torch.cat([torch.full((b.shape[0],), i, dtype=torch.int64, device=boxes.device)
-                       for i, b in enumerate(proposals)])
-    return boxes, flat_scores, index
 
 
 class WSDDN(nn.Module):
@@ -234,3 +170,36 @@ class WSDDN(nn.Module):
         sizes = [len(b) for b in proposals]
         return [{"region_scores": r, "image_scores": p, "objectness": r.sum(1)}
                 for r, p in zip(regions.split(sizes), image_scores)]
+
+
+# -- post-processing: detections and localisation from region scores ------------------------------------------
+NMS_IOU = 0.4  # per-class NMS on region scores before detection AP (WSDDN's evaluation)
+
+
+def class_detections(proposals: np.ndarray, regions: np.ndarray, nms_iou: float = NMS_IOU,
+                     max_per_class: int = 100) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Detections of one image: every (proposal, class) scored by ``regions`` ``(R, K)``, per-class NMS, the
+    best ``max_per_class`` of each class kept. Returns boxes ``(D, 4)``, scores ``(D,)``, labels ``(D,)``."""
+    r, k = regions.shape
+    boxes = torch.from_numpy(np.repeat(proposals[None], k, 0).reshape(-1, 4))  # (K * R, 4), class-major
+    scores = torch.from_numpy(np.ascontiguousarray(regions.T).reshape(-1))
+    labels = torch.arange(k).repeat_interleave(r)
+    kept = batched_nms(boxes, scores, labels, nms_iou)  # sorted by score
+    per_class_rank = _rank_within(labels[kept])
+    kept = kept[per_class_rank < max_per_class]
+    return boxes[kept].numpy(), scores[kept].numpy(), labels[kept].numpy()
+
+
+def _rank_within(labels: Tensor) -> Tensor:
+    """Position of each entry among the earlier entries of the same label (0 for the first of each label)."""
+    order = torch.argsort(labels, stable=True)
+    sorted_labels = labels[order]
+    starts = torch.searchsorted(sorted_labels, sorted_labels, right=False)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(labels)) - starts
+    return rank
+
+
+def top_boxes(proposals: Sequence[np.ndarray], regions: Sequence[np.ndarray]) -> np.ndarray:
+    """The best proposal of every class in every image: ``(N, K, 4)`` (CorLoc's input)."""
+    return np.stack([p[r.argmax(0)] for p, r in zip(proposals, regions)])

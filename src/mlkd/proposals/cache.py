@@ -6,9 +6,14 @@ On disk a cache is a directory::
     CACHE/meta.json                  method, parameters, dataset identity, image count, box convention, version
     CACHE/failures.json              (optional) images the last generation run could not process
 
-A record is a 12-byte little-endian header (magic ``MLKP``, format version uint32, R uint32) followed by
+A record is a 12-byte little-endian header (magic ``MLKP``, record version uint32, R uint32) followed by
 ``R*4`` float32 boxes ``(x1, y1, x2, y2)`` (see :mod:`mlkd.proposals.methods` for the convention) and ``R``
 float32 scores. ``R = 0`` is a valid record (an image with no proposal).
+
+Which dataset a cache belongs to is decided by its images only (``meta.json`` version 2): the number of images
+and the hash of their ids and file names (:func:`mlkd.data.base.images_hash`). Proposals do not depend on labels,
+so a dataset opened with another label policy (VOC ``difficult=positive``, COCO ``crowd=ignore``) uses the same
+cache. Version-1 caches (mlkd 0.1) recorded only a hash that covers labels too, and are checked against it.
 """
 
 from __future__ import annotations
@@ -23,9 +28,13 @@ from typing import Any, Iterable, Iterator
 import lmdb
 import numpy as np
 
+from mlkd.data.base import BOX_CONVENTION
+
 FORMAT = "mlkd-proposals"
-VERSION = 1
-BOX_CONVENTION = "x1y1x2y2 float32, 0-based pixel edges of the image on disk, x2/y2 exclusive (x2 = x + w)"
+VERSION = 2  # of meta.json: 2 = the dataset is matched by its images (v1: by images and labels)
+READABLE_VERSIONS = (1, 2)
+RECORD_VERSION = 1  # of the packed records in data.mdb
+IMAGE_FIELDS = ("num_images", "images_hash")  # the dataset identity fields a v2 cache must match
 META_KEYS = ("format", "version", "method", "params", "dataset", "num_images", "box_convention", "shard")
 _HEADER = struct.Struct("<4sII")
 _MAGIC = b"MLKP"
@@ -40,7 +49,7 @@ def encode_record(boxes: np.ndarray, scores: np.ndarray) -> bytes:
         raise ValueError(f"boxes must have shape (R, 4), got {boxes.shape}")
     if scores.shape != (len(boxes),):
         raise ValueError(f"scores must have shape ({len(boxes)},) to match boxes, got {scores.shape}")
-    return _HEADER.pack(_MAGIC, VERSION, len(boxes)) + boxes.tobytes() + scores.tobytes()
+    return _HEADER.pack(_MAGIC, RECORD_VERSION, len(boxes)) + boxes.tobytes() + scores.tobytes()
 
 
 def decode_record(data: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
@@ -48,9 +57,9 @@ def decode_record(data: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
     if len(data) < _HEADER.size:
         raise ValueError(f"malformed proposal record {where}: {len(data)} bytes, shorter than the header")
     magic, version, r = _HEADER.unpack_from(data)
-    if magic != _MAGIC or version != VERSION:
+    if magic != _MAGIC or version != RECORD_VERSION:
         raise ValueError(f"malformed proposal record {where}: header {magic!r} v{version}, "
-                         f"expected {_MAGIC!r} v{VERSION}")
+                         f"expected {_MAGIC!r} v{RECORD_VERSION}")
     if len(data) != _HEADER.size + 20 * r:
         raise ValueError(f"malformed proposal record {where}: {len(data)} bytes for R={r} "
                          f"(expected {_HEADER.size + 20 * r})")
@@ -67,11 +76,14 @@ def make_meta(method: str, params: dict[str, Any], dataset: dict[str, Any],
 
 
 def meta_differences(a: dict[str, Any], b: dict[str, Any], ignore: tuple[str, ...] = ("num_images",)) -> list[str]:
-    """``key: a != b`` lines for every meta field that differs (apart from ``ignore``)."""
+    """``key: a != b`` lines for every meta field that differs (apart from ``ignore``). Of the dataset identity
+    only the images count (:data:`IMAGE_FIELDS`): labels and class names do not change proposals."""
     keys = sorted((set(a) | set(b)) - set(ignore))
     out = []
     for k in keys:
         x, y = a.get(k), b.get(k)
+        if k == "dataset" and isinstance(x, dict) and isinstance(y, dict):
+            x, y = ({f: d.get(f) for f in IMAGE_FIELDS} for d in (x, y))
         if isinstance(x, dict) and isinstance(y, dict):  # name the nested field, not the whole dict
             out += [f"{k}.{line}" for line in meta_differences(x, y, ignore=())]
         elif x != y:
@@ -93,11 +105,11 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     missing = [k for k in META_KEYS if k not in meta]
     if missing:
         raise ValueError(f"corrupt proposal cache meta {meta_path}: missing keys {missing}")
-    if meta["format"] != FORMAT or meta["version"] != VERSION:
+    if meta["format"] != FORMAT or meta["version"] not in READABLE_VERSIONS:
         raise ValueError(f"{meta_path} is format {meta['format']!r} v{meta['version']}; "
-                         f"this mlkd reads {FORMAT!r} v{VERSION}")
-    ds_missing = [k for k in ("name", "split", "classes", "num_images", "manifest_hash")
-                  if not isinstance(meta["dataset"], dict) or k not in meta["dataset"]]
+                         f"this mlkd reads {FORMAT!r} v{', v'.join(map(str, READABLE_VERSIONS))}")
+    needed = ("name", "split", "classes", "num_images") + (("images_hash",) if meta["version"] >= 2 else ("manifest_hash",))
+    ds_missing = [k for k in needed if not isinstance(meta["dataset"], dict) or k not in meta["dataset"]]
     if ds_missing:
         raise ValueError(f"corrupt proposal cache meta {meta_path}: dataset identity lacks {ds_missing}")
     return meta

@@ -14,7 +14,8 @@ from typing import Iterator
 import numpy as np
 from tqdm import tqdm
 
-from mlkd.data.base import DatasetIdentity, ImageRecord, MultiLabelDataset
+from mlkd.data.base import ImageRecord, MultiLabelDataset
+from mlkd.proposals.attach import check_cache_matches
 from mlkd.proposals.cache import ProposalCache, make_meta
 from mlkd.proposals.formats import DatalistEntry, read_datalist, read_mat_proposals, write_datalist, \
     write_mat_proposals
@@ -134,7 +135,7 @@ def import_datalist(path: str | Path, dataset: MultiLabelDataset, out: str | Pat
 
 def _cached_rows(dataset: MultiLabelDataset, cache: ProposalCache, progress: bool, what: str
                  ) -> Iterator[tuple[ImageRecord, np.ndarray, np.ndarray]]:
-    dataset.identity.check_same(DatasetIdentity.from_dict(cache.meta["dataset"]), f"proposal cache {cache.path}")
+    check_cache_matches(dataset, cache)
     for r in tqdm(dataset.records, desc=f"writing {what}", unit="img", disable=not progress):
         yield (r, *cache.get(r.image_id))
 

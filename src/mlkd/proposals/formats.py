@@ -9,23 +9,28 @@ Conversion to mlkd's ``(x1, y1, x2, y2)`` (0-based, ``x2`` exclusive)::
 
 i.e. the inclusive 1-based last pixel ``x2_mat`` is the exclusive 0-based right edge: same pixels, no rounding.
 
-Datalist (the release's Caffe data layer input): one line per image, whitespace-separated::
-
-    path y_1 ... y_K x1 y1 x2 y2 score x1 y1 x2 y2 score ...
-
-``K`` labels in {0, 1}, then ``R`` groups of 5 numbers; coordinates are written and read in mlkd's convention
-as they are (the release produced them itself, so there is no external convention to convert from). Paths
-must not contain spaces. mlkd's "ignore" label (-1) has no datalist equivalent and is exported as 0.
+The release's datalist lines are read and written by :mod:`mlkd.data.datalist` (a datalist is also a dataset);
+they are re-exported here beside the ``.mat`` functions.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
-import scipy.io
+
+from mlkd.optional import optional_import
+from mlkd.data.datalist import (DatalistEntry, format_datalist_line, parse_datalist_line, read_datalist,
+                                write_datalist)
+
+__all__ = ["DatalistEntry", "boxes_to_mat", "format_datalist_line", "mat_to_boxes", "parse_datalist_line",
+           "read_datalist", "read_mat_proposals", "write_datalist", "write_mat_proposals"]
+
+
+def _scipy_io():
+    """scipy.io, imported on first use: only .mat files need it (the ``[mat]`` extra)."""
+    return optional_import("scipy.io", "mat", ".mat proposal files")
 
 
 # -- .mat ------------------------------------------------------------------------------------------------
@@ -58,7 +63,7 @@ def read_mat_proposals(path: str | Path) -> dict[str, tuple[np.ndarray, np.ndarr
     if not path.is_file():
         raise FileNotFoundError(f"proposal .mat file not found: {path}")
     try:
-        mat = scipy.io.loadmat(str(path), squeeze_me=False)
+        mat = _scipy_io().loadmat(str(path), squeeze_me=False)
     except NotImplementedError as e:  # MATLAB v7.3 files are HDF5
         raise ValueError(f"{path} is a MATLAB v7.3 (HDF5) file; re-save it in MATLAB with save(..., '-v7')") from e
     except (ValueError, TypeError, OSError, IndexError) as e:  # scipy raises IndexError on short files
@@ -98,82 +103,4 @@ def write_mat_proposals(path: str | Path, items: Iterable[tuple[str, np.ndarray,
         images[i, 0] = str(image_id)
         boxes[i, 0] = boxes_to_mat(b)
         scores[i, 0] = np.asarray(s, np.float64).reshape(-1, 1)
-    scipy.io.savemat(str(path), {"images": images, "boxes": boxes, "boxScores": scores}, do_compression=True)
-
-
-# -- datalist --------------------------------------------------------------------------------------------
-@dataclass
-class DatalistEntry:
-    """One datalist line: ``labels (K,)`` int8, ``boxes (R, 4)`` float32 x1y1x2y2, ``scores (R,)`` float32."""
-
-    path: str
-    labels: np.ndarray
-    boxes: np.ndarray
-    scores: np.ndarray
-    line: int
-
-
-def parse_datalist_line(text: str, num_classes: int, where: str) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
-    """Split one line into ``(path, labels (K,), boxes (R, 4), scores (R,))``; ``where`` is ``file:line``."""
-    fields = text.split()
-    n_num = len(fields) - 1
-    if n_num < num_classes or (n_num - num_classes) % 5:
-        raise ValueError(f"{where}: {len(fields)} fields; expected 1 path + {num_classes} labels + 5 numbers "
-                         f"(x1 y1 x2 y2 score) per box, i.e. 1 + {num_classes} + 5*R fields")
-    try:
-        values = np.array(fields[1:], dtype=np.float64)
-    except ValueError:
-        bad = next(f for f in fields[1:] if not _is_number(f))
-        raise ValueError(f"{where}: {bad!r} is not a number (labels, coordinates and scores must be)") from None
-    if not np.isfinite(values).all():
-        raise ValueError(f"{where}: NaN or inf among the numbers")
-    labels = values[:num_classes]
-    if not np.isin(labels, (0, 1)).all():
-        raise ValueError(f"{where}: labels must be 0 or 1, got {labels[~np.isin(labels, (0, 1))][:5].tolist()}")
-    groups = values[num_classes:].reshape(-1, 5)
-    boxes = groups[:, :4].astype(np.float32)
-    if ((boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])).any():
-        raise ValueError(f"{where}: a proposal has x2 < x1 or y2 < y1 (expected x1 y1 x2 y2 score groups)")
-    return fields[0], labels.astype(np.int8), boxes, groups[:, 4].astype(np.float32)
-
-
-def _is_number(s: str) -> bool:
-    try:
-        float(s)
-    except ValueError:
-        return False
-    return True
-
-
-def read_datalist(path: str | Path, num_classes: int) -> list[DatalistEntry]:
-    """Parse a datalist file with ``num_classes`` labels per line (blank lines skipped)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"datalist file not found: {path}")
-    entries = []
-    with path.open() as f:
-        for i, text in enumerate(f, start=1):
-            if text.strip():
-                p, labels, boxes, scores = parse_datalist_line(text, num_classes, f"{path}:{i}")
-                entries.append(DatalistEntry(p, labels, boxes, scores, i))
-    return entries
-
-
-def format_datalist_line(path: str, labels: np.ndarray, boxes: np.ndarray, scores: np.ndarray) -> str:
-    """One datalist line; float32 values are printed shortest-exact, so reading back gives the same numbers."""
-    if any(c.isspace() for c in path):
-        raise ValueError(f"datalist paths cannot contain whitespace: {path!r}")
-    groups = np.concatenate([np.asarray(boxes, np.float32).reshape(-1, 4),
-                             np.asarray(scores, np.float32).reshape(-1, 1)], axis=1)
-    labels = np.where(np.asarray(labels) == 1, 1, 0)  # -1 (ignore) has no datalist form
-    return " ".join([path, *labels.astype(str), *groups.ravel().astype(str)])
-
-
-def write_datalist(path: str | Path, rows: Iterable[tuple[str, np.ndarray, np.ndarray, np.ndarray]]) -> int:
-    """Write ``(path, labels (K,), boxes (R, 4), scores (R,))`` rows; returns how many lines were written."""
-    n = 0
-    with Path(path).open("w") as f:
-        for row in rows:
-            f.write(format_datalist_line(*row) + "\n")
-            n += 1
-    return n
+    _scipy_io().savemat(str(path), {"images": images, "boxes": boxes, "boxScores": scores}, do_compression=True)

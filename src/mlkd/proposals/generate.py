@@ -9,7 +9,6 @@ the same command retries exactly the images not yet cached.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import multiprocessing as mp
 import os
 import time
@@ -22,11 +21,9 @@ from tqdm import tqdm
 
 from mlkd.data.base import MultiLabelDataset, read_image
 from mlkd.proposals.cache import ProposalCache, encode_record, make_meta
-from mlkd.proposals.methods import METHODS, SS_MODES, clean_boxes
+from mlkd.proposals.methods import CLEAN_DEFAULTS, propose, resolve_params
 from mlkd.proposals.shards import shard_indices
 
-#: post-processing parameters (see ``clean_boxes``) and their defaults; stored in the cache meta
-CLEAN_DEFAULTS: dict[str, Any] = {"max_proposals": 500, "min_size": 8, "nms_iou": None}
 _COMMIT_EVERY = 64  # images per LMDB transaction: fewer fsyncs, little work lost on a crash
 
 
@@ -46,40 +43,6 @@ class GenerateReport:
         return self.total_boxes / self.processed if self.processed else 0.0
 
 
-def resolve_params(method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Every parameter of ``method`` and of the post-processing, defaults filled in, unknown names rejected.
-
-    The result is what goes into the cache meta, so two caches with the same meta were built the same way.
-    """
-    if method not in METHODS:
-        raise ValueError(f"unknown proposal method {method!r}; choose one of {sorted(METHODS)}")
-    sig = inspect.signature(METHODS[method])
-    defaults = {n: p.default for n, p in list(sig.parameters.items())[1:]}  # skip the image argument
-    resolved = {**defaults, **CLEAN_DEFAULTS}
-    unknown = sorted(set(params or {}) - set(resolved))
-    if unknown:
-        raise ValueError(f"unknown parameter(s) {unknown} for method {method!r}; valid: {sorted(resolved)}")
-    resolved.update(params or {})
-    _check_values(resolved)
-    if method == "edge_boxes" and resolved["model_path"]:
-        resolved["model_path"] = str(Path(resolved["model_path"]).resolve())
-        if not Path(resolved["model_path"]).is_file():
-            raise FileNotFoundError(f"structured edge model not found: {resolved['model_path']}")
-    return resolved
-
-
-def _check_values(p: dict[str, Any]) -> None:
-    """Reject bad parameter values up front rather than as one failure per image."""
-    if "mode" in p and p["mode"] not in SS_MODES:
-        raise ValueError(f"unknown selective search mode {p['mode']!r}; choose one of {list(SS_MODES)}")
-    if p["max_proposals"] is not None and (not isinstance(p["max_proposals"], int) or p["max_proposals"] < 1):
-        raise ValueError(f"max_proposals must be a positive integer, got {p['max_proposals']!r}")
-    if not p["min_size"] >= 0:
-        raise ValueError(f"min_size must be >= 0 pixels, got {p['min_size']!r}")
-    if p["nms_iou"] is not None and not 0.0 < p["nms_iou"] <= 1.0:
-        raise ValueError(f"nms_iou must be in (0, 1] or None, got {p['nms_iou']!r}")
-
-
 # -- worker side: module globals set once per process by the pool initializer ----------------------------
 _WORKER: dict[str, Any] = {}
 
@@ -93,12 +56,8 @@ def _init_worker(method: str, params: dict[str, Any], single_thread: bool) -> No
 def _propose_one(task: tuple[str, str]) -> tuple[str, bytes | None, int, str | None]:
     """``(image_id, path)`` -> ``(image_id, record, R, None)``, or ``(image_id, None, 0, error)``."""
     image_id, path = task
-    params = dict(_WORKER["params"])
-    clean = {k: params.pop(k) for k in CLEAN_DEFAULTS}
     try:
-        img = read_image(path)
-        boxes, scores = METHODS[_WORKER["method"]](img, **params)
-        boxes, scores = clean_boxes(boxes, scores, img.shape[:2], **clean)
+        boxes, scores = propose(read_image(path), _WORKER["method"], _WORKER["params"])
     except Exception as e:  # noqa: BLE001 - one bad image must not end a multi-hour run; it is reported
         return image_id, None, 0, f"{type(e).__name__}: {e}"
     return image_id, encode_record(boxes, scores), len(boxes), None

@@ -14,8 +14,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import inspect
 import math
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -231,3 +233,51 @@ def _nms_in_order(boxes: np.ndarray, scores: np.ndarray, iou: float) -> tuple[np
     rank = torch.arange(len(boxes), 0, -1, dtype=torch.float32)
     kept = np.sort(nms(torch.from_numpy(boxes), rank, iou).numpy())
     return boxes[kept], scores[kept]
+
+
+# -- parameters and the whole pipeline for one image ------------------------------------------------------
+#: post-processing parameters (see ``clean_boxes``) and their defaults; stored in the cache meta
+CLEAN_DEFAULTS: dict[str, Any] = {"max_proposals": 500, "min_size": 8, "nms_iou": None}
+
+
+def resolve_params(method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every parameter of ``method`` and of the post-processing, defaults filled in, unknown names rejected.
+
+    The result is what goes into the cache meta, so two caches with the same meta were built the same way.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown proposal method {method!r}; choose one of {sorted(METHODS)}")
+    sig = inspect.signature(METHODS[method])
+    defaults = {n: p.default for n, p in list(sig.parameters.items())[1:]}  # skip the image argument
+    resolved = {**defaults, **CLEAN_DEFAULTS}
+    unknown = sorted(set(params or {}) - set(resolved))
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {unknown} for method {method!r}; valid: {sorted(resolved)}")
+    resolved.update(params or {})
+    _check_values(resolved)
+    if method == "edge_boxes" and resolved["model_path"]:
+        resolved["model_path"] = str(Path(resolved["model_path"]).resolve())
+        if not Path(resolved["model_path"]).is_file():
+            raise FileNotFoundError(f"structured edge model not found: {resolved['model_path']}")
+    return resolved
+
+
+def _check_values(p: dict[str, Any]) -> None:
+    """Reject bad parameter values up front rather than as one failure per image."""
+    if "mode" in p and p["mode"] not in SS_MODES:
+        raise ValueError(f"unknown selective search mode {p['mode']!r}; choose one of {list(SS_MODES)}")
+    if p["max_proposals"] is not None and (not isinstance(p["max_proposals"], int) or p["max_proposals"] < 1):
+        raise ValueError(f"max_proposals must be a positive integer, got {p['max_proposals']!r}")
+    if not p["min_size"] >= 0:
+        raise ValueError(f"min_size must be >= 0 pixels, got {p['min_size']!r}")
+    if p["nms_iou"] is not None and not 0.0 < p["nms_iou"] <= 1.0:
+        raise ValueError(f"nms_iou must be in (0, 1] or None, got {p['nms_iou']!r}")
+
+
+def propose(img_rgb: np.ndarray, method: str, params: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Proposals of one RGB image: ``method`` with its parameters, then :func:`clean_boxes` with the
+    post-processing ones; ``params`` as returned by :func:`resolve_params`."""
+    params = dict(params)
+    clean = {k: params.pop(k) for k in CLEAN_DEFAULTS}
+    boxes, scores = METHODS[method](img_rgb, **params)
+    return clean_boxes(boxes, scores, img_rgb.shape[:2], **clean)

@@ -9,6 +9,7 @@ from typing import Sequence
 from tqdm import tqdm
 
 from mlkd.data.base import MultiLabelDataset
+from mlkd.proposals.attach import check_cache_matches
 from mlkd.proposals.cache import ProposalCache, meta_differences
 
 
@@ -84,8 +85,7 @@ def merge_caches(out: str | Path, shard_paths: Sequence[str | Path], dataset: Mu
     caches = [ProposalCache.open(p) for p in shard_paths]
     meta, missing_shards = _check_shard_metas(caches)
     if dataset is not None:
-        dataset.attach_proposals(caches[0])  # identity check only; the caches are not kept attached
-        dataset.proposals = None
+        check_cache_matches(dataset, caches[0])
     failures: dict[str, str] = {}
     with ProposalCache.create(out, meta) as merged:
         for c in tqdm(caches, desc="merging shards", unit="shard", disable=not progress):

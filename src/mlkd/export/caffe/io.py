@@ -20,13 +20,15 @@ import numpy as np
 from mlkd.export.caffe.net import (SUPPORTED_TYPES, V1_TO_V2_TYPE, V2_TO_V1_TYPE, CaffeLayer, CaffeNet, LayerBlobs,
                                    fill_message, layer_params)
 
+from mlkd.optional import MissingExtra
+
 try:
     from google.protobuf import text_format
     from google.protobuf.message import DecodeError, Message
 
     from mlkd.export.caffe import caffe_pb2 as pb
 except Exception as e:  # ImportError, or protobuf's VersionError for a runtime older than the generated code
-    raise ImportError(f"mlkd's Caffe support needs protobuf>=7.35.1,<8 (pip install 'protobuf>=7.35.1,<8'): {e}") from e
+    raise MissingExtra(f"Caffe model files need protobuf>=7.35.1,<8: pip install 'mlkd[caffe]' ({e})") from e
 
 # Expected ndim of (weights, bias) per layer type, used to drop the leading 1s of legacy 4-D blob sizes.
 _BLOB_NDIMS: dict[str, tuple[int, int]] = {"Convolution": (4, 1), "Deconvolution": (4, 1), "InnerProduct": (2, 1)}

@@ -22,7 +22,6 @@ sizes that work (for floor-mode 2x2/2 pools: multiples of 2**pools, e.g. 224 = 7
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Collection, Literal, Mapping
 
@@ -32,13 +31,10 @@ from torch import nn
 
 from mlkd.export.caffe.io import write_caffemodel, write_prototxt
 from mlkd.export.caffe.net import CaffeLayer, CaffeNet, LayerBlobs
+from mlkd.export.shapes import conv_padding, feature_sizes, pair
 
 _FEATURE_MODULES = ("Conv2d", "ReLU", "MaxPool2d")
 OUTPUT_LAYERS: dict[str, str] = {"sigmoid": "Sigmoid", "softmax": "Softmax"}
-
-
-def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
 # -- names ------------------------------------------------------------------------------------------
@@ -81,35 +77,6 @@ def vgg_name_map(features: nn.Sequential, heads: Mapping[str, str] | None = None
 
 
 # -- sizes ------------------------------------------------------------------------------------------
-def _conv_out(n: int, k: int, s: int, p: int, d: int) -> int:
-    return (n + 2 * p - d * (k - 1) - 1) // s + 1
-
-
-def _pool_out(n: int, k: int, s: int, p: int, ceil: bool, caffe: bool) -> int:
-    """Pooled size, Caffe's way (always ceil; last window dropped if it starts in the padding, padded pools
-    only) or PyTorch's (floor, or ceil with the same drop for any padding)."""
-    out = (math.ceil if ceil else math.floor)((n + 2 * p - k) / s) + 1
-    if ceil and (p > 0 or not caffe) and (out - 1) * s >= n + p:
-        out -= 1
-    return out
-
-
-def feature_sizes(features: nn.Sequential, size: tuple[int, int], caffe: bool) -> list[tuple[int, int]]:
-    """Spatial ``(H, W)`` after each module of ``features`` for input ``size``, computed Caffe's or PyTorch's way."""
-    sizes, (h, w) = [], size
-    for i, module in enumerate(features):
-        if isinstance(module, nn.Conv2d):
-            (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
-            (ph, pw) = _conv_padding(module, f"features.{i}")
-            h, w = _conv_out(h, kh, sh, ph, dh), _conv_out(w, kw, sw, pw, dw)
-        elif isinstance(module, nn.MaxPool2d):
-            (kh, kw), (sh, sw), (ph, pw) = _pair(module.kernel_size), _pair(module.stride), _pair(module.padding)
-            ceil = caffe or module.ceil_mode
-            h, w = _pool_out(h, kh, sh, ph, ceil, caffe), _pool_out(w, kw, sw, pw, ceil, caffe)
-        sizes.append((h, w))
-    return sizes
-
-
 def check_pool_rounding(features: nn.Sequential, size: tuple[int, int]) -> None:
     """Raise if Caffe's ceil-rounded pooling and the model's pooling give different sizes for input ``size``."""
     caffe, torch_ = feature_sizes(features, size, True), feature_sizes(features, size, False)
@@ -145,17 +112,10 @@ def _hw_param(key: str, value: tuple[int, int], repeated: bool) -> dict[str, obj
     return {f"{key}_h": value[0], f"{key}_w": value[1]}
 
 
-def _conv_padding(conv: nn.Conv2d, where: str) -> tuple[int, int]:
-    if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
-        raise ValueError(f"{where}: only zero padding given as numbers converts to Caffe, got padding={conv.padding!r} "
-                         f"padding_mode={conv.padding_mode!r}")
-    return _pair(conv.padding)
-
-
 def _conv_layer(name: str, conv: nn.Conv2d, bottom: str) -> CaffeLayer:
     param = {"num_output": conv.out_channels, "bias_term": conv.bias is not None,
              **_hw_param("kernel", conv.kernel_size, True)}
-    if _conv_padding(conv, name) != (0, 0):
+    if conv_padding(conv, name) != (0, 0):
         param.update(_hw_param("pad", conv.padding, True))
     if conv.stride != (1, 1):
         param.update(_hw_param("stride", conv.stride, True))
@@ -167,12 +127,12 @@ def _conv_layer(name: str, conv: nn.Conv2d, bottom: str) -> CaffeLayer:
 
 
 def _pool_layer(name: str, pool: nn.MaxPool2d, bottom: str) -> CaffeLayer:
-    if _pair(pool.dilation) != (1, 1) or pool.return_indices:
+    if pair(pool.dilation) != (1, 1) or pool.return_indices:
         raise ValueError(f"{name}: Caffe pooling has no dilation or indices output; got {pool!r}")
-    param = {"pool": "MAX", **_hw_param("kernel", _pair(pool.kernel_size), False),
-             **_hw_param("stride", _pair(pool.stride), False)}
-    if _pair(pool.padding) != (0, 0):
-        param.update(_hw_param("pad", _pair(pool.padding), False))
+    param = {"pool": "MAX", **_hw_param("kernel", pair(pool.kernel_size), False),
+             **_hw_param("stride", pair(pool.stride), False)}
+    if pair(pool.padding) != (0, 0):
+        param.update(_hw_param("pad", pair(pool.padding), False))
     return CaffeLayer(name, "Pooling", [bottom], [name], {"pooling_param": param})
 
 
@@ -222,7 +182,7 @@ def vgg_to_caffe(model: nn.Module, input_size: int | tuple[int, int], classifier
     given, a Sigmoid / Softmax layer ``prob``. Raises if Caffe's pooling would give other sizes than the model's
     at ``input_size`` (see the module docstring) or if fc6 does not fit the feature map at that size.
     """
-    size = _pair(input_size)
+    size = pair(input_size)
     fc6, fc7, fc8 = _head_modules(model)
     if output is not None and output not in OUTPUT_LAYERS:
         raise ValueError(f"output must be one of {sorted(OUTPUT_LAYERS)} or None, got {output!r}")

@@ -1,0 +1,185 @@
+"""The Python API: load a trained model and use it, in a few lines and with light imports.
+
+    import mlkd
+    clf = mlkd.load("runs/demo/seed0/student_kd/last.pt")     # a checkpoint, or a folder from `mlkd export`
+    clf.predict("photo.jpg")                                    # {"circle_stripes": 0.93, "star_checker": 0.02, ...}
+    clf.predict([pil_image, array_hwc_uint8], top_k=3)          # one dict per image, best first
+    det = mlkd.load("runs/demo/seed0/teacher/last.pt")
+    det.detect("photo.jpg")                                     # boxes, labels, scores, objectness of proposals
+
+Loading a model and predicting imports neither the training code nor DDP, LMDB, proposal caches, scipy or
+matplotlib; :meth:`Detector.detect` computes proposals with OpenCV's methods, one image at a time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from mlkd.checkpoint import load_checkpoint
+from mlkd.data.base import read_image
+from mlkd.data.transforms import Warp
+from mlkd.export.safetensors import is_model_dir, read_model_dir
+from mlkd.models.backbones import CONVENTIONS, normalize
+from mlkd.models.build import model_from_checkpoint
+from mlkd.models.wsddn import NMS_IOU, class_detections
+from mlkd.proposals.methods import propose, resolve_params
+
+ImageLike = Any  # a path, a PIL image, an (H, W, 3) / (H, W) uint8 array, or a (3, H, W) tensor
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> "Classifier | Detector":
+    """A student checkpoint or model folder as a :class:`Classifier`, a teacher's as a :class:`Detector`."""
+    path = Path(path)
+    ckpt = read_model_dir(path) if is_model_dir(path) else load_checkpoint(path)
+    if ckpt["kind"] not in ("student", "teacher"):
+        raise ValueError(f"{path} holds {ckpt['kind']}, not a trained student or teacher")
+    model = model_from_checkpoint(ckpt)
+    return (Classifier if ckpt["kind"] == "student" else Detector)(model, ckpt).to(device)
+
+
+def to_rgb(image: ImageLike) -> np.ndarray:
+    """Any accepted image as an RGB uint8 array ``(H, W, 3)``; a clear error for anything else."""
+    if isinstance(image, (str, Path)):
+        return read_image(image)
+    if hasattr(image, "convert") and hasattr(image, "size"):  # a PIL image (PIL is not imported for this)
+        return np.array(image.convert("RGB"))
+    if isinstance(image, torch.Tensor):
+        if image.ndim != 3 or image.shape[0] != 3:
+            raise ValueError(f"a tensor image must be (3, H, W) RGB, got shape {tuple(image.shape)}")
+        if image.dtype == torch.uint8:
+            return image.permute(1, 2, 0).cpu().numpy()
+        if not image.is_floating_point() or image.min() < 0 or image.max() > 1:
+            raise ValueError(f"a tensor image must be uint8 (0-255) or float in [0, 1], got {image.dtype} with "
+                             f"values in [{float(image.min()):.3g}, {float(image.max()):.3g}]")
+        return (image * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            raise ValueError(f"an array image must be uint8, got {image.dtype}")
+        if image.ndim == 2:
+            return np.repeat(image[:, :, None], 3, axis=2)
+        if image.ndim == 3 and image.shape[2] == 3:
+            return image
+        raise ValueError(f"an array image must be (H, W, 3) RGB or (H, W) grey, got shape {image.shape}")
+    raise TypeError(f"cannot read an image from a {type(image).__name__}: give a path, a PIL image, an (H, W, 3) "
+                    "uint8 array or a (3, H, W) tensor")
+
+
+class _Loaded:
+    """What both model kinds share: the network, its classes, input convention and size, and the device."""
+
+    def __init__(self, model: torch.nn.Module, ckpt: dict[str, Any]) -> None:
+        self.model = model.eval()
+        self.classes: list[str] = list(ckpt["classes"])
+        self.input_convention: str = ckpt["input_convention"]
+        self.image_size: int = int(ckpt["inference"]["image_size"])
+        self.device = torch.device("cpu")
+
+    def to(self, device: str | torch.device) -> "_Loaded":
+        """Move the model to ``device`` (e.g. "cuda"); returns self."""
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        return self
+
+    @property
+    def input_description(self) -> dict[str, Any]:
+        """The input convention in numbers: channel order, pixel scale, mean, std, and the warp size."""
+        return {"convention": self.input_convention, **CONVENTIONS[self.input_convention], "size": self.image_size}
+
+    def _warped(self, rgb: np.ndarray) -> torch.Tensor:
+        return Warp(self.image_size)(torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1), {})[0]
+
+
+class Classifier(_Loaded):
+    """A trained student: multi-label probabilities of images (sigmoid of its logits)."""
+
+    @torch.no_grad()
+    def probabilities(self, images: ImageLike | Sequence[ImageLike], batch_size: int = 32) -> np.ndarray:
+        """Probabilities ``(N, K)`` float32 of one image or a list of them, in the order of ``classes``."""
+        items = list(images) if isinstance(images, (list, tuple)) else [images]
+        out = []
+        for start in range(0, len(items), batch_size):
+            x = torch.stack([self._warped(to_rgb(im)) for im in items[start:start + batch_size]])
+            logits = self.model(normalize(x.to(self.device), self.input_convention))
+            out.append(torch.sigmoid(logits.float()).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
+
+    def predict(self, images: ImageLike | Sequence[ImageLike], threshold: float | Sequence[float] |
+                Mapping[str, float] | None = None, top_k: int | None = None, as_arrays: bool = False,
+                batch_size: int = 32) -> Any:
+        """Labels of one image (a dict) or of a list of images (a list of dicts): ``{class: probability}``,
+        best first; with ``top_k`` only the k best, with ``threshold`` (one value, one per class, or a mapping
+        class -> value) only those at or above it. ``as_arrays=True`` returns the ``(N, K)`` probabilities."""
+        probs = self.probabilities(images, batch_size)
+        if as_arrays:
+            return probs
+        limits = self._thresholds(threshold)
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+        rows = []
+        for p in probs:
+            order = np.argsort(-p, kind="stable")[:top_k]
+            rows.append({self.classes[c]: float(p[c]) for c in order if limits is None or p[c] >= limits[c]})
+        return rows if isinstance(images, (list, tuple)) else rows[0]
+
+    def _thresholds(self, threshold: Any) -> np.ndarray | None:
+        if threshold is None:
+            return None
+        if isinstance(threshold, Mapping):
+            unknown = sorted(set(threshold) - set(self.classes))
+            missing = [c for c in self.classes if c not in threshold]
+            if unknown or missing:
+                raise ValueError(f"thresholds must name exactly the model's classes; unknown {unknown}, "
+                                 f"missing {missing}")
+            threshold = [threshold[c] for c in self.classes]
+        limits = np.broadcast_to(np.asarray(threshold, np.float64), (len(self.classes),)).copy() \
+            if np.ndim(threshold) == 0 or len(threshold) == len(self.classes) else None
+        if limits is None or not np.isfinite(limits).all():
+            raise ValueError(f"threshold must be a finite number or {len(self.classes)} of them, got {threshold!r}")
+        return limits
+
+
+class Detector(_Loaded):
+    """A trained teacher (WSDDN): class scores of an image's proposals, detections after per-class NMS."""
+
+    def __init__(self, model: torch.nn.Module, ckpt: dict[str, Any]) -> None:
+        super().__init__(model, ckpt)
+        self.max_proposals: int | None = ckpt["inference"].get("max_proposals")
+        self.proposal_method: dict[str, Any] | None = ckpt["inference"].get("proposals")
+
+    def proposals(self, image: ImageLike) -> tuple[np.ndarray, np.ndarray]:
+        """Proposals of an image with the method the teacher was trained with (selective search "fast" when it
+        is not recorded): boxes ``(R, 4)`` (x1, y1, x2, y2) pixels of the image, scores ``(R,)``."""
+        method = self.proposal_method or {"method": "selective_search", "params": {"mode": "fast"}}
+        params = resolve_params(method["method"], {**method["params"], "max_proposals": self.max_proposals or 500})
+        return propose(to_rgb(image), method["method"], params)
+
+    @torch.no_grad()
+    def detect(self, image: ImageLike, proposals: np.ndarray | None = None, proposal_scores: np.ndarray | None = None,
+               nms_iou: float = NMS_IOU, max_per_class: int = 100) -> dict[str, Any]:
+        """The teacher on one image. ``proposals (R, 4)`` in pixels of the image (computed when None).
+
+        Returns ``image_scores`` ``{class: p}``; ``boxes (D, 4)``, ``labels`` (D class names), ``scores (D,)`` of
+        the detections after per-class NMS at ``nms_iou``; ``proposals (R, 4)`` and their ``objectness (R,)``
+        (the sum of a region's class scores) and ``region_scores (R, K)``.
+        """
+        rgb = to_rgb(image)
+        if proposals is None:
+            proposals, proposal_scores = self.proposals(rgb)
+        boxes = np.asarray(proposals, np.float32).reshape(-1, 4)[: self.max_proposals]
+        scores = np.ones(len(boxes), np.float32) if proposal_scores is None \
+            else np.asarray(proposal_scores, np.float32).reshape(-1)[: len(boxes)]
+        if len(boxes) == 0:
+            raise ValueError("the image has no proposals; the teacher needs at least one region")
+        target = {"proposals": torch.from_numpy(boxes)}
+        x, target = Warp(self.image_size)(torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1), target)
+        out = self.model(normalize(x[None].to(self.device), self.input_convention),
+                         [target["proposals"].to(self.device)], [torch.from_numpy(scores).to(self.device)])[0]
+        regions = out["region_scores"].float().cpu().numpy()
+        det_boxes, det_scores, det_labels = class_detections(boxes, regions, nms_iou, max_per_class)
+        return {"image_scores": dict(zip(self.classes, out["image_scores"].float().cpu().tolist())),
+                "boxes": det_boxes, "labels": [self.classes[c] for c in det_labels], "scores": det_scores,
+                "proposals": boxes, "objectness": regions.sum(1), "region_scores": regions}

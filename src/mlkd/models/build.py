@@ -1,0 +1,75 @@
+"""Building models: a teacher or a student from its config, ImageNet weights mapped onto it, and any model
+rebuilt from a checkpoint alone (:func:`model_from_checkpoint`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from mlkd.config import from_dict
+from mlkd.models.backbones import build_backbone, load_imagenet_weights
+from mlkd.models.configs import StudentModelConfig, TeacherModelConfig
+from mlkd.models.student import Student
+from mlkd.models.wsddn import WSDDN
+
+# torchvision VGG16 state-dict prefixes -> teacher / student prefixes (the 1000-way classifier.6 is not used)
+VGG16_IMAGENET = {"features.": "backbone.features.", "classifier.0.": "fc6.", "classifier.3.": "fc7."}
+# torchvision ResNet prefixes -> student prefixes (the 1000-way fc is not used)
+RESNET_IMAGENET = {"conv1.": "backbone.conv1.", "bn1.": "backbone.bn1.", **{
+    f"layer{i}.": f"backbone.layer{i}." for i in range(1, 5)}}
+
+MODEL_CONFIGS = {"teacher": TeacherModelConfig, "student": StudentModelConfig}
+
+
+def build_teacher(cfg: TeacherModelConfig, num_classes: int) -> WSDDN:
+    """A WSDDN from its config; ImageNet weights (backbone, fc6, fc7) from ``cfg.weights`` when given."""
+    backbone = build_backbone(cfg.backbone, channels=cfg.tiny_channels, convs_per_block=cfg.tiny_convs_per_block)
+    model = WSDDN(backbone, num_classes, hidden=cfg.hidden, roi_size=cfg.roi_size, roi_op=cfg.roi_op,
+                  dropout=cfg.dropout, score_scale=cfg.score_scale, score_bias=cfg.score_bias,
+                  cls_temperature=cfg.cls_temperature, det_temperature=cfg.det_temperature,
+                  reg_weight=cfg.reg_weight, reg_iou=cfg.reg_iou, reg_top=cfg.reg_top)
+    if cfg.weights:
+        if cfg.backbone != "vgg16":
+            raise ValueError(f"model.weights are ImageNet VGG16 weights; model.backbone is {cfg.backbone!r}")
+        load_imagenet_weights(model, cfg.weights, VGG16_IMAGENET, cfg.input_convention)
+    return model
+
+
+def build_student(cfg: StudentModelConfig, num_classes: int) -> Student:
+    """A student from its config; ImageNet weights of its backbone (and VGG fc6/fc7) from ``cfg.weights``."""
+    backbone = build_backbone(cfg.backbone, channels=cfg.tiny_channels, convs_per_block=cfg.tiny_convs_per_block)
+    head = "resnet" if cfg.backbone.startswith("resnet") else "vgg"
+    model = Student(backbone, num_classes, head=head, hidden=cfg.hidden, roi_size=cfg.roi_size, dropout=cfg.dropout)
+    if cfg.weights:
+        if cfg.backbone == "tiny":
+            raise ValueError("model.weights are ImageNet weights; the tiny backbone has none")
+        mapping = VGG16_IMAGENET if head == "vgg" else RESNET_IMAGENET
+        load_imagenet_weights(model, cfg.weights, mapping, cfg.input_convention)
+    return model
+
+
+def model_config(ckpt: dict[str, Any]) -> TeacherModelConfig | StudentModelConfig:
+    """The model config of a teacher or student checkpoint (its ``weights`` dropped: the checkpoint has them)."""
+    kind = ckpt["kind"]
+    if kind not in MODEL_CONFIGS:
+        raise ValueError(f"a {kind} checkpoint holds no teacher or student model")
+    return from_dict(MODEL_CONFIGS[kind], {**ckpt["model_config"], "weights": None})
+
+
+def model_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
+    """Rebuild the teacher (:class:`WSDDN`) or student of a checkpoint from its dict alone, in eval mode on the
+    CPU. A state dict that does not fit the config is an error listing the differences."""
+    cfg = model_config(ckpt)
+    builder = build_teacher if ckpt["kind"] == "teacher" else build_student
+    model = builder(cfg, len(ckpt["classes"]))
+    own = model.state_dict()
+    saved = ckpt["model"]
+    problems = [f"missing {k}" for k in own if k not in saved] + [f"unexpected {k}" for k in saved if k not in own]
+    problems += [f"{k}: shape {tuple(saved[k].shape)} in the checkpoint, {tuple(v.shape)} for its config"
+                 for k, v in own.items() if k in saved and saved[k].shape != v.shape]
+    if problems:
+        raise ValueError(f"the {ckpt['kind']} weights do not fit the checkpoint's model_config "
+                         f"({len(ckpt['classes'])} classes):\n  " + "\n  ".join(problems[:20]))
+    model.load_state_dict(saved)
+    return model.eval()

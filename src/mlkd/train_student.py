@@ -1,0 +1,179 @@
+"""The student's recipe: its config and the run, with or without distillation from a trained teacher.
+
+A run is a sequence of stages (``stages`` in the config), each with its own epochs, learning rate and loss
+weights (L_p ``label_weight``, L_p' ``soft_weight``, L_f ``feature_weight``; see :mod:`mlkd.distill`):
+
+- no distillation: one stage ``{label_weight: 1}``;
+- the release's two-stage recipe: stage 1 ``{label_weight: 0, feature_weight: 1}``, then stage 2
+  ``{label_weight: 1, soft_weight: 1}``, each with a fresh optimizer (the release trained them as two solvers);
+- joint mode: one stage with all three weights.
+
+``mlkd train-student --config student_coco_kd [--set key=value ...] [--resume]`` calls :func:`train_student`;
+the run folder gets ``config.yaml``, ``log.jsonl``, ``curves.png``, ``last.pt``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mlkd.checkpoint import load_checkpoint, make_checkpoint
+from mlkd.config import DataConfig, OptimConfig, RunConfig, to_dict
+from mlkd.data.base import MultiLabelDataset, check_class_order, collate
+from mlkd.data.loader import make_loader
+from mlkd.data.transforms import Compose, KeepTopProposals, RandomHorizontalFlip, TeacherStudentViews, Warp
+from mlkd.distill import StudentObjective, TeacherTargets, compute_teacher_targets
+from mlkd.distributed import DistInfo, cleanup, init_distributed
+from mlkd.engine import Stage, StageParts, build_optimizer, param_groups, prepare_run, run_stages
+from mlkd.inference import predict_student
+from mlkd.metrics import mean_average_precision
+from mlkd.models.build import build_student, model_from_checkpoint
+from mlkd.models.configs import StudentModelConfig
+from mlkd.models.inputs import student_inputs
+from mlkd.models.student import Student
+from mlkd.models.wsddn import WSDDN
+from mlkd.proposals.attach import open_split
+from mlkd.runlog import RunLog
+
+
+@dataclasses.dataclass
+class StageConfig:
+    name: str = "plain"
+    epochs: int = 20
+    lr: float | None = None  # None = optim.lr
+    lr_steps: tuple[int, ...] = ()  # epochs of this stage after which the lr is multiplied by optim.gamma
+    label_weight: float = 1.0  # L_p
+    soft_weight: float = 0.0  # L_p'
+    feature_weight: float = 0.0  # L_f
+
+
+@dataclasses.dataclass
+class DistillConfig:
+    teacher: str | None = None  # teacher checkpoint; needed by stages with soft_weight or feature_weight
+    teacher_scale: int | None = None  # the teacher's input size (None = its checkpoint's test scale)
+    feature_layers: tuple[str, ...] = ("fc7",)  # region layers matched by L_f
+    top_k: int | None = None  # L_f on each image's top-k proposals by the teacher's objectness (None = all)
+    scale_init: float = 0.2  # the learnable per-class scale a of L_p' (T = 1 / a = 5)
+    scale_lr_mult: float = 10.0
+    cache_soft_targets: bool = True  # compute the teacher's image scores once per image and flip
+
+
+@dataclasses.dataclass
+class StudentConfig:
+    model: StudentModelConfig = dataclasses.field(default_factory=StudentModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=lambda: DataConfig(flip=True))
+    optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(lr=1e-3))
+    run: RunConfig = dataclasses.field(default_factory=lambda: RunConfig(out="runs/student"))
+    distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
+    stages: tuple[StageConfig, ...] = (StageConfig(),)
+
+    def validate(self) -> None:
+        if not self.data.train:
+            raise ValueError("data.train is required: the dataset spec of the training split")
+        if not self.stages:
+            raise ValueError("stages must list at least one stage")
+        needs = [s.name for s in self.stages if s.soft_weight or s.feature_weight]
+        if needs and not self.distill.teacher:
+            raise ValueError(f"stage(s) {needs} distil from the teacher: set distill.teacher to its checkpoint")
+
+
+@dataclasses.dataclass
+class _Teacher:
+    """The frozen teacher of a distilling run and what the stages need of it."""
+
+    model: WSDDN
+    convention: str
+    scale: int
+    soft: TeacherTargets | None
+
+
+def train_student(cfg: StudentConfig, resume: bool = False) -> Path:
+    """Train (or resume) the student described by ``cfg``; return the path of the final checkpoint."""
+    info = init_distributed(cfg.run.device)
+    try:
+        return _train(cfg, resume, info)
+    finally:
+        cleanup(info)
+
+
+def _train(cfg: StudentConfig, resume: bool, info: DistInfo) -> Path:
+    out = prepare_run(cfg, resume, info)
+    dataset = open_split(cfg.data.train, cfg.data.options, cfg.data.train_proposals)
+    torch.manual_seed(cfg.run.seed)
+    student = build_student(cfg.model, dataset.num_classes).to(info.device)
+    teacher = _load_teacher(cfg, dataset, out, info)
+    state = load_checkpoint(out / "last.pt", "student") if resume else None
+    if state is not None:
+        student.load_state_dict(state["model"])
+    log = RunLog(out, enabled=info.is_main, resume_epoch=state["train_state"]["epoch"] if state else None)
+    stages = [Stage(s.name, s.epochs, lambda s=s: _stage_parts(cfg, s, student, teacher, dataset, info))
+              for s in cfg.stages]
+
+    def checkpoint(train_state: dict[str, Any]) -> dict[str, Any]:
+        return make_checkpoint("student", student.state_dict(), input_convention=cfg.model.input_convention,
+                               classes=dataset.classes, model_config=to_dict(cfg.model),
+                               image_size=cfg.model.image_size, dataset=dataset.identity.to_dict(),
+                               config=to_dict(cfg), train_state=train_state)
+
+    validate = (lambda: _validate(student, cfg, dataset.classes, info.device)) if cfg.data.val else None
+    return run_stages(stages, cfg, info, out, log, checkpoint, validate,
+                      state["train_state"] if state is not None else None)
+
+
+def _load_teacher(cfg: StudentConfig, dataset: MultiLabelDataset, out: Path, info: DistInfo) -> _Teacher | None:
+    """The frozen teacher (and its cached stage-2 targets) when a stage distils, else None."""
+    if not (cfg.distill.teacher and any(s.soft_weight or s.feature_weight for s in cfg.stages)):
+        return None
+    ckpt = load_checkpoint(cfg.distill.teacher, "teacher")
+    check_class_order(ckpt["classes"], dataset.classes, f"teacher {cfg.distill.teacher} vs the training set")
+    model = model_from_checkpoint(ckpt).to(info.device)
+    scale = cfg.distill.teacher_scale or ckpt["inference"]["image_size"]
+    soft = None
+    if cfg.distill.cache_soft_targets and any(s.soft_weight for s in cfg.stages):
+        soft = compute_teacher_targets(model, ckpt["input_convention"], cfg.distill.teacher, dataset, scale, out, info,
+                                       cfg.data.max_proposals, progress=cfg.run.progress)
+    return _Teacher(model, ckpt["input_convention"], scale, soft)
+
+
+def _stage_transform(cfg: StudentConfig, stage: StageConfig, teacher: _Teacher | None):
+    """Teacher + student views when the stage needs the teacher's forward pass; else only the student's."""
+    size = cfg.model.image_size
+    if stage.feature_weight or (stage.soft_weight and teacher.soft is None):
+        keep = [KeepTopProposals(cfg.data.max_proposals)] if cfg.data.max_proposals else []
+        return Compose(keep + [TeacherStudentViews(teacher.scale, size, 0.5 if cfg.data.flip else 0.0)])
+    return Compose([RandomHorizontalFlip(0.5 if cfg.data.flip else 0.0), Warp(size)])
+
+
+def _stage_parts(cfg: StudentConfig, stage: StageConfig, student: Student, teacher: _Teacher | None,
+                 dataset: MultiLabelDataset, info: DistInfo) -> StageParts:
+    distils = bool(stage.soft_weight or stage.feature_weight)
+    d = cfg.distill
+    objective = StudentObjective(student, teacher.model if distils else None, stage.label_weight, stage.soft_weight,
+                                 stage.feature_weight, d.feature_layers, d.top_k, d.scale_init).to(info.device)
+    lr = stage.lr or cfg.optim.lr
+    groups = param_groups(objective, lr, cfg.optim.weight_decay, cfg.optim.bias_lr_mult, cfg.optim.bias_decay,
+                          lr_mults={"scale": d.scale_lr_mult}, no_decay=("scale",))
+    optimizer = build_optimizer(groups, cfg.optim.optimizer, lr, cfg.optim.momentum)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(stage.lr_steps), cfg.optim.gamma)
+    loader = make_loader(dataset.view(transform=_stage_transform(cfg, stage, teacher)), cfg.data.batch_size,
+                         cfg.data.workers, collate, train=True, seed=cfg.run.seed, rank=info.rank,
+                         world_size=info.world_size)
+    soft = teacher.soft if teacher is not None and stage.soft_weight else None
+    t_conv = teacher.convention if teacher is not None else None
+
+    def prepare(images, targets):
+        return student_inputs(images, targets, info.device, cfg.model.input_convention, t_conv, soft)
+
+    return StageParts(objective, optimizer, scheduler, loader, prepare, extra=objective.extra_parameters())
+
+
+def _validate(student: Student, cfg: StudentConfig, classes: list[str], device: torch.device) -> dict[str, float]:
+    """Classification mAP of the held-out split (for the log only; checkpoints are never chosen by it)."""
+    dataset = open_split(cfg.data.val, cfg.data.options)
+    check_class_order(classes, dataset.classes, f"dataset {cfg.data.val}")
+    scores = predict_student(student, dataset, cfg.model.input_convention, cfg.model.image_size, device,
+                             cfg.data.workers, progress=False)
+    return {"val_mAP": mean_average_precision(scores, dataset.label_matrix())}

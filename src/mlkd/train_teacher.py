@@ -1,0 +1,107 @@
+"""The teacher's recipe: its config (model, data, optimiser, run) and the run, one stage of :func:`run_stages`.
+
+``mlkd train-teacher --config teacher_voc07 [--set key=value ...] [--resume]`` calls :func:`train_teacher`. The
+run folder gets ``config.yaml`` (resolved), ``log.jsonl``, ``curves.png`` and ``last.pt`` (written atomically
+after every epoch; ``--resume`` continues from it exactly).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mlkd.checkpoint import load_checkpoint, make_checkpoint
+from mlkd.config import DataConfig, OptimConfig, RunConfig, to_dict
+from mlkd.data.base import MultiLabelDataset, check_class_order
+from mlkd.data.loader import make_loader
+from mlkd.data.transforms import Compose, KeepTopProposals, MultiScaleCollate, RandomHorizontalFlip
+from mlkd.distributed import DistInfo, cleanup, init_distributed
+from mlkd.engine import Stage, StageParts, build_optimizer, param_groups, prepare_run, run_stages
+from mlkd.inference import predict_teacher
+from mlkd.metrics import mean_average_precision
+from mlkd.models.build import build_teacher
+from mlkd.models.configs import TeacherModelConfig
+from mlkd.models.inputs import teacher_inputs
+from mlkd.models.wsddn import WSDDN
+from mlkd.proposals.attach import open_split
+from mlkd.runlog import RunLog
+
+
+@dataclasses.dataclass
+class TeacherConfig:
+    model: TeacherModelConfig = dataclasses.field(default_factory=TeacherModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    run: RunConfig = dataclasses.field(default_factory=lambda: RunConfig(out="runs/teacher"))
+
+    def validate(self) -> None:
+        if not self.data.train:
+            raise ValueError("data.train is required: the dataset spec of the training split")
+
+
+def train_teacher(cfg: TeacherConfig, resume: bool = False) -> Path:
+    """Train (or resume) the teacher described by ``cfg``; return the path of the final checkpoint."""
+    info = init_distributed(cfg.run.device)
+    try:
+        return _train(cfg, resume, info)
+    finally:
+        cleanup(info)
+
+
+def _train(cfg: TeacherConfig, resume: bool, info: DistInfo) -> Path:
+    out = prepare_run(cfg, resume, info)
+    steps = ([KeepTopProposals(cfg.data.max_proposals)] if cfg.data.max_proposals else []) + \
+            ([RandomHorizontalFlip(0.5)] if cfg.data.flip else [])
+    dataset = open_split(cfg.data.train, cfg.data.options, cfg.data.train_proposals, Compose(steps))
+    if dataset.proposals is None:
+        raise ValueError("the teacher needs proposals: set data.train_proposals to a proposal cache")
+    torch.manual_seed(cfg.run.seed)  # the new layers' initialisation
+    model = build_teacher(cfg.model, dataset.num_classes).to(info.device)
+    state = load_checkpoint(out / "last.pt", "teacher") if resume else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+    log = RunLog(out, enabled=info.is_main, resume_epoch=state["train_state"]["epoch"] if state else None)
+    stage = Stage("wsddn", cfg.optim.epochs, lambda: _stage_parts(cfg, model, dataset, info))
+
+    def checkpoint(train_state: dict[str, Any]) -> dict[str, Any]:
+        return make_checkpoint("teacher", model.state_dict(), input_convention=cfg.model.input_convention,
+                               classes=dataset.classes, model_config=to_dict(cfg.model),
+                               image_size=cfg.data.test_scale, max_proposals=cfg.data.max_proposals,
+                               proposals=proposal_method(dataset), dataset=dataset.identity.to_dict(), config=to_dict(cfg), train_state=train_state)
+
+    validate = (lambda: _validate(model, cfg, dataset.classes, info.device)) if cfg.data.val else None
+    return run_stages([stage], cfg, info, out, log, checkpoint, validate,
+                      state["train_state"] if state is not None else None)
+
+
+def proposal_method(dataset: MultiLabelDataset) -> dict[str, Any] | None:
+    """How the training split's proposals were computed (``method``, ``params``), so that inference on new images
+    can compute them the same way; None when they were imported from files."""
+    meta = dataset.proposals.meta
+    return None if meta["method"].startswith("import") else {"method": meta["method"], "params": meta["params"]}
+
+
+def _stage_parts(cfg: TeacherConfig, model: WSDDN, dataset: MultiLabelDataset, info: DistInfo) -> StageParts:
+    collate = MultiScaleCollate(cfg.data.scales, seed=cfg.run.seed, resize=cfg.data.resize,
+                                max_size=cfg.data.max_size)
+    loader = make_loader(dataset, cfg.data.batch_size, cfg.data.workers, collate, train=True, seed=cfg.run.seed,
+                         rank=info.rank, world_size=info.world_size)
+    groups = param_groups(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.bias_lr_mult, cfg.optim.bias_decay)
+    optimizer = build_optimizer(groups, cfg.optim.optimizer, cfg.optim.lr, cfg.optim.momentum)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(cfg.optim.lr_steps), cfg.optim.gamma)
+    scaler = torch.amp.GradScaler("cuda") if cfg.run.amp == "fp16" else None
+    convention = cfg.model.input_convention
+    return StageParts(model, optimizer, scheduler, loader, lambda im, t: teacher_inputs(im, t, info.device, convention),
+                      scaler)
+
+
+def _validate(model: WSDDN, cfg: TeacherConfig, classes: list[str], device: torch.device) -> dict[str, float]:
+    """Classification mAP of the held-out split (for the log only; checkpoints are never chosen by it)."""
+    dataset = open_split(cfg.data.val, cfg.data.options, cfg.data.val_proposals)
+    check_class_order(classes, dataset.classes, f"dataset {cfg.data.val}")
+    pred = predict_teacher(model, dataset, cfg.model.input_convention, device, (cfg.data.test_scale,),
+                           max_proposals=cfg.data.max_proposals, workers=cfg.data.workers, progress=False)
+    return {"val_mAP": mean_average_precision(pred["image_scores"], dataset.label_matrix())}

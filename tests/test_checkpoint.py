@@ -1,0 +1,89 @@
+"""Checkpoints: one layout written by one function, read by one; files of mlkd 0.1 (format version 1) still load
+and compute what mlkd 0.1 computed with them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mlkd.checkpoint import FORMAT_VERSION, load_checkpoint, make_checkpoint, save_checkpoint
+from mlkd.data.synthetic import class_names
+from mlkd.export.verify import sample_images
+from mlkd.models.backbones import normalize
+from mlkd.models.build import model_from_checkpoint
+
+V1 = Path(__file__).parent / "fixtures" / "checkpoints_v1"
+
+
+@pytest.fixture(scope="module")
+def expected() -> dict:
+    return json.loads((V1 / "expected.json").read_text())
+
+
+def test_a_version_1_student_loads_and_predicts_as_mlkd_0_1_did(expected):
+    ckpt = load_checkpoint(V1 / "student_v1.pt", "student")
+    assert ckpt["format_version"] == FORMAT_VERSION and ckpt["kind"] == "student"
+    assert ckpt["inference"]["image_size"] == 32 and ckpt["model_config"]["hidden"] == 8
+    state = ckpt["train_state"]  # the student's v1 train_state, with the L_p' scale, moved into the v2 layout
+    assert (state["epoch"], state["stage"], state["stage_epoch"]) == (1, 1, 0) and state["extra"]["scale"].shape == (10,)
+    assert state["optimizer"]["state"] and ckpt["config"]["stages"][0]["name"] == "feature"
+    student = model_from_checkpoint(ckpt)
+    _, images = sample_images(32)
+    with torch.no_grad():
+        probs = torch.sigmoid(student(normalize(images, "torchvision")))
+    assert torch.allclose(probs, torch.tensor(expected["student_probabilities"]), atol=1e-6)
+
+
+def test_a_version_1_teacher_loads_and_scores_as_mlkd_0_1_did(expected):
+    ckpt = load_checkpoint(V1 / "teacher_v1.pt", "teacher")
+    assert ckpt["inference"] == {"image_size": 64, "max_proposals": 8, "proposals": None}
+    state = ckpt["train_state"]  # the teacher kept optimizer and scheduler at the top level in v1
+    assert (state["epoch"], state["stage"], state["stage_epoch"]) == (0, 0, 0) and state["scheduler"]["last_epoch"] == 1
+    assert ckpt["dataset"]["num_images"] == 6 and ckpt["classes"] == class_names(10)
+    teacher = model_from_checkpoint(ckpt)
+    _, images = sample_images(64)
+    boxes = torch.tensor(expected["boxes"])
+    with torch.no_grad():
+        out = teacher(normalize(images, "torchvision"), [boxes, boxes])
+    for got, image_scores, regions in zip(out, expected["teacher_image_scores"], expected["teacher_region_scores"]):
+        assert torch.allclose(got["image_scores"], torch.tensor(image_scores), atol=1e-6)
+        assert torch.allclose(got["region_scores"], torch.tensor(regions), atol=1e-6)
+
+
+def test_save_then_load_round_trip_and_atomic_write(tmp_path):
+    ckpt = make_checkpoint("student", {"w": torch.ones(2)}, input_convention="torchvision", classes=["a", "b"],
+                           model_config={"backbone": "tiny"}, image_size=32)
+    path = save_checkpoint(tmp_path / "run" / "last.pt", ckpt)
+    assert not (tmp_path / "run" / "last.pt.tmp").exists()
+    back = load_checkpoint(path, "student")
+    assert back["classes"] == ["a", "b"] and torch.equal(back["model"]["w"], torch.ones(2))
+    assert back["inference"] == {"image_size": 32, "max_proposals": None, "proposals": None}
+    assert back["train_state"] is None and back["mlkd_version"]
+    with pytest.raises(ValueError, match="is a student checkpoint; expected a teacher checkpoint"):
+        load_checkpoint(path, "teacher")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"kind": "detector"}, "kind 'detector' is not one of"),
+    ({"model": {"w": [1, 2]}}, "'model' is not a state dict"),
+    ({"classes": "ab"}, "'classes' is not a list of names"),
+    ({"train_state": {"epoch": 1}}, "'train_state' must be None or hold"),
+    ({"format_version": 99}, "format version 99; this mlkd .* reads 'mlkd-checkpoint' up to version 2"),
+])
+def test_a_malformed_checkpoint_is_refused_naming_the_file_and_the_field(tmp_path, change, message):
+    good = make_checkpoint("student", {"w": torch.ones(2)}, input_convention="torchvision", classes=["a"],
+                           model_config={}, image_size=8)
+    torch.save({**good, **change}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match=message) as e:
+        load_checkpoint(tmp_path / "bad.pt")
+    assert "bad.pt" in str(e.value)
+
+
+def test_weights_that_do_not_fit_the_config_are_an_error_listing_them():
+    ckpt = load_checkpoint(V1 / "student_v1.pt")
+    ckpt["model_config"] = {**ckpt["model_config"], "hidden": 16}
+    with pytest.raises(ValueError, match=r"(?s)do not fit the checkpoint's model_config.*fc6.weight: shape \(8, 16\)"):
+        model_from_checkpoint(ckpt)
