@@ -153,7 +153,7 @@ def test_bad_rows_raise(tmp_path, images, row, message):
         CustomDataset(manifest, classes=["cat"])
 
 
-def test_duplicate_paths_empty_manifests_and_bad_csv_header(tmp_path, images):
+def test_duplicate_paths_empty_annotation_files_and_bad_csv_header(tmp_path, images):
     dup = write_jsonl(tmp_path / "d.jsonl", [JSONL_ROWS[1], JSONL_ROWS[1]])
     with pytest.raises(ValueError, match=rf"{dup}:2: duplicate image path 'img/b.png' \(first at {dup}:1\)"):
         CustomDataset(dup, classes=["cat"])
@@ -164,9 +164,9 @@ def test_duplicate_paths_empty_manifests_and_bad_csv_header(tmp_path, images):
     (tmp_path / "h.csv").write_text("file,labels\nimg/a.png,cat\n")
     with pytest.raises(ValueError, match=r"missing \['path'\], header is \['file', 'labels'\]"):
         CustomDataset(tmp_path / "h.csv")
-    with pytest.raises(ValueError, match=r"unknown manifest type '.txt'"):
+    with pytest.raises(ValueError, match=r"unknown annotation file type '.txt'"):
         CustomDataset(tmp_path / "x.txt")
-    with pytest.raises(FileNotFoundError, match="manifest not found"):
+    with pytest.raises(FileNotFoundError, match="annotation file not found"):
         CustomDataset(tmp_path / "x.jsonl")
 
 

@@ -129,3 +129,22 @@ def test_class_order_mismatch_names_both_orders(teacher_data, checkpoint, tmp_pa
                  "--option", f"classes={class_file}", "--workers", "0", "--quiet"])
     err = capsys.readouterr().err
     assert code == 1 and "class order" in err and str(swapped) in err
+
+
+def test_prediction_leaves_the_dataset_as_it_was_even_when_it_fails(teacher_data, checkpoint):
+    """predict_* build their own view of the dataset; the caller's transform and records stay the same objects."""
+    model = model_from_checkpoint(load_checkpoint(checkpoint))
+    dataset = open_split(str(teacher_data.val), None, str(teacher_data.val_proposals))
+    transform, records = object(), dataset.records
+    dataset.transform = transform
+    predict_teacher(model, dataset, "torchvision", torch.device("cpu"), (64,), progress=False)
+    assert dataset.transform is transform and dataset.records is records
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+    model.forward = broken
+    with pytest.raises(RuntimeError, match="boom"):
+        predict_teacher(model, dataset, "torchvision", torch.device("cpu"), (64,), progress=False)
+    assert dataset.transform is transform and dataset.records is records
+    first = dataset.view(indices=[0])
+    assert len(first) == 1 and len(dataset) == len(records) and first.identity == dataset.identity

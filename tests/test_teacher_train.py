@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader, DistributedSampler
 
 import mlkd
@@ -133,3 +134,19 @@ def test_ddp_two_cpu_processes_equal_one_process_with_the_doubled_batch(teacher_
     assert_same_tensors(ddp["model"], single["model"], exact=False)
     assert_same_tensors(ddp["train_state"]["optimizer"]["state"], single["train_state"]["optimizer"]["state"],
                         exact=False)
+
+
+def test_tensorboard_scalars_equal_the_log(teacher_data, tmp_path):
+    out = tmp_path / "tb"
+    train_teacher(config(teacher_data, out, **{"optim.epochs": 2, "run.tensorboard": "true"}))
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    logged = records(out)
+    iters = [r for r in logged if r["type"] == "iter"]
+    board = events.Scalars("iter/loss_cls")
+    assert [e.step for e in board] == [r["iteration"] for r in iters]
+    assert [e.value for e in board] == pytest.approx([r["loss_cls"] for r in iters], rel=1e-6)
+    epochs = [r for r in logged if r["type"] == "epoch"]
+    assert [e.value for e in events.Scalars("epoch/train_loss_cls")] == pytest.approx(
+        [r["train_loss_cls"] for r in epochs], rel=1e-6)
+    assert [e.step for e in events.Scalars("iter/lr")] == [r["iteration"] for r in iters]

@@ -255,3 +255,4 @@ class RunConfig:
     log_every: int = 20  # iterations between log lines
     eval_every: int = 1  # epochs between evaluations of data.val (0 = never)
     progress: bool = True  # tqdm bars
+    tensorboard: bool = False  # also write the logged scalars for TensorBoard into run.out/tensorboard

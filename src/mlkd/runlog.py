@@ -1,4 +1,5 @@
-"""A run's log: JSON lines (one record per logged iteration and per epoch) and a training-curve PNG."""
+"""A run's log: JSON lines (one record per logged iteration and per epoch), a training-curve PNG, and optionally
+the same scalars for TensorBoard (``run.tensorboard: true``, the ``[tensorboard]`` extra)."""
 
 from __future__ import annotations
 
@@ -7,17 +8,25 @@ import math
 from pathlib import Path
 from typing import Any
 
+from mlkd.optional import optional_import
+
 
 class RunLog:
     """Appends records to ``RUN/log.jsonl`` (kept across resumes) and draws ``RUN/curves.png`` from it.
 
     On resume, records of epochs after the checkpoint's (written before the interruption) are dropped, so the
-    log matches the run that the checkpoint continues.
+    log matches the run that the checkpoint continues. With ``tensorboard`` every numeric field of a record is
+    also a TensorBoard scalar in ``RUN/tensorboard/`` (iteration records by iteration, epoch records by epoch).
     """
 
-    def __init__(self, out: str | Path, enabled: bool = True, resume_epoch: int | None = None) -> None:
+    def __init__(self, out: str | Path, enabled: bool = True, resume_epoch: int | None = None,
+                 tensorboard: bool = False) -> None:
         self.path = Path(out) / "log.jsonl"
         self.enabled = enabled
+        self.board = None
+        if enabled and tensorboard:
+            writer = optional_import("torch.utils.tensorboard", "tensorboard", "run.tensorboard").SummaryWriter
+            self.board = writer(str(Path(out) / "tensorboard"))
         if enabled and resume_epoch is not None and self.path.is_file():
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("epoch", -1) <= resume_epoch]
@@ -30,6 +39,13 @@ class RunLog:
         if self.enabled:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+        if self.board is not None:
+            step = record["iteration"] if record.get("type") == "iter" else record.get("epoch", 0)
+            prefix = "iter/" if record.get("type") == "iter" else "epoch/"
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("epoch", "iteration"):
+                    self.board.add_scalar(prefix + key, value, step)
+            self.board.flush()
 
     def records(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]

@@ -108,7 +108,8 @@ def _train(cfg: StudentConfig, resume: bool, info: DistInfo) -> Path:
     state = load_checkpoint(out / "last.pt", "student") if resume else None
     if state is not None:
         student.load_state_dict(state["model"])
-    log = RunLog(out, enabled=info.is_main, resume_epoch=state["train_state"]["epoch"] if state else None)
+    log = RunLog(out, enabled=info.is_main, resume_epoch=state["train_state"]["epoch"] if state else None,
+                 tensorboard=cfg.run.tensorboard)
     stages = [Stage(s.name, s.epochs, lambda s=s: _stage_parts(cfg, s, student, teacher, dataset, info))
               for s in cfg.stages]
 

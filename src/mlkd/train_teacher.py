@@ -63,7 +63,8 @@ def _train(cfg: TeacherConfig, resume: bool, info: DistInfo) -> Path:
     state = load_checkpoint(out / "last.pt", "teacher") if resume else None
     if state is not None:
         model.load_state_dict(state["model"])
-    log = RunLog(out, enabled=info.is_main, resume_epoch=state["train_state"]["epoch"] if state else None)
+    log = RunLog(out, enabled=info.is_main, resume_epoch=state["train_state"]["epoch"] if state else None,
+                 tensorboard=cfg.run.tensorboard)
     stage = Stage("wsddn", cfg.optim.epochs, lambda: _stage_parts(cfg, model, dataset, info))
 
     def checkpoint(train_state: dict[str, Any]) -> dict[str, Any]:

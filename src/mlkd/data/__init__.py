@@ -8,7 +8,7 @@ from typing import Any, Callable
 from mlkd.data.base import (DatasetIdentity, ImageRecord, MultiLabelDataset, Transform, check_class_order,
                             collate)
 from mlkd.data.coco import CocoDataset
-from mlkd.data.custom import MANIFEST_SUFFIXES, CustomDataset
+from mlkd.data.custom import ANNOTATION_SUFFIXES, CustomDataset
 from mlkd.data.datalist import DatalistDataset, InMemoryProposals
 from mlkd.data.nuswide import NusWideDataset
 from mlkd.data.transforms import (Compose, MultiScaleCollate, RandomHorizontalFlip, ResizeShorter, Warp,
@@ -41,7 +41,7 @@ def _forms() -> str:
 
 
 def parse_spec(spec: str) -> tuple[str, list[str]]:
-    """``"voc:/data:2007:test"`` -> ``("voc", ["/data", "2007", "test"])``; a manifest path -> ``("custom", [path])``.
+    """``"voc:/data:2007:test"`` -> ``("voc", ["/data", "2007", "test"])``; an annotation file -> ``("custom", [path])``.
 
     Fields are split from the right, so the first one (a root or path) may itself contain ``:``.
     """
@@ -52,7 +52,7 @@ def parse_spec(spec: str) -> tuple[str, list[str]]:
         if len(fields) != len(names) or not all(fields):
             raise ValueError(f"dataset spec {spec!r} must be {name}:{':'.join(names)}; accepted forms:\n  {_forms()}")
         return name, fields
-    if Path(spec).suffix.lower() in MANIFEST_SUFFIXES:
+    if Path(spec).suffix.lower() in ANNOTATION_SUFFIXES:
         return "custom", [spec]
     raise ValueError(f"unrecognised dataset spec {spec!r}; accepted forms:\n  {_forms()}")
 

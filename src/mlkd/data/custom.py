@@ -1,4 +1,4 @@
-"""The custom dataset format: a CSV or JSON-lines manifest of image paths, label names and optional boxes.
+"""The custom dataset format: a CSV or JSON-lines annotation file of image paths, label names and optional boxes.
 
 JSON lines (``.jsonl`` / ``.ndjson``), one image per line (blank lines are skipped)::
 
@@ -13,12 +13,12 @@ empty = no positive label), optional ``boxes`` (the same JSON list as above) and
 - ``boxes``: (x1, y1, x2, y2) pixels of the image file, 0-based, x2 > x1 and y2 > y1, each followed by its
   class name, which must be one of the image's labels.
 - ``ignore`` (optional): names whose label is -1 ("ignore for this class" in training and metrics).
-- ``path``: relative to ``root`` (default: the manifest's folder) or absolute. It is the image id, as
+- ``path``: relative to ``root`` (default: the annotation file's folder) or absolute. It is the image id, as
   written, so ids are stable wherever the dataset is moved; paths must be unique.
 
 Class order (part of the dataset's identity): ``classes`` may be a list of names or a path to a text file
-(one name per line). If omitted, ``classes.txt`` next to the manifest is used when it exists; otherwise the
-sorted set of names in the manifest is used **and written to** ``classes.txt`` next to it, so every later
+(one name per line). If omitted, ``classes.txt`` next to the annotation file is used when it exists; otherwise the
+sorted set of names in the annotation file is used **and written to** ``classes.txt`` next to it, so every later
 load (and the other splits in that folder) reuse the same order. Load the split with every class first,
 or pass ``classes`` explicitly.
 """
@@ -36,7 +36,7 @@ import numpy as np
 
 from mlkd.data.base import ImageRecord, MultiLabelDataset, Transform, drop_missing
 
-MANIFEST_SUFFIXES = (".jsonl", ".ndjson", ".csv")
+ANNOTATION_SUFFIXES = (".jsonl", ".ndjson", ".csv")
 CLASSES_FILE = "classes.txt"
 
 
@@ -45,7 +45,7 @@ def _fail(where: str, message: str) -> ValueError:
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Yield ``("file:line", row dict)`` for each non-blank line of a JSON-lines manifest."""
+    """Yield ``("file:line", row dict)`` for each non-blank line of a JSON-lines annotation file."""
     with path.open(encoding="utf-8") as f:
         for n, line in enumerate(f, start=1):
             if not line.strip():
@@ -86,24 +86,24 @@ def _iter_csv(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
             yield where, row
 
 
-def read_manifest(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
-    """Parse a manifest into ``[("file:line", {"path", "labels", optional "boxes", "ignore"}), ...]``.
+def read_annotations(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
+    """Parse an annotation file into ``[("file:line", {"path", "labels", optional "boxes", "ignore"}), ...]``.
 
     Only the syntax is checked here; names and boxes are validated by :class:`CustomDataset`.
     """
     path = Path(path)
-    if path.suffix.lower() not in MANIFEST_SUFFIXES:
-        raise ValueError(f"unknown manifest type {path.suffix!r} for {path}; expected one of {MANIFEST_SUFFIXES}")
+    if path.suffix.lower() not in ANNOTATION_SUFFIXES:
+        raise ValueError(f"unknown annotation file type {path.suffix!r} for {path}; expected one of {ANNOTATION_SUFFIXES}")
     if not path.is_file():
-        raise FileNotFoundError(f"manifest not found: {path}")
+        raise FileNotFoundError(f"annotation file not found: {path}")
     rows = list(_iter_csv(path) if path.suffix.lower() == ".csv" else _iter_jsonl(path))
     if not rows:
-        raise ValueError(f"manifest {path} lists no images")
+        raise ValueError(f"annotation file {path} lists no images")
     return rows
 
 
-def write_jsonl_manifest(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
-    """Write rows ``{"path", "labels", optional "boxes"}`` as a JSON-lines manifest (one object per line)."""
+def write_jsonl_annotations(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
+    """Write rows ``{"path", "labels", optional "boxes"}`` as a JSON-lines annotation file (one object per line)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:
@@ -127,25 +127,25 @@ def _names_in(rows: Sequence[tuple[str, dict[str, Any]]]) -> set[str]:
     return names
 
 
-def resolve_classes(manifest: Path, rows: Sequence[tuple[str, dict[str, Any]]],
+def resolve_classes(annotations: Path, rows: Sequence[tuple[str, dict[str, Any]]],
                     classes: str | Path | Sequence[str] | None) -> tuple[list[str], str]:
     """The class order and where it came from: the given list, the given file, ``classes.txt`` beside the
-    manifest, or inferred (sorted names of the manifest) and saved as that ``classes.txt``."""
+    annotation file, or inferred (sorted names in it) and saved as that ``classes.txt``."""
     if isinstance(classes, (str, Path)):
         return read_class_file(classes), str(classes)
     if classes is not None:
         return [str(c) for c in classes], "the given list"
-    beside = manifest.parent / CLASSES_FILE
+    beside = annotations.parent / CLASSES_FILE
     if beside.is_file():
         return read_class_file(beside), str(beside)
     inferred = sorted(_names_in(rows))
     if not inferred:
-        raise ValueError(f"{manifest} names no class at all; pass the class list (classes=... / --classes)")
+        raise ValueError(f"{annotations} names no class at all; pass the class list (classes=... / --classes)")
     try:
         beside.write_text("".join(f"{c}\n" for c in inferred), encoding="utf-8")
     except OSError as e:  # a read-only dataset folder must still load; the order is then only in memory
         warnings.warn(f"could not save the inferred class list to {beside}: {e}", stacklevel=3)
-    return inferred, f"the names in {manifest}"
+    return inferred, f"the names in {annotations}"
 
 
 def _label_vector(where: str, row: dict[str, Any], index: dict[str, int], source: str) -> np.ndarray:
@@ -210,15 +210,15 @@ def _records(rows: Sequence[tuple[str, dict[str, Any]]], classes: list[str], roo
 
 
 class CustomDataset(MultiLabelDataset):
-    """A dataset read from a CSV or JSON-lines manifest (format in the module docstring).
+    """A dataset read from a CSV or JSON-lines annotation file (format in the module docstring).
 
     Args:
-        manifest: path to the ``.jsonl`` / ``.ndjson`` / ``.csv`` file.
-        classes: list of names, or a path to a class list file; None = ``classes.txt`` beside the manifest,
+        annotations: path to the ``.jsonl`` / ``.ndjson`` / ``.csv`` file.
+        classes: list of names, or a path to a class list file; None = ``classes.txt`` beside the annotation file,
             else inferred (sorted) and saved there.
-        root: folder the image paths are relative to (default: the manifest's folder).
+        root: folder the image paths are relative to (default: the annotation file's folder).
         transform: applied to each ``(image, target)``.
-        split: split name (default: the manifest's file stem, e.g. ``train``).
+        split: split name (default: the annotation file's stem, e.g. ``train``).
         skip_missing: image files that do not exist raise ``FileNotFoundError`` (listing up to 10 and the
             count); with True they are dropped instead, listed in ``self.missing``, and a warning gives the count.
 
@@ -227,15 +227,15 @@ class CustomDataset(MultiLabelDataset):
 
     OPTIONS = ("classes", "root", "split")
 
-    def __init__(self, manifest: str | Path, classes: str | Path | Sequence[str] | None = None,
+    def __init__(self, annotations: str | Path, classes: str | Path | Sequence[str] | None = None,
                  root: str | Path | None = None, transform: Transform | None = None, split: str | None = None,
                  skip_missing: bool = False) -> None:
-        manifest = Path(manifest)
-        rows = read_manifest(manifest)
-        class_list, source = resolve_classes(manifest, rows, classes)
-        self.manifest = manifest
-        self.root = Path(root) if root is not None else manifest.parent
+        annotations = Path(annotations)
+        rows = read_annotations(annotations)
+        class_list, source = resolve_classes(annotations, rows, classes)
+        self.annotations = annotations
+        self.root = Path(root) if root is not None else annotations.parent
         records = _records(rows, class_list, self.root, source)
-        records, missing = drop_missing(records, skip_missing, str(manifest), self.root)
-        super().__init__("custom", split or manifest.stem, class_list, records, transform,
+        records, missing = drop_missing(records, skip_missing, str(annotations), self.root)
+        super().__init__("custom", split or annotations.stem, class_list, records, transform,
                          excluded={"missing": missing})

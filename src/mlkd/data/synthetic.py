@@ -38,7 +38,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from mlkd.data.custom import CLASSES_FILE, write_jsonl_manifest
+from mlkd.data.custom import CLASSES_FILE, write_jsonl_annotations
 
 OUTLINE_COLOURS = {  # RGB; shared by every class (and distractor) of that outline
     "circle": (225, 60, 50), "square": (50, 100, 230), "triangle": (40, 185, 70),
@@ -235,7 +235,7 @@ def _distractor(img: np.ndarray, rng: np.random.Generator, taken: list[tuple[int
 def generate(out_dir: str | Path, num_images: int, seed: int = 0, image_size: int = 160,
              val_fraction: float = 0.25, num_classes: int = 10, image_format: str = "png",
              progress: bool = True) -> dict[str, Path]:
-    """Write the dataset under ``out_dir`` in the custom format; return ``{split: manifest path}``.
+    """Write the dataset under ``out_dir`` in the custom format; return ``{split: annotation file}``.
 
     Layout: ``images/{train,val}/NNNNNN.png``, ``train.jsonl``, ``val.jsonl`` (absent if ``val_fraction`` is
     0), ``classes.txt`` and ``meta.json`` (the generator's arguments). Images ``0 .. n_train - 1`` form the
@@ -268,9 +268,9 @@ def generate(out_dir: str | Path, num_images: int, seed: int = 0, image_size: in
     meta = dict(generator="mlkd.data.synthetic", num_images=num_images, seed=seed, image_size=image_size,
                 val_fraction=val_fraction, num_classes=num_classes, image_format=image_format)
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    manifests = {}
+    files = {}
     for split, split_rows in rows.items():
         if split_rows:
-            manifests[split] = out / f"{split}.jsonl"
-            write_jsonl_manifest(manifests[split], split_rows)
-    return manifests
+            files[split] = out / f"{split}.jsonl"
+            write_jsonl_annotations(files[split], split_rows)
+    return files

@@ -30,7 +30,7 @@ __all__ = ["DatalistEntry", "boxes_to_mat", "format_datalist_line", "mat_to_boxe
 
 def _scipy_io():
     """scipy.io, imported on first use: only .mat files need it (the ``[mat]`` extra)."""
-    return optional_import("scipy.io", "mat", ".mat proposal files")
+    return optional_import("scipy.io", "mat", "reading or writing .mat proposal files")
 
 
 # -- .mat ------------------------------------------------------------------------------------------------
