@@ -147,6 +147,9 @@ def test_safetensors_model_folder_round_trip_without_pickle(trained, clf, tmp_pa
     np.testing.assert_array_equal(folder.probabilities(paths), clf.probabilities(paths))
     monkeypatch.undo()
     assert main(["predict", "--checkpoint", str(out), str(paths[0]), "--quiet"]) == 0
+    assert main(["evaluate", "--checkpoint", str(out), "--dataset", str(trained.data.val), "--workers", "0",
+                 "--quiet", "--scores", str(tmp_path / "s.npy")]) == 0  # a model folder works wherever a checkpoint does
+    np.testing.assert_array_equal(np.load(tmp_path / "s.npy"), clf.probabilities(paths))
 
 
 def test_teacher_model_folder_and_detector(trained, tmp_path):

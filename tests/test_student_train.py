@@ -80,6 +80,9 @@ def test_two_stage_run_leaves_the_teacher_file_untouched_and_logs_both_stages(wo
     epochs = [r for r in epochs if r["type"] == "epoch"]
     assert [r["stage"] for r in epochs] == ["feature", "prediction", "prediction"]
     assert "train_loss_feature" in epochs[0] and {"train_loss_label", "train_loss_soft"} <= set(epochs[1])
+    iters = [json.loads(line) for line in (tmp_path / "kd" / "log.jsonl").read_text().splitlines()]
+    lrs = {r["lr"] for r in iters if r["type"] == "iter"}
+    assert sorted(lrs) == pytest.approx([0.0001, 0.001])  # the weights' lr and its step decay, not the scale a's (x10)
     assert (tmp_path / "kd" / "teacher_targets.pt").is_file() and (tmp_path / "kd" / "curves.png").is_file()
 
 

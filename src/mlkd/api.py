@@ -22,7 +22,6 @@ import torch
 from mlkd.checkpoint import load_checkpoint
 from mlkd.data.base import read_image
 from mlkd.data.transforms import Warp
-from mlkd.export.safetensors import is_model_dir, read_model_dir
 from mlkd.models.backbones import CONVENTIONS, normalize
 from mlkd.models.build import model_from_checkpoint
 from mlkd.models.wsddn import NMS_IOU, class_detections
@@ -33,8 +32,7 @@ ImageLike = Any  # a path, a PIL image, an (H, W, 3) / (H, W) uint8 array, or a 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> "Classifier | Detector":
     """A student checkpoint or model folder as a :class:`Classifier`, a teacher's as a :class:`Detector`."""
-    path = Path(path)
-    ckpt = read_model_dir(path) if is_model_dir(path) else load_checkpoint(path)
+    ckpt = load_checkpoint(path)
     if ckpt["kind"] not in ("student", "teacher"):
         raise ValueError(f"{path} holds {ckpt['kind']}, not a trained student or teacher")
     model = model_from_checkpoint(ckpt)

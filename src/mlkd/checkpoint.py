@@ -21,14 +21,22 @@ file never runs code), format version 2::
 
 Version 1 (mlkd 0.1) had no ``format_version``; :func:`load_checkpoint` converts such files in memory (the
 teacher's optimizer state was at the top level, the student's under ``train_state`` with ``scale``).
+
+A trained model is shared as a *model folder* (:func:`write_model_dir`): ``model.safetensors`` (the weights; no
+code runs when they are read) and ``config.json`` (``format`` "mlkd-model", ``format_version`` 1,
+``mlkd_version``, ``kind``, ``model_config``, ``classes``, ``input_convention``, ``image_size``, ``max_proposals``,
+``proposals``, ``dataset``). :func:`load_checkpoint` reads a folder too, as a checkpoint without training state,
+so every command that takes a checkpoint takes a model folder.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Sequence
 
+import safetensors.torch
 import torch
 
 from mlkd.version import __version__
@@ -37,6 +45,8 @@ FORMAT = "mlkd-checkpoint"
 FORMAT_VERSION = 2
 KINDS = ("teacher", "student", "imagenet_weights")
 TRAIN_STATE_KEYS = ("epoch", "stage", "stage_epoch", "optimizer", "scheduler", "extra")
+MODEL_FORMAT, MODEL_FORMAT_VERSION = "mlkd-model", 1
+WEIGHTS, CONFIG = "model.safetensors", "config.json"
 
 
 def make_checkpoint(kind: str, model: dict[str, torch.Tensor], *, input_convention: str,
@@ -72,9 +82,14 @@ def save_checkpoint(path: str | Path, ckpt: dict[str, Any]) -> Path:
 
 
 def load_checkpoint(path: str | Path, kind: str | None = None) -> dict[str, Any]:
-    """Read a checkpoint on the CPU, as format version 2 (older files are converted in memory); ``kind``
-    checks it is a teacher / student checkpoint."""
+    """Read a checkpoint (or a model folder) on the CPU, as format version 2 (older files are converted in
+    memory); ``kind`` checks it is a teacher / student checkpoint."""
     path = Path(path)
+    if path.is_dir():
+        ckpt = read_model_dir(path)
+        if kind is not None and ckpt["kind"] != kind:
+            raise ValueError(f"{path} holds a {ckpt['kind']}; expected a {kind}")
+        return ckpt
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
@@ -145,3 +160,50 @@ def _v1_train_state(old: dict[str, Any]) -> dict[str, Any] | None:
         return {"epoch": old["epoch"], "stage": 0, "stage_epoch": old["epoch"], "optimizer": old["optimizer"],
                 "scheduler": old["scheduler"], "extra": {}}
     return None  # an imported model: nothing to resume
+
+
+# -- the shareable model folder ----------------------------------------------------------------------------
+def write_model_dir(ckpt: dict[str, Any], out: str | Path) -> Path:
+    """Write the model of ``ckpt`` (a teacher or student checkpoint dict) into the folder ``out``."""
+    if ckpt["kind"] not in ("teacher", "student"):
+        raise ValueError(f"only trained teachers and students are written as model folders, not {ckpt['kind']}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    inference = ckpt["inference"]
+    config = {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION, "mlkd_version": __version__,
+              "kind": ckpt["kind"], "model_config": ckpt["model_config"], "classes": ckpt["classes"],
+              "input_convention": ckpt["input_convention"], "image_size": inference["image_size"],
+              "max_proposals": inference.get("max_proposals"), "proposals": inference.get("proposals"),
+              "dataset": ckpt.get("dataset")}
+    state = {k: v.contiguous() for k, v in ckpt["model"].items()}
+    safetensors.torch.save_file(state, str(out / (WEIGHTS + ".tmp")), metadata={"format": MODEL_FORMAT})
+    os.replace(out / (WEIGHTS + ".tmp"), out / WEIGHTS)
+    (out / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
+def read_model_dir(path: str | Path) -> dict[str, Any]:
+    """A model folder as a checkpoint dict (format version 2, no training state); clear errors naming the file."""
+    path = Path(path)
+    cfg_path, weights = path / CONFIG, path / WEIGHTS
+    if not cfg_path.is_file() or not weights.is_file():
+        raise FileNotFoundError(f"{path} is not an mlkd model folder: it needs {CONFIG} and {WEIGHTS}")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read {cfg_path}: {e}") from e
+    if not isinstance(config, dict) or (config.get("format"), config.get("format_version")) != (MODEL_FORMAT,
+                                                                                                MODEL_FORMAT_VERSION):
+        raise ValueError(f"{cfg_path} is not an mlkd model config (format {MODEL_FORMAT!r} v{MODEL_FORMAT_VERSION})")
+    missing = [k for k in ("kind", "model_config", "classes", "input_convention", "image_size") if k not in config]
+    if missing:
+        raise ValueError(f"{cfg_path} lacks {missing}")
+    try:
+        state = safetensors.torch.load_file(str(weights))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+        raise ValueError(f"cannot read weights {weights}: {type(e).__name__}: {e}") from e
+    return make_checkpoint(config["kind"], state, input_convention=config["input_convention"],
+                           classes=config["classes"], model_config=config["model_config"],
+                           image_size=config["image_size"], max_proposals=config.get("max_proposals"),
+                           proposals=config.get("proposals"), dataset=config.get("dataset"),
+                           source={"model_dir": str(path)})

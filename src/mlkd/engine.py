@@ -27,7 +27,7 @@ from tqdm import tqdm
 from mlkd.checkpoint import save_checkpoint
 from mlkd.config import save_config
 from mlkd.device import autocast
-from mlkd.distributed import DistInfo, barrier
+from mlkd.distributed import DistInfo, barrier, cleanup, init_distributed
 from mlkd.runlog import RunLog
 
 logger = logging.getLogger(__name__)
@@ -45,11 +45,13 @@ def check_finite(losses: dict[str, torch.Tensor], where: str) -> None:
 def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, prepare: Prepare, *,
                     epoch: int, device: torch.device, accumulate: int = 1, amp: str = "none",
                     clip_grad: float | None = None, scaler: torch.amp.GradScaler | None = None,
-                    log: RunLog | None = None, log_every: int = 20, progress: bool = True) -> dict[str, float]:
+                    log: RunLog | None = None, log_every: int = 20, progress: bool = True,
+                    lr_group: int = 0) -> dict[str, float]:
     """Train ``model`` for one pass over ``loader``; return the mean of each named loss.
 
     Gradients of ``accumulate`` consecutive batches are summed (each loss divided by ``accumulate``) before
-    one optimizer step; under DDP the gradient all-reduce happens only on that last micro-batch.
+    one optimizer step; under DDP the gradient all-reduce happens only on that last micro-batch. The logged
+    ``lr`` is that of ``optimizer.param_groups[lr_group]``.
     """
     model.train()
     totals: dict[str, float] = defaultdict(float)
@@ -73,7 +75,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
         bar.set_postfix({k: f"{v.item():.4f}" for k, v in losses.items()})
         if log is not None and (step % log_every == 0 or step + 1 == num_batches):
             log.write({"type": "iter", "epoch": epoch, "iteration": epoch * num_batches + step,
-                       "lr": optimizer.param_groups[0]["lr"], "time": round(time.perf_counter() - t0, 3),
+                       "lr": optimizer.param_groups[lr_group]["lr"], "time": round(time.perf_counter() - t0, 3),
                        **{k: float(v.detach()) for k, v in losses.items()}})
     return {k: v / max(num_batches, 1) for k, v in totals.items()}
 
@@ -144,6 +146,15 @@ def prepare_run(cfg: Any, resume: bool, info: DistInfo) -> Path:
     return out
 
 
+def launch(train: Callable[[Any, bool, DistInfo], Path], cfg: Any, resume: bool) -> Path:
+    """Run ``train(cfg, resume, info)`` in the process group ``torchrun`` describes (or alone), then leave it."""
+    info = init_distributed(cfg.run.device)
+    try:
+        return train(cfg, resume, info)
+    finally:
+        cleanup(info)
+
+
 def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
     """``model`` in DistributedDataParallel when the run has several processes, else unchanged."""
     if not info.enabled:
@@ -164,6 +175,7 @@ class StageParts:
     """What one stage trains with, built when the stage starts."""
 
     objective: nn.Module  # forward(**prepare(images, targets)) -> {name: loss}
+    lr: float  # the stage's base learning rate (logged as "lr"; biases and the scale a of L_p' have multiples)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     loader: Any  # a DataLoader; its collate_fn and sampler get set_epoch(epoch) when they have it
@@ -202,6 +214,7 @@ def run_stages(stages: list[Stage], cfg: Any, info: DistInfo, out: Path, log: Ru
                 p.data.copy_(state["extra"][name])
             start = state["stage_epoch"] + 1
         wrapped = wrap_ddp(parts.objective, info)
+        lr_group = next((i for i, g in enumerate(parts.optimizer.param_groups) if g.get("initial_lr") == parts.lr), 0)
         for stage_epoch in range(start, stage.epochs):
             epoch = offset + stage_epoch
             seed_epoch(cfg.run.seed, epoch, info.rank)
@@ -211,7 +224,8 @@ def run_stages(stages: list[Stage], cfg: Any, info: DistInfo, out: Path, log: Ru
             losses = train_one_epoch(wrapped, parts.loader, parts.optimizer, parts.prepare, epoch=epoch,
                                      device=info.device, accumulate=cfg.optim.accumulate, amp=cfg.run.amp,
                                      clip_grad=cfg.optim.clip_grad, scaler=parts.scaler, log=log,
-                                     log_every=cfg.run.log_every, progress=cfg.run.progress and info.is_main)
+                                     log_every=cfg.run.log_every, progress=cfg.run.progress and info.is_main,
+                                     lr_group=lr_group)
             parts.scheduler.step()
             if info.is_main:
                 record: dict[str, Any] = {"type": "epoch", "epoch": epoch, "stage": stage.name,

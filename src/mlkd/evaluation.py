@@ -94,8 +94,9 @@ def summary_line(report: dict[str, Any]) -> str:
     parts = [f"mAP {100 * c['mAP']['mlic']:.2f}", f"CF1 {100 * c['all_labels']['CF1']:.2f}",
              f"OF1 {100 * c['all_labels']['OF1']:.2f}"]
     if "detection" in report:
-        parts += [f"detAP@0.5 {100 * report['detection']['mAP']:.2f}", f"CorLoc {100 * report['corloc']['corloc']:.2f}",
-                  f"(largest-proposal CorLoc {100 * report['corloc_largest_proposal']['corloc']:.2f})"]
+        parts += [f"detAP@0.5 {100 * report['detection']['mAP']:.2f}",
+                  f"CorLoc {100 * report['corloc']['corloc']:.2f} (largest-proposal baseline "
+                  f"{100 * report['corloc_largest_proposal']['corloc']:.2f})"]
     return ", ".join(parts)
 
 

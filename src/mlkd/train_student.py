@@ -26,8 +26,8 @@ from mlkd.data.base import MultiLabelDataset, check_class_order, collate
 from mlkd.data.loader import make_loader
 from mlkd.data.transforms import Compose, KeepTopProposals, RandomHorizontalFlip, TeacherStudentViews, Warp
 from mlkd.distill import StudentObjective, TeacherTargets, compute_teacher_targets
-from mlkd.distributed import DistInfo, cleanup, init_distributed
-from mlkd.engine import Stage, StageParts, build_optimizer, param_groups, prepare_run, run_stages
+from mlkd.distributed import DistInfo
+from mlkd.engine import Stage, StageParts, build_optimizer, launch, param_groups, prepare_run, run_stages
 from mlkd.inference import predict_student
 from mlkd.metrics import mean_average_precision
 from mlkd.models.build import build_student, model_from_checkpoint
@@ -92,11 +92,7 @@ class _Teacher:
 
 def train_student(cfg: StudentConfig, resume: bool = False) -> Path:
     """Train (or resume) the student described by ``cfg``; return the path of the final checkpoint."""
-    info = init_distributed(cfg.run.device)
-    try:
-        return _train(cfg, resume, info)
-    finally:
-        cleanup(info)
+    return launch(_train, cfg, resume)
 
 
 def _train(cfg: StudentConfig, resume: bool, info: DistInfo) -> Path:
@@ -168,7 +164,7 @@ def _stage_parts(cfg: StudentConfig, stage: StageConfig, student: Student, teach
     def prepare(images, targets):
         return student_inputs(images, targets, info.device, cfg.model.input_convention, t_conv, soft)
 
-    return StageParts(objective, optimizer, scheduler, loader, prepare, extra=objective.extra_parameters())
+    return StageParts(objective, lr, optimizer, scheduler, loader, prepare, extra=objective.extra_parameters())
 
 
 def _validate(student: Student, cfg: StudentConfig, classes: list[str], device: torch.device) -> dict[str, float]:

@@ -18,8 +18,8 @@ from mlkd.config import DataConfig, OptimConfig, RunConfig, to_dict
 from mlkd.data.base import MultiLabelDataset, check_class_order
 from mlkd.data.loader import make_loader
 from mlkd.data.transforms import Compose, KeepTopProposals, MultiScaleCollate, RandomHorizontalFlip
-from mlkd.distributed import DistInfo, cleanup, init_distributed
-from mlkd.engine import Stage, StageParts, build_optimizer, param_groups, prepare_run, run_stages
+from mlkd.distributed import DistInfo
+from mlkd.engine import Stage, StageParts, build_optimizer, launch, param_groups, prepare_run, run_stages
 from mlkd.inference import predict_teacher
 from mlkd.metrics import mean_average_precision
 from mlkd.models.build import build_teacher
@@ -44,11 +44,7 @@ class TeacherConfig:
 
 def train_teacher(cfg: TeacherConfig, resume: bool = False) -> Path:
     """Train (or resume) the teacher described by ``cfg``; return the path of the final checkpoint."""
-    info = init_distributed(cfg.run.device)
-    try:
-        return _train(cfg, resume, info)
-    finally:
-        cleanup(info)
+    return launch(_train, cfg, resume)
 
 
 def _train(cfg: TeacherConfig, resume: bool, info: DistInfo) -> Path:
@@ -95,8 +91,8 @@ def _stage_parts(cfg: TeacherConfig, model: WSDDN, dataset: MultiLabelDataset, i
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(cfg.optim.lr_steps), cfg.optim.gamma)
     scaler = torch.amp.GradScaler("cuda") if cfg.run.amp == "fp16" else None
     convention = cfg.model.input_convention
-    return StageParts(model, optimizer, scheduler, loader, lambda im, t: teacher_inputs(im, t, info.device, convention),
-                      scaler)
+    return StageParts(model, cfg.optim.lr, optimizer, scheduler, loader,
+                      lambda im, t: teacher_inputs(im, t, info.device, convention), scaler)
 
 
 def _validate(model: WSDDN, cfg: TeacherConfig, classes: list[str], device: torch.device) -> dict[str, float]:

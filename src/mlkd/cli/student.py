@@ -41,8 +41,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train-student", help="train the student, with or without distillation",
                        description=TRAIN_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="examples:\n  mlkd train-student --config configs/student_demo.yaml\n"
-                              "  mlkd train-student --config configs/student_demo_kd.yaml "
+                       epilog="examples:\n  mlkd train-student --config student_demo\n"
+                              "  mlkd train-student --config student_demo_kd "
                               "--set distill.teacher=runs/demo/teacher/last.pt")
     t.add_argument("--config", metavar="YAML|NAME",
                    help="config file, or the name of one shipped with mlkd (e.g. student_coco_kd; "

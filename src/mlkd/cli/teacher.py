@@ -13,7 +13,7 @@ the name or a file); --set overrides single keys. The run folder (run.out) recei
 config.yaml, log.jsonl, curves.png and last.pt (written atomically after every epoch).
 
 Several GPUs or nodes: launch the same command with torchrun, e.g.
-  torchrun --nproc_per_node 8 -m mlkd train-teacher --config configs/teacher_coco.yaml
+  torchrun --nproc_per_node 8 -m mlkd train-teacher --config teacher_coco
 (NCCL on GPUs, gloo on CPU; rank 0 writes logs and checkpoints)."""
 
 
@@ -58,7 +58,7 @@ def run_visualize(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train-teacher", help="train the WSDDN teacher (weakly-supervised detector)",
                        description=TRAIN_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="example:\n  mlkd train-teacher --config configs/teacher_demo.yaml "
+                       epilog="example:\n  mlkd train-teacher --config teacher_demo "
                               "--set run.out=runs/t1 --set optim.epochs=4")
     t.add_argument("--config", metavar="YAML|NAME",
                    help="config file, or the name of one shipped with mlkd (e.g. teacher_voc07; keys: model, data, "

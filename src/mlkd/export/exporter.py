@@ -9,7 +9,7 @@ is done (Caffe and ONNX by another runtime, the model folder by reading it back)
 - Teacher, ``caffe``: every layer of the release's teacher network but the RoI generation and pooling (see
   :mod:`mlkd.export.caffe.wsddn`), checked with OpenCV on regions pooled by PyTorch, plus a weight round trip
   through the importer.
-- Teacher or student, ``safetensors``: the folder :func:`mlkd.load` reads (:mod:`mlkd.export.safetensors`).
+- Teacher or student, ``safetensors``: the folder :func:`mlkd.load` reads (:func:`mlkd.checkpoint.write_model_dir`).
 
 Each Caffe / ONNX export writes ``export.json`` (machine-readable) and ``README.md`` beside the model files: the input
 convention (channel order, scale, mean, std, size), the outputs' meaning and the verification's numbers.
@@ -24,9 +24,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from mlkd.checkpoint import load_checkpoint
+from mlkd.checkpoint import CONFIG, WEIGHTS, load_checkpoint, read_model_dir, write_model_dir
 from mlkd.export.onnx import export_onnx, run_onnx, runtime_name
-from mlkd.export.safetensors import CONFIG, WEIGHTS, read_model_dir, write_model_dir
 from mlkd.export.verify import Check, compare, describe_input, random_boxes, require, sample_inputs
 from mlkd.export.vgg_view import VggDeployView
 from mlkd.models.build import model_from_checkpoint
@@ -158,7 +157,7 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, classif
 @torch.no_grad()
 def export_model_dir(ckpt: dict[str, Any], checkpoint: str, out: Path, images: Sequence[str | Path] = ()
                      ) -> tuple[dict[str, Any], list[Check]]:
-    """The model as a folder (``model.safetensors`` + ``config.json``, see :mod:`mlkd.export.safetensors`),
+    """The model as a folder (``model.safetensors`` + ``config.json``, see :mod:`mlkd.checkpoint`),
     verified by reading it back: its outputs must equal the checkpoint's bit for bit."""
     write_model_dir(ckpt, out)
     original, loaded = model_from_checkpoint(ckpt), model_from_checkpoint(read_model_dir(out))
