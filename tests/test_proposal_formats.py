@@ -183,5 +183,5 @@ def test_cli_reports_failed_images_with_exit_code_1(synth, tmp_path, capsys):
     rc = main(["proposals", "--dataset", str(tmp_path / "m.jsonl"), "--method", "selective_search",
                "--out", str(tmp_path / "c"), "--workers", "0", "--quiet"])
     out = capsys.readouterr().out
-    assert rc == 1 and "1 images computed" in out and "1 failed" in out and "failed broken.png: OSError" in out
+    assert rc == 1 and "1 images computed" in out and "1 failed" in out and "failed broken.png: cannot decode image" in out
     assert len(ProposalCache.open(tmp_path / "c")) == 1

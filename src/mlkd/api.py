@@ -22,6 +22,7 @@ import torch
 from mlkd.checkpoint import load_checkpoint
 from mlkd.data.base import read_image
 from mlkd.data.transforms import Warp
+from mlkd.errors import BadInput
 from mlkd.models.backbones import CONVENTIONS, normalize
 from mlkd.models.build import model_from_checkpoint
 from mlkd.models.wsddn import NMS_IOU, class_detections
@@ -34,7 +35,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> "Classifier | 
     """A student checkpoint or model folder as a :class:`Classifier`, a teacher's as a :class:`Detector`."""
     ckpt = load_checkpoint(path)
     if ckpt["kind"] not in ("student", "teacher"):
-        raise ValueError(f"{path} holds {ckpt['kind']}, not a trained student or teacher")
+        raise BadInput(f"{path} holds {ckpt['kind']}, not a trained student or teacher")
     model = model_from_checkpoint(ckpt)
     return (Classifier if ckpt["kind"] == "student" else Detector)(model, ckpt).to(device)
 
@@ -47,22 +48,22 @@ def to_rgb(image: ImageLike) -> np.ndarray:
         return np.array(image.convert("RGB"))
     if isinstance(image, torch.Tensor):
         if image.ndim != 3 or image.shape[0] != 3:
-            raise ValueError(f"a tensor image must be (3, H, W) RGB, got shape {tuple(image.shape)}")
+            raise BadInput(f"a tensor image must be (3, H, W) RGB, got shape {tuple(image.shape)}")
         if image.dtype == torch.uint8:
             return image.permute(1, 2, 0).cpu().numpy()
         if not image.is_floating_point() or image.min() < 0 or image.max() > 1:
-            raise ValueError(f"a tensor image must be uint8 (0-255) or float in [0, 1], got {image.dtype} with "
+            raise BadInput(f"a tensor image must be uint8 (0-255) or float in [0, 1], got {image.dtype} with "
                              f"values in [{float(image.min()):.3g}, {float(image.max()):.3g}]")
         return (image * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
-            raise ValueError(f"an array image must be uint8, got {image.dtype}")
+            raise BadInput(f"an array image must be uint8, got {image.dtype}")
         if image.ndim == 2:
             return np.repeat(image[:, :, None], 3, axis=2)
         if image.ndim == 3 and image.shape[2] == 3:
             return image
-        raise ValueError(f"an array image must be (H, W, 3) RGB or (H, W) grey, got shape {image.shape}")
-    raise TypeError(f"cannot read an image from a {type(image).__name__}: give a path, a PIL image, an (H, W, 3) "
+        raise BadInput(f"an array image must be (H, W, 3) RGB or (H, W) grey, got shape {image.shape}")
+    raise BadInput(f"cannot read an image from a {type(image).__name__}: give a path, a PIL image, an (H, W, 3) "
                     "uint8 array or a (3, H, W) tensor")
 
 
@@ -116,7 +117,7 @@ class Classifier(_Loaded):
             return probs
         limits = self._thresholds(threshold)
         if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+            raise BadInput(f"top_k must be >= 1 or None, got {top_k}")
         rows = []
         for p in probs:
             order = np.argsort(-p, kind="stable")[:top_k]
@@ -130,13 +131,13 @@ class Classifier(_Loaded):
             unknown = sorted(set(threshold) - set(self.classes))
             missing = [c for c in self.classes if c not in threshold]
             if unknown or missing:
-                raise ValueError(f"thresholds must name exactly the model's classes; unknown {unknown}, "
+                raise BadInput(f"thresholds must name exactly the model's classes; unknown {unknown}, "
                                  f"missing {missing}")
             threshold = [threshold[c] for c in self.classes]
         limits = np.broadcast_to(np.asarray(threshold, np.float64), (len(self.classes),)).copy() \
             if np.ndim(threshold) == 0 or len(threshold) == len(self.classes) else None
         if limits is None or not np.isfinite(limits).all():
-            raise ValueError(f"threshold must be a finite number or {len(self.classes)} of them, got {threshold!r}")
+            raise BadInput(f"threshold must be a finite number or {len(self.classes)} of them, got {threshold!r}")
         return limits
 
 
@@ -171,7 +172,7 @@ class Detector(_Loaded):
         scores = np.ones(len(boxes), np.float32) if proposal_scores is None \
             else np.asarray(proposal_scores, np.float32).reshape(-1)[: len(boxes)]
         if len(boxes) == 0:
-            raise ValueError("the image has no proposals; the teacher needs at least one region")
+            raise BadInput("the image has no proposals; the teacher needs at least one region")
         target = {"proposals": torch.from_numpy(boxes)}
         x, target = Warp(self.image_size)(torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1), target)
         out = self.model(normalize(x[None].to(self.device), self.input_convention),

@@ -39,6 +39,7 @@ from typing import Any, Sequence
 import safetensors.torch
 import torch
 
+from mlkd.errors import BadInput, NotFound
 from mlkd.version import __version__
 
 FORMAT = "mlkd-checkpoint"
@@ -88,25 +89,25 @@ def load_checkpoint(path: str | Path, kind: str | None = None) -> dict[str, Any]
     if path.is_dir():
         ckpt = read_model_dir(path)
         if kind is not None and ckpt["kind"] != kind:
-            raise ValueError(f"{path} holds a {ckpt['kind']}; expected a {kind}")
+            raise BadInput(f"{path} holds a {ckpt['kind']}; expected a {kind}")
         return ckpt
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise NotFound(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file: say which file
-        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+        raise BadInput(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
     if not isinstance(ckpt, dict):
-        raise ValueError(f"{path} is not an mlkd checkpoint (it holds a {type(ckpt).__name__}, not a dict)")
+        raise BadInput(f"{path} is not an mlkd checkpoint (it holds a {type(ckpt).__name__}, not a dict)")
     if "format_version" not in ckpt:
         ckpt = upgrade_v1(ckpt, str(path))
     elif ckpt.get("format") != FORMAT or not isinstance(ckpt["format_version"], int) \
             or ckpt["format_version"] > FORMAT_VERSION:
-        raise ValueError(f"{path} is {ckpt.get('format')!r} format version {ckpt.get('format_version')!r}; this "
+        raise BadInput(f"{path} is {ckpt.get('format')!r} format version {ckpt.get('format_version')!r}; this "
                          f"mlkd ({__version__}) reads {FORMAT!r} up to version {FORMAT_VERSION}")
     check_layout(ckpt, str(path))
     if kind is not None and ckpt["kind"] != kind:
-        raise ValueError(f"{path} is a {ckpt['kind']} checkpoint; expected a {kind} checkpoint")
+        raise BadInput(f"{path} is a {ckpt['kind']} checkpoint; expected a {kind} checkpoint")
     return ckpt
 
 
@@ -127,17 +128,17 @@ def check_layout(ckpt: dict[str, Any], where: str) -> None:
         if ts is not None and (not isinstance(ts, dict) or set(TRAIN_STATE_KEYS) - set(ts)):
             problems.append(f"'train_state' must be None or hold {list(TRAIN_STATE_KEYS)}")
     if problems:
-        raise ValueError(f"{where} is not a valid mlkd checkpoint: " + "; ".join(problems))
+        raise BadInput(f"{where} is not a valid mlkd checkpoint: " + "; ".join(problems))
 
 
 def upgrade_v1(old: dict[str, Any], where: str) -> dict[str, Any]:
     """A checkpoint of mlkd 0.1 (no ``format_version``) in the version-2 layout."""
     missing = [k for k in ("model", "kind", "input_convention") if k not in old]
     if missing:
-        raise ValueError(f"{where} is not an mlkd checkpoint (missing {missing})")
+        raise BadInput(f"{where} is not an mlkd checkpoint (missing {missing})")
     kind, config = old["kind"], old.get("config")
     if kind != "imagenet_weights" and not isinstance(config, dict):
-        raise ValueError(f"{where} is not an mlkd checkpoint (missing 'config')")
+        raise BadInput(f"{where} is not an mlkd checkpoint (missing 'config')")
     source = dict(old.get("imported_from") or {}) or None
     if kind == "imagenet_weights":
         return make_checkpoint(kind, old["model"], input_convention=old["input_convention"],
@@ -166,7 +167,7 @@ def _v1_train_state(old: dict[str, Any]) -> dict[str, Any] | None:
 def write_model_dir(ckpt: dict[str, Any], out: str | Path) -> Path:
     """Write the model of ``ckpt`` (a teacher or student checkpoint dict) into the folder ``out``."""
     if ckpt["kind"] not in ("teacher", "student"):
-        raise ValueError(f"only trained teachers and students are written as model folders, not {ckpt['kind']}")
+        raise BadInput(f"only trained teachers and students are written as model folders, not {ckpt['kind']}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     inference = ckpt["inference"]
@@ -187,21 +188,21 @@ def read_model_dir(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     cfg_path, weights = path / CONFIG, path / WEIGHTS
     if not cfg_path.is_file() or not weights.is_file():
-        raise FileNotFoundError(f"{path} is not an mlkd model folder: it needs {CONFIG} and {WEIGHTS}")
+        raise NotFound(f"{path} is not an mlkd model folder: it needs {CONFIG} and {WEIGHTS}")
     try:
         config = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"cannot read {cfg_path}: {e}") from e
+        raise BadInput(f"cannot read {cfg_path}: {e}") from e
     if not isinstance(config, dict) or (config.get("format"), config.get("format_version")) != (MODEL_FORMAT,
                                                                                                 MODEL_FORMAT_VERSION):
-        raise ValueError(f"{cfg_path} is not an mlkd model config (format {MODEL_FORMAT!r} v{MODEL_FORMAT_VERSION})")
+        raise BadInput(f"{cfg_path} is not an mlkd model config (format {MODEL_FORMAT!r} v{MODEL_FORMAT_VERSION})")
     missing = [k for k in ("kind", "model_config", "classes", "input_convention", "image_size") if k not in config]
     if missing:
-        raise ValueError(f"{cfg_path} lacks {missing}")
+        raise BadInput(f"{cfg_path} lacks {missing}")
     try:
         state = safetensors.torch.load_file(str(weights))
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damaged files
-        raise ValueError(f"cannot read weights {weights}: {type(e).__name__}: {e}") from e
+        raise BadInput(f"cannot read weights {weights}: {type(e).__name__}: {e}") from e
     return make_checkpoint(config["kind"], state, input_convention=config["input_convention"],
                            classes=config["classes"], model_config=config["model_config"],
                            image_size=config["image_size"], max_proposals=config.get("max_proposals"),

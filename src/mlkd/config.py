@@ -21,6 +21,8 @@ from typing import Any, Literal, Sequence, TypeVar, Union
 
 import yaml
 
+from mlkd.errors import BadInput, NotFound
+
 T = TypeVar("T")
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # the recipes shipped with mlkd
 
@@ -39,7 +41,7 @@ def resolve_config(name: str | Path) -> Path:
     shipped = CONFIG_DIR / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
     if path.parent == Path(".") and shipped.is_file():
         return shipped
-    raise FileNotFoundError(f"config file not found: {name} (neither a file nor one of mlkd's configs: "
+    raise NotFound(f"config file not found: {name} (neither a file nor one of mlkd's configs: "
                             f"{', '.join(packaged_configs())})")
 
 
@@ -76,19 +78,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, a, key)
             except ValueError as e:
                 errors.append(str(e))
-        raise ValueError(errors[0] if len(errors) == 1 else f"{key}: {value!r} is not a {_type_name(tp)}")
+        raise BadInput(errors[0] if len(errors) == 1 else f"{key}: {value!r} is not a {_type_name(tp)}")
     if origin is Literal:
         if value not in args:
-            raise ValueError(f"{key}: {value!r} is not one of {list(args)}")
+            raise BadInput(f"{key}: {value!r} is not one of {list(args)}")
         return value
     if origin in (list, tuple, Sequence) or tp in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{key}: expected a list, got {value!r}")
+            raise BadInput(f"{key}: expected a list, got {value!r}")
         item = args[0] if args else Any
         return tuple(_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value))
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
-            raise ValueError(f"{key}: expected a mapping, got {value!r}")
+            raise BadInput(f"{key}: expected a mapping, got {value!r}")
         return dict(value)
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, prefix=f"{key}.")
@@ -97,7 +99,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):
-        raise ValueError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+        raise BadInput(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
     return value
 
 
@@ -105,11 +107,11 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
     """Build dataclass ``cls`` from a (nested) dict; missing keys keep their defaults."""
     data = {} if data is None else data
     if not isinstance(data, dict):
-        raise ValueError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {data!r}")
+        raise BadInput(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ValueError(f"unknown config key(s) {[prefix + k for k in unknown]}; valid keys here: "
+        raise BadInput(f"unknown config key(s) {[prefix + k for k in unknown]}; valid keys here: "
                          f"{[prefix + k for k in fields]}")
     hints = typing.get_type_hints(cls)
     values = {name: _coerce(v, hints[name], prefix + name) for name, v in data.items()}
@@ -143,15 +145,15 @@ def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]
     """A config file as a dict, its ``base:`` chain resolved."""
     path = Path(path)
     if path.resolve() in _chain:
-        raise ValueError(f"config base chain loops: {' -> '.join(str(p) for p in (*_chain, path.resolve()))}")
+        raise BadInput(f"config base chain loops: {' -> '.join(str(p) for p in (*_chain, path.resolve()))}")
     if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
+        raise NotFound(f"config file not found: {path}")
     try:
         data = _load_yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ValueError(f"cannot parse config {path}: {e}") from e
+        raise BadInput(f"cannot parse config {path}: {e}") from e
     if not isinstance(data, dict):
-        raise ValueError(f"config {path} must be a mapping of keys, got {type(data).__name__}")
+        raise BadInput(f"config {path} must be a mapping of keys, got {type(data).__name__}")
     base = data.pop("base", None)
     return _merge(read_yaml(path.parent / base, (*_chain, path.resolve())), data) if base else data
 
@@ -160,11 +162,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     """``"optim.lr=0.01"`` -> (["optim", "lr"], 0.01); the value is read as YAML (numbers, lists, null, ...)."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
-        raise ValueError(f"override must look like key=value (e.g. optim.lr=0.001), got {text!r}")
+        raise BadInput(f"override must look like key=value (e.g. optim.lr=0.001), got {text!r}")
     try:
         value = _load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
-        raise ValueError(f"cannot parse the value of override {text!r}: {e}") from e
+        raise BadInput(f"cannot parse the value of override {text!r}: {e}") from e
     return key.strip().split("."), value
 
 
@@ -177,7 +179,7 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
         for k in keys[:-1]:
             node = node.setdefault(k, {})
             if not isinstance(node, dict):
-                raise ValueError(f"override {text!r}: {k!r} is a value, not a section")
+                raise BadInput(f"override {text!r}: {k!r} is a value, not a section")
         node[keys[-1]] = value
     return out
 
@@ -214,9 +216,9 @@ class DataConfig:
 
     def validate(self) -> None:
         if not self.scales or min(self.scales) < 1 or self.test_scale < 1:
-            raise ValueError(f"data.scales / data.test_scale must be positive, got {self.scales}, {self.test_scale}")
+            raise BadInput(f"data.scales / data.test_scale must be positive, got {self.scales}, {self.test_scale}")
         if self.batch_size < 1 or self.workers < 0:
-            raise ValueError(f"data.batch_size must be >= 1 and data.workers >= 0, got {self.batch_size}, "
+            raise BadInput(f"data.batch_size must be >= 1 and data.workers >= 0, got {self.batch_size}, "
                              f"{self.workers}")
 
 
@@ -239,7 +241,7 @@ class OptimConfig:
 
     def validate(self) -> None:
         if self.lr <= 0 or self.epochs < 1 or self.accumulate < 1:
-            raise ValueError(f"optim.lr must be > 0, optim.epochs and optim.accumulate >= 1; got {self.lr}, "
+            raise BadInput(f"optim.lr must be > 0, optim.epochs and optim.accumulate >= 1; got {self.lr}, "
                              f"{self.epochs}, {self.accumulate}")
 
 

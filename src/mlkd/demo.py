@@ -28,6 +28,7 @@ from mlkd.config import CONFIG_DIR, load_config
 from mlkd.data import build_dataset
 from mlkd.data.base import read_image
 from mlkd.data.synthetic import generate
+from mlkd.errors import BadInput, NotFound
 from mlkd.evaluation import evaluate_student_model, evaluate_teacher_model
 from mlkd.inference import predict_teacher
 from mlkd.metrics import report_to_json
@@ -55,7 +56,7 @@ def find_configs(configs: str | Path | None) -> Path:
     """The folder of the demo's YAML configs: ``configs``, or the ones shipped with mlkd."""
     path = Path(configs) if configs else CONFIG_DIR
     if not (path / "teacher_demo.yaml").is_file():
-        raise FileNotFoundError(f"demo configs (teacher_demo.yaml, student_demo*.yaml) not found in {path}")
+        raise NotFound(f"demo configs (teacher_demo.yaml, student_demo*.yaml) not found in {path}")
     return path
 
 
@@ -89,7 +90,7 @@ def prepare_data(out: Path, num_images: int, seed: int, image_size: int, workers
         report = generate_proposals(build_dataset(str(paths[split])), method, params, out / "proposals" / split,
                                     workers=workers, progress=progress)
         if report.failed:
-            raise RuntimeError(f"proposals failed for {len(report.failed)} images: {sorted(report.failed)[:5]}")
+            raise BadInput(f"proposals failed for {len(report.failed)} images: {sorted(report.failed)[:5]}")
     return paths
 
 

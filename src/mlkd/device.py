@@ -6,13 +6,15 @@ import contextlib
 
 import torch
 
+from mlkd.errors import BadInput
+
 
 def pick_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
     """``auto``: the local GPU if there is one, else the CPU; ``cuda`` without a GPU is an error."""
     if preference not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda, got {preference!r}")
+        raise BadInput(f"device must be auto, cpu or cuda, got {preference!r}")
     if preference == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda asked for, but no CUDA device is available (use cpu or auto)")
+        raise BadInput("device cuda asked for, but no CUDA device is available (use cpu or auto)")
     if preference in ("cuda", "auto") and torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
@@ -24,5 +26,5 @@ def autocast(device: torch.device, amp: str):
     if amp == "none":
         return contextlib.nullcontext()
     if amp == "fp16" and device.type != "cuda":
-        raise ValueError("run.amp=fp16 needs a CUDA device; use bf16 on the CPU")
+        raise BadInput("run.amp=fp16 needs a CUDA device; use bf16 on the CPU")
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)

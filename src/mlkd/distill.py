@@ -35,6 +35,7 @@ from tqdm import tqdm
 from mlkd.data.base import MultiLabelDataset, collate
 from mlkd.data.loader import make_loader
 from mlkd.distributed import DistInfo, barrier
+from mlkd.errors import BadInput
 from mlkd.inference import teacher_view
 from mlkd.models.inputs import teacher_inputs
 from mlkd.models.ops import flatten_proposals
@@ -47,7 +48,7 @@ TEACHER_TEMPERATURE = 0.5  # the release multiplies both streams' logits by 2 fo
 def feature_loss(student: Tensor, teacher: Tensor) -> Tensor:
     """L_f of one layer: ``sum ||F_T - F_S||^2 / (2 N_R)`` over region features ``(N_R, D)``."""
     if student.shape != teacher.shape:
-        raise ValueError(f"student region features {tuple(student.shape)} and teacher's {tuple(teacher.shape)} "
+        raise BadInput(f"student region features {tuple(student.shape)} and teacher's {tuple(teacher.shape)} "
                          "differ: the student's fc6/fc7 (or adapter) width must equal the teacher's")
     return (teacher - student).pow(2).sum() / (2 * max(student.shape[0], 1))
 
@@ -96,7 +97,7 @@ class StudentObjective(nn.Module):
                  scale_init: float = 0.2) -> None:
         super().__init__()
         if teacher is None and (soft_weight or feature_weight):
-            raise ValueError("soft_weight and feature_weight distil from a teacher: give the teacher")
+            raise BadInput("soft_weight and feature_weight distil from a teacher: give the teacher")
         self.student = student
         self.teacher = teacher
         if teacher is not None:
@@ -196,7 +197,7 @@ def compute_teacher_targets(teacher: WSDDN, convention: str, teacher_path: str, 
     saved = torch.load(path, weights_only=True) if info.is_main and path.is_file() else None
     if info.is_main and (saved is None or saved["key"] != key):
         if dataset.proposals is None:
-            raise ValueError("soft targets need the training split's proposals: set data.train_proposals")
+            raise BadInput("soft targets need the training split's proposals: set data.train_proposals")
         teacher.eval()
         device = next(teacher.parameters()).device
         rows: dict[str, list[torch.Tensor]] = {r.image_id: [] for r in dataset.records}

@@ -28,6 +28,7 @@ from mlkd.checkpoint import save_checkpoint
 from mlkd.config import save_config
 from mlkd.device import autocast
 from mlkd.distributed import DistInfo, barrier, cleanup, init_distributed
+from mlkd.errors import BadInput, RunStopped
 from mlkd.runlog import RunLog
 
 logger = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ def check_finite(losses: dict[str, torch.Tensor], where: str) -> None:
     """Stop the run on a NaN/inf loss, showing every named loss (the usual first clue to the culprit)."""
     values = {k: float(v.detach()) for k, v in losses.items()}
     if not all(math.isfinite(v) for v in values.values()):
-        raise FloatingPointError(f"non-finite loss {where}: {values}")
+        raise RunStopped(f"non-finite loss {where}: {values}")
 
 
 def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, prepare: Prepare, *,
@@ -117,7 +118,7 @@ def build_optimizer(groups: list[dict[str, Any]], name: str, lr: float, momentum
         return torch.optim.SGD(groups, lr=lr, momentum=momentum)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr)
-    raise ValueError(f"unknown optimizer {name!r}; choose 'sgd' or 'adamw'")
+    raise BadInput(f"unknown optimizer {name!r}; choose 'sgd' or 'adamw'")
 
 
 def seed_epoch(seed: int, epoch: int, rank: int = 0) -> None:
@@ -137,7 +138,7 @@ def prepare_run(cfg: Any, resume: bool, info: DistInfo) -> Path:
     out = Path(cfg.run.out)
     if info.is_main:
         if not resume and (out / "last.pt").exists():
-            raise ValueError(f"{out} already holds a run (last.pt); pass --resume to continue it or choose "
+            raise BadInput(f"{out} already holds a run (last.pt); pass --resume to continue it or choose "
                              "another run.out")
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")

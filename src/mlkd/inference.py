@@ -17,6 +17,7 @@ from tqdm import tqdm
 from mlkd.data.base import MultiLabelDataset, collate
 from mlkd.data.loader import make_loader
 from mlkd.data.transforms import Compose, KeepTopProposals, RandomHorizontalFlip, Warp
+from mlkd.errors import BadInput
 from mlkd.models.backbones import normalize
 from mlkd.models.inputs import teacher_inputs
 from mlkd.models.wsddn import WSDDN
@@ -43,7 +44,7 @@ def predict_teacher(model: WSDDN, dataset: MultiLabelDataset, convention: str, d
     ``proposals`` ``(R_i, 4)`` in pixels of the image file (x1, y1, x2, y2).
     """
     if dataset.proposals is None:
-        raise ValueError(f"dataset {dataset.name}/{dataset.split} has no proposals: attach its proposal cache")
+        raise BadInput(f"dataset {dataset.name}/{dataset.split} has no proposals: attach its proposal cache")
     model.eval()
     views = [(s, f) for s in scales for f in ((False, True) if flip else (False,))]
     sums: list[torch.Tensor | None] = [None] * len(dataset)

@@ -6,10 +6,12 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+from mlkd.errors import MlkdError
+
 EXTRAS = {"caffe": "protobuf", "mat": "scipy", "export": "onnx and onnxruntime", "tensorboard": "tensorboard"}
 
 
-class MissingExtra(ImportError):
+class MissingExtra(MlkdError, ImportError):
     """An optional dependency is not installed; the message says which extra brings it."""
 
 

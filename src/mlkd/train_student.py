@@ -28,6 +28,7 @@ from mlkd.data.transforms import Compose, KeepTopProposals, RandomHorizontalFlip
 from mlkd.distill import StudentObjective, TeacherTargets, compute_teacher_targets
 from mlkd.distributed import DistInfo
 from mlkd.engine import Stage, StageParts, build_optimizer, launch, param_groups, prepare_run, run_stages
+from mlkd.errors import BadInput
 from mlkd.inference import predict_student
 from mlkd.metrics import mean_average_precision
 from mlkd.models.build import build_student, model_from_checkpoint
@@ -72,12 +73,12 @@ class StudentConfig:
 
     def validate(self) -> None:
         if not self.data.train:
-            raise ValueError("data.train is required: the dataset spec of the training split")
+            raise BadInput("data.train is required: the dataset spec of the training split")
         if not self.stages:
-            raise ValueError("stages must list at least one stage")
+            raise BadInput("stages must list at least one stage")
         needs = [s.name for s in self.stages if s.soft_weight or s.feature_weight]
         if needs and not self.distill.teacher:
-            raise ValueError(f"stage(s) {needs} distil from the teacher: set distill.teacher to its checkpoint")
+            raise BadInput(f"stage(s) {needs} distil from the teacher: set distill.teacher to its checkpoint")
 
 
 @dataclasses.dataclass

@@ -20,6 +20,7 @@ from mlkd.data.loader import make_loader
 from mlkd.data.transforms import Compose, KeepTopProposals, MultiScaleCollate, RandomHorizontalFlip
 from mlkd.distributed import DistInfo
 from mlkd.engine import Stage, StageParts, build_optimizer, launch, param_groups, prepare_run, run_stages
+from mlkd.errors import BadInput
 from mlkd.inference import predict_teacher
 from mlkd.metrics import mean_average_precision
 from mlkd.models.build import build_teacher
@@ -39,7 +40,7 @@ class TeacherConfig:
 
     def validate(self) -> None:
         if not self.data.train:
-            raise ValueError("data.train is required: the dataset spec of the training split")
+            raise BadInput("data.train is required: the dataset spec of the training split")
 
 
 def train_teacher(cfg: TeacherConfig, resume: bool = False) -> Path:
@@ -53,7 +54,7 @@ def _train(cfg: TeacherConfig, resume: bool, info: DistInfo) -> Path:
             ([RandomHorizontalFlip(0.5)] if cfg.data.flip else [])
     dataset = open_split(cfg.data.train, cfg.data.options, cfg.data.train_proposals, Compose(steps))
     if dataset.proposals is None:
-        raise ValueError("the teacher needs proposals: set data.train_proposals to a proposal cache")
+        raise BadInput("the teacher needs proposals: set data.train_proposals to a proposal cache")
     torch.manual_seed(cfg.run.seed)  # the new layers' initialisation
     model = build_teacher(cfg.model, dataset.num_classes).to(info.device)
     state = load_checkpoint(out / "last.pt", "teacher") if resume else None

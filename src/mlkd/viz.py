@@ -13,6 +13,8 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from mlkd.errors import CannotWrite
+
 GREEN, BLUE, RED, BLACK = (0, 200, 0), (30, 90, 255), (230, 30, 30), (0, 0, 0)
 PANEL_WIDTH, LINE = 300, 22
 
@@ -61,7 +63,7 @@ def save_rgb(path: str | Path, image: np.ndarray) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if not cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR)):
-        raise OSError(f"could not write {path}")
+        raise CannotWrite(f"could not write {path}")
     return path
 
 

@@ -12,7 +12,7 @@ import sys
 
 from mlkd.version import __version__
 from mlkd.cli import data, demo, export, metrics, predict, proposals, student, teacher
-from mlkd.optional import MissingExtra
+from mlkd.errors import MlkdError
 
 COMMANDS = (demo, data, proposals, teacher, student, predict, metrics, export)
 
@@ -28,7 +28,8 @@ typical flow, step by step (what `mlkd demo` runs; paths as in mlkd's *_demo con
   mlkd evaluate --checkpoint runs/demo/seed0/student_kd/last.pt --dataset runs/demo/data/val.jsonl
   mlkd export --checkpoint runs/demo/seed0/student_kd/last.pt --format safetensors --out model/
 
-Run `mlkd <command> --help` for the options of each command."""
+Run `mlkd <command> --help` for the options of each command. Errors in what mlkd is given are one-line
+messages; `mlkd --debug <command> ...` shows their traceback."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"mlkd {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error instead of its one-line message")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     for module in COMMANDS:
         module.register(sub)
@@ -76,9 +79,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, OSError, KeyError, MissingExtra) as e:  # user-facing errors: no traceback
+    except MlkdError as e:  # what the user gave mlkd is refused: say why in one line (bugs keep their traceback)
+        if args.debug:
+            raise
         print(f"mlkd {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"mlkd {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from mlkd.errors import BadInput
 
 
 def add_dataset_options(p: argparse.ArgumentParser) -> None:
@@ -20,7 +21,7 @@ def parse_options(pairs: list[str] | None) -> dict[str, Any]:
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"--option must be KEY=VALUE (e.g. difficult=positive), got {pair!r}")
+            raise BadInput(f"--option must be KEY=VALUE (e.g. difficult=positive), got {pair!r}")
         low = value.strip().lower()
         options[key.strip()] = True if low == "true" else False if low == "false" else value
     return options

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from mlkd.errors import BadInput
+
 DESCRIPTION = """\
 The whole system on a generated synthetic dataset, sized for a laptop CPU: data -> selective-search proposals
 (LMDB caches) -> the WSDDN teacher -> the student without distillation -> the student with the release's
@@ -36,7 +38,7 @@ def _run(args: argparse.Namespace) -> int:
     from mlkd.demo import run_demo
 
     if args.seeds < 1 or args.num_images < 8:
-        raise ValueError(f"--seeds must be >= 1 and --num-images >= 8, got {args.seeds}, {args.num_images}")
+        raise BadInput(f"--seeds must be >= 1 and --num-images >= 8, got {args.seeds}, {args.num_images}")
     summary = run_demo(args.out, num_images=args.num_images, seed=args.seed, seeds=args.seeds,
                        image_size=args.image_size, workers=args.workers, joint=args.joint, configs=args.configs,
                        progress=not args.quiet)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mlkd.errors import BadInput, NotFound
 from mlkd.metrics import AP_MODES, evaluate_all, format_table, report_to_json
 
 DESCRIPTION = """\
@@ -26,18 +27,18 @@ def load_array(path: str, what: str) -> np.ndarray:
     """Load a ``.npy`` file (no pickles); a clear error naming ``what`` and the path."""
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"{what} file not found: {p}")
+        raise NotFound(f"{what} file not found: {p}")
     try:
         return np.load(p, allow_pickle=False)
     except ValueError as e:
-        raise ValueError(f"cannot read {what} from {p} as a numeric .npy array: {e}") from e
+        raise BadInput(f"cannot read {what} from {p} as a numeric .npy array: {e}") from e
 
 
 def load_class_names(path: str) -> list[str]:
     """One class name per line, in score-column order; blank lines are skipped."""
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"class names file not found: {p}")
+        raise NotFound(f"class names file not found: {p}")
     return [line.strip() for line in p.read_text().splitlines() if line.strip()]
 
 

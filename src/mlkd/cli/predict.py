@@ -11,6 +11,7 @@ import numpy as np
 from tqdm import tqdm
 
 from mlkd.cli.common import add_device_option, resolve_device
+from mlkd.errors import BadInput, NotFound
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -27,9 +28,9 @@ def list_images(inputs: Sequence[str]) -> list[Path]:
         elif p.is_file():
             paths.append(p)
         else:
-            raise FileNotFoundError(f"no such image, folder or list: {p}")
+            raise NotFound(f"no such image, folder or list: {p}")
     if not paths:
-        raise ValueError(f"no images found in {list(inputs)} (image suffixes: {', '.join(IMAGE_SUFFIXES)})")
+        raise BadInput(f"no images found in {list(inputs)} (image suffixes: {', '.join(IMAGE_SUFFIXES)})")
     return paths
 
 
@@ -44,7 +45,7 @@ def read_thresholds(spec: str | None, classes: Sequence[str]) -> np.ndarray | No
         pass
     path = Path(spec)
     if not path.is_file():
-        raise FileNotFoundError(f"thresholds file not found: {path} (or give one number, e.g. 0.5)")
+        raise NotFound(f"thresholds file not found: {path} (or give one number, e.g. 0.5)")
     values: dict[str, float] = {}
     for n, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
@@ -53,11 +54,11 @@ def read_thresholds(spec: str | None, classes: Sequence[str]) -> np.ndarray | No
         try:
             values[name.strip()] = float(value)
         except ValueError:
-            raise ValueError(f"{path}:{n}: expected 'class_name threshold', got {line!r}") from None
+            raise BadInput(f"{path}:{n}: expected 'class_name threshold', got {line!r}") from None
     unknown = sorted(set(values) - set(classes))
     missing = [c for c in classes if c not in values]
     if unknown or missing:
-        raise ValueError(f"{path}: thresholds must name exactly the model's classes; unknown {unknown}, "
+        raise BadInput(f"{path}: thresholds must name exactly the model's classes; unknown {unknown}, "
                          f"missing {missing}")
     return np.array([values[c] for c in classes])
 
@@ -75,10 +76,10 @@ def run(args: argparse.Namespace) -> int:
     from mlkd.viz import save_rgb, scaled, top_k_lines, with_panel
 
     if args.top_k < 1:
-        raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
+        raise BadInput(f"--top-k must be >= 1, got {args.top_k}")
     clf = mlkd.load(args.checkpoint, resolve_device(args.device))
     if not isinstance(clf, mlkd.Classifier):
-        raise ValueError(f"{args.checkpoint} is a teacher; `mlkd predict` classifies with a student")
+        raise BadInput(f"{args.checkpoint} is a teacher; `mlkd predict` classifies with a student")
     limits = read_thresholds(args.thresholds, clf.classes)
     paths = list_images(args.images)
     names = output_names(paths)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from mlkd.cli.common import parse_options
 from mlkd.data import DATASET_FORMS, MultiLabelDataset, build_dataset
+from mlkd.errors import BadInput
 from mlkd.proposals.attach import check_cache_matches
 from mlkd.proposals.cache import ProposalCache
 from mlkd.proposals.convert import export_datalist, export_mat, import_datalist, import_mat
@@ -56,7 +57,7 @@ def _method_params(args: argparse.Namespace) -> dict:
     params = {"max_proposals": args.max_proposals, "min_size": args.min_size, "nms_iou": args.nms_iou}
     if args.method == "selective_search":
         if args.edge_model:
-            raise ValueError("--edge-model is an EdgeBoxes option; it does not apply to selective_search")
+            raise BadInput("--edge-model is an EdgeBoxes option; it does not apply to selective_search")
         params["mode"] = args.mode
     elif args.edge_model:
         params["model_path"] = args.edge_model
@@ -67,7 +68,7 @@ def run_generate(args: argparse.Namespace) -> int:
     missing = [flag for flag, v in (("--dataset", args.dataset), ("--method", args.method), ("--out", args.out))
                if v is None]
     if missing:
-        raise ValueError(f"generating proposals needs {', '.join(missing)} (see `mlkd proposals --help`)")
+        raise BadInput(f"generating proposals needs {', '.join(missing)} (see `mlkd proposals --help`)")
     dataset = _dataset(args)
     shard = parse_shard(args.shard) if args.shard else None
     workers = default_workers() if args.workers is None else args.workers
@@ -101,7 +102,7 @@ def run_import(args: argparse.Namespace) -> int:
     dataset = _dataset(args)
     if args.format == "mat":
         if args.root:
-            raise ValueError("--root applies to datalist files (their image paths); .mat files list image ids")
+            raise BadInput("--root applies to datalist files (their image paths); .mat files list image ids")
         report = import_mat(args.file, dataset, args.out, allow_missing=args.allow_missing, progress=not args.quiet)
     else:
         report = import_datalist(args.file, dataset, args.out, root=args.root, allow_missing=args.allow_missing,

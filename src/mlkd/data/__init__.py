@@ -14,6 +14,7 @@ from mlkd.data.nuswide import NusWideDataset
 from mlkd.data.transforms import (Compose, MultiScaleCollate, RandomHorizontalFlip, ResizeShorter, Warp,
                                   rescale_boxes)
 from mlkd.data.voc import VOC_CLASSES, VOCDataset
+from mlkd.errors import BadInput
 
 # Dataset specs accepted by build_dataset (printed in help): form -> what it reads and its options.
 DATASET_FORMS: dict[str, str] = {
@@ -50,11 +51,11 @@ def parse_spec(spec: str) -> tuple[str, list[str]]:
         names = _PREFIXED[name][0]
         fields = rest.rsplit(":", len(names) - 1)
         if len(fields) != len(names) or not all(fields):
-            raise ValueError(f"dataset spec {spec!r} must be {name}:{':'.join(names)}; accepted forms:\n  {_forms()}")
+            raise BadInput(f"dataset spec {spec!r} must be {name}:{':'.join(names)}; accepted forms:\n  {_forms()}")
         return name, fields
     if Path(spec).suffix.lower() in ANNOTATION_SUFFIXES:
         return "custom", [spec]
-    raise ValueError(f"unrecognised dataset spec {spec!r}; accepted forms:\n  {_forms()}")
+    raise BadInput(f"unrecognised dataset spec {spec!r}; accepted forms:\n  {_forms()}")
 
 
 def build_dataset(spec: str, transform: Transform | None = None, skip_missing: bool | None = None,
@@ -73,7 +74,7 @@ def build_dataset(spec: str, transform: Transform | None = None, skip_missing: b
     valid = CustomDataset.OPTIONS if name == "custom" else _PREFIXED[name][2]
     unknown = sorted(set(options) - set(valid))
     if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for a {name} dataset; valid options: {list(valid)}")
+        raise BadInput(f"unknown option(s) {unknown} for a {name} dataset; valid options: {list(valid)}")
     builder = CustomDataset if name == "custom" else _PREFIXED[name][1]
     if skip_missing is not None:
         options["skip_missing"] = skip_missing

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from mlkd.errors import BadFile, BadInput, NotFound
+
 
 BOX_CONVENTION = "x1y1x2y2 float32, 0-based pixel edges of the image on disk, x2/y2 exclusive (x2 = x + w)"
 
@@ -71,7 +73,7 @@ class DatasetIdentity:
         """Raise ``ValueError`` naming both sides if ``other`` (from ``what``) differs from ``self``."""
         diffs = self.differences(other, what)
         if diffs:
-            raise ValueError(f"{what} does not belong to this dataset:\n  " + "\n  ".join(diffs))
+            raise BadInput(f"{what} does not belong to this dataset:\n  " + "\n  ".join(diffs))
 
 
 def check_class_order(expected: Sequence[str], got: Sequence[str], what: str) -> None:
@@ -85,7 +87,7 @@ def check_class_order(expected: Sequence[str], got: Sequence[str], what: str) ->
     first = next((i for i, (a, b) in enumerate(zip(expected, got)) if a != b), min(len(expected), len(got)))
     at = (f"position {first}: expected {expected[first]!r}, got {got[first]!r}"
           if first < min(len(expected), len(got)) else f"lengths differ ({len(expected)} vs {len(got)})")
-    raise ValueError(f"class order of {what} differs from the expected one ({at}):\n"
+    raise BadInput(f"class order of {what} differs from the expected one ({at}):\n"
                      f"  expected ({len(expected)}): {expected}\n  got      ({len(got)}): {got}")
 
 
@@ -139,7 +141,7 @@ def drop_missing(records: list[ImageRecord], skip_missing: bool, source: str,
     """
     missing = [r.image_id for r in records if not os.path.isfile(r.path)]
     if missing and not skip_missing:
-        raise FileNotFoundError(
+        raise NotFound(
             f"{len(missing)} of {len(records)} image files listed in {source} do not exist under {root}:"
             f"{listed(missing)}\n(pass skip_missing=True / --skip-missing to drop them)")
     if missing:
@@ -153,11 +155,11 @@ def read_image(path: str | Path) -> np.ndarray:
     """Decode an image file to an RGB uint8 array ``(H, W, 3)``; a clear ``OSError`` if it cannot be read."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"image file not found: {path}")
+        raise NotFound(f"image file not found: {path}")
     data = np.fromfile(str(path), dtype=np.uint8)
     img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
     if img is None:
-        raise OSError(f"cannot decode image {path} ({data.size} bytes): not a readable image file")
+        raise BadFile(f"cannot decode image {path} ({data.size} bytes): not a readable image file")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
@@ -175,7 +177,7 @@ class MultiLabelDataset(Dataset):
     def __init__(self, name: str, split: str, classes: Sequence[str], records: list[ImageRecord],
                  transform: Transform | None = None, excluded: dict[str, list[str]] | None = None) -> None:
         if len(set(classes)) != len(classes):
-            raise ValueError(f"class names must be unique, got {list(classes)}")
+            raise BadInput(f"class names must be unique, got {list(classes)}")
         self.name, self.split = name, split
         self.classes = list(classes)
         self.records = records

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from mlkd.data.base import ImageRecord, MultiLabelDataset, Transform, drop_missing
+from mlkd.errors import BadInput, NotFound
 
 COCO_SPLITS = ("train2014", "val2014")
 CROWD_MODES = ("positive", "ignore", "negative")
@@ -44,7 +45,7 @@ CROWD_MODES = ("positive", "ignore", "negative")
 def coco_annotation_file(root: str | Path, split: str) -> Path:
     """``ROOT/annotations/instances_<split>.json``; ``ValueError`` for an unknown split."""
     if split not in COCO_SPLITS:
-        raise ValueError(f"unknown COCO split {split!r}; expected one of {list(COCO_SPLITS)}")
+        raise BadInput(f"unknown COCO split {split!r}; expected one of {list(COCO_SPLITS)}")
     return Path(root) / "annotations" / f"instances_{split}.json"
 
 
@@ -52,17 +53,17 @@ def load_coco_json(path: str | Path) -> dict[str, Any]:
     """Read an ``instances_*.json`` and check it has the lists ``images``, ``annotations``, ``categories``."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"COCO annotation file not found: {path} (expected ROOT/annotations/"
+        raise NotFound(f"COCO annotation file not found: {path} (expected ROOT/annotations/"
                                 f"instances_{{train,val}}2014.json and images in ROOT/{{train,val}}2014/)")
     try:
         with path.open("rb") as f:
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: malformed JSON ({e})") from e
+        raise BadInput(f"{path}: malformed JSON ({e})") from e
     missing = [k for k in ("images", "annotations", "categories")
                if not isinstance(data, dict) or not isinstance(data.get(k), list)]
     if missing:
-        raise ValueError(f"{path}: not a COCO instances file, it lacks the list(s) {missing}")
+        raise BadInput(f"{path}: not a COCO instances file, it lacks the list(s) {missing}")
     return data
 
 
@@ -71,9 +72,9 @@ def coco_classes(categories: list[dict[str, Any]], path: Path) -> tuple[list[str
     by_id: dict[int, str] = {}
     for c in categories:
         if not isinstance(c, dict) or not isinstance(c.get("id"), int) or not isinstance(c.get("name"), str):
-            raise ValueError(f"{path}: each category needs an int 'id' and a str 'name', got {c!r}")
+            raise BadInput(f"{path}: each category needs an int 'id' and a str 'name', got {c!r}")
         if c["id"] in by_id:
-            raise ValueError(f"{path}: category id {c['id']} appears twice ({by_id[c['id']]!r}, {c['name']!r})")
+            raise BadInput(f"{path}: category id {c['id']} appears twice ({by_id[c['id']]!r}, {c['name']!r})")
         by_id[c["id"]] = c["name"]
     ids = sorted(by_id)
     return [by_id[i] for i in ids], {cid: k for k, cid in enumerate(ids)}
@@ -89,7 +90,7 @@ def _check_bbox(bbox: Any, where: str) -> list[float]:
     ok = (isinstance(bbox, list) and len(bbox) == 4
           and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox))
     if not ok or bbox[2] < 0 or bbox[3] < 0:
-        raise ValueError(f"{where}: bbox must be [x, y, w, h] with finite numbers and w, h >= 0, got {bbox!r}")
+        raise BadInput(f"{where}: bbox must be [x, y, w, h] with finite numbers and w, h >= 0, got {bbox!r}")
     return [float(v) for v in bbox]
 
 
@@ -100,17 +101,17 @@ def group_annotations(data: dict[str, Any], cat_index: dict[int, int], path: Pat
     grouped: dict[int, tuple[list[list[float]], list[int], list[bool]]] = {}
     for ann in data["annotations"]:
         if not isinstance(ann, dict):
-            raise ValueError(f"{path}: each annotation must be a JSON object, got {ann!r}")
+            raise BadInput(f"{path}: each annotation must be a JSON object, got {ann!r}")
         where = f"{path}: annotation id {ann.get('id')}"
         cid, iid = ann.get("category_id"), ann.get("image_id")
         if cid not in cat_index:
-            raise ValueError(f"{where} has category_id {cid!r}, which is not among the file's categories "
+            raise BadInput(f"{where} has category_id {cid!r}, which is not among the file's categories "
                              f"(ids {sorted(cat_index)})")
         if iid not in image_ids:
-            raise ValueError(f"{where} has image_id {iid!r}, which is not among the file's images")
+            raise BadInput(f"{where} has image_id {iid!r}, which is not among the file's images")
         crowd = ann.get("iscrowd", 0)
         if crowd not in (0, 1):
-            raise ValueError(f"{where}: iscrowd must be 0 or 1, got {crowd!r}")
+            raise BadInput(f"{where}: iscrowd must be 0 or 1, got {crowd!r}")
         boxes, labels, crowds = grouped.setdefault(iid, ([], [], []))
         boxes.append(_check_bbox(ann.get("bbox"), where))
         labels.append(cat_index[cid])
@@ -136,9 +137,9 @@ def coco_records(data: dict[str, Any], image_dir: Path, path: Path, crowd: str,
     records, empty, seen = [], [], set()
     for im in data["images"]:
         if not isinstance(im, dict) or not isinstance(im.get("file_name"), str) or "id" not in im:
-            raise ValueError(f"{path}: each image needs an 'id' and a str 'file_name', got {im!r}")
+            raise BadInput(f"{path}: each image needs an 'id' and a str 'file_name', got {im!r}")
         if im["file_name"] in seen:
-            raise ValueError(f"{path}: file_name {im['file_name']!r} is listed twice")
+            raise BadInput(f"{path}: file_name {im['file_name']!r} is listed twice")
         seen.add(im["file_name"])
         if im["id"] not in grouped:
             empty.append(im["file_name"])
@@ -177,7 +178,7 @@ class CocoDataset(MultiLabelDataset):
     def __init__(self, root: str | Path, split: str, transform: Transform | None = None,
                  skip_missing: bool = False, keep_empty: bool = False, crowd: str = "positive") -> None:
         if crowd not in CROWD_MODES:
-            raise ValueError(f"crowd must be one of {list(CROWD_MODES)}, got {crowd!r}")
+            raise BadInput(f"crowd must be one of {list(CROWD_MODES)}, got {crowd!r}")
         path = coco_annotation_file(root, split)
         self.root, self.annotation_file = Path(root), path
         classes, records, empty = coco_records(load_coco_json(path), Path(root) / split, path, crowd, keep_empty)

@@ -35,6 +35,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from mlkd.data.base import ImageRecord, MultiLabelDataset, Transform, drop_missing
+from mlkd.errors import BadInput, NotFound
 
 ANNOTATION_SUFFIXES = (".jsonl", ".ndjson", ".csv")
 CLASSES_FILE = "classes.txt"
@@ -93,12 +94,12 @@ def read_annotations(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
     """
     path = Path(path)
     if path.suffix.lower() not in ANNOTATION_SUFFIXES:
-        raise ValueError(f"unknown annotation file type {path.suffix!r} for {path}; expected one of {ANNOTATION_SUFFIXES}")
+        raise BadInput(f"unknown annotation file type {path.suffix!r} for {path}; expected one of {ANNOTATION_SUFFIXES}")
     if not path.is_file():
-        raise FileNotFoundError(f"annotation file not found: {path}")
+        raise NotFound(f"annotation file not found: {path}")
     rows = list(_iter_csv(path) if path.suffix.lower() == ".csv" else _iter_jsonl(path))
     if not rows:
-        raise ValueError(f"annotation file {path} lists no images")
+        raise BadInput(f"annotation file {path} lists no images")
     return rows
 
 
@@ -115,7 +116,7 @@ def read_class_file(path: str | Path) -> list[str]:
     """One class name per line, in order; blank lines skipped."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"class list file not found: {path}")
+        raise NotFound(f"class list file not found: {path}")
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
@@ -140,7 +141,7 @@ def resolve_classes(annotations: Path, rows: Sequence[tuple[str, dict[str, Any]]
         return read_class_file(beside), str(beside)
     inferred = sorted(_names_in(rows))
     if not inferred:
-        raise ValueError(f"{annotations} names no class at all; pass the class list (classes=... / --classes)")
+        raise BadInput(f"{annotations} names no class at all; pass the class list (classes=... / --classes)")
     try:
         beside.write_text("".join(f"{c}\n" for c in inferred), encoding="utf-8")
     except OSError as e:  # a read-only dataset folder must still load; the order is then only in memory

@@ -27,6 +27,7 @@ import numpy as np
 
 from mlkd.data.base import BOX_CONVENTION, ImageRecord, MultiLabelDataset, Transform, drop_missing
 from mlkd.data.custom import read_class_file
+from mlkd.errors import BadInput, MissingEntry, NotFound
 
 
 # -- the line format --------------------------------------------------------------------------------------------
@@ -46,22 +47,22 @@ def parse_datalist_line(text: str, num_classes: int, where: str) -> tuple[str, n
     fields = text.split()
     n_num = len(fields) - 1
     if n_num < num_classes or (n_num - num_classes) % 5:
-        raise ValueError(f"{where}: {len(fields)} fields; expected 1 path + {num_classes} labels + 5 numbers "
+        raise BadInput(f"{where}: {len(fields)} fields; expected 1 path + {num_classes} labels + 5 numbers "
                          f"(x1 y1 x2 y2 score) per box, i.e. 1 + {num_classes} + 5*R fields")
     try:
         values = np.array(fields[1:], dtype=np.float64)
     except ValueError:
         bad = next(f for f in fields[1:] if not _is_number(f))
-        raise ValueError(f"{where}: {bad!r} is not a number (labels, coordinates and scores must be)") from None
+        raise BadInput(f"{where}: {bad!r} is not a number (labels, coordinates and scores must be)") from None
     if not np.isfinite(values).all():
-        raise ValueError(f"{where}: NaN or inf among the numbers")
+        raise BadInput(f"{where}: NaN or inf among the numbers")
     labels = values[:num_classes]
     if not np.isin(labels, (0, 1)).all():
-        raise ValueError(f"{where}: labels must be 0 or 1, got {labels[~np.isin(labels, (0, 1))][:5].tolist()}")
+        raise BadInput(f"{where}: labels must be 0 or 1, got {labels[~np.isin(labels, (0, 1))][:5].tolist()}")
     groups = values[num_classes:].reshape(-1, 5)
     boxes = groups[:, :4].astype(np.float32)
     if ((boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])).any():
-        raise ValueError(f"{where}: a proposal has x2 < x1 or y2 < y1 (expected x1 y1 x2 y2 score groups)")
+        raise BadInput(f"{where}: a proposal has x2 < x1 or y2 < y1 (expected x1 y1 x2 y2 score groups)")
     return fields[0], labels.astype(np.int8), boxes, groups[:, 4].astype(np.float32)
 
 
@@ -77,7 +78,7 @@ def read_datalist(path: str | Path, num_classes: int) -> list[DatalistEntry]:
     """Parse a datalist file with ``num_classes`` labels per line (blank lines skipped)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"datalist file not found: {path}")
+        raise NotFound(f"datalist file not found: {path}")
     entries = []
     with path.open() as f:
         for i, text in enumerate(f, start=1):
@@ -90,7 +91,7 @@ def read_datalist(path: str | Path, num_classes: int) -> list[DatalistEntry]:
 def format_datalist_line(path: str, labels: np.ndarray, boxes: np.ndarray, scores: np.ndarray) -> str:
     """One datalist line; float32 values are printed shortest-exact, so reading back gives the same numbers."""
     if any(c.isspace() for c in path):
-        raise ValueError(f"datalist paths cannot contain whitespace: {path!r}")
+        raise BadInput(f"datalist paths cannot contain whitespace: {path!r}")
     groups = np.concatenate([np.asarray(boxes, np.float32).reshape(-1, 4),
                              np.asarray(scores, np.float32).reshape(-1, 1)], axis=1)
     labels = np.where(np.asarray(labels) == 1, 1, 0)  # -1 (ignore) has no datalist form
@@ -122,7 +123,7 @@ class InMemoryProposals:
     def get(self, image_id: str) -> tuple[np.ndarray, np.ndarray]:
         """Copies of the proposals of ``image_id``: boxes ``(R, 4)`` and scores ``(R,)``, float32."""
         if image_id not in self.items:
-            raise KeyError(f"image id {image_id!r} has no proposals in {self.path} ({len(self)} images)")
+            raise MissingEntry(f"image id {image_id!r} has no proposals in {self.path} ({len(self)} images)")
         boxes, scores = self.items[image_id]
         return boxes.copy(), scores.copy()
 
@@ -143,7 +144,7 @@ def read_datalist_records(path: Path, classes: list[str], root: Path
                           ) -> tuple[list[ImageRecord], dict[str, tuple[np.ndarray, np.ndarray]]]:
     """Records (image id = path as written) and ``image id -> (boxes, scores)`` of a datalist file."""
     if not path.is_file():
-        raise FileNotFoundError(f"datalist file not found: {path}")
+        raise NotFound(f"datalist file not found: {path}")
     records, proposals, seen = [], {}, {}
     with path.open(encoding="utf-8") as f:
         for n, text in enumerate(f, start=1):
@@ -152,12 +153,12 @@ def read_datalist_records(path: Path, classes: list[str], root: Path
             where = f"{path}:{n}"
             name, labels, boxes, scores = parse_datalist_line(text, len(classes), where)
             if name in seen:
-                raise ValueError(f"{where}: image {name!r} is listed again (first at line {seen[name]})")
+                raise BadInput(f"{where}: image {name!r} is listed again (first at line {seen[name]})")
             seen[name] = n
             records.append(ImageRecord(name, root / name, labels, extra={"source": where}))
             proposals[name] = (boxes, scores)
     if not records:
-        raise ValueError(f"datalist {path} lists no images")
+        raise BadInput(f"datalist {path} lists no images")
     return records, proposals
 
 
@@ -183,7 +184,7 @@ class DatalistDataset(MultiLabelDataset):
         path = Path(path)
         class_list = read_class_file(classes) if isinstance(classes, (str, Path)) else [str(c) for c in classes]
         if not class_list:
-            raise ValueError(f"the class list for datalist {path} is empty; a datalist has no names, pass them")
+            raise BadInput(f"the class list for datalist {path} is empty; a datalist has no names, pass them")
         self.root = Path(root) if root is not None else path.parent
         records, proposals = read_datalist_records(path, class_list, self.root)
         records, missing = drop_missing(records, skip_missing, str(path), self.root)

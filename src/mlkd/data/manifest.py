@@ -29,6 +29,7 @@ from typing import Any
 from tqdm import tqdm
 
 from mlkd.data.base import DatasetIdentity, MultiLabelDataset
+from mlkd.errors import BadInput, NotFound
 
 MAGIC = "# mlkd-image-manifest v1"
 COLUMNS = "status\tsha1\timage_id"
@@ -70,7 +71,7 @@ def write_image_manifest(ds: MultiLabelDataset, out: str | Path, workers: int = 
     rows += [(reason, "-", image_id) for reason, ids in sorted(ds.excluded.items()) for image_id in ids]
     bad = [image_id for _, _, image_id in rows if "\t" in image_id or "\n" in image_id]
     if bad:
-        raise ValueError(f"image ids with a tab or newline cannot be written to a manifest: {bad[:3]}")
+        raise BadInput(f"image ids with a tab or newline cannot be written to a manifest: {bad[:3]}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     lines = [MAGIC, "# dataset: " + json.dumps(ds.identity.to_dict()), COLUMNS]
@@ -85,25 +86,25 @@ def read_image_manifest(path: str | Path) -> ImageManifest:
     """Parse a manifest; ``ValueError`` naming the file and line for anything malformed."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"image manifest not found: {path}")
+        raise NotFound(f"image manifest not found: {path}")
     lines = path.read_text(encoding="utf-8").splitlines()
     if len(lines) < 3 or lines[0] != MAGIC or not lines[1].startswith("# dataset: ") or lines[2] != COLUMNS:
-        raise ValueError(f"{path} is not an mlkd image manifest: expected the lines {MAGIC!r}, "
+        raise BadInput(f"{path} is not an mlkd image manifest: expected the lines {MAGIC!r}, "
                          f"'# dataset: {{...}}' and {COLUMNS!r} first (write one with `mlkd data manifest`)")
     try:
         identity = DatasetIdentity.from_dict(json.loads(lines[1][len("# dataset: "):]))
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}:2: malformed dataset identity ({e})") from e
+        raise BadInput(f"{path}:2: malformed dataset identity ({e})") from e
     kept: dict[str, str] = {}
     excluded: dict[str, list[str]] = {}
     for n, line in enumerate(lines[3:], start=4):
         fields = line.split("\t")
         if len(fields) != 3 or not fields[2]:
-            raise ValueError(f"{path}:{n}: expected 3 tab-separated fields (status, sha1, image id), got {line!r}")
+            raise BadInput(f"{path}:{n}: expected 3 tab-separated fields (status, sha1, image id), got {line!r}")
         status, digest, image_id = fields
         if status == "kept":
             if image_id in kept:
-                raise ValueError(f"{path}:{n}: image id {image_id!r} is listed twice")
+                raise BadInput(f"{path}:{n}: image id {image_id!r} is listed twice")
             kept[image_id] = digest
         else:
             excluded.setdefault(status, []).append(image_id)

@@ -38,6 +38,7 @@ import numpy as np
 
 from mlkd.data.base import ImageRecord, MultiLabelDataset, Transform, check_class_order, listed
 from mlkd.data.manifest import ImageManifest, read_image_manifest
+from mlkd.errors import BadInput, NotFound
 
 NUS_SPLITS = {"train": ("TrainImagelist.txt", "Train"), "test": ("TestImagelist.txt", "Test")}
 LABEL_SOURCES = ("auto", "traintest", "all")
@@ -47,7 +48,7 @@ def _first_existing(root: Path, candidates: list[str], what: str) -> Path:
     for c in candidates:
         if (root / c).exists():
             return root / c
-    raise FileNotFoundError(f"NUS-WIDE {what} not found: looked for {[str(root / c) for c in candidates]}")
+    raise NotFound(f"NUS-WIDE {what} not found: looked for {[str(root / c) for c in candidates]}")
 
 
 def _lines(path: Path) -> list[str]:
@@ -61,15 +62,15 @@ def _lines(path: Path) -> list[str]:
 def read_image_list(path: Path) -> list[str]:
     """Image ids ``folder/file`` of an image list file (format in the module docstring)."""
     if not path.is_file():
-        raise FileNotFoundError(f"NUS-WIDE image list not found: {path}")
+        raise NotFound(f"NUS-WIDE image list not found: {path}")
     ids, seen = [], {}
     for n, line in enumerate(_lines(path), start=1):
         parts = [p for p in re.split(r"[\\/]", line.strip()) if p]
         if len(parts) < 2:
-            raise ValueError(f"{path}:{n}: expected a path like 'actor\\0001_2124494179.jpg', got {line!r}")
+            raise BadInput(f"{path}:{n}: expected a path like 'actor\\0001_2124494179.jpg', got {line!r}")
         image_id = f"{parts[-2]}/{parts[-1]}"
         if image_id in seen:
-            raise ValueError(f"{path}:{n}: image {image_id!r} repeats line {seen[image_id]}")
+            raise BadInput(f"{path}:{n}: image {image_id!r} repeats line {seen[image_id]}")
         seen[image_id] = n
         ids.append(image_id)
     return ids
@@ -79,22 +80,22 @@ def read_concepts(path: Path) -> list[str]:
     """Concept names, one per line, in file order (81 for NUS-WIDE)."""
     names = [line.strip() for line in _lines(path) if line.strip()]
     if not names:
-        raise ValueError(f"{path} lists no concept")
+        raise BadInput(f"{path} lists no concept")
     return names
 
 
 def read_label_column(path: Path, num_images: int, list_path: Path) -> np.ndarray:
     """``(N,)`` int8 labels of one concept file, one 0/1 per line aligned with ``list_path`` (N images)."""
     if not path.is_file():
-        raise FileNotFoundError(f"NUS-WIDE label file not found: {path}")
+        raise NotFound(f"NUS-WIDE label file not found: {path}")
     lines = _lines(path)
     if len(lines) != num_images:
-        raise ValueError(f"{path}: {len(lines)} lines, but {list_path} lists {num_images} images "
+        raise BadInput(f"{path}: {len(lines)} lines, but {list_path} lists {num_images} images "
                          "(expected one 0/1 per line, aligned with the image list)")
     values = np.char.strip(np.asarray(lines, dtype=str)) if lines else np.zeros(0, str)
     bad = np.flatnonzero((values != "0") & (values != "1"))
     if bad.size:
-        raise ValueError(f"{path}:{bad[0] + 1}: label {lines[bad[0]]!r} is not 0 or 1 "
+        raise BadInput(f"{path}:{bad[0] + 1}: label {lines[bad[0]]!r} is not 0 or 1 "
                          f"({bad.size} such lines; expected one 0/1 per line)")
     return (values == "1").astype(np.int8)
 
@@ -115,7 +116,7 @@ def _label_files(root: Path, concepts: list[str], split: str, source: str, ids: 
     row = {image_id: i for i, image_id in enumerate(read_image_list(all_list))}
     absent = [i for i in ids if i not in row]
     if absent:
-        raise ValueError(f"{len(absent)} images of {list_path} are not in {all_list}, whose rows AllLabels "
+        raise BadInput(f"{len(absent)} images of {list_path} are not in {all_list}, whose rows AllLabels "
                          f"follow:{listed(absent)}")
     rows = np.asarray([row[i] for i in ids], np.int64)
     columns = [read_label_column(folder / f"Labels_{c}.txt", len(row), all_list)[rows] for c in concepts]
@@ -145,9 +146,9 @@ class NusWideDataset(MultiLabelDataset):
                  image_root: str | Path | None = None, label_source: str = "auto", keep_no_label: bool = False,
                  image_manifest: str | Path | None = None) -> None:
         if split not in NUS_SPLITS:
-            raise ValueError(f"unknown NUS-WIDE split {split!r}; expected one of {list(NUS_SPLITS)}")
+            raise BadInput(f"unknown NUS-WIDE split {split!r}; expected one of {list(NUS_SPLITS)}")
         if label_source not in LABEL_SOURCES:
-            raise ValueError(f"label_source must be one of {list(LABEL_SOURCES)}, got {label_source!r}")
+            raise BadInput(f"label_source must be one of {list(LABEL_SOURCES)}, got {label_source!r}")
         root = Path(root)
         self.root, self.image_root = root, Path(image_root) if image_root is not None else root / "Flickr"
         list_path = root / "ImageList" / NUS_SPLITS[split][0]
@@ -163,7 +164,7 @@ class NusWideDataset(MultiLabelDataset):
             records, excluded = self._exclude(records, skip_missing, keep_no_label, list_path)
         super().__init__("nuswide", split, concepts, records, transform, excluded=excluded)
         if manifest is not None and self.identity.labels_hash != manifest.identity.labels_hash:
-            raise ValueError(f"the labels of the images in {manifest.path} differ from this copy's label files "
+            raise BadInput(f"the labels of the images in {manifest.path} differ from this copy's label files "
                              f"(hash {self.identity.labels_hash} != {manifest.identity.labels_hash})")
 
     def _exclude(self, records: list[ImageRecord], skip_missing: bool, keep_no_label: bool,
@@ -171,10 +172,10 @@ class NusWideDataset(MultiLabelDataset):
         """Leave out missing files, then (unless ``keep_no_label``) unlabelled images; warn with the counts."""
         missing = [r.image_id for r in records if not os.path.isfile(r.path)]
         if missing and not skip_missing:
-            raise FileNotFoundError(f"{len(missing)} of {len(records)} images of {list_path} are missing under "
+            raise NotFound(f"{len(missing)} of {len(records)} images of {list_path} are missing under "
                                     f"{self.image_root}:{listed(missing)}\n(skip_missing=True leaves them out)")
         if records and len(missing) == len(records):
-            raise FileNotFoundError(f"none of the {len(records)} images of {list_path} exists under "
+            raise NotFound(f"none of the {len(records)} images of {list_path} exists under "
                                     f"{self.image_root} (e.g. {records[0].path}); pass image_root= the folder "
                                     "holding <folder>/<file>.jpg")
         lost = set(missing)
@@ -193,17 +194,17 @@ class NusWideDataset(MultiLabelDataset):
         """Keep exactly the manifest's kept images (in image-list order); refuse any that cannot be had."""
         path = manifest.path
         if (manifest.identity.name, manifest.identity.split) != ("nuswide", split):
-            raise ValueError(f"{path} is a manifest of {manifest.identity.name}/{manifest.identity.split}, "
+            raise BadInput(f"{path} is a manifest of {manifest.identity.name}/{manifest.identity.split}, "
                              f"not nuswide/{split}")
         check_class_order(concepts, manifest.identity.classes, f"image manifest {path}")
         known = {r.image_id for r in records}
         unknown = [i for i in manifest.kept if i not in known]
         if unknown:
-            raise ValueError(f"{len(unknown)} images of {path} are not in this copy's image list:{listed(unknown)}")
+            raise BadInput(f"{len(unknown)} images of {path} are not in this copy's image list:{listed(unknown)}")
         kept = [r for r in records if r.image_id in manifest.kept]
         missing = [r.image_id for r in kept if not os.path.isfile(r.path)]
         if missing:
-            raise FileNotFoundError(f"{len(missing)} images that {path} lists are missing under "
+            raise NotFound(f"{len(missing)} images that {path} lists are missing under "
                                     f"{self.image_root}, so this copy cannot evaluate the same images:"
                                     f"{listed(missing)}")
         return kept, {"not_in_manifest": [r.image_id for r in records if r.image_id not in manifest.kept]}

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from mlkd.data.base import MultiLabelDataset, check_class_order
+from mlkd.errors import BadInput
 
 
 def summarize(ds: MultiLabelDataset) -> dict[str, Any]:
@@ -54,7 +55,7 @@ def plot_class_frequencies(datasets: Sequence[MultiLabelDataset], out: str | Pat
     import matplotlib.pyplot as plt
 
     if not datasets:
-        raise ValueError("plot_class_frequencies needs at least one dataset")
+        raise BadInput("plot_class_frequencies needs at least one dataset")
     first = datasets[0]
     for ds in datasets[1:]:
         check_class_order(first.classes, ds.classes, f"dataset {ds.name}/{ds.split}")

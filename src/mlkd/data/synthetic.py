@@ -39,6 +39,7 @@ import numpy as np
 from tqdm import tqdm
 
 from mlkd.data.custom import CLASSES_FILE, write_jsonl_annotations
+from mlkd.errors import BadInput, CannotWrite
 
 OUTLINE_COLOURS = {  # RGB; shared by every class (and distractor) of that outline
     "circle": (225, 60, 50), "square": (50, 100, 230), "triangle": (40, 185, 70),
@@ -56,7 +57,7 @@ def class_names(num_classes: int = 10) -> list[str]:
     """The first ``num_classes`` names ``outline_texture``; texture-major so pairs share an outline."""
     names = [f"{o}_{t}" for t in CLASS_TEXTURES for o in OUTLINE_COLOURS]
     if not 2 <= num_classes <= len(names):
-        raise ValueError(f"num_classes must be in [2, {len(names)}], got {num_classes}")
+        raise BadInput(f"num_classes must be in [2, {len(names)}], got {num_classes}")
     return names[:num_classes]
 
 
@@ -119,7 +120,7 @@ def _pattern(texture: str, h: int, w: int, d: int, rng: np.random.Generator) -> 
         return (np.hypot(yy - (h - 1) / 2, xx - (w - 1) / 2) // d) % 2 == 0
     if texture == "speckle":
         return rng.random((h, w)) < 0.5
-    raise ValueError(f"unknown texture {texture!r}")
+    raise BadInput(f"unknown texture {texture!r}")
 
 
 def _paint(texture: str, colour: np.ndarray, h: int, w: int, rng: np.random.Generator) -> np.ndarray:
@@ -195,7 +196,7 @@ def render_image(rng: np.random.Generator, num_classes: int = 10,
         box_labels (ndarray[M] int64), class indices into :func:`class_names`.
     """
     if image_size < MIN_IMAGE_SIZE:
-        raise ValueError(f"image_size must be >= {MIN_IMAGE_SIZE} pixels, got {image_size}")
+        raise BadInput(f"image_size must be >= {MIN_IMAGE_SIZE} pixels, got {image_size}")
     names = class_names(num_classes)
     short = int(round(image_size * rng.uniform(0.75, 1.0)))
     h, w = (short, image_size) if rng.random() < 0.5 else (image_size, short)
@@ -243,12 +244,12 @@ def generate(out_dir: str | Path, num_images: int, seed: int = 0, image_size: in
     val split.
     """
     if image_format not in IMAGE_FORMATS:
-        raise ValueError(f"unknown image format {image_format!r}; choose one of {sorted(IMAGE_FORMATS)}")
+        raise BadInput(f"unknown image format {image_format!r}; choose one of {sorted(IMAGE_FORMATS)}")
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        raise BadInput(f"val_fraction must be in [0, 1), got {val_fraction}")
     num_val = max(1, round(num_images * val_fraction)) if val_fraction > 0 else 0
     if num_images < 1 or num_images - num_val < 1:
-        raise ValueError(f"num_images={num_images} leaves no training image with val_fraction={val_fraction}")
+        raise BadInput(f"num_images={num_images} leaves no training image with val_fraction={val_fraction}")
     names = class_names(num_classes)
     out = Path(out_dir)
     rows: dict[str, list[dict]] = {"train": [], "val": []}
@@ -258,7 +259,7 @@ def generate(out_dir: str | Path, num_images: int, seed: int = 0, image_size: in
         rel = f"images/{split}/{i:06d}.{image_format}"
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         if not cv2.imwrite(str(out / rel), cv2.cvtColor(image, cv2.COLOR_RGB2BGR), IMAGE_FORMATS[image_format]):
-            raise OSError(f"could not write image {out / rel}")
+            raise CannotWrite(f"could not write image {out / rel}")
         rows[split].append({
             "path": rel,
             "labels": [names[k] for k in sorted(set(labels.tolist()))],

@@ -22,6 +22,7 @@ from torch.utils.data import get_worker_info
 from torchvision.tv_tensors import BoundingBoxFormat
 
 from mlkd.data.base import Transform, collate
+from mlkd.errors import BadInput
 
 Target = dict[str, Any]
 BOX_KEYS = ("boxes", "proposals")  # every key whose value lives in the image's pixel frame
@@ -31,21 +32,21 @@ def _check_image(image: torch.Tensor) -> tuple[int, int]:
     """Return (H, W) of a ``Tensor[3, H, W]``; ``ValueError`` naming the bad shape otherwise."""
     if not isinstance(image, torch.Tensor) or image.ndim != 3 or image.shape[0] != 3:
         got = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
-        raise ValueError(f"expected an image Tensor[3, H, W], got {got}")
+        raise BadInput(f"expected an image Tensor[3, H, W], got {got}")
     return int(image.shape[1]), int(image.shape[2])
 
 
 def _check_boxes(boxes: torch.Tensor, what: str = "boxes") -> None:
     if not isinstance(boxes, torch.Tensor) or boxes.ndim != 2 or boxes.shape[1] != 4:
         got = tuple(boxes.shape) if isinstance(boxes, torch.Tensor) else type(boxes).__name__
-        raise ValueError(f"expected {what} as Tensor[R, 4] (x1, y1, x2, y2), got {got}")
+        raise BadInput(f"expected {what} as Tensor[R, 4] (x1, y1, x2, y2), got {got}")
 
 
 def _hw(size: int | Sequence[int], what: str) -> tuple[int, int]:
     """Normalise ``size`` (an int or an (h, w) pair) to a positive (h, w) tuple."""
     hw = (size, size) if isinstance(size, (int, np.integer)) else tuple(size) if isinstance(size, Sequence) else ()
     if len(hw) != 2 or not all(_is_positive_int(v) for v in hw):
-        raise ValueError(f"{what} must be a positive int or an (h, w) pair of positive ints, got {size!r}")
+        raise BadInput(f"{what} must be a positive int or an (h, w) pair of positive ints, got {size!r}")
     return int(hw[0]), int(hw[1])
 
 
@@ -120,9 +121,9 @@ class ResizeShorter:
 
     def __init__(self, size: int, max_size: int | None = None) -> None:
         if not _is_positive_int(size):
-            raise ValueError(f"ResizeShorter size must be a positive int, got {size!r}")
+            raise BadInput(f"ResizeShorter size must be a positive int, got {size!r}")
         if max_size is not None and (not isinstance(max_size, (int, np.integer)) or max_size < size):
-            raise ValueError(f"ResizeShorter max_size must be an int >= size ({size}) or None, got {max_size!r}")
+            raise BadInput(f"ResizeShorter max_size must be an int >= size ({size}) or None, got {max_size!r}")
         self.size, self.max_size = int(size), max_size
 
     def __call__(self, image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
@@ -147,7 +148,7 @@ class RandomHorizontalFlip:
 
     def __init__(self, p: float = 0.5, generator: torch.Generator | None = None) -> None:
         if not 0.0 <= float(p) <= 1.0:
-            raise ValueError(f"flip probability p must be in [0, 1], got {p!r}")
+            raise BadInput(f"flip probability p must be in [0, 1], got {p!r}")
         self.p, self.generator = float(p), generator
 
     def __call__(self, image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
@@ -189,7 +190,7 @@ class KeepTopProposals:
 
     def __init__(self, n: int) -> None:
         if n < 1:
-            raise ValueError(f"max_proposals must be >= 1, got {n}")
+            raise BadInput(f"max_proposals must be >= 1, got {n}")
         self.n = n
 
     def __call__(self, image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
@@ -237,9 +238,9 @@ class MultiScaleCollate:
                  max_size: int | None = None) -> None:
         scales = tuple(scales)
         if not scales or not all(_is_positive_int(s) for s in scales):
-            raise ValueError(f"scales must be a non-empty sequence of positive ints, got {scales!r}")
+            raise BadInput(f"scales must be a non-empty sequence of positive ints, got {scales!r}")
         if resize not in RESIZERS:
-            raise ValueError(f"unknown resize mode {resize!r}; choose one of {sorted(RESIZERS)}")
+            raise BadInput(f"unknown resize mode {resize!r}; choose one of {sorted(RESIZERS)}")
         self.scales, self.base, self.seed = tuple(int(s) for s in scales), base, int(seed)
         self.resize, self.max_size = resize, max_size
         self.epoch, self.calls = 0, 0

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from mlkd.data.base import ImageRecord, MultiLabelDataset, Transform, listed
+from mlkd.errors import BadInput, NotFound
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable", "dog",
@@ -50,13 +51,13 @@ DIFFICULT_MODES = ("ignore", "positive", "negative")
 def find_voc_dir(root: str | Path, year: str) -> Path:
     """The ``VOC<year>`` folder for ``root`` = its parent's parent, ``VOCdevkit``, or the folder itself."""
     if str(year) not in VOC_YEARS:
-        raise ValueError(f"unknown VOC year {year!r}; expected one of {list(VOC_YEARS)}")
+        raise BadInput(f"unknown VOC year {year!r}; expected one of {list(VOC_YEARS)}")
     root = Path(root)
     candidates = [root / "VOCdevkit" / f"VOC{year}", root / f"VOC{year}", root]
     for c in candidates:
         if (c / "ImageSets" / "Main").is_dir() and (c.name == f"VOC{year}" or not re.fullmatch(r"VOC\d{4}", c.name)):
             return c
-    raise FileNotFoundError(f"no PASCAL VOC {year} devkit under {root}: looked for ImageSets/Main in "
+    raise NotFound(f"no PASCAL VOC {year} devkit under {root}: looked for ImageSets/Main in "
                             f"{[str(c) for c in candidates]} (expected ROOT/VOCdevkit/VOC{year}/{{Annotations, "
                             f"ImageSets/Main, JPEGImages}})")
 
@@ -64,16 +65,16 @@ def find_voc_dir(root: str | Path, year: str) -> Path:
 def read_split(voc_dir: Path, split: str) -> list[str]:
     """Image ids of ``ImageSets/Main/<split>.txt`` (first field of each non-blank line), duplicates refused."""
     if split not in VOC_SPLITS:
-        raise ValueError(f"unknown VOC split {split!r}; expected one of {list(VOC_SPLITS)}")
+        raise BadInput(f"unknown VOC split {split!r}; expected one of {list(VOC_SPLITS)}")
     path = voc_dir / "ImageSets" / "Main" / f"{split}.txt"
     if not path.is_file():
-        raise FileNotFoundError(f"VOC split file not found: {path}")
+        raise NotFound(f"VOC split file not found: {path}")
     ids, seen = [], {}
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if line.strip():
             image_id = line.split()[0]
             if image_id in seen:
-                raise ValueError(f"{path}:{n}: image id {image_id!r} repeats line {seen[image_id]}")
+                raise BadInput(f"{path}:{n}: image id {image_id!r} repeats line {seen[image_id]}")
             seen[image_id] = n
             ids.append(image_id)
     return ids
@@ -91,7 +92,7 @@ def voc_to_boxes(xyxy_1based: np.ndarray) -> np.ndarray:
 def _text(node: ET.Element, tag: str, where: str) -> str:
     child = node.find(tag)
     if child is None or child.text is None or not child.text.strip():
-        raise ValueError(f"{where}: missing <{tag}>")
+        raise BadInput(f"{where}: missing <{tag}>")
     return child.text.strip()
 
 
@@ -100,7 +101,7 @@ def _number(node: ET.Element, tag: str, where: str) -> float:
     try:
         return float(text)
     except ValueError:
-        raise ValueError(f"{where}: <{tag}> is {text!r}, not a number") from None
+        raise BadInput(f"{where}: <{tag}> is {text!r}, not a number") from None
 
 
 def parse_voc_xml(path: Path, class_index: dict[str, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -109,20 +110,20 @@ def parse_voc_xml(path: Path, class_index: dict[str, int]) -> tuple[np.ndarray, 
     try:
         tree = ET.parse(path)
     except ET.ParseError as e:
-        raise ValueError(f"{path}: malformed XML ({e})") from e
+        raise BadInput(f"{path}: malformed XML ({e})") from e
     boxes, labels, difficult = [], [], []
     for i, obj in enumerate(tree.getroot().findall("object")):  # direct children: <part>s are not objects
         where = f"{path}: object {i + 1}"
         name = _text(obj, "name", where)
         if name not in class_index:
-            raise ValueError(f"{path}: unknown class name {name!r} (object {i + 1}); valid VOC classes are "
+            raise BadInput(f"{path}: unknown class name {name!r} (object {i + 1}); valid VOC classes are "
                              f"{list(class_index)}")
         box_node = obj.find("bndbox")
         if box_node is None:
-            raise ValueError(f"{where} ({name!r}): missing <bndbox>")
+            raise BadInput(f"{where} ({name!r}): missing <bndbox>")
         box = [_number(box_node, t, f"{where} ({name!r})") for t in ("xmin", "ymin", "xmax", "ymax")]
         if box[2] < box[0] or box[3] < box[1] or min(box) < 0:
-            raise ValueError(f"{where} ({name!r}): box {box} needs 0 <= xmin <= xmax and 0 <= ymin <= ymax "
+            raise BadInput(f"{where} ({name!r}): box {box} needs 0 <= xmin <= xmax and 0 <= ymin <= ymax "
                              "(1-based inclusive pixel indices)")
         flag = obj.find("difficult")
         boxes.append(box)
@@ -162,7 +163,7 @@ class VOCDataset(MultiLabelDataset):
     def __init__(self, root: str | Path, year: str | int, split: str, transform: Transform | None = None,
                  skip_missing: bool = False, difficult: str = "ignore", keep_empty: bool = False) -> None:
         if difficult not in DIFFICULT_MODES:
-            raise ValueError(f"difficult must be one of {list(DIFFICULT_MODES)}, got {difficult!r}")
+            raise BadInput(f"difficult must be one of {list(DIFFICULT_MODES)}, got {difficult!r}")
         year = str(year)
         self.voc_dir = find_voc_dir(root, year)
         ids = read_split(self.voc_dir, split)
@@ -170,7 +171,7 @@ class VOCDataset(MultiLabelDataset):
                    or not (self.voc_dir / "JPEGImages" / f"{i}.jpg").is_file()]
         source = self.voc_dir / "ImageSets" / "Main" / f"{split}.txt"
         if missing and not skip_missing:
-            raise FileNotFoundError(f"{len(missing)} of {len(ids)} images listed in {source} lack their "
+            raise NotFound(f"{len(missing)} of {len(ids)} images listed in {source} lack their "
                                     f"Annotations/<id>.xml or JPEGImages/<id>.jpg under {self.voc_dir}:"
                                     f"{listed(missing)}\n(pass skip_missing=True / --skip-missing to drop them)")
         lost = set(missing)

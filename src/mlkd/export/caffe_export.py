@@ -11,6 +11,7 @@ import cv2
 import torch
 from torch import nn
 
+from mlkd.errors import BadInput
 from mlkd.export.caffe import (import_vgg_weights, read_caffemodel, read_prototxt, vgg_layer_names, vgg_to_caffe,
                                write_caffemodel, write_prototxt)
 from mlkd.export.caffe.wsddn import export_wsddn
@@ -24,7 +25,7 @@ def export_student_caffe(student: nn.Module, out: Path, image_size: int, classif
                          x: torch.Tensor) -> dict[str, Any]:
     """Write ``student.prototxt`` / ``student.caffemodel`` and check them with OpenCV; the export record's parts."""
     if getattr(student, "head", None) != "vgg":
-        raise ValueError("a ResNet-head student cannot be written as Caffe layers by mlkd (its converter covers "
+        raise BadInput("a ResNet-head student cannot be written as Caffe layers by mlkd (its converter covers "
                          "VGG-style networks: Conv / ReLU / MaxPool + fc layers; no BatchNorm, residual sums or "
                          "global pooling); export it with --format onnx")
     view = VggDeployView(student, image_size).eval()

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from mlkd.checkpoint import CONFIG, WEIGHTS, load_checkpoint, read_model_dir, write_model_dir
+from mlkd.errors import BadInput
 from mlkd.export.onnx import export_onnx, run_onnx, runtime_name
 from mlkd.export.verify import Check, compare, describe_input, random_boxes, require, sample_inputs
 from mlkd.export.vgg_view import VggDeployView
@@ -104,7 +105,7 @@ def _prepare_dir(out: Path, fmt: str) -> None:
     if info.exists():
         previous = json.loads(info.read_text()).get("format")
         if previous != fmt:
-            raise ValueError(f"{out} already holds a {previous} export (export.json); export {fmt} into another folder")
+            raise BadInput(f"{out} already holds a {previous} export (export.json); export {fmt} into another folder")
 
 
 def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, classifier: str | None = None,
@@ -114,25 +115,25 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, classif
     raises ValueError when the verification fails (after writing the record, whose ``verification.passed`` is
     then false)."""
     if fmt not in FORMATS:
-        raise ValueError(f"unknown export format {fmt!r}; choose one of {list(FORMATS)}")
+        raise BadInput(f"unknown export format {fmt!r}; choose one of {list(FORMATS)}")
     ckpt = load_checkpoint(checkpoint)
     kind, out = ckpt["kind"], Path(out)
     if kind not in ("teacher", "student"):
-        raise ValueError(f"{checkpoint} holds {kind}, not a trained teacher or student")
+        raise BadInput(f"{checkpoint} holds {kind}, not a trained teacher or student")
     if fmt == "safetensors":
         if classifier is not None or image_size is not None or regions is not None:
-            raise ValueError("--classifier-name, --image-size and --regions apply to caffe / onnx exports")
+            raise BadInput("--classifier-name, --image-size and --regions apply to caffe / onnx exports")
         return export_model_dir(ckpt, str(checkpoint), out, images)
     if kind == "teacher":
         if fmt != "caffe" or classifier is not None:
-            raise ValueError("a teacher exports to --format caffe or safetensors only (ONNX would need RoI pooling "
+            raise BadInput("a teacher exports to --format caffe or safetensors only (ONNX would need RoI pooling "
                              "and per-image softmax over a variable number of regions), without --classifier-name")
         model, size = model_from_checkpoint(ckpt), image_size or ckpt["inference"]["image_size"]
         regions = regions or ckpt["inference"]["max_proposals"] or 500
     else:
         size = ckpt["inference"]["image_size"]
         if image_size not in (None, size) or regions is not None:
-            raise ValueError(f"a student exports at its image_size {size}; --image-size and --regions apply to "
+            raise BadInput(f"a student exports at its image_size {size}; --image-size and --regions apply to "
                              "teachers")
         model = model_from_checkpoint(ckpt)
     _prepare_dir(out, fmt)
@@ -143,7 +144,7 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, classif
         part = _caffe_export().export_student_caffe(model, out, size, classifier or "fc8", tolerance, x)
     else:
         if classifier is not None:
-            raise ValueError("--classifier-name names the Caffe classifier layer; ONNX outputs are `logits` and "
+            raise BadInput("--classifier-name names the Caffe classifier layer; ONNX outputs are `logits` and "
                              "`probabilities`")
         part = export_student_onnx(model, out, size, opset, tolerance, x)
     info, checks = _export_info(ckpt, str(checkpoint), fmt, part, size, names[:1] if kind == "teacher" else names,

@@ -31,6 +31,7 @@ import torch
 from mlkd.checkpoint import make_checkpoint, save_checkpoint
 from mlkd.config import DataConfig, from_dict, parse_override, to_dict
 from mlkd.data.custom import read_class_file
+from mlkd.errors import BadInput
 from mlkd.export.caffe import SUPPORTED_TYPES, CaffeNet, LayerBlobs, import_vgg_weights, read_caffemodel, read_prototxt
 from mlkd.export.caffe.layout import KD_TEACHER, RELEASE, Naming, VggLayout, fc_input_side, fc_shapes, vgg_layout
 from mlkd.export.caffe.wsddn import SUM_LAYER, check_sum_layer, head_settings
@@ -66,7 +67,7 @@ def read_caffe(prototxt: str | Path, caffemodel: str | Path) -> tuple[CaffeNet, 
     net = read_prototxt(prototxt, supported=None)
     unknown = [f"{l.name!r} ({l.type})" for l in net.layers if l.type not in KNOWN_TYPES]
     if unknown:
-        raise ValueError(f"{prototxt}: layer type unknown to mlkd's Caffe import in {', '.join(unknown)}; known types: "
+        raise BadInput(f"{prototxt}: layer type unknown to mlkd's Caffe import in {', '.join(unknown)}; known types: "
                          f"{sorted(KNOWN_TYPES)}")
     return net, read_caffemodel(caffemodel)
 
@@ -74,12 +75,12 @@ def read_caffe(prototxt: str | Path, caffemodel: str | Path) -> tuple[CaffeNet, 
 def read_classes(path: str | Path | None, num_classes: int) -> list[str]:
     """Class names, one per line, in the order of the classifier's outputs; their number must be ``num_classes``."""
     if path is None:
-        raise ValueError(f"the model has {num_classes} classes: give their names with --classes FILE (one per line, "
+        raise BadInput(f"the model has {num_classes} classes: give their names with --classes FILE (one per line, "
                          "in the order of the Caffe classifier's outputs)")
     names = read_class_file(path)
     if len(names) != num_classes or len(set(names)) != len(names):
         dupes = sorted({n for n in names if names.count(n) > 1})
-        raise ValueError(f"{path} lists {len(names)} class names{f' (duplicated: {dupes})' if dupes else ''}; the "
+        raise BadInput(f"{path} lists {len(names)} class names{f' (duplicated: {dupes})' if dupes else ''}; the "
                          f"Caffe model has {num_classes} outputs: expected {num_classes} distinct names")
     return names
 
@@ -90,7 +91,7 @@ def _input_size(net: CaffeNet, first_conv: str) -> int | None:
     if shape is None or len(shape) != 4:
         return None
     if shape[2] != shape[3]:
-        raise ValueError(f"the prototxt's input {shape} is not square; mlkd's models warp images to S x S")
+        raise BadInput(f"the prototxt's input {shape} is not square; mlkd's models warp images to S x S")
     return int(shape[2])
 
 
@@ -105,7 +106,7 @@ def _overrides(sets: Sequence[str]) -> dict[str, Any]:
     for text in sets:
         keys, value = parse_override(text)
         if len(keys) != 1:
-            raise ValueError(f"--set takes model config keys (e.g. score_scale=10), got {text!r}")
+            raise BadInput(f"--set takes model config keys (e.g. score_scale=10), got {text!r}")
         out[keys[0]] = value
     return out
 
@@ -113,7 +114,7 @@ def _overrides(sets: Sequence[str]) -> dict[str, Any]:
 def _model_config(cls: type, derived: dict[str, Any], sets: Sequence[str]) -> Any:
     overrides = _overrides(sets)
     if "input_convention" in overrides:
-        raise ValueError("set the input convention with --input-convention, not --set")
+        raise BadInput("set the input convention with --input-convention, not --set")
     return from_dict(cls, {**derived, **overrides, "weights": None})
 
 
@@ -140,11 +141,11 @@ def plan_teacher(net: CaffeNet, weights: Mapping[str, LayerBlobs], naming: Namin
     h6, h7 = fc_shapes(weights, [fc["fc6"], fc["fc7"]], c * side * side)
     (k,), (k_d,) = fc_shapes(weights, [fc["fc8_c"]], h7), fc_shapes(weights, [fc["fc8_d"]], h7)
     if h6 != h7 or k != k_d:
-        raise ValueError(f"{fc['fc6']}/{fc['fc7']} have {h6}/{h7} outputs and {fc['fc8_c']}/{fc['fc8_d']} {k}/{k_d}; "
+        raise BadInput(f"{fc['fc6']}/{fc['fc7']} have {h6}/{h7} outputs and {fc['fc8_c']}/{fc['fc8_d']} {k}/{k_d}; "
                          "mlkd's teacher has one hidden width and K outputs in both streams")
     settings = head_settings(net, layout.convs[-1][-1], layout.stride, naming)
     if settings.setdefault("roi_size", side) != side:
-        raise ValueError(f"the ROIPooling layer pools to {settings['roi_size']}x{settings['roi_size']} but "
+        raise BadInput(f"the ROIPooling layer pools to {settings['roi_size']}x{settings['roi_size']} but "
                          f"{fc['fc6']} reads {c}x{side}x{side}")
     derived = {**layout.backbone_config(), "input_convention": "caffe", "hidden": h6, "roi_op": "roi_pool",
                **_dropout(net, fc["fc6"]), **settings}
@@ -156,13 +157,13 @@ def classifier_name(weights: Mapping[str, LayerBlobs], given: str | None) -> str
     """The student's K-way layer: ``given``, or the one InnerProduct layer named ``fc8`` or ``fc8_<something>``."""
     if given is not None:
         if given not in weights:
-            raise ValueError(f"--classifier-name {given!r} is not a layer with weights in the caffemodel; it has "
+            raise BadInput(f"--classifier-name {given!r} is not a layer with weights in the caffemodel; it has "
                              f"{sorted(weights)}")
         return given
     found = sorted(n for n, lb in weights.items() if lb.type == "InnerProduct" and re.fullmatch(r"fc8(_\w+)?", n)
                    and n not in ("fc8_c", "fc8_d"))
     if len(found) != 1:
-        raise ValueError(f"expected one classifier layer named fc8 or fc8_<dataset> (InnerProduct) in the caffemodel, "
+        raise BadInput(f"expected one classifier layer named fc8 or fc8_<dataset> (InnerProduct) in the caffemodel, "
                          f"found {found or 'none'} (a stage-1 KD snapshot has none); name it with --classifier-name")
     return found[0]
 
@@ -176,11 +177,11 @@ def plan_student(net: CaffeNet, weights: Mapping[str, LayerBlobs], classifier: s
     side = fc_input_side(weights, "fc6", c)
     h6, h7, k = fc_shapes(weights, ["fc6", "fc7", fc8], c * side * side)
     if h6 != h7:
-        raise ValueError(f"fc6 / fc7 have {h6} / {h7} outputs; mlkd's student has one hidden width")
+        raise BadInput(f"fc6 / fc7 have {h6} / {h7} outputs; mlkd's student has one hidden width")
     size = side * 2 ** len(layout.convs)  # pool5's output is exactly side x side: Caffe's fc6 fixes the input size
     declared = _input_size(net, layout.convs[0][0])
     if declared is not None and declared != size:
-        raise ValueError(f"the prototxt's input is {declared}x{declared}, but fc6 reads a {c}x{side}x{side} map after "
+        raise BadInput(f"the prototxt's input is {declared}x{declared}, but fc6 reads a {c}x{side}x{side} map after "
                          f"{len(layout.convs)} poolings: the input must be {size}x{size}")
     derived = {**layout.backbone_config(), "input_convention": "caffe", "hidden": h6, "roi_size": side,
                "image_size": size, **_dropout(net, "fc6")}
@@ -296,7 +297,7 @@ def import_caffe(prototxt: str | Path, caffemodel: str | Path, arch: str, out: s
                  opts: ImportOptions | None = None) -> list[ImportReport]:
     """Import a Caffe model (see the module docstring); returns one report per file written."""
     if arch not in ARCHS:
-        raise ValueError(f"unknown --arch {arch!r}; choose one of {list(ARCHS)}")
+        raise BadInput(f"unknown --arch {arch!r}; choose one of {list(ARCHS)}")
     opts = dataclasses.replace(opts or ImportOptions(), source={"prototxt": str(prototxt),
                                                                 "caffemodel": str(caffemodel), "arch": arch})
     given = {"--classes": opts.classes, "--set": opts.sets, "--classifier-name": opts.classifier,
@@ -304,7 +305,7 @@ def import_caffe(prototxt: str | Path, caffemodel: str | Path, arch: str, out: s
     extra = [flag for flag, value in given.items() if value and flag not in APPLIES[arch]]
     if extra:
         takes = list(APPLIES[arch]) or "none of them"
-        raise ValueError(f"{extra} do(es) not apply to --arch {arch} (it takes {takes})")
+        raise BadInput(f"{extra} do(es) not apply to --arch {arch} (it takes {takes})")
     net, weights = read_caffe(prototxt, caffemodel)
     if arch == "vgg16":
         return [import_imagenet(net, weights, out, opts)]

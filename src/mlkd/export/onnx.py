@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mlkd.errors import BadInput
 from mlkd.optional import optional_import
 
 DEFAULT_OPSET = 17
@@ -52,7 +53,7 @@ def export_onnx(model: nn.Module, path: str | Path, image_size: int, opset: int 
     loaded = onnx.load(str(path))
     onnx.checker.check_model(loaded)
     if loaded.opset_import[0].version != opset:
-        raise ValueError(f"{path} has opset {loaded.opset_import[0].version}, expected {opset}")
+        raise BadInput(f"{path} has opset {loaded.opset_import[0].version}, expected {opset}")
 
 
 def run_onnx(path: str | Path, images: torch.Tensor) -> dict[str, np.ndarray]:

@@ -9,6 +9,8 @@ import math
 
 from torch import nn
 
+from mlkd.errors import BadInput
+
 
 def pair(v: int | tuple[int, ...]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
@@ -16,7 +18,7 @@ def pair(v: int | tuple[int, ...]) -> tuple[int, int]:
 
 def conv_padding(conv: nn.Conv2d, where: str) -> tuple[int, int]:
     if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
-        raise ValueError(f"{where}: only zero padding given as numbers converts to Caffe, got padding={conv.padding!r} "
+        raise BadInput(f"{where}: only zero padding given as numbers converts to Caffe, got padding={conv.padding!r} "
                          f"padding_mode={conv.padding_mode!r}")
     return pair(conv.padding)
 

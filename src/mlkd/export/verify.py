@@ -18,6 +18,7 @@ import torch
 from mlkd.data.base import read_image
 from mlkd.data.synthetic import render_image
 from mlkd.data.transforms import Warp
+from mlkd.errors import BadInput
 from mlkd.models.backbones import CONVENTIONS, normalize
 
 DEFAULT_TOLERANCE = 1e-4
@@ -50,7 +51,7 @@ def compare(name: str, got: np.ndarray, ref: torch.Tensor | np.ndarray, toleranc
     ref = ref.detach().cpu().numpy() if isinstance(ref, torch.Tensor) else np.asarray(ref)
     got = np.asarray(got, dtype=np.float32)
     if got.size != ref.size or got.squeeze().shape != ref.squeeze().shape:
-        raise ValueError(f"{name}: the exported model gives shape {got.shape}, PyTorch {ref.shape}")
+        raise BadInput(f"{name}: the exported model gives shape {got.shape}, PyTorch {ref.shape}")
     diff = float(np.abs(got.reshape(ref.shape) - ref).max()) if ref.size else 0.0
     if scale is None:
         scale = float(np.abs(ref).max()) if ref.size else 1.0
@@ -63,7 +64,7 @@ def require(checks: Sequence[Check], runtime: str, where: str | Path) -> None:
     failed = [c for c in checks if not c.passed]
     if failed:
         lines = "\n  ".join(c.line(runtime.split()[0]) for c in checks)
-        raise ValueError(f"the exported model does not reproduce PyTorch in {runtime}:\n  {lines}\n"
+        raise BadInput(f"the exported model does not reproduce PyTorch in {runtime}:\n  {lines}\n"
                          f"files left in {where} for inspection")
 
 

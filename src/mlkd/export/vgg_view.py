@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mlkd.errors import BadInput
 from mlkd.export.shapes import feature_sizes
 
 
@@ -33,7 +34,7 @@ def fold_adaptive_pool(fc: nn.Linear, channels: int, hw: tuple[int, int], side: 
     if (h, w) == (side, side):
         return fc
     if h < 1 or w < 1:
-        raise ValueError(f"pool5 gives a {h}x{w} map at this input size; the student needs at least 1x1")
+        raise BadInput(f"pool5 gives a {h}x{w} map at this input size; the student needs at least 1x1")
     basis = torch.eye(h * w, dtype=torch.float64).view(h * w, 1, h, w)
     pool = F.adaptive_avg_pool2d(basis, side).view(h * w, side * side)  # (hw, ss): input cell -> output cell weight
     weight = fc.weight.detach().double().view(fc.out_features, channels, side * side) @ pool.T  # (D, C, hw)

@@ -36,6 +36,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from mlkd.errors import BadInput
+
 AP_MODES = ("mlic", "voc07", "voc_area")
 THRESHOLD_KEYS = ("CP", "CR", "CF1", "OP", "OR", "OF1")
 
@@ -47,30 +49,30 @@ def _to_numpy(x: Any, name: str) -> np.ndarray:
     try:
         return np.asarray(x)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{name} cannot be read as an array: {e}") from e
+        raise BadInput(f"{name} cannot be read as an array: {e}") from e
 
 
 def check_scores_targets(scores: Any, targets: Any) -> tuple[np.ndarray, np.ndarray]:
     """Validate and convert to ``(float64 (N, K), int8 (N, K))``; ``ValueError`` naming the bad value."""
     s, t = _to_numpy(scores, "scores"), _to_numpy(targets, "targets")
     if s.ndim != 2:
-        raise ValueError(f"scores must be 2-D (N images, K classes), got shape {s.shape}")
+        raise BadInput(f"scores must be 2-D (N images, K classes), got shape {s.shape}")
     if t.shape != s.shape:
-        raise ValueError(f"targets shape {t.shape} does not match scores shape {s.shape}")
+        raise BadInput(f"targets shape {t.shape} does not match scores shape {s.shape}")
     if s.shape[0] == 0 or s.shape[1] == 0:
-        raise ValueError(f"need at least one image and one class, got shape {s.shape}")
+        raise BadInput(f"need at least one image and one class, got shape {s.shape}")
     if not (np.issubdtype(s.dtype, np.floating) or np.issubdtype(s.dtype, np.integer)):
-        raise ValueError(f"scores must be a real-valued array, got dtype {s.dtype}")
+        raise BadInput(f"scores must be a real-valued array, got dtype {s.dtype}")
     s = s.astype(np.float64)
     if np.isnan(s).any():
         i, k = np.argwhere(np.isnan(s))[0]
-        raise ValueError(f"scores contain NaN ({int(np.isnan(s).sum())} entries, first at image {i}, class {k})")
+        raise BadInput(f"scores contain NaN ({int(np.isnan(s).sum())} entries, first at image {i}, class {k})")
     if t.dtype == bool:
         t = t.astype(np.int8)
     bad = ~np.isin(t, (-1, 0, 1))
     if bad.any():
         i, k = np.argwhere(bad)[0]
-        raise ValueError(f"targets must be 1 (present), 0 (absent) or -1 (ignore); got {t[i, k].item()!r} "
+        raise BadInput(f"targets must be 1 (present), 0 (absent) or -1 (ignore); got {t[i, k].item()!r} "
                          f"at image {i}, class {k} ({int(bad.sum())} bad entries)")
     return s, t.astype(np.int8)
 
@@ -80,7 +82,7 @@ def _check_names(class_names: Sequence[str] | None, k: int) -> list[str] | None:
         return None
     names = [str(n) for n in class_names]
     if len(names) != k:
-        raise ValueError(f"got {len(names)} class names for {k} score columns")
+        raise BadInput(f"got {len(names)} class names for {k} score columns")
     return names
 
 
@@ -140,7 +142,7 @@ def _ap_from_counts(row: np.ndarray, tp: np.ndarray, fp: np.ndarray, npos: np.nd
     ``npos == 0`` gets NaN.
     """
     if mode not in AP_MODES:
-        raise ValueError(f"unknown AP mode {mode!r}; choose one of {list(AP_MODES)}")
+        raise BadInput(f"unknown AP mode {mode!r}; choose one of {list(AP_MODES)}")
     prec = tp / (tp + fp)  # at each TP; tp >= 1 there
     starts = np.searchsorted(row, np.arange(len(npos) + 1))
     ap = np.full(len(npos), np.nan)
@@ -164,7 +166,7 @@ def _ap_modes(s: np.ndarray, t: np.ndarray, modes: Sequence[str]) -> dict[str, n
     """Per-class AP ``(K,)`` for each mode from validated ``s`` ``(N, K)`` and ``t`` ``(N, K)``; sorts once."""
     for m in modes:
         if m not in AP_MODES:
-            raise ValueError(f"unknown AP mode {m!r}; choose one of {list(AP_MODES)}")
+            raise BadInput(f"unknown AP mode {m!r}; choose one of {list(AP_MODES)}")
     counts = _tp_counts(np.ascontiguousarray(s.T), np.ascontiguousarray(t.T))
     npos = (t == 1).sum(0)
     return {m: _ap_from_counts(*counts, npos, m) for m in modes}
@@ -212,7 +214,7 @@ def top_k_mask(s: np.ndarray, k: int) -> np.ndarray:
     Ties at the k-th place go to the lower class index, so exactly min(k, K) entries per row are True.
     """
     if int(k) < 1:
-        raise ValueError(f"top_k must be >= 1, got {k}")
+        raise BadInput(f"top_k must be >= 1, got {k}")
     k = min(int(k), s.shape[1])
     kth = -np.partition(-s, k - 1, axis=1)[:, k - 1 : k]  # (N, 1) k-th largest score
     above = s > kth
@@ -223,7 +225,7 @@ def top_k_mask(s: np.ndarray, k: int) -> np.ndarray:
 
 def _check_threshold(threshold: float | None) -> None:
     if threshold is not None and not np.isfinite(threshold):
-        raise ValueError(f"threshold must be a finite number (e.g. 0.5 for probabilities), got {threshold}")
+        raise BadInput(f"threshold must be a finite number (e.g. 0.5 for probabilities), got {threshold}")
 
 
 def predicted_labels(s: np.ndarray, threshold: float | None = 0.5, top_k: int | None = None) -> np.ndarray:
@@ -233,7 +235,7 @@ def predicted_labels(s: np.ndarray, threshold: float | None = 0.5, top_k: int | 
     :func:`top_k_mask`. ``threshold=None`` with ``top_k`` gives plain top-k.
     """
     if threshold is None and top_k is None:
-        raise ValueError("give a threshold, a top_k, or both")
+        raise BadInput("give a threshold, a top_k, or both")
     _check_threshold(threshold)
     pred = np.ones(s.shape, bool) if threshold is None else s >= threshold
     return pred if top_k is None else pred & top_k_mask(s, top_k)

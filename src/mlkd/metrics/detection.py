@@ -13,31 +13,32 @@ import numpy as np
 import torch
 from torchvision.ops import box_iou
 
+from mlkd.errors import BadInput
 from mlkd.metrics.classification import _ap_from_counts, _check_names, _excluded, _nanmean, _to_numpy, _tp_counts
 
 def _boxes(x: Any, name: str) -> np.ndarray:
     """Validated float64 boxes ``(M, 4)`` (x1, y1, x2, y2); an empty input gives ``(0, 4)``."""
     a = _to_numpy(x, name)
     if a.size % 4 or (a.size and a.shape[-1] != 4):
-        raise ValueError(f"{name} must have shape (M, 4) as (x1, y1, x2, y2), got {a.shape}")
+        raise BadInput(f"{name} must have shape (M, 4) as (x1, y1, x2, y2), got {a.shape}")
     b = a.astype(np.float64).reshape(-1, 4)
     if not np.isfinite(b).all():
-        raise ValueError(f"{name} has non-finite coordinates")
+        raise BadInput(f"{name} has non-finite coordinates")
     bad = (b[:, 2] < b[:, 0]) | (b[:, 3] < b[:, 1])
     if bad.any():
-        raise ValueError(f"{name} must be (x1, y1, x2, y2) with x2 >= x1 and y2 >= y1, got {b[bad][0].tolist()}")
+        raise BadInput(f"{name} must be (x1, y1, x2, y2) with x2 >= x1 and y2 >= y1, got {b[bad][0].tolist()}")
     return b
 
 
 def _labels(x: Any, n: int, k: int, name: str) -> np.ndarray:
     lab = _to_numpy(x, name).reshape(-1)
     if lab.shape[0] != n:
-        raise ValueError(f"{name} has {lab.shape[0]} entries for {n} boxes")
+        raise BadInput(f"{name} has {lab.shape[0]} entries for {n} boxes")
     if lab.size and not np.array_equal(lab, np.round(lab)):
-        raise ValueError(f"{name} must be integer class indices, got {lab[lab != np.round(lab)][0]}")
+        raise BadInput(f"{name} must be integer class indices, got {lab[lab != np.round(lab)][0]}")
     lab = lab.astype(np.int64)
     if ((lab < 0) | (lab >= k)).any():
-        raise ValueError(f"{name} must be class indices in [0, {k}), got {lab[(lab < 0) | (lab >= k)][0]}")
+        raise BadInput(f"{name} must be class indices in [0, {k}), got {lab[(lab < 0) | (lab >= k)][0]}")
     return lab
 
 
@@ -46,7 +47,7 @@ def _image_predictions(boxes: Any, scores: Any, labels: Any, k: int, i: int) -> 
     b = _boxes(boxes, f"pred_boxes[{i}]")
     s = _to_numpy(scores, f"pred_scores[{i}]").astype(np.float64).ravel()
     if s.shape[0] != len(b) or np.isnan(s).any():
-        raise ValueError(f"pred_scores[{i}] must be {len(b)} non-NaN scores, got shape {s.shape}")
+        raise BadInput(f"pred_scores[{i}] must be {len(b)} non-NaN scores, got shape {s.shape}")
     return b, s, _labels(labels, len(b), k, f"pred_labels[{i}]")
 
 
@@ -89,13 +90,13 @@ def detection_ap(pred_boxes: Sequence[Any], pred_scores: Sequence[Any], pred_lab
     Returns ``{"ap": (K,) NaN for classes without non-difficult GT, "mAP": float, "excluded_classes"}``.
     """
     if int(num_classes) < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        raise BadInput(f"num_classes must be >= 1, got {num_classes}")
     n = len(pred_boxes)
     lens = {"pred_scores": len(pred_scores), "pred_labels": len(pred_labels), "gt_boxes": len(gt_boxes),
             "gt_labels": len(gt_labels)} | ({} if gt_difficult is None else {"gt_difficult": len(gt_difficult)})
     for key, m in lens.items():
         if m != n:
-            raise ValueError(f"{key} has {m} images but pred_boxes has {n}")
+            raise BadInput(f"{key} has {m} images but pred_boxes has {n}")
     names = _check_names(class_names, num_classes)
     all_s, all_l, all_tp, all_fp = [], [], [], []
     npos = np.zeros(num_classes, np.int64)
@@ -107,7 +108,7 @@ def detection_ap(pred_boxes: Sequence[Any], pred_scores: Sequence[Any], pred_lab
         if gt_difficult is not None:
             gd = _to_numpy(gt_difficult[i], f"gt_difficult[{i}]").astype(bool).ravel()
         if gd.shape[0] != len(gb):
-            raise ValueError(f"gt_difficult[{i}] has {gd.shape[0]} entries for {len(gb)} boxes")
+            raise BadInput(f"gt_difficult[{i}] has {gd.shape[0]} entries for {len(gb)} boxes")
         npos += np.bincount(gl[~gd], minlength=num_classes)
         tp, fp = _match_image(pb, ps, pl, gb, gl, gd, iou)
         all_s.append(ps), all_l.append(pl), all_tp.append(tp), all_fp.append(fp)
@@ -134,10 +135,10 @@ def corloc(top_boxes: Any, image_labels: Any, gt_boxes: Sequence[Any], gt_labels
     top = np.stack([_to_numpy(b, "top_boxes").astype(np.float64) for b in top_boxes]) if len(top_boxes) else None
     lab = _to_numpy(image_labels, "image_labels")
     if top is None or top.ndim != 3 or top.shape[2] != 4 or top.shape[:2] != lab.shape:
-        raise ValueError(f"top_boxes must be (N, K, 4) matching image_labels {lab.shape}, "
+        raise BadInput(f"top_boxes must be (N, K, 4) matching image_labels {lab.shape}, "
                          f"got {None if top is None else top.shape}")
     if len(gt_boxes) != len(top) or len(gt_labels) != len(top):
-        raise ValueError(f"gt_boxes/gt_labels have {len(gt_boxes)}/{len(gt_labels)} images, top_boxes {len(top)}")
+        raise BadInput(f"gt_boxes/gt_labels have {len(gt_boxes)}/{len(gt_labels)} images, top_boxes {len(top)}")
     n, k = lab.shape
     names = _check_names(class_names, k)
     hits = np.zeros((n, k), bool)
@@ -150,7 +151,7 @@ def corloc(top_boxes: Any, image_labels: Any, gt_boxes: Sequence[Any], gt_labels
         same = cls[:, None] == gl[None, :]  # (P, M)
         missing = cls[~same.any(1)]
         if missing.size:
-            raise ValueError(f"image {i} is labelled positive for class {missing[0]} but has no GT box of it")
+            raise BadInput(f"image {i} is labelled positive for class {missing[0]} but has no GT box of it")
         hits[i, cls] = ((_iou(_boxes(top[i, cls], f"top_boxes[{i}]"), gb) >= iou) & same).any(1)
     npos = (lab == 1).sum(0)
     per_class = np.where(npos > 0, hits.sum(0) / np.maximum(npos, 1), np.nan)

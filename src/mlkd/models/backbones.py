@@ -22,6 +22,8 @@ import torch
 import torchvision
 from torch import nn
 
+from mlkd.errors import BadInput, NotFound
+
 # Input conventions (docs/conventions.md): how uint8 RGB images become network input.
 #  caffe: BGR, 0-255, minus the per-channel mean (B, G, R order), no std (the release's VGG16 caffemodel)
 #  torchvision: RGB, 0-1, ImageNet mean/std (torchvision's pretrained weights)
@@ -34,7 +36,7 @@ CONVENTIONS = {
 def normalize(images: torch.Tensor, convention: str) -> torch.Tensor:
     """uint8 (or 0-255 float) RGB ``(B, 3, H, W)`` -> float32 network input in ``convention``."""
     if convention not in CONVENTIONS:
-        raise ValueError(f"unknown input convention {convention!r}; choose one of {sorted(CONVENTIONS)}")
+        raise BadInput(f"unknown input convention {convention!r}; choose one of {sorted(CONVENTIONS)}")
     c = CONVENTIONS[convention]
     x = images.float()
     if c["bgr"]:
@@ -64,7 +66,7 @@ def vgg16() -> ConvBackbone:
 def tiny(channels: Sequence[int] = (16, 32, 64, 64), convs_per_block: int = 1) -> ConvBackbone:
     """A small VGG-style backbone: stride ``2 ** (len(channels) - 1)``, ``channels[-1]`` output channels."""
     if not channels or any(c < 1 for c in channels) or convs_per_block < 1:
-        raise ValueError(f"tiny backbone needs positive channels and convs_per_block, got {channels}, "
+        raise BadInput(f"tiny backbone needs positive channels and convs_per_block, got {channels}, "
                          f"{convs_per_block}")
     layers: list[nn.Module] = []
     in_ch = 3
@@ -103,7 +105,7 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
 def build_backbone(name: str, **kwargs) -> nn.Module:
     """A backbone by name (``vgg16``, ``tiny``, ``resnet50``, ``resnet101``); ``kwargs`` for ``tiny``."""
     if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
+        raise BadInput(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
     return BACKBONES[name](**kwargs)
 
 
@@ -113,18 +115,18 @@ def read_state_dict(path: str | Path, convention: str | None = None) -> dict[str
     different recorded one is an error rather than a silent mismatch."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path} (mlkd never downloads weights; give a local file)")
+        raise NotFound(f"weights file not found: {path} (mlkd never downloads weights; give a local file)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file; name the file instead
-        raise ValueError(f"cannot read weights from {path}: {type(e).__name__}: {e}") from e
+        raise BadInput(f"cannot read weights from {path}: {type(e).__name__}: {e}") from e
     recorded = obj.get("input_convention") if isinstance(obj, dict) else None
     if convention is not None and recorded is not None and recorded != convention:
-        raise ValueError(f"{path} holds weights for input convention {recorded!r}, but the model is configured "
+        raise BadInput(f"{path} holds weights for input convention {recorded!r}, but the model is configured "
                          f"for {convention!r} (set model.input_convention={recorded})")
     obj = obj.get("model", obj) if isinstance(obj, dict) else obj
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path} does not hold a state dict (name -> tensor)")
+        raise BadInput(f"{path} does not hold a state dict (name -> tensor)")
     return obj
 
 
@@ -157,6 +159,6 @@ def load_imagenet_weights(model: nn.Module, path: str | Path, mapping: dict[str,
     expected = [k for k in own if any(k.startswith(new) for new in mapping.values())]
     problems += [f"{k}: missing from {path}" for k in expected if k not in loaded and "num_batches" not in k]
     if problems:
-        raise ValueError(f"weights in {path} do not fit the model:\n  " + "\n  ".join(problems[:20]))
+        raise BadInput(f"weights in {path} do not fit the model:\n  " + "\n  ".join(problems[:20]))
     model.load_state_dict(loaded, strict=False)
     return sorted(loaded)

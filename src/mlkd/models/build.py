@@ -8,6 +8,7 @@ from typing import Any
 from torch import nn
 
 from mlkd.config import from_dict
+from mlkd.errors import BadInput
 from mlkd.models.backbones import build_backbone, load_imagenet_weights
 from mlkd.models.configs import StudentModelConfig, TeacherModelConfig
 from mlkd.models.student import Student
@@ -31,7 +32,7 @@ def build_teacher(cfg: TeacherModelConfig, num_classes: int) -> WSDDN:
                   reg_weight=cfg.reg_weight, reg_iou=cfg.reg_iou, reg_top=cfg.reg_top)
     if cfg.weights:
         if cfg.backbone != "vgg16":
-            raise ValueError(f"model.weights are ImageNet VGG16 weights; model.backbone is {cfg.backbone!r}")
+            raise BadInput(f"model.weights are ImageNet VGG16 weights; model.backbone is {cfg.backbone!r}")
         load_imagenet_weights(model, cfg.weights, VGG16_IMAGENET, cfg.input_convention)
     return model
 
@@ -43,7 +44,7 @@ def build_student(cfg: StudentModelConfig, num_classes: int) -> Student:
     model = Student(backbone, num_classes, head=head, hidden=cfg.hidden, roi_size=cfg.roi_size, dropout=cfg.dropout)
     if cfg.weights:
         if cfg.backbone == "tiny":
-            raise ValueError("model.weights are ImageNet weights; the tiny backbone has none")
+            raise BadInput("model.weights are ImageNet weights; the tiny backbone has none")
         mapping = VGG16_IMAGENET if head == "vgg" else RESNET_IMAGENET
         load_imagenet_weights(model, cfg.weights, mapping, cfg.input_convention)
     return model
@@ -53,7 +54,7 @@ def model_config(ckpt: dict[str, Any]) -> TeacherModelConfig | StudentModelConfi
     """The model config of a teacher or student checkpoint (its ``weights`` dropped: the checkpoint has them)."""
     kind = ckpt["kind"]
     if kind not in MODEL_CONFIGS:
-        raise ValueError(f"a {kind} checkpoint holds no teacher or student model")
+        raise BadInput(f"a {kind} checkpoint holds no teacher or student model")
     return from_dict(MODEL_CONFIGS[kind], {**ckpt["model_config"], "weights": None})
 
 
@@ -69,7 +70,7 @@ def model_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
     problems += [f"{k}: shape {tuple(saved[k].shape)} in the checkpoint, {tuple(v.shape)} for its config"
                  for k, v in own.items() if k in saved and saved[k].shape != v.shape]
     if problems:
-        raise ValueError(f"the {ckpt['kind']} weights do not fit the checkpoint's model_config "
+        raise BadInput(f"the {ckpt['kind']} weights do not fit the checkpoint's model_config "
                          f"({len(ckpt['classes'])} classes):\n  " + "\n  ".join(problems[:20]))
     model.load_state_dict(saved)
     return model.eval()

@@ -10,6 +10,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
+from mlkd.errors import BadInput
 from mlkd.models.backbones import normalize
 
 
@@ -37,7 +38,7 @@ def teacher_inputs(images: Any, targets: list[dict[str, Any]], device: torch.dev
     else:
         x = normalize(images.to(device, non_blocking=True), convention)
     if any("proposals" not in t for t in targets):
-        raise ValueError("the dataset has no proposals: attach a cache (data.train_proposals / --proposals)")
+        raise BadInput("the dataset has no proposals: attach a cache (data.train_proposals / --proposals)")
     out = {"images": x, "proposals": [t["proposals"].to(device) for t in targets],
            "proposal_scores": [t["proposal_scores"].to(device) for t in targets]}
     if with_labels:

@@ -14,6 +14,8 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import roi_align, roi_pool
 
+from mlkd.errors import BadInput
+
 
 def segment_softmax(logits: Tensor, index: Tensor, num_segments: int) -> Tensor:
     """Softmax over the rows of each segment, separately for every column.
@@ -65,16 +67,16 @@ def flatten_proposals(proposals: Sequence[Tensor], scores: Sequence[Tensor] | No
     """
     for i, b in enumerate(proposals):
         if b.ndim != 2 or b.shape[1] != 4:
-            raise ValueError(f"proposals[{i}] must be Tensor[R, 4] (x1, y1, x2, y2), got shape {tuple(b.shape)}")
+            raise BadInput(f"proposals[{i}] must be Tensor[R, 4] (x1, y1, x2, y2), got shape {tuple(b.shape)}")
         if b.shape[0] == 0:
-            raise ValueError(f"image {i} of the batch has zero proposals; WSDDN needs at least one region per "
+            raise BadInput(f"image {i} of the batch has zero proposals; WSDDN needs at least one region per "
                              "image (drop the image or regenerate its proposals)")
     boxes = torch.cat(list(proposals))
     if scores is None:
         flat_scores = boxes.new_ones(boxes.shape[0])
     else:
         if len(scores) != len(proposals) or any(s.shape != (b.shape[0],) for s, b in zip(scores, proposals)):
-            raise ValueError("proposal_scores must be one Tensor[R_i] per image, matching the proposals")
+            raise BadInput("proposal_scores must be one Tensor[R_i] per image, matching the proposals")
         flat_scores = torch.cat(list(scores)).to(boxes.dtype)
     index = torch.cat([torch.full((b.shape[0],), i, dtype=torch.int64, device=boxes.device)
                        for i, b in enumerate(proposals)])

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mlkd.errors import BadInput
 from mlkd.models.ops import caffe_xavier_, pool_regions
 
 
@@ -41,7 +42,7 @@ class Student(nn.Module):
                  roi_size: int = 7, dropout: float = 0.5) -> None:
         super().__init__()
         if head not in ("vgg", "resnet"):
-            raise ValueError(f"student head must be 'vgg' or 'resnet', got {head!r}")
+            raise BadInput(f"student head must be 'vgg' or 'resnet', got {head!r}")
         self.backbone, self.head, self.roi_size = backbone, head, roi_size
         c = backbone.out_channels
         if head == "vgg":
@@ -79,7 +80,7 @@ class Student(nn.Module):
         """
         if self.head == "resnet":
             if set(layers) - {"fc7"}:
-                raise ValueError(f"a ResNet student has only the 'fc7' (adapter) region features, asked {layers}")
+                raise BadInput(f"a ResNet student has only the 'fc7' (adapter) region features, asked {layers}")
             pooled = pool_regions(fmap, boxes, index, self.roi_size, self.backbone.stride, "roi_align")
             return {"fc7": self.adapter(pooled.mean((2, 3)))}
         pooled = pool_regions(fmap, boxes, index, self.roi_size, self.backbone.stride)  # (N, C, s, s)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import batched_nms, box_iou
 
+from mlkd.errors import BadInput
 from mlkd.models.ops import caffe_xavier_, flatten_proposals, pool_regions, segment_softmax
 
 P_CLAMP = 1e-4  # image scores are clamped to [P_CLAMP, 1 - P_CLAMP] in the loss (the release's value)
@@ -105,7 +106,7 @@ class WSDDN(nn.Module):
                  reg_iou: float = 0.6, reg_top: int = 10) -> None:
         super().__init__()
         if roi_op not in ("roi_pool", "roi_align"):
-            raise ValueError(f"roi_op must be 'roi_pool' or 'roi_align', got {roi_op!r}")
+            raise BadInput(f"roi_op must be 'roi_pool' or 'roi_align', got {roi_op!r}")
         self.backbone = backbone
         self.roi_op, self.roi_size = roi_op, roi_size
         self.fc6 = nn.Linear(backbone.out_channels * roi_size * roi_size, hidden)
@@ -152,7 +153,7 @@ class WSDDN(nn.Module):
             proposal_scores: B tensors ``(R_i,)`` or None (every s_r = 1).
         """
         if len(proposals) != images.shape[0]:
-            raise ValueError(f"got {len(proposals)} proposal tensors for a batch of {images.shape[0]} images")
+            raise BadInput(f"got {len(proposals)} proposal tensors for a batch of {images.shape[0]} images")
         boxes, scores, index = flatten_proposals(proposals, proposal_scores)
         features = self.forward_regions(self.backbone(images), boxes, scores, index)  # (N, D)
         cls_logits, det_logits = self.forward_streams(features)
@@ -161,7 +162,7 @@ class WSDDN(nn.Module):
                                              self.cls_temperature, self.det_temperature)
         if self.training:
             if labels is None:
-                raise ValueError("training needs labels (B, K)")
+                raise BadInput("training needs labels (B, K)")
             losses = {"loss_cls": wsddn_loss(image_scores, labels)}
             if self.reg_weight > 0:
                 reg = spatial_regulariser(features.to(up), boxes, regions, index, labels, self.reg_iou, self.reg_top)

@@ -6,6 +6,7 @@ from typing import Any
 
 from mlkd.data import build_dataset
 from mlkd.data.base import DatasetIdentity, MultiLabelDataset, Transform, listed
+from mlkd.errors import BadInput
 from mlkd.proposals.cache import IMAGE_FIELDS, ProposalCache
 
 
@@ -32,7 +33,7 @@ def check_cache_matches(dataset: MultiLabelDataset, cache: ProposalCache) -> Non
                      if ids - cached else [])
     lines += [f"images in the cache not in the dataset ({len(cached - ids)}):{listed(sorted(cached - ids))}"]\
         if cached - ids else []
-    raise ValueError(f"{what} was not built for the images of {dataset.name}/{dataset.split} ({hint}):\n  "
+    raise BadInput(f"{what} was not built for the images of {dataset.name}/{dataset.split} ({hint}):\n  "
                      + "\n  ".join(lines))
 
 

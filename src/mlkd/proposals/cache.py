@@ -29,6 +29,7 @@ import lmdb
 import numpy as np
 
 from mlkd.data.base import BOX_CONVENTION
+from mlkd.errors import BadFile, BadInput, MissingEntry, NotFound
 
 FORMAT = "mlkd-proposals"
 VERSION = 2  # of meta.json: 2 = the dataset is matched by its images (v1: by images and labels)
@@ -46,22 +47,22 @@ def encode_record(boxes: np.ndarray, scores: np.ndarray) -> bytes:
     boxes = np.asarray(boxes, dtype="<f4")
     scores = np.asarray(scores, dtype="<f4")
     if boxes.ndim != 2 or boxes.shape[1] != 4:
-        raise ValueError(f"boxes must have shape (R, 4), got {boxes.shape}")
+        raise BadInput(f"boxes must have shape (R, 4), got {boxes.shape}")
     if scores.shape != (len(boxes),):
-        raise ValueError(f"scores must have shape ({len(boxes)},) to match boxes, got {scores.shape}")
+        raise BadInput(f"scores must have shape ({len(boxes)},) to match boxes, got {scores.shape}")
     return _HEADER.pack(_MAGIC, RECORD_VERSION, len(boxes)) + boxes.tobytes() + scores.tobytes()
 
 
 def decode_record(data: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
     """Unpack a record into ``boxes (R, 4)`` and ``scores (R,)`` float32 (writable copies); ``where`` names it."""
     if len(data) < _HEADER.size:
-        raise ValueError(f"malformed proposal record {where}: {len(data)} bytes, shorter than the header")
+        raise BadInput(f"malformed proposal record {where}: {len(data)} bytes, shorter than the header")
     magic, version, r = _HEADER.unpack_from(data)
     if magic != _MAGIC or version != RECORD_VERSION:
-        raise ValueError(f"malformed proposal record {where}: header {magic!r} v{version}, "
+        raise BadInput(f"malformed proposal record {where}: header {magic!r} v{version}, "
                          f"expected {_MAGIC!r} v{RECORD_VERSION}")
     if len(data) != _HEADER.size + 20 * r:
-        raise ValueError(f"malformed proposal record {where}: {len(data)} bytes for R={r} "
+        raise BadInput(f"malformed proposal record {where}: {len(data)} bytes for R={r} "
                          f"(expected {_HEADER.size + 20 * r})")
     flat = np.frombuffer(data, dtype="<f4", offset=_HEADER.size)
     return flat[: 4 * r].reshape(r, 4).astype(np.float32), flat[4 * r:].astype(np.float32)
@@ -95,23 +96,23 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     """Read and validate ``path/meta.json``; clear errors for a missing, unparsable or incomplete file."""
     meta_path = Path(path) / "meta.json"
     if not meta_path.is_file():
-        raise FileNotFoundError(f"not a proposal cache: {meta_path} is missing")
+        raise NotFound(f"not a proposal cache: {meta_path} is missing")
     try:
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"corrupt proposal cache meta {meta_path}: {e}") from e
+        raise BadInput(f"corrupt proposal cache meta {meta_path}: {e}") from e
     if not isinstance(meta, dict):
-        raise ValueError(f"corrupt proposal cache meta {meta_path}: expected a JSON object")
+        raise BadInput(f"corrupt proposal cache meta {meta_path}: expected a JSON object")
     missing = [k for k in META_KEYS if k not in meta]
     if missing:
-        raise ValueError(f"corrupt proposal cache meta {meta_path}: missing keys {missing}")
+        raise BadInput(f"corrupt proposal cache meta {meta_path}: missing keys {missing}")
     if meta["format"] != FORMAT or meta["version"] not in READABLE_VERSIONS:
-        raise ValueError(f"{meta_path} is format {meta['format']!r} v{meta['version']}; "
+        raise BadInput(f"{meta_path} is format {meta['format']!r} v{meta['version']}; "
                          f"this mlkd reads {FORMAT!r} v{', v'.join(map(str, READABLE_VERSIONS))}")
     needed = ("name", "split", "classes", "num_images") + (("images_hash",) if meta["version"] >= 2 else ("manifest_hash",))
     ds_missing = [k for k in needed if not isinstance(meta["dataset"], dict) or k not in meta["dataset"]]
     if ds_missing:
-        raise ValueError(f"corrupt proposal cache meta {meta_path}: dataset identity lacks {ds_missing}")
+        raise BadInput(f"corrupt proposal cache meta {meta_path}: dataset identity lacks {ds_missing}")
     return meta
 
 
@@ -136,7 +137,7 @@ def _open_lmdb(key: str, writable: bool) -> lmdb.Environment:
             return lmdb.open(key, map_size=_INITIAL_MAP_SIZE, subdir=True)
         return lmdb.open(key, readonly=True, lock=False, readahead=False, subdir=True)
     except lmdb.Error as e:
-        raise OSError(f"cannot open proposal cache {key}: {e}") from e
+        raise BadFile(f"cannot open proposal cache {key}: {e}") from e
 
 
 def _acquire_env(path: Path, writable: bool) -> None:
@@ -206,15 +207,15 @@ class ProposalCache:
         path = Path(path)
         if (path / "meta.json").exists():
             if not resume:
-                raise ValueError(f"proposal cache {path} already exists; choose another --out or remove it")
+                raise BadInput(f"proposal cache {path} already exists; choose another --out or remove it")
             old = read_meta(path)
             diffs = meta_differences(old, meta)
             if diffs:
-                raise ValueError(f"proposal cache {path} was built with other settings, so it cannot be resumed "
+                raise BadInput(f"proposal cache {path} was built with other settings, so it cannot be resumed "
                                  "(existing != requested):\n  " + "\n  ".join(diffs))
             meta = old
         elif path.exists() and any(path.iterdir()):
-            raise ValueError(f"{path} exists and is not a proposal cache (no meta.json); choose an empty --out")
+            raise BadInput(f"{path} exists and is not a proposal cache (no meta.json); choose an empty --out")
         path.mkdir(parents=True, exist_ok=True)
         cache = cls(path, dict(meta), writable=True)
         cache.write_meta()
@@ -226,7 +227,7 @@ class ProposalCache:
         path = Path(path)
         meta = read_meta(path)
         if not (path / "data.mdb").is_file():
-            raise FileNotFoundError(f"proposal cache {path} has meta.json but no data.mdb")
+            raise NotFound(f"proposal cache {path} has meta.json but no data.mdb")
         cache = cls(path, meta, writable=False)
         cache._open_env()
         return cache
@@ -269,7 +270,7 @@ class ProposalCache:
         with self._open_env().begin(buffers=False) as txn:
             data = txn.get(str(image_id).encode())
         if data is None:
-            raise KeyError(f"image id {image_id!r} is not in proposal cache {self.path} ({len(self)} images)")
+            raise MissingEntry(f"image id {image_id!r} is not in proposal cache {self.path} ({len(self)} images)")
         return decode_record(data, f"{image_id!r} in {self.path}")
 
     def __contains__(self, image_id: object) -> bool:

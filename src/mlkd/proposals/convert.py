@@ -15,6 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from mlkd.data.base import ImageRecord, MultiLabelDataset
+from mlkd.errors import BadInput
 from mlkd.proposals.attach import check_cache_matches
 from mlkd.proposals.cache import ProposalCache, make_meta
 from mlkd.proposals.formats import DatalistEntry, read_datalist, read_mat_proposals, write_datalist, \
@@ -36,7 +37,7 @@ def _write_import(dataset: MultiLabelDataset, found: dict[str, tuple[np.ndarray,
                   method: str, source: Path, allow_missing: bool, extra: list[str], progress: bool) -> ImportReport:
     missing = [r.image_id for r in dataset.records if r.image_id not in found]
     if missing and not allow_missing:
-        raise ValueError(f"{source} has no proposals for {len(missing)} of the {len(dataset)} dataset images "
+        raise BadInput(f"{source} has no proposals for {len(missing)} of the {len(dataset)} dataset images "
                          f"(e.g. {missing[:5]}); pass allow_missing (--allow-missing) to import the rest anyway")
     meta = make_meta(method, {"source": str(source.resolve())}, dataset.identity.to_dict())
     with ProposalCache.create(out, meta) as cache:
@@ -54,7 +55,7 @@ def import_mat(path: str | Path, dataset: MultiLabelDataset, out: str | Path, al
     ids = {r.image_id for r in dataset.records}
     extra = sorted(k for k in found if k not in ids)
     if len(extra) == len(found) and found:
-        raise ValueError(f"none of the {len(found)} image ids in {path} (e.g. {extra[:3]}) is an image id of "
+        raise BadInput(f"none of the {len(found)} image ids in {path} (e.g. {extra[:3]}) is an image id of "
                          f"dataset {dataset.name!r}/{dataset.split!r} (e.g. {[r.image_id for r in dataset.records[:3]]})")
     return _write_import(dataset, found, out, "import:mat", Path(path), allow_missing, extra, progress)
 
@@ -89,7 +90,7 @@ def match_paths(paths: list[str], records: list[ImageRecord], root: Path) -> lis
             continue
         hits = [r for r in by_name.get(parts[-1], []) if Path(r.path).parts[-len(parts):] == parts]
         if len(hits) > 1:
-            raise ValueError(f"datalist path {p!r} matches several dataset images: {[str(h.path) for h in hits[:3]]}")
+            raise BadInput(f"datalist path {p!r} matches several dataset images: {[str(h.path) for h in hits[:3]]}")
         out.append(hits[0] if hits else None)
     return out
 
@@ -107,7 +108,7 @@ def _check_labels(entries: list[DatalistEntry], matched: list[ImageRecord | None
         if len(problems) >= 5:
             break
     if problems:
-        raise ValueError("datalist labels disagree with the dataset (a different class order?):\n  "
+        raise BadInput("datalist labels disagree with the dataset (a different class order?):\n  "
                          + "\n  ".join(problems[:5]))
 
 
@@ -119,7 +120,7 @@ def import_datalist(path: str | Path, dataset: MultiLabelDataset, out: str | Pat
     entries = read_datalist(path, dataset.num_classes)
     matched = match_paths([e.path for e in entries], dataset.records, Path(root) if root else path.parent)
     if entries and all(m is None for m in matched):
-        raise ValueError(f"no path in {path} (e.g. {entries[0].path!r}) matches a dataset image "
+        raise BadInput(f"no path in {path} (e.g. {entries[0].path!r}) matches a dataset image "
                          f"(e.g. {str(dataset.records[0].path) if dataset.records else 'none'!r}); check --root")
     _check_labels(entries, matched, dataset.classes, path)
     found: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -127,7 +128,7 @@ def import_datalist(path: str | Path, dataset: MultiLabelDataset, out: str | Pat
     for e, r in zip(entries, matched):
         if r is not None:
             if r.image_id in found:
-                raise ValueError(f"{path}:{e.line} lists image {r.image_id!r} again (first at line {lines[r.image_id]})")
+                raise BadInput(f"{path}:{e.line} lists image {r.image_id!r} again (first at line {lines[r.image_id]})")
             found[r.image_id], lines[r.image_id] = (e.boxes, e.scores), e.line
     extra = [e.path for e, r in zip(entries, matched) if r is None]
     return _write_import(dataset, found, out, "import:datalist", path, allow_missing, extra, progress)

@@ -20,6 +20,7 @@ from typing import Iterable
 
 import numpy as np
 
+from mlkd.errors import BadInput, NotFound
 from mlkd.optional import optional_import
 from mlkd.data.datalist import (DatalistEntry, format_datalist_line, parse_datalist_line, read_datalist,
                                 write_datalist)
@@ -54,42 +55,42 @@ def _cell_to_id(value: object) -> str:
     if arr.size == 1 and np.issubdtype(arr.dtype, np.number):
         v = arr.item()
         return str(int(v)) if float(v).is_integer() else str(v)
-    raise ValueError(f"cannot read an image id from {arr!r}")
+    raise BadInput(f"cannot read an image id from {arr!r}")
 
 
 def read_mat_proposals(path: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Read a proposals ``.mat`` file: ``image id -> (boxes (R, 4) float32 x1y1x2y2, scores (R,) float32)``."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"proposal .mat file not found: {path}")
+        raise NotFound(f"proposal .mat file not found: {path}")
     try:
         mat = _scipy_io().loadmat(str(path), squeeze_me=False)
     except NotImplementedError as e:  # MATLAB v7.3 files are HDF5
-        raise ValueError(f"{path} is a MATLAB v7.3 (HDF5) file; re-save it in MATLAB with save(..., '-v7')") from e
+        raise BadInput(f"{path} is a MATLAB v7.3 (HDF5) file; re-save it in MATLAB with save(..., '-v7')") from e
     except (ValueError, TypeError, OSError, IndexError) as e:  # scipy raises IndexError on short files
-        raise ValueError(f"cannot read {path} as a MATLAB .mat file: {e}") from e
+        raise BadInput(f"cannot read {path} as a MATLAB .mat file: {e}") from e
     found = sorted(k for k in mat if not k.startswith("__"))
     for var in ("images", "boxes"):
         if var not in mat:
-            raise ValueError(f"{path} has no variable {var!r} (found {found}); expected 'images' (ids) and "
+            raise BadInput(f"{path} has no variable {var!r} (found {found}); expected 'images' (ids) and "
                              "'boxes' (cell array of R x 4 [y1 x1 y2 x2], 1-based), optionally 'boxScores'")
     images = mat["images"]
     ids = [s.strip() for s in images.ravel()] if images.dtype.kind == "U" else [_cell_to_id(v) for v in images.ravel()]
     cells = mat["boxes"].ravel()
     score_cells = mat["boxScores"].ravel() if "boxScores" in mat else None
     if len(cells) != len(ids) or (score_cells is not None and len(score_cells) != len(ids)):
-        raise ValueError(f"{path}: {len(ids)} images but {len(cells)} 'boxes' entries"
+        raise BadInput(f"{path}: {len(ids)} images but {len(cells)} 'boxes' entries"
                          + ("" if score_cells is None else f" and {len(score_cells)} 'boxScores' entries"))
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for i, (image_id, cell) in enumerate(zip(ids, cells)):
         raw = np.asarray(cell)
         if raw.size and (raw.ndim != 2 or raw.shape[1] != 4):
-            raise ValueError(f"{path}: boxes{{{i + 1}}} (image {image_id!r}) has shape {raw.shape}, expected R x 4")
+            raise BadInput(f"{path}: boxes{{{i + 1}}} (image {image_id!r}) has shape {raw.shape}, expected R x 4")
         boxes = mat_to_boxes(raw)
         scores = (np.ones(len(boxes), np.float32) if score_cells is None
                   else np.asarray(score_cells[i], np.float32).reshape(-1))
         if len(scores) != len(boxes):
-            raise ValueError(f"{path}: image {image_id!r} has {len(boxes)} boxes but {len(scores)} boxScores")
+            raise BadInput(f"{path}: image {image_id!r} has {len(boxes)} boxes but {len(scores)} boxScores")
         out[image_id] = (boxes, scores)
     return out
 

@@ -20,6 +20,7 @@ import cv2
 from tqdm import tqdm
 
 from mlkd.data.base import MultiLabelDataset, read_image
+from mlkd.errors import BadInput, MlkdError
 from mlkd.proposals.cache import ProposalCache, encode_record, make_meta
 from mlkd.proposals.methods import CLEAN_DEFAULTS, propose, resolve_params
 from mlkd.proposals.shards import shard_indices
@@ -59,7 +60,7 @@ def _propose_one(task: tuple[str, str]) -> tuple[str, bytes | None, int, str | N
     try:
         boxes, scores = propose(read_image(path), _WORKER["method"], _WORKER["params"])
     except Exception as e:  # noqa: BLE001 - one bad image must not end a multi-hour run; it is reported
-        return image_id, None, 0, f"{type(e).__name__}: {e}"
+        return image_id, None, 0, str(e) if isinstance(e, MlkdError) else f"{type(e).__name__}: {e}"
     return image_id, encode_record(boxes, scores), len(boxes), None
 
 
@@ -86,7 +87,7 @@ def generate_proposals(dataset: MultiLabelDataset, method: str, params: dict[str
         a :class:`GenerateReport`; failures are also written to ``out/failures.json``.
     """
     if workers < 0:
-        raise ValueError(f"workers must be >= 0, got {workers}")
+        raise BadInput(f"workers must be >= 0, got {workers}")
     params = resolve_params(method, params)
     t0 = time.perf_counter()
     with _open_cache(dataset, method, params, out, shard) as cache:

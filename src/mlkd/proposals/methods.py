@@ -22,6 +22,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from mlkd.errors import BadInput, NotFound
+
 SS_MODES = ("fast", "quality")
 
 
@@ -29,7 +31,7 @@ def _check_rgb(img_rgb: np.ndarray) -> None:
     if not (isinstance(img_rgb, np.ndarray) and img_rgb.dtype == np.uint8 and img_rgb.ndim == 3
             and img_rgb.shape[2] == 3):
         got = f"{img_rgb.dtype} {img_rgb.shape}" if isinstance(img_rgb, np.ndarray) else type(img_rgb).__name__
-        raise ValueError(f"expected an RGB uint8 image of shape (H, W, 3), got {got}")
+        raise BadInput(f"expected an RGB uint8 image of shape (H, W, 3), got {got}")
 
 
 def rects_to_boxes(rects: np.ndarray) -> np.ndarray:
@@ -70,7 +72,7 @@ def selective_search(img_rgb: np.ndarray, mode: str = "fast", base_k: int = 150,
     """
     _check_rgb(img_rgb)
     if mode not in SS_MODES:
-        raise ValueError(f"unknown selective search mode {mode!r}; choose one of {list(SS_MODES)}")
+        raise BadInput(f"unknown selective search mode {mode!r}; choose one of {list(SS_MODES)}")
     ss = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
     ss.setBaseImage(cv2.cvtColor(img_rgb, cv2.COLOR_RGB2BGR))  # its colour-space strategies assume BGR
     if mode == "fast":
@@ -132,7 +134,7 @@ def _edge_nms(mag: np.ndarray, orient: np.ndarray) -> np.ndarray:
 @functools.lru_cache(maxsize=2)
 def _structured_edge_detector(model_path: str):
     if not Path(model_path).is_file():
-        raise FileNotFoundError(f"structured edge model not found: {model_path} (expected e.g. model.yml.gz "
+        raise NotFound(f"structured edge model not found: {model_path} (expected e.g. model.yml.gz "
                                 "from opencv_extra's ximgproc test data)")
     return cv2.ximgproc.createStructuredEdgeDetection(model_path)
 
@@ -199,13 +201,13 @@ def clean_boxes(boxes: np.ndarray, scores: np.ndarray, img_hw: tuple[int, int], 
     boxes = np.asarray(boxes, np.float32)
     scores = np.asarray(scores, np.float32)
     if boxes.ndim != 2 or boxes.shape[1] != 4:
-        raise ValueError(f"boxes must have shape (R, 4), got {boxes.shape}")
+        raise BadInput(f"boxes must have shape (R, 4), got {boxes.shape}")
     if scores.shape != (len(boxes),):
-        raise ValueError(f"scores must have shape ({len(boxes)},) to match boxes, got {scores.shape}")
+        raise BadInput(f"scores must have shape ({len(boxes)},) to match boxes, got {scores.shape}")
     if not (np.isfinite(boxes).all() and np.isfinite(scores).all()):
-        raise ValueError("boxes and scores must be finite (found NaN or inf)")
+        raise BadInput("boxes and scores must be finite (found NaN or inf)")
     if max_proposals is not None and max_proposals < 0:
-        raise ValueError(f"max_proposals must be >= 0 or None, got {max_proposals}")
+        raise BadInput(f"max_proposals must be >= 0 or None, got {max_proposals}")
     h, w = int(img_hw[0]), int(img_hw[1])
     boxes = np.clip(boxes, 0.0, np.array([w, h, w, h], np.float32))
     bw, bh = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
@@ -229,7 +231,7 @@ def _nms_in_order(boxes: np.ndarray, scores: np.ndarray, iou: float) -> tuple[np
     from torchvision.ops import nms
 
     if not 0.0 <= iou <= 1.0 or math.isnan(iou):
-        raise ValueError(f"nms_iou must be in [0, 1], got {iou}")
+        raise BadInput(f"nms_iou must be in [0, 1], got {iou}")
     rank = torch.arange(len(boxes), 0, -1, dtype=torch.float32)
     kept = np.sort(nms(torch.from_numpy(boxes), rank, iou).numpy())
     return boxes[kept], scores[kept]
@@ -246,32 +248,32 @@ def resolve_params(method: str, params: dict[str, Any] | None = None) -> dict[st
     The result is what goes into the cache meta, so two caches with the same meta were built the same way.
     """
     if method not in METHODS:
-        raise ValueError(f"unknown proposal method {method!r}; choose one of {sorted(METHODS)}")
+        raise BadInput(f"unknown proposal method {method!r}; choose one of {sorted(METHODS)}")
     sig = inspect.signature(METHODS[method])
     defaults = {n: p.default for n, p in list(sig.parameters.items())[1:]}  # skip the image argument
     resolved = {**defaults, **CLEAN_DEFAULTS}
     unknown = sorted(set(params or {}) - set(resolved))
     if unknown:
-        raise ValueError(f"unknown parameter(s) {unknown} for method {method!r}; valid: {sorted(resolved)}")
+        raise BadInput(f"unknown parameter(s) {unknown} for method {method!r}; valid: {sorted(resolved)}")
     resolved.update(params or {})
     _check_values(resolved)
     if method == "edge_boxes" and resolved["model_path"]:
         resolved["model_path"] = str(Path(resolved["model_path"]).resolve())
         if not Path(resolved["model_path"]).is_file():
-            raise FileNotFoundError(f"structured edge model not found: {resolved['model_path']}")
+            raise NotFound(f"structured edge model not found: {resolved['model_path']}")
     return resolved
 
 
 def _check_values(p: dict[str, Any]) -> None:
     """Reject bad parameter values up front rather than as one failure per image."""
     if "mode" in p and p["mode"] not in SS_MODES:
-        raise ValueError(f"unknown selective search mode {p['mode']!r}; choose one of {list(SS_MODES)}")
+        raise BadInput(f"unknown selective search mode {p['mode']!r}; choose one of {list(SS_MODES)}")
     if p["max_proposals"] is not None and (not isinstance(p["max_proposals"], int) or p["max_proposals"] < 1):
-        raise ValueError(f"max_proposals must be a positive integer, got {p['max_proposals']!r}")
+        raise BadInput(f"max_proposals must be a positive integer, got {p['max_proposals']!r}")
     if not p["min_size"] >= 0:
-        raise ValueError(f"min_size must be >= 0 pixels, got {p['min_size']!r}")
+        raise BadInput(f"min_size must be >= 0 pixels, got {p['min_size']!r}")
     if p["nms_iou"] is not None and not 0.0 < p["nms_iou"] <= 1.0:
-        raise ValueError(f"nms_iou must be in (0, 1] or None, got {p['nms_iou']!r}")
+        raise BadInput(f"nms_iou must be in (0, 1] or None, got {p['nms_iou']!r}")
 
 
 def propose(img_rgb: np.ndarray, method: str, params: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:

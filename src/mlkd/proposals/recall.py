@@ -9,6 +9,7 @@ import torch
 from torchvision.ops import box_iou
 
 from mlkd.data.base import MultiLabelDataset
+from mlkd.errors import BadInput
 
 
 def proposal_recall(dataset: MultiLabelDataset, cache, ious: Sequence[float] = (0.5, 0.7),
@@ -24,7 +25,7 @@ def proposal_recall(dataset: MultiLabelDataset, cache, ious: Sequence[float] = (
     counts, empty = [], 0
     for r in dataset.records:
         if r.boxes is None:
-            raise ValueError(f"dataset {dataset.name!r} has no boxes (image {r.image_id!r}); recall needs them")
+            raise BadInput(f"dataset {dataset.name!r} has no boxes (image {r.image_id!r}); recall needs them")
         boxes, _ = cache.get(r.image_id)
         counts.append(len(boxes))
         empty += len(boxes) == 0

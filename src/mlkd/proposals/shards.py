@@ -9,6 +9,7 @@ from typing import Sequence
 from tqdm import tqdm
 
 from mlkd.data.base import MultiLabelDataset
+from mlkd.errors import BadInput
 from mlkd.proposals.attach import check_cache_matches
 from mlkd.proposals.cache import ProposalCache, meta_differences
 
@@ -18,9 +19,9 @@ def parse_shard(text: str) -> tuple[int, int]:
     try:
         i, n = (int(v) for v in text.split("/"))
     except ValueError:
-        raise ValueError(f"shard must look like i/n (e.g. 0/4), got {text!r}") from None
+        raise BadInput(f"shard must look like i/n (e.g. 0/4), got {text!r}") from None
     if not (n >= 1 and 0 <= i < n):
-        raise ValueError(f"shard {text!r} needs 0 <= i < n")
+        raise BadInput(f"shard {text!r} needs 0 <= i < n")
     return i, n
 
 
@@ -55,18 +56,18 @@ def _check_shard_metas(caches: Sequence[ProposalCache]) -> tuple[dict, list[int]
     for c in caches[1:]:
         diffs = meta_differences(first.meta, c.meta, ignore=("num_images", "shard"))
         if diffs:
-            raise ValueError(f"proposal caches {first.path} and {c.path} were built differently "
+            raise BadInput(f"proposal caches {first.path} and {c.path} were built differently "
                              "(first != second):\n  " + "\n  ".join(diffs))
     shards = [c.meta["shard"] for c in caches]
     missing: list[int] = []
     if any(s is not None for s in shards):
         if any(s is None for s in shards) or len({s["count"] for s in shards}) != 1:
-            raise ValueError("cannot merge caches with different sharding: "
+            raise BadInput("cannot merge caches with different sharding: "
                              + ", ".join(f"{c.path}: {c.meta['shard']}" for c in caches))
         indices = [s["index"] for s in shards]
         dupes = sorted({i for i in indices if indices.count(i) > 1})
         if dupes:
-            raise ValueError(f"shard index(es) {dupes} given more than once")
+            raise BadInput(f"shard index(es) {dupes} given more than once")
         missing = sorted(set(range(shards[0]["count"])) - set(indices))
     return {**first.meta, "shard": None, "num_images": 0}, missing
 
@@ -81,7 +82,7 @@ def merge_caches(out: str | Path, shard_paths: Sequence[str | Path], dataset: Mu
     when incomplete (re-running generation on it fills the gaps); the report says what is missing.
     """
     if not shard_paths:
-        raise ValueError("merge needs at least one shard cache directory")
+        raise BadInput("merge needs at least one shard cache directory")
     caches = [ProposalCache.open(p) for p in shard_paths]
     meta, missing_shards = _check_shard_metas(caches)
     if dataset is not None:

@@ -17,6 +17,7 @@ from typing import Any, Collection, Mapping
 
 import numpy as np
 
+from mlkd.errors import BadInput, NotFound
 from mlkd.export.caffe.net import (SUPPORTED_TYPES, V1_TO_V2_TYPE, V2_TO_V1_TYPE, CaffeLayer, CaffeNet, LayerBlobs,
                                    fill_message, layer_params)
 
@@ -47,7 +48,7 @@ def read_caffemodel(path: str | Path) -> dict[str, LayerBlobs]:
     try:
         msg.ParseFromString(path.read_bytes())
     except DecodeError as e:
-        raise ValueError(f"{path} ({path.stat().st_size} bytes) is not a valid binary caffemodel: protobuf could not "
+        raise BadInput(f"{path} ({path.stat().st_size} bytes) is not a valid binary caffemodel: protobuf could not "
                          f"decode it ({e}); the file is truncated or corrupt, or not a caffemodel (a .prototxt is "
                          "text: read it with read_prototxt)") from e
     out: dict[str, LayerBlobs] = {}
@@ -55,14 +56,14 @@ def read_caffemodel(path: str | Path) -> dict[str, LayerBlobs]:
         if not m.blobs:
             continue
         if m.name in out:
-            raise ValueError(f"{path}: two layers named {m.name!r} carry weights; layer names must be unique")
+            raise BadInput(f"{path}: two layers named {m.name!r} carry weights; layer names must be unique")
         where = f"{path}: layer {m.name!r} ({layer_type})"
         blobs = [_blob_to_array(b, layer_type, i, where) for i, b in enumerate(m.blobs)]
         if layer_type == "InnerProduct" and m.inner_product_param.transpose:
             blobs[0] = np.ascontiguousarray(blobs[0].T)  # stored (IN, OUT)
         out[m.name] = LayerBlobs(layer_type, blobs)
     if not out:
-        raise ValueError(f"{path} ({path.stat().st_size} bytes) has no layer with weights; expected a trained "
+        raise BadInput(f"{path} ({path.stat().st_size} bytes) has no layer with weights; expected a trained "
                          ".caffemodel (binary NetParameter with blobs)")
     return out
 
@@ -78,16 +79,16 @@ def read_prototxt(path: str | Path, supported: Collection[str] | None = SUPPORTE
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not text ({e}); a binary .caffemodel? Read it with read_caffemodel") from e
+        raise BadInput(f"{path} is not text ({e}); a binary .caffemodel? Read it with read_caffemodel") from e
     try:
         text_format.Parse(text, msg, allow_unknown_field=True)
     except text_format.ParseError as e:
-        raise ValueError(f"{path} is not a valid Caffe prototxt: {e}") from e
+        raise BadInput(f"{path} is not a valid Caffe prototxt: {e}") from e
     net = _net_from_message(msg, str(path))
     if supported is not None:
         bad = [f"{l.name!r} ({l.type})" for l in net.layers if l.type not in supported]
         if bad:
-            raise ValueError(f"{path}: unsupported layer type in {', '.join(bad)}; mlkd supports {sorted(supported)} "
+            raise BadInput(f"{path}: unsupported layer type in {', '.join(bad)}; mlkd supports {sorted(supported)} "
                              "(pass supported=None to read the network anyway)")
     return net
 
@@ -95,21 +96,21 @@ def read_prototxt(path: str | Path, supported: Collection[str] | None = SUPPORTE
 def _existing(path: str | Path, kind: str) -> Path:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"Caffe {kind} file not found: {path}")
+        raise NotFound(f"Caffe {kind} file not found: {path}")
     return path
 
 
 def _layer_messages(msg: Any, where: str) -> list[tuple[Any, str]]:
     """The layer messages of a NetParameter with their V2 type names; V1 and V2 layers are not mixed."""
     if len(msg.layer) and len(msg.layers):
-        raise ValueError(f"{where} mixes V2 'layer' and V1 'layers' entries; Caffe accepts one kind per file")
+        raise BadInput(f"{where} mixes V2 'layer' and V1 'layers' entries; Caffe accepts one kind per file")
     if len(msg.layer):
         return [(m, m.type) for m in msg.layer]
     out = []
     for i, m in enumerate(msg.layers):
         enum_name = pb.V1LayerParameter.LayerType.Name(m.type)
         if not m.name and enum_name == "NONE":
-            raise ValueError(f"{where}: V1 layer #{i} has no name and no type: this looks like a V0 (pre-2014) file; "
+            raise BadInput(f"{where}: V1 layer #{i} has no name and no type: this looks like a V0 (pre-2014) file; "
                              "upgrade it with Caffe's upgrade_net_proto_binary / upgrade_net_proto_text first")
         out.append((m, V1_TO_V2_TYPE.get(enum_name, enum_name)))
     return out
@@ -125,7 +126,7 @@ def _blob_to_array(blob: Any, layer_type: str, index: int, where: str) -> np.nda
     data = blob.data if len(blob.data) else blob.double_data
     count = int(np.prod(shape, dtype=np.int64))
     if count != len(data):
-        raise ValueError(f"{where}: blob {index} has shape {shape} ({count} values) but stores {len(data)} values"
+        raise BadInput(f"{where}: blob {index} has shape {shape} ({count} values) but stores {len(data)} values"
                          + (" (float16 raw_data of NVIDIA's Caffe is not supported)" if len(data) == 0 else ""))
     arr = np.array(data, dtype=np.float32).reshape(shape)
     ndims = _BLOB_NDIMS.get(layer_type)
@@ -138,7 +139,7 @@ def _drop_leading_ones(arr: np.ndarray, ndim: int, where: str) -> np.ndarray:
     """Legacy ``(1, 1, OUT, IN)`` -> ``(OUT, IN)`` etc.; anything but leading 1s is an error."""
     lead = arr.shape[: arr.ndim - ndim]
     if any(d != 1 for d in lead):
-        raise ValueError(f"{where} has legacy shape {arr.shape}; expected {ndim}-D data padded with leading 1s "
+        raise BadInput(f"{where} has legacy shape {arr.shape}; expected {ndim}-D data padded with leading 1s "
                          f"(e.g. {(1,) * (4 - ndim) + ('...',) * ndim})")
     return arr.reshape(arr.shape[arr.ndim - ndim:])
 
@@ -150,7 +151,7 @@ def _net_from_message(msg: Any, where: str) -> CaffeNet:
         if layer_type == "Input":
             shapes = [tuple(int(d) for d in s.dim) for s in m.input_param.shape]
             if len(shapes) not in (1, len(m.top)):
-                raise ValueError(f"{where}: Input layer {m.name!r} has {len(m.top)} tops but {len(shapes)} shapes")
+                raise BadInput(f"{where}: Input layer {m.name!r} has {len(m.top)} tops but {len(shapes)} shapes")
             inputs.update({top: shapes[min(i, len(shapes) - 1)] for i, top in enumerate(m.top)})
             continue
         layers.append(CaffeLayer(m.name, layer_type, list(m.bottom), list(m.top), layer_params(m)))
@@ -165,7 +166,7 @@ def _net_inputs(msg: Any, where: str) -> dict[str, tuple[int, ...]]:
     if not len(msg.input_shape) and len(msg.input_dim) == 4 * len(names):
         dims = [int(d) for d in msg.input_dim]
         return {n: tuple(dims[4 * i: 4 * i + 4]) for i, n in enumerate(names)}
-    raise ValueError(f"{where}: inputs {names} need one input_shape or four input_dim values each; found "
+    raise BadInput(f"{where}: inputs {names} need one input_shape or four input_dim values each; found "
                      f"{len(msg.input_shape)} input_shape and {len(msg.input_dim)} input_dim")
 
 
@@ -190,13 +191,13 @@ def write_caffemodel(path: str | Path, layers: Mapping[str, LayerBlobs], net: Ca
         m = by_name.get(name)
         if m is None:
             if net is not None:
-                raise ValueError(f"weights for layer {name!r}, which network {net.name!r} does not have; its layers: "
+                raise BadInput(f"weights for layer {name!r}, which network {net.name!r} does not have; its layers: "
                                  f"{[l.name for l in net.layers]}")
             m = entries.add()
             m.name = name
             _set_type(m, lb.type, version, f"layer {name!r}")
         elif net is not None and net.layer(name).type != lb.type:
-            raise ValueError(f"weights for layer {name!r} are for a {lb.type} layer, but the network's {name!r} is a "
+            raise BadInput(f"weights for layer {name!r} are for a {lb.type} layer, but the network's {name!r} is a "
                              f"{net.layer(name).type} layer")
         transpose = lb.type == "InnerProduct" and m.inner_product_param.transpose
         for i, arr in enumerate(lb.blobs):
@@ -212,7 +213,7 @@ def net_to_message(net: CaffeNet, version: int = 2) -> Message:
     for name, shape in net.inputs.items():
         if version == 1:
             if len(shape) != 4:
-                raise ValueError(f"V1 input {name!r} needs a 4-D shape (N, C, H, W), got {shape}")
+                raise BadInput(f"V1 input {name!r} needs a 4-D shape (N, C, H, W), got {shape}")
             msg.input.append(name)
             msg.input_dim.extend(int(d) for d in shape)
         else:
@@ -230,7 +231,7 @@ def net_to_message(net: CaffeNet, version: int = 2) -> Message:
 
 def _check_version(version: int) -> None:
     if version not in (1, 2):
-        raise ValueError(f"Caffe file version must be 1 (V1 'layers') or 2 (V2 'layer'), got {version!r}")
+        raise BadInput(f"Caffe file version must be 1 (V1 'layers') or 2 (V2 'layer'), got {version!r}")
 
 
 def _set_type(m: Any, layer_type: str, version: int, where: str) -> None:
@@ -238,14 +239,14 @@ def _set_type(m: Any, layer_type: str, version: int, where: str) -> None:
         m.type = layer_type
         return
     if layer_type not in V2_TO_V1_TYPE:
-        raise ValueError(f"{where}: type {layer_type!r} has no V1 equivalent; V1 types: {sorted(V2_TO_V1_TYPE)}")
+        raise BadInput(f"{where}: type {layer_type!r} has no V1 equivalent; V1 types: {sorted(V2_TO_V1_TYPE)}")
     m.type = pb.V1LayerParameter.LayerType.Value(V2_TO_V1_TYPE[layer_type])
 
 
 def _array_to_blob(arr: np.ndarray, blob: Any, version: int, where: str) -> None:
     if version == 1:
         if arr.ndim > 4:
-            raise ValueError(f"{where}: V1 blobs are at most 4-D, got shape {arr.shape}")
+            raise BadInput(f"{where}: V1 blobs are at most 4-D, got shape {arr.shape}")
         blob.num, blob.channels, blob.height, blob.width = (1,) * (4 - arr.ndim) + arr.shape
     else:
         blob.shape.dim.extend(arr.shape)

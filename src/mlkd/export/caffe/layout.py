@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from mlkd.errors import BadInput
 from mlkd.export.caffe.net import CaffeLayer, CaffeNet, LayerBlobs
 
 
@@ -58,7 +59,7 @@ class VggLayout:
         counts = {len(names) for names in self.convs}
         if len(counts) == 1:
             return {"backbone": "tiny", "tiny_channels": list(self.channels), "tiny_convs_per_block": counts.pop()}
-        raise ValueError(f"the Caffe network's blocks (channels, convolutions) are {list(blocks)}: neither VGG16 "
+        raise BadInput(f"the Caffe network's blocks (channels, convolutions) are {list(blocks)}: neither VGG16 "
                          f"{list(VGG16_BLOCKS)} nor mlkd's tiny backbone (the same number of convolutions in every "
                          "block)")
 
@@ -85,7 +86,7 @@ def vgg_layout(weights: Mapping[str, LayerBlobs], net: CaffeNet, naming: Naming 
     in_model = {n for n in weights if pattern.fullmatch(n)}
     in_net = {l.name for l in net.layers if l.type == "Convolution" and pattern.fullmatch(l.name)}
     if not in_model or in_model != in_net:
-        raise ValueError(f"convolutions named like {naming.conv!r}: the caffemodel has {_sorted(in_model)}, the "
+        raise BadInput(f"convolutions named like {naming.conv!r}: the caffemodel has {_sorted(in_model)}, the "
                          f"prototxt has {_sorted(in_net)}; they must be the same, non-empty set")
     blocks: dict[int, dict[int, str]] = {}
     for name in in_model:
@@ -93,7 +94,7 @@ def vgg_layout(weights: Mapping[str, LayerBlobs], net: CaffeNet, naming: Naming 
         blocks.setdefault(b, {})[i] = name
     if sorted(blocks) != list(range(1, len(blocks) + 1)) or any(
             sorted(convs) != list(range(1, len(convs) + 1)) for convs in blocks.values()):
-        raise ValueError(f"convolutions must be numbered block 1.. and index 1.. without gaps; found "
+        raise BadInput(f"convolutions must be numbered block 1.. and index 1.. without gaps; found "
                          f"{_sorted(in_model)}")
     convs = tuple(tuple(blocks[b][i] for i in sorted(blocks[b])) for b in sorted(blocks))
     channels = _check_conv_weights(weights, convs)
@@ -119,12 +120,12 @@ def _check_conv_weights(weights: Mapping[str, LayerBlobs], convs: tuple[tuple[st
             c_out = shapes[0][0] if shapes and len(shapes[0]) == 4 else -1
             expected = [(c_out, c_in, 3, 3), (c_out,)]
             if lb.type != "Convolution" or c_out < 1 or shapes != expected:
-                raise ValueError(f"caffemodel layer {name!r} ({lb.type}) has blobs {shapes}; expected a Convolution "
+                raise BadInput(f"caffemodel layer {name!r} ({lb.type}) has blobs {shapes}; expected a Convolution "
                                  f"with {expected} (3x3 over the previous layer's {c_in} channels, with bias)")
             outs.append(c_out)
             c_in = c_out
         if len(set(outs)) != 1:
-            raise ValueError(f"block {list(names)} has output channels {outs}; mlkd's backbones use one width per "
+            raise BadInput(f"block {list(names)} has output channels {outs}; mlkd's backbones use one width per "
                              "block")
         channels.append(outs[0])
     return tuple(channels)
@@ -148,18 +149,18 @@ def _check_conv_params(layer: CaffeLayer) -> None:
            "dilation": _hw(p, "dilation", 1), "group": p.get("group", 1), "bias_term": p.get("bias_term", True)}
     want = {"kernel": (3, 3), "pad": (1, 1), "stride": (1, 1), "dilation": (1, 1), "group": 1, "bias_term": True}
     if got != want:
-        raise ValueError(f"prototxt layer {layer.name!r}: mlkd's VGG backbones need {want}, the prototxt gives {got}")
+        raise BadInput(f"prototxt layer {layer.name!r}: mlkd's VGG backbones need {want}, the prototxt gives {got}")
 
 
 def _check_pool(net: CaffeNet, name: str) -> None:
     layer = next((l for l in net.layers if l.name == name), None)
     if layer is None or layer.type != "Pooling":
-        raise ValueError(f"the prototxt has no Pooling layer {name!r} (found {layer.type if layer else 'nothing'}); "
+        raise BadInput(f"the prototxt has no Pooling layer {name!r} (found {layer.type if layer else 'nothing'}); "
                          "VGG blocks are separated by 2x2 / stride 2 max pooling layers named like the release's")
     p = layer.params.get("pooling_param", {})
     got = (p.get("pool", "MAX"), _hw(p, "kernel", 0), _hw(p, "stride", 1), _hw(p, "pad", 0))
     if got != ("MAX", (2, 2), (2, 2), (0, 0)) or p.get("global_pooling"):
-        raise ValueError(f"prototxt layer {name!r} is {p}; mlkd's VGG backbones need MAX pooling, kernel 2, stride 2, "
+        raise BadInput(f"prototxt layer {name!r} is {p}; mlkd's VGG backbones need MAX pooling, kernel 2, stride 2, "
                          "no padding")
 
 
@@ -169,7 +170,7 @@ def fc_input_side(weights: Mapping[str, LayerBlobs], name: str, channels: int) -
     shape = tuple(lb.blobs[0].shape) if lb.blobs else ()
     side = math.isqrt(shape[1] // channels) if len(shape) == 2 and shape[1] % channels == 0 else 0
     if lb.type != "InnerProduct" or side < 1 or channels * side * side != shape[1]:
-        raise ValueError(f"caffemodel layer {name!r} ({lb.type}) has weights {shape}; expected an InnerProduct over a "
+        raise BadInput(f"caffemodel layer {name!r} ({lb.type}) has weights {shape}; expected an InnerProduct over a "
                          f"{channels} x s x s map (inputs = {channels} * s * s)")
     return side
 
@@ -183,7 +184,7 @@ def fc_shapes(weights: Mapping[str, LayerBlobs], names: list[str], first_in: int
         n_out = shapes[0][0] if shapes and len(shapes[0]) == 2 else -1
         if lb is None or lb.type != "InnerProduct" or shapes != [(n_out, n_in), (n_out,)]:
             found = f"{lb.type} with blobs {shapes}" if lb else "nothing"
-            raise ValueError(f"caffemodel layer {name!r}: expected an InnerProduct with weights (OUT, {n_in}) and bias "
+            raise BadInput(f"caffemodel layer {name!r}: expected an InnerProduct with weights (OUT, {n_in}) and bias "
                              f"(OUT,), found {found}")
         outs.append(n_out)
         n_in = n_out

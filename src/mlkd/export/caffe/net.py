@@ -22,6 +22,8 @@ import numpy as np
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
+from mlkd.errors import BadInput, MissingEntry
+
 # V1 enum name -> V2 type string, as Caffe's own upgrade (UpgradeV1LayerType) maps them.
 V1_TO_V2_TYPE: dict[str, str] = {
     "ABSVAL": "AbsVal", "ACCURACY": "Accuracy", "ARGMAX": "ArgMax", "BNLL": "BNLL", "CONCAT": "Concat",
@@ -80,7 +82,7 @@ class CaffeNet:
         for layer in self.layers:
             if layer.name == name:
                 return layer
-        raise KeyError(f"no layer {name!r} in network {self.name!r}; layers: {[l.name for l in self.layers]}")
+        raise MissingEntry(f"no layer {name!r} in network {self.name!r}; layers: {[l.name for l in self.layers]}")
 
 
 # -- protobuf message <-> plain values --------------------------------------------------------------
@@ -112,9 +114,9 @@ def fill_message(msg: Message, values: dict[str, Any], where: str) -> None:
     for key, value in values.items():
         fd = fields.get(key)
         if fd is None:
-            raise ValueError(f"{where}: {msg.DESCRIPTOR.name} has no field {key!r}; mlkd knows {sorted(fields)}")
+            raise BadInput(f"{where}: {msg.DESCRIPTOR.name} has no field {key!r}; mlkd knows {sorted(fields)}")
         if fd.is_repeated and not isinstance(value, (list, tuple)):
-            raise ValueError(f"{where}: {msg.DESCRIPTOR.name}.{key} is repeated; expected a list, got {value!r}")
+            raise BadInput(f"{where}: {msg.DESCRIPTOR.name}.{key} is repeated; expected a list, got {value!r}")
         for item in (value if fd.is_repeated else [value]):
             _set_field(msg, fd, item, f"{where}: {msg.DESCRIPTOR.name}.{key}")
 
@@ -122,14 +124,14 @@ def fill_message(msg: Message, values: dict[str, Any], where: str) -> None:
 def _set_field(msg: Message, fd: FieldDescriptor, value: Any, where: str) -> None:
     if fd.message_type is not None:
         if not isinstance(value, dict):
-            raise ValueError(f"{where} is a {fd.message_type.name} message; expected a dict, got {value!r}")
+            raise BadInput(f"{where} is a {fd.message_type.name} message; expected a dict, got {value!r}")
         sub = getattr(msg, fd.name).add() if fd.is_repeated else getattr(msg, fd.name)
         sub.SetInParent()  # an empty message still marks the field as present
         fill_message(sub, value, where)
         return
     if fd.enum_type is not None and isinstance(value, str):
         if value not in fd.enum_type.values_by_name:
-            raise ValueError(f"{where}: unknown value {value!r}; expected one of {list(fd.enum_type.values_by_name)}")
+            raise BadInput(f"{where}: unknown value {value!r}; expected one of {list(fd.enum_type.values_by_name)}")
         value = fd.enum_type.values_by_name[value].number
     try:
         if fd.is_repeated:
@@ -137,7 +139,7 @@ def _set_field(msg: Message, fd: FieldDescriptor, value: Any, where: str) -> Non
         else:
             setattr(msg, fd.name, value)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{where}: cannot store {value!r}: {e}") from e
+        raise BadInput(f"{where}: cannot store {value!r}: {e}") from e
 
 
 def layer_params(msg: Message) -> dict[str, Any]:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mlkd.errors import BadInput
 from mlkd.export.caffe.io import write_caffemodel, write_prototxt
 from mlkd.export.caffe.net import CaffeLayer, CaffeNet, LayerBlobs
 from mlkd.export.shapes import conv_padding, feature_sizes, pair
@@ -52,14 +53,14 @@ def vgg_layer_names(features: nn.Sequential) -> dict[int, str]:
             names[i] = f"conv{block}_{conv}"
         elif isinstance(module, nn.ReLU):
             if i == 0 or not isinstance(features[i - 1], nn.Conv2d):
-                raise ValueError(f"features.{i} (ReLU) does not follow a Conv2d; VGG-style features are "
+                raise BadInput(f"features.{i} (ReLU) does not follow a Conv2d; VGG-style features are "
                                  "Conv2d, ReLU pairs separated by MaxPool2d")
             names[i] = f"relu{block}_{conv}"
         elif isinstance(module, nn.MaxPool2d):
             names[i] = f"pool{block}"
             block, conv = block + 1, 0
         else:
-            raise ValueError(f"features.{i} is a {kind}; VGG-style features may only hold {list(_FEATURE_MODULES)}")
+            raise BadInput(f"features.{i} is a {kind}; VGG-style features may only hold {list(_FEATURE_MODULES)}")
     return names
 
 
@@ -86,7 +87,7 @@ def check_pool_rounding(features: nn.Sequential, size: tuple[int, int]) -> None:
             bad = size[0] if c[0] != t[0] else size[1]
             ok = [n for n in range(1, 4 * bad + 64) if _agrees(features, n)]
             near = sorted(ok, key=lambda n: (abs(n - bad), n))[:4]
-            raise ValueError(f"input size {size[0]}x{size[1]}: {names[i]} (features.{i}) gives {c[0]}x{c[1]} in Caffe "
+            raise BadInput(f"input size {size[0]}x{size[1]}: {names[i]} (features.{i}) gives {c[0]}x{c[1]} in Caffe "
                              f"(ceil rounding) but {t[0]}x{t[1]} in PyTorch; export at a size where they agree "
                              f"(nearest: {sorted(near)}) or build the model with MaxPool2d(..., ceil_mode=True)")
 
@@ -128,7 +129,7 @@ def _conv_layer(name: str, conv: nn.Conv2d, bottom: str) -> CaffeLayer:
 
 def _pool_layer(name: str, pool: nn.MaxPool2d, bottom: str) -> CaffeLayer:
     if pair(pool.dilation) != (1, 1) or pool.return_indices:
-        raise ValueError(f"{name}: Caffe pooling has no dilation or indices output; got {pool!r}")
+        raise BadInput(f"{name}: Caffe pooling has no dilation or indices output; got {pool!r}")
     param = {"pool": "MAX", **_hw_param("kernel", pair(pool.kernel_size), False),
              **_hw_param("stride", pair(pool.stride), False)}
     if pair(pool.padding) != (0, 0):
@@ -168,7 +169,7 @@ def _head_modules(model: nn.Module) -> list[nn.Linear]:
     bad = [f"{n} ({type(m).__name__ if m is not None else 'missing'})" for n, m, t
            in zip(("features", "fc6", "fc7", "fc8"), found, expected) if not isinstance(m, t)]
     if bad:
-        raise ValueError(f"model does not follow the VGG contract (features: nn.Sequential; fc6, fc7, fc8: nn.Linear); "
+        raise BadInput(f"model does not follow the VGG contract (features: nn.Sequential; fc6, fc7, fc8: nn.Linear); "
                          f"wrong: {', '.join(bad)}")
     return found[1:]
 
@@ -185,14 +186,14 @@ def vgg_to_caffe(model: nn.Module, input_size: int | tuple[int, int], classifier
     size = pair(input_size)
     fc6, fc7, fc8 = _head_modules(model)
     if output is not None and output not in OUTPUT_LAYERS:
-        raise ValueError(f"output must be one of {sorted(OUTPUT_LAYERS)} or None, got {output!r}")
+        raise BadInput(f"output must be one of {sorted(OUTPUT_LAYERS)} or None, got {output!r}")
     check_pool_rounding(model.features, size)
     layers, blobs, top = features_to_caffe(model.features)
     convs = [m for m in model.features if isinstance(m, nn.Conv2d)]
     c = convs[-1].out_channels if convs else 3
     h, w = feature_sizes(model.features, size, caffe=False)[-1] if len(model.features) else size
     if fc6.in_features != c * h * w:
-        raise ValueError(f"fc6 takes {fc6.in_features} inputs but at input size {size[0]}x{size[1]} the features are "
+        raise BadInput(f"fc6 takes {fc6.in_features} inputs but at input size {size[0]}x{size[1]} the features are "
                          f"{c}x{h}x{w} = {c * h * w}; export at the size the model was built for")
     for name, fc, relu, drop in (("fc6", fc6, "relu6", "drop6"), ("fc7", fc7, "relu7", "drop7")):
         layers += [_fc_layer(name, fc, top), CaffeLayer(relu, "ReLU", [name], [name]),
@@ -233,13 +234,13 @@ def import_vgg_weights(layers: Mapping[str, LayerBlobs], target_names: Mapping[s
     missing = sorted(wanted - set(layers))
     unexpected = sorted(set(layers) - wanted - set(ignore))
     if missing or unexpected:
-        raise ValueError(f"Caffe layers do not match: missing {missing}, unexpected {unexpected}; expected "
+        raise BadInput(f"Caffe layers do not match: missing {missing}, unexpected {unexpected}; expected "
                          f"{sorted(wanted)} (ignoring {sorted(ignore)}), found {sorted(layers)}")
     state: dict[str, torch.Tensor] = {}
     for prefix, caffe_name in target_names.items():
         blobs = layers[caffe_name].blobs
         if len(blobs) not in (1, 2):
-            raise ValueError(f"Caffe layer {caffe_name!r} has {len(blobs)} blobs; expected weights and optional bias")
+            raise BadInput(f"Caffe layer {caffe_name!r} has {len(blobs)} blobs; expected weights and optional bias")
         for key, arr in zip(("weight", "bias"), blobs):
             state[f"{prefix}.{key}"] = torch.from_numpy(np.array(arr, dtype=np.float32))
     if expected is not None:
@@ -261,4 +262,4 @@ def _check_against(state: Mapping[str, torch.Tensor], expected: Mapping[str, tor
         if f"{prefix}.bias" in expected and f"{prefix}.bias" not in state:
             problems.append(f"{prefix}.bias: model has a bias, Caffe {caffe_name!r} has none")
     if problems:
-        raise ValueError("Caffe weights do not fit the model: " + "; ".join(problems))
+        raise BadInput("Caffe weights do not fit the model: " + "; ".join(problems))

@@ -31,6 +31,7 @@ from typing import Any, Mapping
 import numpy as np
 from torch import nn
 
+from mlkd.errors import BadInput
 from mlkd.export.caffe.io import write_caffemodel, write_prototxt
 from mlkd.export.caffe.layout import RELEASE, Naming
 from mlkd.export.caffe.net import CaffeLayer, CaffeNet, LayerBlobs
@@ -66,15 +67,15 @@ def wsddn_to_caffe(model: nn.Module, input_size: int, regions: int,
     ``fc8_d`` (R, K), ``proposal_class_score`` (1, R, K, 1) and ``image_level_score`` (1, 1, K, 1).
     """
     if getattr(model, "roi_op", "roi_pool") != "roi_pool":
-        raise ValueError(f"the teacher uses {model.roi_op}; the release's Caffe network (and mlkd's export) has Fast "
+        raise BadInput(f"the teacher uses {model.roi_op}; the release's Caffe network (and mlkd's export) has Fast "
                          "R-CNN RoI max pooling only (roi_op=roi_pool)")
     if regions < 1:
-        raise ValueError(f"the number of regions R baked into the Reshape layers must be >= 1, got {regions}")
+        raise BadInput(f"the number of regions R baked into the Reshape layers must be >= 1, got {regions}")
     features = model.backbone.features
     check_pool_rounding(features, (input_size, input_size))
     layers, blobs, top = features_to_caffe(features)
     if top == "data":
-        raise ValueError("the teacher's backbone has no convolution")
+        raise BadInput("the teacher's backbone has no convolution")
     k, s, c = model.fc8_c.out_features, model.roi_size, model.backbone.out_channels
     layers += [_fc("fc6", "roi_pooling", model.fc6), CaffeLayer("relu6", "ReLU", ["fc6"], ["fc6"]),
                CaffeLayer("drop6", "Dropout", ["fc6"], ["fc6"], {"dropout_param": {"dropout_ratio": model.drop.p}}),
@@ -115,7 +116,7 @@ def check_sum_layer(weights: Mapping[str, LayerBlobs], name: str = SUM_LAYER) ->
     lb = weights[name]
     w = lb.blobs[0] if lb.blobs else np.zeros(0)
     if lb.type != "Convolution" or len(lb.blobs) != 1 or w.ndim != 4 or w.shape[0] != 1 or not np.all(w == 1):
-        raise ValueError(f"caffemodel layer {name!r} should be the sum over regions: a Convolution with one weight "
+        raise BadInput(f"caffemodel layer {name!r} should be the sum over regions: a Convolution with one weight "
                          f"blob (1, R, 1, 1) of ones and no bias; found {lb.type} with blobs "
                          f"{[tuple(b.shape) for b in lb.blobs]} (min {w.min() if w.size else None}, "
                          f"max {w.max() if w.size else None})")
@@ -127,14 +128,14 @@ def head_settings(net: CaffeNet, last_conv: str, stride: int, naming: Naming = R
     out: dict[str, Any] = {}
     pools = [l for l in net.layers if l.type == "ROIPooling" and l.bottoms[:1] == [last_conv]]
     if len(pools) > 1:
-        raise ValueError(f"the prototxt has {len(pools)} ROIPooling layers on {last_conv!r}: {[l.name for l in pools]}")
+        raise BadInput(f"the prototxt has {len(pools)} ROIPooling layers on {last_conv!r}: {[l.name for l in pools]}")
     if pools:
         p = pools[0].params.get("roi_pooling_param", {})
         size = (p.get("pooled_h", 0), p.get("pooled_w", 0))
         if size[0] != size[1] or size[0] < 1:
-            raise ValueError(f"ROIPooling {pools[0].name!r} pools to {size[0]}x{size[1]}; mlkd needs a square grid")
+            raise BadInput(f"ROIPooling {pools[0].name!r} pools to {size[0]}x{size[1]}; mlkd needs a square grid")
         if abs(p.get("spatial_scale", 1.0) - 1.0 / stride) > 1e-6:
-            raise ValueError(f"ROIPooling {pools[0].name!r} has spatial_scale {p.get('spatial_scale', 1.0)}, but "
+            raise BadInput(f"ROIPooling {pools[0].name!r} has spatial_scale {p.get('spatial_scale', 1.0)}, but "
                              f"{last_conv} has stride {stride}: expected {1.0 / stride}")
         out.update(roi_size=size[0], score_scale=float(p.get("score_scale", 1.0)),
                    score_bias=float(p.get("score_bias", 0.0)))
@@ -143,7 +144,7 @@ def head_settings(net: CaffeNet, last_conv: str, stride: int, naming: Naming = R
         if layer is not None and naming is RELEASE:
             p = layer.params.get("power_param", {})
             if layer.type != "Power" or p.get("power", 1.0) != 1.0 or p.get("shift", 0.0) != 0.0 or not p.get("scale"):
-                raise ValueError(f"prototxt layer {name!r} should be a Power layer with scale 1/T (power 1, shift 0) "
+                raise BadInput(f"prototxt layer {name!r} should be a Power layer with scale 1/T (power 1, shift 0) "
                                  f"as mlkd writes it; found {layer.type} {p}")
             out[key] = float(np.float32(1.0) / np.float32(p["scale"]))
     return out
