@@ -60,10 +60,42 @@ def test_wrong_types_are_errors(section, key, value, message):
 def test_section_must_be_a_mapping_and_validate_runs():
     with pytest.raises(ValueError, match="optim: expected a mapping of keys, got 5"):
         from_dict(TeacherConfig, {**TRAIN, "optim": 5})
-    with pytest.raises(ValueError, match="data.batch_size must be >= 1"):
+    with pytest.raises(ValueError, match=r"data.batch_size: 0 is out of range; expected 1 <= value <= 4096"):
         from_dict(TeacherConfig, {"data": {"train": "t", "batch_size": 0}})
-    with pytest.raises(ValueError, match="optim.lr must be > 0"):
+    with pytest.raises(ValueError, match=r"optim.lr: 0.0 is out of range; expected 0 < value <= 10"):
         teacher(optim={"lr": 0})
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.gamma=-1", r"optim.gamma: -1.0 is out of range; expected 0 < value <= 1"),  # the lr would turn negative
+    ("optim.gamma=1.5", r"optim.gamma: 1.5 is out of range"),
+    ("optim.lr=.nan", r"optim.lr: expected a finite number, got nan"),
+    ("optim.epochs=0", r"optim.epochs: 0 is out of range; expected 1 <= value"),
+    ("model.hidden=100000", r"model.hidden: 100000 is out of range; expected 1 <= value <= 65536"),  # 30 GB
+    ("model.hidden=0", r"model.hidden: 0 is out of range"),
+    ("model.roi_size=0", r"model.roi_size: 0 is out of range"),  # ZeroDivisionError before
+    ("data.test_scale=0", r"data.test_scale: 0 is out of range; expected 16 <= value <= 8192"),
+    ("data.scales=[480,0]", r"data.scales: 0 is out of range"),
+    ("data.max_proposals=0", r"data.max_proposals: 0 is out of range; expected 1 <= value"),  # not silently "all"
+    ("run.threads=0", r"run.threads: 0 is out of range; expected 1 <= value"),
+    ("run.out=", r"run.out is empty"),
+    ("model.dropout=1.5", r"model.dropout: 1.5 is out of range; expected 0 <= value <= 1"),
+    ("model.score_scale=.inf", r"model.score_scale: expected a finite number, got inf"),
+])
+def test_numeric_config_fields_carry_ranges(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(TeacherConfig, None, ["data.train=t.jsonl", override])
+
+
+def test_student_ranges_and_none_still_means_default():
+    with pytest.raises(ValueError, match=r"stages\[0\].epochs: 0 is out of range"):
+        load_config(StudentConfig, None, ["data.train=t.jsonl", "stages=[{name: a, epochs: 0}]"])
+    with pytest.raises(ValueError, match=r"model.image_size: 8 is out of range; expected 16 <= value <= 8192"):
+        load_config(StudentConfig, None, ["data.train=t.jsonl", "model.image_size=8"])
+    with pytest.raises(ValueError, match=r"distill.feature_layers\[0\]: 'fc8' is not one of \['fc6', 'fc7'\]"):
+        load_config(StudentConfig, None, ["data.train=t.jsonl", "distill.feature_layers=[fc8]"])
+    cfg = load_config(StudentConfig, None, ["data.train=t.jsonl", "data.max_proposals=null", "run.threads=null"])
+    assert cfg.data.max_proposals is None and cfg.run.threads is None
 
 
 def test_int_to_float_and_list_to_tuple():
@@ -116,15 +148,15 @@ def test_overrides_on_a_file(tmp_path):
 
 def test_base_inheritance(tmp_path):
     (tmp_path / "sub").mkdir()
-    (tmp_path / "root.yaml").write_text("data:\n  train: r.jsonl\n  scales: [1, 2]\n  batch_size: 4\n"
+    (tmp_path / "root.yaml").write_text("data:\n  train: r.jsonl\n  scales: [100, 200]\n  batch_size: 4\n"
                                         "optim:\n  lr: 0.5\n  epochs: 7\n")
     (tmp_path / "sub" / "mid.yaml").write_text("base: ../root.yaml\noptim:\n  epochs: 3\nrun:\n  seed: 9\n")
-    (tmp_path / "sub" / "top.yaml").write_text("base: mid.yaml\ndata:\n  scales: [5]\n")
+    (tmp_path / "sub" / "top.yaml").write_text("base: mid.yaml\ndata:\n  scales: [500]\n")
     data = read_yaml(tmp_path / "sub" / "top.yaml")
     assert "base" not in data
     cfg = load_config(TeacherConfig, tmp_path / "sub" / "top.yaml", ["run.seed=4"])
     assert cfg.data.train == "r.jsonl" and cfg.data.batch_size == 4  # from root, section merged key by key
-    assert cfg.data.scales == (5,)  # lists are replaced, not merged
+    assert cfg.data.scales == (500,)  # lists are replaced, not merged
     assert cfg.optim.lr == 0.5 and cfg.optim.epochs == 3 and cfg.run.seed == 4
 
 

@@ -15,9 +15,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.data import DataLoader, DistributedSampler
 
 import mlkd
+import mlkd.models.wsddn
 import mlkd.train_teacher
 from mlkd.checkpoint import load_checkpoint
 from mlkd.config import apply_overrides, load_config
+from mlkd.errors import RunStopped
 from mlkd.models.build import build_teacher
 from mlkd.train_teacher import TeacherConfig, train_teacher
 
@@ -60,7 +62,11 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(teacher_data, tmp_path)
         f.write(json.dumps({"type": "epoch", "epoch": 1, "train_loss_cls": 9.0}) + "\n")
     with pytest.raises(ValueError, match="already holds a run.*pass --resume"):
         train_teacher(config(teacher_data, part, **extra))
-    resumed = torch.load(train_teacher(config(teacher_data, part, **extra), resume=True), weights_only=True)
+    with pytest.raises(ValueError, match=r"(?s)cannot resume .*part: it was started with other settings.*"
+                                         r"optim.epochs: 1 -> 3"):
+        train_teacher(config(teacher_data, part, **extra), resume=True)  # extending needs an explicit epochs
+    resumed = torch.load(train_teacher(config(teacher_data, part, **extra), resume=True, explicit=["optim.epochs"]),
+                         weights_only=True)
 
     done, ref = resumed["train_state"], full["train_state"]
     assert done["epoch"] == ref["epoch"] == 2 and done["stage"] == 0 and done["stage_epoch"] == 2
@@ -85,12 +91,28 @@ def test_resume_without_a_checkpoint_is_an_error(teacher_data, tmp_path):
         train_teacher(config(teacher_data, tmp_path / "none"), resume=True)
 
 
-def test_non_finite_loss_stops_with_the_loss_dict(teacher_data, tmp_path):
-    cfg = config(teacher_data, tmp_path / "nan", **{"model.score_scale": ".nan", "model.reg_weight": 0.1})
-    with pytest.raises(FloatingPointError, match=r"non-finite loss at epoch 1, iteration 1: "
-                                                 r"\{'loss_cls': nan, 'loss_reg': nan\}"):
+def test_non_finite_loss_stops_with_the_loss_dict_and_the_last_good_checkpoint(teacher_data, tmp_path,
+                                                                               monkeypatch):
+    real, calls = mlkd.models.wsddn.wsddn_loss, []
+
+    def nan_from(n: int):
+        def loss(*args):
+            calls.append(1)
+            return real(*args) * (float("nan") if len(calls) >= n else 1.0)
+        return loss
+
+    monkeypatch.setattr(mlkd.models.wsddn, "wsddn_loss", nan_from(3))
+    cfg = config(teacher_data, tmp_path / "nan", **{"model.reg_weight": 0.1})
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at epoch 1, iteration 3: \{'loss_cls': nan, "
+                                                 r"'loss_reg': [0-9.e-]+\} \(stage 'wsddn'\)\. No checkpoint was "
+                                                 r"written yet"):
         train_teacher(cfg)
     assert not (tmp_path / "nan" / "last.pt").exists()
+    calls.clear()
+    monkeypatch.setattr(mlkd.models.wsddn, "wsddn_loss", nan_from(8))  # 6 iterations per epoch: epoch 2
+    with pytest.raises(RunStopped, match=r"(?s)epoch 2, iteration 2.*last good checkpoint is .*last.pt \(after "
+                                         r"epoch 1\).*--resume"):
+        train_teacher(config(teacher_data, tmp_path / "nan2"))
 
 
 def ddp_equivalent_loader(dataset, batch_size, workers, collate_fn, *, train, seed=0, rank=0, world_size=1):

@@ -13,6 +13,7 @@ A config is a YAML file or the name of one shipped with mlkd (``teacher_coco`` i
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -100,7 +101,27 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return float(value)
     if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):
         raise BadInput(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if tp is float and not math.isfinite(value):
+        raise BadInput(f"{key}: expected a finite number, got {value!r}")
     return value
+
+
+def bounded(default: Any, low: float | None = None, high: float | None = None, *, above: bool = False) -> Any:
+    """A dataclass field whose value (each item, for a tuple) must lie in [low, high], or in (low, high] with
+    ``above``; None (for optional fields) is always allowed. :func:`from_dict` checks it."""
+    return dataclasses.field(default=default, metadata={"range": (low, high, above)})
+
+
+def _check_range(value: Any, bounds: tuple[float | None, float | None, bool], key: str) -> None:
+    low, high, above = bounds
+    for v in (value if isinstance(value, tuple) else (value,)):
+        if v is None:
+            continue
+        ok = (low is None or (v > low if above else v >= low)) and (high is None or v <= high)
+        if not ok:
+            lo = "" if low is None else f"{low} {'<' if above else '<='} "
+            hi = "" if high is None else f" <= {high}"
+            raise BadInput(f"{key}: {v!r} is out of range; expected {lo}value{hi}")
 
 
 def from_dict(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
@@ -115,6 +136,9 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
                          f"{[prefix + k for k in fields]}")
     hints = typing.get_type_hints(cls)
     values = {name: _coerce(v, hints[name], prefix + name) for name, v in data.items()}
+    for name, value in values.items():
+        if "range" in fields[name].metadata:
+            _check_range(value, fields[name].metadata["range"], prefix + name)
     obj = cls(**values)
     if hasattr(obj, "validate"):
         obj.validate()
@@ -196,6 +220,7 @@ def save_config(cfg: Any, path: str | Path) -> None:
 
 
 # --------------------------------------------------------------------------------------- shared sections
+SIZE = (16, 8192)  # image sizes in pixels: smaller leaves no feature map, larger is a typo that would exhaust memory
 @dataclasses.dataclass
 class DataConfig:
     """Datasets, proposals and the input pipeline."""
@@ -205,21 +230,18 @@ class DataConfig:
     options: dict = dataclasses.field(default_factory=dict)  # dataset options, e.g. {difficult: ignore}
     train_proposals: str | None = None  # proposal cache of the training split (teacher, distillation)
     val_proposals: str | None = None  # proposal cache of the val split (teacher evaluation)
-    max_proposals: int | None = None  # use at most this many proposals per image (cache order = best first)
-    scales: tuple[int, ...] = (480, 576, 672, 736, 832)  # one drawn per training batch
-    test_scale: int = 672  # single-scale evaluation size
+    max_proposals: int | None = bounded(None, 1, 100_000)  # use at most this many per image (None = all)
+    scales: tuple[int, ...] = bounded((480, 576, 672, 736, 832), *SIZE)  # one drawn per training batch
+    test_scale: int = bounded(672, *SIZE)  # single-scale evaluation size
     resize: Literal["warp", "shorter"] = "warp"  # warp to scale x scale (release) or shorter side = scale (WSDDN)
-    max_size: int | None = None  # cap on the longer side with resize=shorter
+    max_size: int | None = bounded(None, *SIZE)  # cap on the longer side with resize=shorter
     flip: bool = True  # random horizontal flip in training
-    batch_size: int = 1  # images per iteration per process
-    workers: int = 2  # DataLoader worker processes
+    batch_size: int = bounded(1, 1, 4096)  # images per iteration per process
+    workers: int = bounded(2, 0, 256)  # DataLoader worker processes
 
     def validate(self) -> None:
-        if not self.scales or min(self.scales) < 1 or self.test_scale < 1:
-            raise BadInput(f"data.scales / data.test_scale must be positive, got {self.scales}, {self.test_scale}")
-        if self.batch_size < 1 or self.workers < 0:
-            raise BadInput(f"data.batch_size must be >= 1 and data.workers >= 0, got {self.batch_size}, "
-                             f"{self.workers}")
+        if not self.scales:
+            raise BadInput("data.scales must list at least one training scale")
 
 
 @dataclasses.dataclass
@@ -228,21 +250,16 @@ class OptimConfig:
     decay)."""
 
     optimizer: Literal["sgd", "adamw"] = "sgd"
-    lr: float = 5e-5
-    momentum: float = 0.9  # SGD momentum (AdamW uses betas (0.9, 0.999))
-    weight_decay: float = 5e-4
-    epochs: int = 20
-    lr_steps: tuple[int, ...] = (10,)  # epochs after which the lr is multiplied by gamma
-    gamma: float = 0.1
-    accumulate: int = 1  # micro-batches per optimizer step (effective batch = batch_size x accumulate x GPUs)
-    bias_lr_mult: float = 2.0  # Caffe's VGG convention
+    lr: float = bounded(5e-5, 0, 10, above=True)
+    momentum: float = bounded(0.9, 0, 1)  # SGD momentum (AdamW uses betas (0.9, 0.999))
+    weight_decay: float = bounded(5e-4, 0, 1)
+    epochs: int = bounded(20, 1, 100_000)
+    lr_steps: tuple[int, ...] = bounded((10,), 1, 100_000)  # epochs after which the lr is multiplied by gamma
+    gamma: float = bounded(0.1, 0, 1, above=True)
+    accumulate: int = bounded(1, 1, 4096)  # micro-batches per optimizer step (batch = batch_size x accumulate x GPUs)
+    bias_lr_mult: float = bounded(2.0, 0, 100)  # Caffe's VGG convention
     bias_decay: bool = False
-    clip_grad: float | None = None  # max gradient norm (None = off)
-
-    def validate(self) -> None:
-        if self.lr <= 0 or self.epochs < 1 or self.accumulate < 1:
-            raise BadInput(f"optim.lr must be > 0, optim.epochs and optim.accumulate >= 1; got {self.lr}, "
-                             f"{self.epochs}, {self.accumulate}")
+    clip_grad: float | None = bounded(None, 0, None, above=True)  # max gradient norm (None = off)
 
 
 @dataclasses.dataclass
@@ -253,8 +270,13 @@ class RunConfig:
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: Literal["none", "bf16", "fp16"] = "none"  # autocast dtype (bf16 works on CPU and recent GPUs)
-    threads: int | None = None  # torch intra-op threads (None = torch's default)
-    log_every: int = 20  # iterations between log lines
-    eval_every: int = 1  # epochs between evaluations of data.val (0 = never)
+    threads: int | None = bounded(None, 1, 1024)  # torch intra-op threads (None = torch's default)
+    log_every: int = bounded(20, 1, None)  # iterations between log lines
+    eval_every: int = bounded(1, 0, None)  # epochs between evaluations of data.val (0 = never)
     progress: bool = True  # tqdm bars
     tensorboard: bool = False  # also write the logged scalars for TensorBoard into run.out/tensorboard
+
+    def validate(self) -> None:
+        if not self.out.strip():
+            raise BadInput("run.out is empty; name the run folder (an empty value would write into the current "
+                           "folder)")

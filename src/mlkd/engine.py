@@ -17,15 +17,14 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from mlkd.checkpoint import save_checkpoint
-from mlkd.config import save_config
+from mlkd.checkpoint import load_checkpoint, save_checkpoint
 from mlkd.device import autocast
 from mlkd.distributed import DistInfo, barrier, cleanup, init_distributed
 from mlkd.errors import BadInput, RunStopped
@@ -132,26 +131,23 @@ def seed_epoch(seed: int, epoch: int, rank: int = 0) -> None:
     np.random.seed(int(state[1]))
 
 
-def prepare_run(cfg: Any, resume: bool, info: DistInfo) -> Path:
-    """The run folder ``cfg.run.out`` with the resolved ``config.yaml``; refuses to overwrite a finished or
-    interrupted run unless ``resume`` (rank 0 checks and writes; every rank applies ``run.threads``)."""
-    out = Path(cfg.run.out)
-    if info.is_main:
-        if not resume and (out / "last.pt").exists():
-            raise BadInput(f"{out} already holds a run (last.pt); pass --resume to continue it or choose "
-                             "another run.out")
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+def _last_good(out: Path) -> str:
+    """Where a stopped run can restart from."""
+    if not (out / "last.pt").is_file():
+        return f"No checkpoint was written yet in {out}; lower optim.lr or check the data, then start again."
+    epoch = load_checkpoint(out / "last.pt")["train_state"]["epoch"]
+    return (f"The last good checkpoint is {out / 'last.pt'} (after epoch {epoch + 1}): lower optim.lr or check the "
+            f"data, then continue it with --resume.")
+
+
+def launch(train: Callable[..., Path], cfg: Any, resume: bool, explicit: Sequence[str] = ()) -> Path:
+    """Run ``train(cfg, resume, info, explicit)`` in the process group ``torchrun`` describes (or alone), with
+    ``run.threads`` applied, then leave the group."""
+    info = init_distributed(cfg.run.device)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
-    return out
-
-
-def launch(train: Callable[[Any, bool, DistInfo], Path], cfg: Any, resume: bool) -> Path:
-    """Run ``train(cfg, resume, info)`` in the process group ``torchrun`` describes (or alone), then leave it."""
-    info = init_distributed(cfg.run.device)
     try:
-        return train(cfg, resume, info)
+        return train(cfg, resume, info, explicit)
     finally:
         cleanup(info)
 
@@ -222,11 +218,14 @@ def run_stages(stages: list[Stage], cfg: Any, info: DistInfo, out: Path, log: Ru
             for hook in (parts.loader.collate_fn, parts.loader.sampler):
                 if hasattr(hook, "set_epoch"):
                     hook.set_epoch(epoch)
-            losses = train_one_epoch(wrapped, parts.loader, parts.optimizer, parts.prepare, epoch=epoch,
-                                     device=info.device, accumulate=cfg.optim.accumulate, amp=cfg.run.amp,
-                                     clip_grad=cfg.optim.clip_grad, scaler=parts.scaler, log=log,
-                                     log_every=cfg.run.log_every, progress=cfg.run.progress and info.is_main,
-                                     lr_group=lr_group)
+            try:
+                losses = train_one_epoch(wrapped, parts.loader, parts.optimizer, parts.prepare, epoch=epoch,
+                                         device=info.device, accumulate=cfg.optim.accumulate, amp=cfg.run.amp,
+                                         clip_grad=cfg.optim.clip_grad, scaler=parts.scaler, log=log,
+                                         log_every=cfg.run.log_every, progress=cfg.run.progress and info.is_main,
+                                         lr_group=lr_group)
+            except RunStopped as e:
+                raise RunStopped(f"{e} (stage {stage.name!r}). {_last_good(out)}") from None
             parts.scheduler.step()
             if info.is_main:
                 record: dict[str, Any] = {"type": "epoch", "epoch": epoch, "stage": stage.name,

@@ -24,8 +24,8 @@ class CannotWrite(MlkdError, OSError):
     """A file mlkd could not write (read-only folder, disk full, file-size limit); nothing partial is left."""
 
 
-class RunConflict(MlkdError, RuntimeError):
-    """A run folder that is in use by another process, or that holds something else than this run."""
+class RunConflict(MlkdError, ValueError):
+    """A run folder that cannot be used: in use by another process, or holding something else than this run."""
 
 
 class RunStopped(MlkdError, FloatingPointError):

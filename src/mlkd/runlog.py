@@ -4,11 +4,15 @@ the same scalars for TensorBoard (``run.tensorboard: true``, the ``[tensorboard]
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
 
+from mlkd.errors import BadInput
 from mlkd.optional import optional_import
+
+logger = logging.getLogger(__name__)
 
 
 class RunLog:
@@ -28,8 +32,7 @@ class RunLog:
             writer = optional_import("torch.utils.tensorboard", "tensorboard", "run.tensorboard").SummaryWriter
             self.board = writer(str(Path(out) / "tensorboard"))
         if enabled and resume_epoch is not None and self.path.is_file():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("epoch", -1) <= resume_epoch]
+            kept = [line for line, record in self._read() if record.get("epoch", -1) <= resume_epoch]
             self.path.write_text("".join(line + "\n" for line in kept))
         elif enabled and resume_epoch is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -48,7 +51,22 @@ class RunLog:
             self.board.flush()
 
     def records(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return [record for _, record in self._read()]
+
+    def _read(self) -> list[tuple[str, dict[str, Any]]]:
+        """``(line, record)`` pairs. A torn last line (the process was killed while writing it) is skipped with a
+        warning; a bad line elsewhere is an error naming the file and line."""
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        out = []
+        for n, line in enumerate(lines, start=1):
+            try:
+                out.append((line, json.loads(line)))
+            except json.JSONDecodeError as e:
+                if n < len(lines):
+                    raise BadInput(f"{self.path}:{n} is not a JSON record ({e}); the run log is damaged") from e
+                logger.warning(f"{self.path}:{n}: skipping a torn last line (the run was interrupted while "
+                               f"writing it)")
+        return out
 
     def plot(self) -> Path | None:
         """Loss curves per iteration, learning rate, and any per-epoch metrics: ``RUN/curves.png``."""

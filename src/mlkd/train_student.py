@@ -16,18 +16,18 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Sequence
 
 import torch
 
 from mlkd.checkpoint import load_checkpoint, make_checkpoint
-from mlkd.config import DataConfig, OptimConfig, RunConfig, to_dict
+from mlkd.config import SIZE, DataConfig, OptimConfig, RunConfig, bounded, to_dict
 from mlkd.data.base import MultiLabelDataset, check_class_order, collate
 from mlkd.data.loader import make_loader
 from mlkd.data.transforms import Compose, KeepTopProposals, RandomHorizontalFlip, TeacherStudentViews, Warp
 from mlkd.distill import StudentObjective, TeacherTargets, compute_teacher_targets
 from mlkd.distributed import DistInfo
-from mlkd.engine import Stage, StageParts, build_optimizer, launch, param_groups, prepare_run, run_stages
+from mlkd.engine import Stage, StageParts, build_optimizer, launch, param_groups, run_stages
 from mlkd.errors import BadInput
 from mlkd.inference import predict_student
 from mlkd.metrics import mean_average_precision
@@ -37,28 +37,28 @@ from mlkd.models.inputs import student_inputs
 from mlkd.models.student import Student
 from mlkd.models.wsddn import WSDDN
 from mlkd.proposals.attach import open_split
-from mlkd.runlog import RunLog
+from mlkd.run_folder import RunFolder, check_resume
 
 
 @dataclasses.dataclass
 class StageConfig:
     name: str = "plain"
-    epochs: int = 20
-    lr: float | None = None  # None = optim.lr
-    lr_steps: tuple[int, ...] = ()  # epochs of this stage after which the lr is multiplied by optim.gamma
-    label_weight: float = 1.0  # L_p
-    soft_weight: float = 0.0  # L_p'
-    feature_weight: float = 0.0  # L_f
+    epochs: int = bounded(20, 1, 100_000)
+    lr: float | None = bounded(None, 0, 10, above=True)  # None = optim.lr
+    lr_steps: tuple[int, ...] = bounded((), 1, 100_000)  # epochs of this stage after which lr *= optim.gamma
+    label_weight: float = bounded(1.0, 0, None)  # L_p
+    soft_weight: float = bounded(0.0, 0, None)  # L_p'
+    feature_weight: float = bounded(0.0, 0, None)  # L_f
 
 
 @dataclasses.dataclass
 class DistillConfig:
     teacher: str | None = None  # teacher checkpoint; needed by stages with soft_weight or feature_weight
-    teacher_scale: int | None = None  # the teacher's input size (None = its checkpoint's test scale)
-    feature_layers: tuple[str, ...] = ("fc7",)  # region layers matched by L_f
-    top_k: int | None = None  # L_f on each image's top-k proposals by the teacher's objectness (None = all)
-    scale_init: float = 0.2  # the learnable per-class scale a of L_p' (T = 1 / a = 5)
-    scale_lr_mult: float = 10.0
+    teacher_scale: int | None = bounded(None, *SIZE)  # the teacher's input size (None = its checkpoint's test scale)
+    feature_layers: tuple[Literal["fc6", "fc7"], ...] = ("fc7",)  # region layers matched by L_f
+    top_k: int | None = bounded(None, 1, 100_000)  # L_f on each image's top-k proposals by objectness (None = all)
+    scale_init: float = bounded(0.2, 0, None, above=True)  # the learnable per-class scale a of L_p' (T = 1 / a)
+    scale_lr_mult: float = bounded(10.0, 0, None)
     cache_soft_targets: bool = True  # compute the teacher's image scores once per image and flip
 
 
@@ -91,34 +91,35 @@ class _Teacher:
     soft: TeacherTargets | None
 
 
-def train_student(cfg: StudentConfig, resume: bool = False) -> Path:
-    """Train (or resume) the student described by ``cfg``; return the path of the final checkpoint."""
-    return launch(_train, cfg, resume)
+def train_student(cfg: StudentConfig, resume: bool = False, explicit: Sequence[str] = ()) -> Path:
+    """Train (or resume) the student described by ``cfg``; return the path of the final checkpoint. ``explicit``
+    are the config keys the user set on the command line (on resume, only they may extend the run)."""
+    return launch(_train, cfg, resume, explicit)
 
 
-def _train(cfg: StudentConfig, resume: bool, info: DistInfo) -> Path:
-    out = prepare_run(cfg, resume, info)
-    dataset = open_split(cfg.data.train, cfg.data.options, cfg.data.train_proposals)
-    torch.manual_seed(cfg.run.seed)
-    student = build_student(cfg.model, dataset.num_classes).to(info.device)
-    teacher = _load_teacher(cfg, dataset, out, info)
-    state = load_checkpoint(out / "last.pt", "student") if resume else None
-    if state is not None:
-        student.load_state_dict(state["model"])
-    log = RunLog(out, enabled=info.is_main, resume_epoch=state["train_state"]["epoch"] if state else None,
-                 tensorboard=cfg.run.tensorboard)
-    stages = [Stage(s.name, s.epochs, lambda s=s: _stage_parts(cfg, s, student, teacher, dataset, info))
-              for s in cfg.stages]
+def _train(cfg: StudentConfig, resume: bool, info: DistInfo, explicit: Sequence[str]) -> Path:
+    with RunFolder(cfg, resume, info) as run:
+        dataset = open_split(cfg.data.train, cfg.data.options, cfg.data.train_proposals)
+        torch.manual_seed(cfg.run.seed)
+        student = build_student(cfg.model, dataset.num_classes).to(info.device)
+        state = load_checkpoint(run.out / "last.pt", "student") if resume else None
+        if state is not None:
+            check_resume(state, cfg, dataset.identity, run.out, explicit)
+            student.load_state_dict(state["model"])
+        teacher = _load_teacher(cfg, dataset, run.out, info)
+        log = run.start(state["train_state"]["epoch"] if state else None)
+        stages = [Stage(s.name, s.epochs, lambda s=s: _stage_parts(cfg, s, student, teacher, dataset, info))
+                  for s in cfg.stages]
 
-    def checkpoint(train_state: dict[str, Any]) -> dict[str, Any]:
-        return make_checkpoint("student", student.state_dict(), input_convention=cfg.model.input_convention,
-                               classes=dataset.classes, model_config=to_dict(cfg.model),
-                               image_size=cfg.model.image_size, dataset=dataset.identity.to_dict(),
-                               config=to_dict(cfg), train_state=train_state)
+        def checkpoint(train_state: dict[str, Any]) -> dict[str, Any]:
+            return make_checkpoint("student", student.state_dict(), input_convention=cfg.model.input_convention,
+                                   classes=dataset.classes, model_config=to_dict(cfg.model),
+                                   image_size=cfg.model.image_size, dataset=dataset.identity.to_dict(),
+                                   config=to_dict(cfg), train_state=train_state)
 
-    validate = (lambda: _validate(student, cfg, dataset.classes, info.device)) if cfg.data.val else None
-    return run_stages(stages, cfg, info, out, log, checkpoint, validate,
-                      state["train_state"] if state is not None else None)
+        validate = (lambda: _validate(student, cfg, dataset.classes, info.device)) if cfg.data.val else None
+        return run_stages(stages, cfg, info, run.out, log, checkpoint, validate,
+                          state["train_state"] if state is not None else None)
 
 
 def _load_teacher(cfg: StudentConfig, dataset: MultiLabelDataset, out: Path, info: DistInfo) -> _Teacher | None:

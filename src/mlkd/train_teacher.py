@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -19,7 +19,7 @@ from mlkd.data.base import MultiLabelDataset, check_class_order
 from mlkd.data.loader import make_loader
 from mlkd.data.transforms import Compose, KeepTopProposals, MultiScaleCollate, RandomHorizontalFlip
 from mlkd.distributed import DistInfo
-from mlkd.engine import Stage, StageParts, build_optimizer, launch, param_groups, prepare_run, run_stages
+from mlkd.engine import Stage, StageParts, build_optimizer, launch, param_groups, run_stages
 from mlkd.errors import BadInput
 from mlkd.inference import predict_teacher
 from mlkd.metrics import mean_average_precision
@@ -28,7 +28,7 @@ from mlkd.models.configs import TeacherModelConfig
 from mlkd.models.inputs import teacher_inputs
 from mlkd.models.wsddn import WSDDN
 from mlkd.proposals.attach import open_split
-from mlkd.runlog import RunLog
+from mlkd.run_folder import RunFolder, check_resume
 
 
 @dataclasses.dataclass
@@ -43,36 +43,38 @@ class TeacherConfig:
             raise BadInput("data.train is required: the dataset spec of the training split")
 
 
-def train_teacher(cfg: TeacherConfig, resume: bool = False) -> Path:
-    """Train (or resume) the teacher described by ``cfg``; return the path of the final checkpoint."""
-    return launch(_train, cfg, resume)
+def train_teacher(cfg: TeacherConfig, resume: bool = False, explicit: Sequence[str] = ()) -> Path:
+    """Train (or resume) the teacher described by ``cfg``; return the path of the final checkpoint. ``explicit``
+    are the config keys the user set on the command line (on resume, only they may extend the run)."""
+    return launch(_train, cfg, resume, explicit)
 
 
-def _train(cfg: TeacherConfig, resume: bool, info: DistInfo) -> Path:
-    out = prepare_run(cfg, resume, info)
-    steps = ([KeepTopProposals(cfg.data.max_proposals)] if cfg.data.max_proposals else []) + \
-            ([RandomHorizontalFlip(0.5)] if cfg.data.flip else [])
-    dataset = open_split(cfg.data.train, cfg.data.options, cfg.data.train_proposals, Compose(steps))
-    if dataset.proposals is None:
-        raise BadInput("the teacher needs proposals: set data.train_proposals to a proposal cache")
-    torch.manual_seed(cfg.run.seed)  # the new layers' initialisation
-    model = build_teacher(cfg.model, dataset.num_classes).to(info.device)
-    state = load_checkpoint(out / "last.pt", "teacher") if resume else None
-    if state is not None:
-        model.load_state_dict(state["model"])
-    log = RunLog(out, enabled=info.is_main, resume_epoch=state["train_state"]["epoch"] if state else None,
-                 tensorboard=cfg.run.tensorboard)
-    stage = Stage("wsddn", cfg.optim.epochs, lambda: _stage_parts(cfg, model, dataset, info))
+def _train(cfg: TeacherConfig, resume: bool, info: DistInfo, explicit: Sequence[str]) -> Path:
+    with RunFolder(cfg, resume, info) as run:
+        steps = ([KeepTopProposals(cfg.data.max_proposals)] if cfg.data.max_proposals else []) + \
+                ([RandomHorizontalFlip(0.5)] if cfg.data.flip else [])
+        dataset = open_split(cfg.data.train, cfg.data.options, cfg.data.train_proposals, Compose(steps))
+        if dataset.proposals is None:
+            raise BadInput("the teacher needs proposals: set data.train_proposals to a proposal cache")
+        torch.manual_seed(cfg.run.seed)  # the new layers' initialisation
+        model = build_teacher(cfg.model, dataset.num_classes).to(info.device)
+        state = load_checkpoint(run.out / "last.pt", "teacher") if resume else None
+        if state is not None:
+            check_resume(state, cfg, dataset.identity, run.out, explicit)
+            model.load_state_dict(state["model"])
+        log = run.start(state["train_state"]["epoch"] if state else None)
+        stage = Stage("wsddn", cfg.optim.epochs, lambda: _stage_parts(cfg, model, dataset, info))
 
-    def checkpoint(train_state: dict[str, Any]) -> dict[str, Any]:
-        return make_checkpoint("teacher", model.state_dict(), input_convention=cfg.model.input_convention,
-                               classes=dataset.classes, model_config=to_dict(cfg.model),
-                               image_size=cfg.data.test_scale, max_proposals=cfg.data.max_proposals,
-                               proposals=proposal_method(dataset), dataset=dataset.identity.to_dict(), config=to_dict(cfg), train_state=train_state)
+        def checkpoint(train_state: dict[str, Any]) -> dict[str, Any]:
+            return make_checkpoint("teacher", model.state_dict(), input_convention=cfg.model.input_convention,
+                                   classes=dataset.classes, model_config=to_dict(cfg.model),
+                                   image_size=cfg.data.test_scale, max_proposals=cfg.data.max_proposals,
+                                   proposals=proposal_method(dataset), dataset=dataset.identity.to_dict(),
+                                   config=to_dict(cfg), train_state=train_state)
 
-    validate = (lambda: _validate(model, cfg, dataset.classes, info.device)) if cfg.data.val else None
-    return run_stages([stage], cfg, info, out, log, checkpoint, validate,
-                      state["train_state"] if state is not None else None)
+        validate = (lambda: _validate(model, cfg, dataset.classes, info.device)) if cfg.data.val else None
+        return run_stages([stage], cfg, info, run.out, log, checkpoint, validate,
+                          state["train_state"] if state is not None else None)
 
 
 def proposal_method(dataset: MultiLabelDataset) -> dict[str, Any] | None:

@@ -17,11 +17,12 @@ Several GPUs or nodes: torchrun --nproc_per_node N -m mlkd train-student --confi
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from mlkd.config import load_config
+    from mlkd.config import load_config, parse_override
     from mlkd.train_student import StudentConfig, train_student
 
     cfg = load_config(StudentConfig, args.config, args.set)
-    print(f"student checkpoint: {train_student(cfg, resume=args.resume)}")
+    path = train_student(cfg, resume=args.resume, explicit=[".".join(parse_override(s)[0]) for s in args.set])
+    print(f"student checkpoint: {path}")
     return 0
 
 

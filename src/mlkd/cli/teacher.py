@@ -18,11 +18,11 @@ Several GPUs or nodes: launch the same command with torchrun, e.g.
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from mlkd.config import load_config
+    from mlkd.config import load_config, parse_override
     from mlkd.train_teacher import TeacherConfig, train_teacher
 
     cfg = load_config(TeacherConfig, args.config, args.set)
-    path = train_teacher(cfg, resume=args.resume)
+    path = train_teacher(cfg, resume=args.resume, explicit=[".".join(parse_override(s)[0]) for s in args.set])
     print(f"teacher checkpoint: {path}")
     return 0
 

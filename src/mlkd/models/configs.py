@@ -9,27 +9,32 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from mlkd.config import SIZE, bounded
+
+
+CHANNELS = (1, 65_536)  # feature widths: 0 leaves no layer, more is a typo that would exhaust memory
+
 
 @dataclasses.dataclass
 class TeacherModelConfig:
     """The WSDDN teacher (see :class:`mlkd.models.wsddn.WSDDN` for each knob)."""
 
     backbone: Literal["vgg16", "tiny"] = "vgg16"
-    tiny_channels: tuple[int, ...] = (16, 32, 64, 64)  # backbone=tiny only
-    tiny_convs_per_block: int = 1  # backbone=tiny only
+    tiny_channels: tuple[int, ...] = bounded((16, 32, 64, 64), *CHANNELS)  # backbone=tiny only
+    tiny_convs_per_block: int = bounded(1, 1, 16)  # backbone=tiny only
     weights: str | None = None  # local ImageNet VGG16 file (torchvision layout, or an `mlkd import-caffe` output)
     input_convention: Literal["caffe", "torchvision"] = "caffe"  # must match the weights
-    hidden: int = 4096
-    roi_size: int = 7
+    hidden: int = bounded(4096, *CHANNELS)
+    roi_size: int = bounded(7, 1, 64)
     roi_op: Literal["roi_pool", "roi_align"] = "roi_pool"
-    dropout: float = 0.5
+    dropout: float = bounded(0.5, 0, 1)
     score_scale: float = 1.0
     score_bias: float = 0.0
-    cls_temperature: float = 1.0
-    det_temperature: float = 1.0
-    reg_weight: float = 0.0
-    reg_iou: float = 0.6
-    reg_top: int = 10
+    cls_temperature: float = bounded(1.0, 0, None, above=True)
+    det_temperature: float = bounded(1.0, 0, None, above=True)
+    reg_weight: float = bounded(0.0, 0, None)
+    reg_iou: float = bounded(0.6, 0, 1)
+    reg_top: int = bounded(10, 2, 10_000)
 
 
 @dataclasses.dataclass
@@ -37,11 +42,11 @@ class StudentModelConfig:
     """The student classifier (see :class:`mlkd.models.student.Student`)."""
 
     backbone: Literal["vgg16", "resnet50", "resnet101", "tiny"] = "vgg16"
-    tiny_channels: tuple[int, ...] = (16, 32, 64, 64)
-    tiny_convs_per_block: int = 1
+    tiny_channels: tuple[int, ...] = bounded((16, 32, 64, 64), *CHANNELS)
+    tiny_convs_per_block: int = bounded(1, 1, 16)
     weights: str | None = None  # local ImageNet weights (torchvision layout or an `mlkd import-caffe` output)
     input_convention: Literal["caffe", "torchvision"] = "caffe"
-    hidden: int = 4096  # fc6/fc7 width (VGG) or the adapter's (ResNet): must equal the teacher's for L_f
-    roi_size: int = 7
-    dropout: float = 0.5
-    image_size: int = 224  # the student's input: images are warped to image_size x image_size
+    hidden: int = bounded(4096, *CHANNELS)  # fc6/fc7 width (VGG) or the adapter's (ResNet): = the teacher's for L_f
+    roi_size: int = bounded(7, 1, 64)
+    dropout: float = bounded(0.5, 0, 1)
+    image_size: int = bounded(224, *SIZE)  # the student's input: images are warped to image_size x image_size
