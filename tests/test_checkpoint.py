@@ -85,5 +85,20 @@ def test_a_malformed_checkpoint_is_refused_naming_the_file_and_the_field(tmp_pat
 def test_weights_that_do_not_fit_the_config_are_an_error_listing_them():
     ckpt = load_checkpoint(V1 / "student_v1.pt")
     ckpt["model_config"] = {**ckpt["model_config"], "hidden": 16}
-    with pytest.raises(ValueError, match=r"(?s)do not fit the checkpoint's model_config.*fc6.weight: shape \(8, 16\)"):
+    with pytest.raises(ValueError, match=r"(?s)do not fit its model_config.*fc6.weight: shape \(8, 16\)"):
         model_from_checkpoint(ckpt)
+
+
+@pytest.mark.parametrize("forge, message", [
+    (lambda c: c["model"].pop("fc7.weight"), r"do not fit its model_config and 10 classes:\s+missing fc7.weight"),
+    (lambda c: c["model"].update({"fc6.weight": torch.zeros(3, 3)}), r"fc6.weight: shape \(3, 3\) in the checkpoint"),
+    (lambda c: c.update(classes=c["classes"][:4]), r"4 classes:.*fc8.weight: shape \(10, 8\) in the checkpoint, \(4, 8\)"),
+    (lambda c: c["model_config"].update(hidden=-5), r"model_config.hidden: -5 is out of range"),
+    (lambda c: c["model_config"].update(hiden=8), r"unknown config key\(s\) \['model_config.hiden'\]"),
+])
+def test_forged_checkpoints_are_clear_errors_naming_the_file(tmp_path, forge, message):
+    ckpt = load_checkpoint(V1 / "student_v1.pt")
+    forge(ckpt)
+    save_checkpoint(tmp_path / "forged.pt", ckpt)
+    with pytest.raises(ValueError, match=rf"(?s){tmp_path / 'forged.pt'}.*{message}"):
+        model_from_checkpoint(load_checkpoint(tmp_path / "forged.pt"))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,7 +13,9 @@ import torch
 from mlkd.data import CustomDataset, Warp
 from mlkd.data.synthetic import generate
 from mlkd.proposals import ProposalCache, generate_proposals, make_meta, merge_caches, parse_shard, shard_indices
-from mlkd.proposals.attach import check_cache_matches, open_split
+from mlkd.cli import main
+from mlkd.models.inputs import teacher_inputs
+from mlkd.proposals.attach import check_cache_matches, open_split, require_proposals
 from mlkd.proposals.cache import decode_record, encode_record
 
 SS = {"mode": "fast", "max_proposals": 50}
@@ -204,3 +208,57 @@ def test_merge_refuses_shards_built_differently(synth, tmp_path):
         merge_caches(tmp_path / "m", [tmp_path / "a", tmp_path / "b"], progress=False)
     with pytest.raises(ValueError, match=r"shard index\(es\) \[0\] given more than once"):
         merge_caches(tmp_path / "m2", [tmp_path / "a", tmp_path / "a"], progress=False)
+
+
+def _filled(ds, path, empty=()):
+    with ProposalCache.create(path, _meta(ds)) as cache:
+        cache.put_many((r.image_id, np.zeros((0, 4)) if r.image_id in empty else np.ones((3, 4)) * [0, 0, 9, 9],
+                        np.ones(0 if r.image_id in empty else 3)) for r in ds.records)
+    return path
+
+
+def test_a_truncated_cache_is_refused_with_a_message_instead_of_a_bus_error(synth, tmp_path):
+    """LMDB maps data.mdb: reading past the end of a cut file kills the process with SIGBUS (exit 135, no
+    message). Opening checks the file against its index; a child process shows what a user would see."""
+    ds = _train(synth)
+    path = _filled(ds, tmp_path / "c")
+    data = path / "data.mdb"
+    with open(data, "r+b") as f:
+        f.truncate(data.stat().st_size // 2)
+    proc = subprocess.run([sys.executable, "-m", "mlkd", "proposals", "info", "--cache", str(path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, (proc.returncode, proc.stderr)
+    assert f"proposal cache {path} is damaged: data.mdb has" in proc.stderr and "build it again" in proc.stderr
+    with pytest.raises(OSError, match="is damaged"):
+        ProposalCache.create(path, _meta(ds), resume=True)  # a resumed generation refuses it, before LMDB writes
+    with pytest.raises(OSError, match="is damaged"):
+        open_split(str(synth[1]["train"]), proposals=str(path))
+
+
+def test_an_incomplete_cache_is_refused_when_attached_listing_the_missing_images_and_why(synth, tmp_path):
+    ds = _train(synth)
+    with ProposalCache.create(tmp_path / "c", _meta(ds)) as cache:
+        cache.put_many((r.image_id, np.ones((2, 4)), np.ones(2)) for r in ds.records[:-2])
+        cache.write_failures({ds.records[-1].image_id: "cannot decode image x.png"})
+    with pytest.raises(ValueError, match=rf"(?s)lacks 2 of the {len(ds)} images of custom/train.*"
+                                         rf"{ds.records[-2].image_id}\n.*{ds.records[-1].image_id}: cannot decode "
+                                         r"image x.png.*computes only what is missing"):
+        open_split(str(synth[1]["train"]), proposals=str(tmp_path / "c"))
+
+
+def test_images_without_proposals_are_listed_by_the_cache_and_refused_before_training(synth, tmp_path, capsys):
+    ds = _train(synth)
+    empty = {ds.records[1].image_id}
+    path = _filled(ds, tmp_path / "c", empty)
+    assert ProposalCache.open(path).meta["empty_images"] == sorted(empty)
+    split = open_split(str(synth[1]["train"]), proposals=str(path))
+    with pytest.raises(ValueError, match=rf"(?s)1 images of custom/train have no proposal in .*c, and training "
+                                         rf"needs at least one per image:\s+{ds.records[1].image_id}"):
+        require_proposals(split, "training")
+    require_proposals(split.view(indices=[0, 2]), "training")  # the other images are fine
+    assert main(["proposals", "info", "--cache", str(path)]) == 0
+    assert f"images with no proposal: 1 ({ds.records[1].image_id})" in capsys.readouterr().out
+    targets = [{"image_id": "a", "proposals": torch.zeros(0, 4), "proposal_scores": torch.zeros(0),
+                "labels": torch.zeros(2)}]
+    with pytest.raises(ValueError, match=r"image\(s\) \['a'\] have no proposal"):
+        teacher_inputs(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), targets, torch.device("cpu"), "torchvision")

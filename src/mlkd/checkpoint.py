@@ -74,7 +74,7 @@ def save_checkpoint(path: str | Path, ckpt: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        torch.save(ckpt, tmp)
+        torch.save({k: v for k, v in ckpt.items() if k != "file"}, tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -90,7 +90,7 @@ def load_checkpoint(path: str | Path, kind: str | None = None) -> dict[str, Any]
         ckpt = read_model_dir(path)
         if kind is not None and ckpt["kind"] != kind:
             raise BadInput(f"{path} holds a {ckpt['kind']}; expected a {kind}")
-        return ckpt
+        return {**ckpt, "file": str(path)}
     if not path.is_file():
         raise NotFound(f"checkpoint not found: {path}")
     try:
@@ -108,7 +108,7 @@ def load_checkpoint(path: str | Path, kind: str | None = None) -> dict[str, Any]
     check_layout(ckpt, str(path))
     if kind is not None and ckpt["kind"] != kind:
         raise BadInput(f"{path} is a {ckpt['kind']} checkpoint; expected a {kind} checkpoint")
-    return ckpt
+    return {**ckpt, "file": str(path)}  # where it was read from, for messages (never saved)
 
 
 def check_layout(ckpt: dict[str, Any], where: str) -> None:

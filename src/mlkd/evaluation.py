@@ -17,12 +17,11 @@ from tqdm import tqdm
 
 from mlkd.checkpoint import load_checkpoint
 from mlkd.data.base import MultiLabelDataset, check_class_order, read_image
-from mlkd.errors import BadInput
 from mlkd.inference import predict_student, predict_teacher
 from mlkd.metrics import corloc, detection_ap, evaluate_all, report_to_json
 from mlkd.models.build import model_from_checkpoint
 from mlkd.models.wsddn import NMS_IOU, WSDDN, class_detections, top_boxes
-from mlkd.proposals.attach import open_split
+from mlkd.proposals.attach import open_split, require_proposals
 from mlkd.viz import detections_figure, save_rgb, teacher_figure
 
 
@@ -65,8 +64,7 @@ def evaluate_teacher_model(model: WSDDN, spec: str, proposals: str | None, class
     """Open ``spec`` with its proposal cache, check its class order against ``classes``, predict and score."""
     dataset = open_split(spec, options, proposals)
     check_class_order(classes, dataset.classes, f"dataset {spec}")
-    if dataset.proposals is None:
-        raise BadInput(f"dataset {spec} has no proposals: give its proposal cache (--proposals)")
+    require_proposals(dataset, "evaluating the teacher (--proposals)")
     views = tuple(scales) if scales else (scale,)
     pred = predict_teacher(model, dataset, convention, device, views, flip, max_proposals, workers, progress)
     report = teacher_report(dataset, pred, detection)
@@ -144,8 +142,7 @@ def visualize_teacher(checkpoint: str, spec: str, proposals: str | None, out: st
     ckpt = load_checkpoint(checkpoint, "teacher")
     dataset = open_split(spec, options, proposals)
     check_class_order(ckpt["classes"], dataset.classes, f"dataset {spec}")
-    if dataset.proposals is None:
-        raise BadInput(f"dataset {spec} has no proposals: give its proposal cache (--proposals)")
+    require_proposals(dataset, "drawing the teacher's figures (--proposals)")
     first = dataset.view(indices=range(min(num_images, len(dataset))))
     model = model_from_checkpoint(ckpt).to(device)
     pred = predict_teacher(model, first, ckpt["input_convention"], device, (ckpt["inference"]["image_size"],),

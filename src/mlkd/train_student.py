@@ -36,7 +36,7 @@ from mlkd.models.configs import StudentModelConfig
 from mlkd.models.inputs import student_inputs
 from mlkd.models.student import Student
 from mlkd.models.wsddn import WSDDN
-from mlkd.proposals.attach import open_split
+from mlkd.proposals.attach import open_split, require_proposals
 from mlkd.run_folder import RunFolder, check_resume
 
 
@@ -126,6 +126,7 @@ def _load_teacher(cfg: StudentConfig, dataset: MultiLabelDataset, out: Path, inf
     """The frozen teacher (and its cached stage-2 targets) when a stage distils, else None."""
     if not (cfg.distill.teacher and any(s.soft_weight or s.feature_weight for s in cfg.stages)):
         return None
+    require_proposals(dataset, "distilling from the teacher (data.train_proposals)")
     ckpt = load_checkpoint(cfg.distill.teacher, "teacher")
     check_class_order(ckpt["classes"], dataset.classes, f"teacher {cfg.distill.teacher} vs the training set")
     model = model_from_checkpoint(ckpt).to(info.device)

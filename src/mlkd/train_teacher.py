@@ -27,7 +27,7 @@ from mlkd.models.build import build_teacher
 from mlkd.models.configs import TeacherModelConfig
 from mlkd.models.inputs import teacher_inputs
 from mlkd.models.wsddn import WSDDN
-from mlkd.proposals.attach import open_split
+from mlkd.proposals.attach import open_split, require_proposals
 from mlkd.run_folder import RunFolder, check_resume
 
 
@@ -54,8 +54,7 @@ def _train(cfg: TeacherConfig, resume: bool, info: DistInfo, explicit: Sequence[
         steps = ([KeepTopProposals(cfg.data.max_proposals)] if cfg.data.max_proposals else []) + \
                 ([RandomHorizontalFlip(0.5)] if cfg.data.flip else [])
         dataset = open_split(cfg.data.train, cfg.data.options, cfg.data.train_proposals, Compose(steps))
-        if dataset.proposals is None:
-            raise BadInput("the teacher needs proposals: set data.train_proposals to a proposal cache")
+        require_proposals(dataset, "training the teacher (data.train_proposals)")
         torch.manual_seed(cfg.run.seed)  # the new layers' initialisation
         model = build_teacher(cfg.model, dataset.num_classes).to(info.device)
         state = load_checkpoint(run.out / "last.pt", "teacher") if resume else None

@@ -79,6 +79,9 @@ def run_generate(args: argparse.Namespace) -> int:
           f"{report.skipped} already cached, {len(report.failed)} failed")
     for image_id, error in sorted(report.failed.items())[:20]:
         print(f"  failed {image_id}: {error}")
+    if report.empty:
+        print(f"{len(report.empty)} images have no proposal (the teacher cannot use them; drop them from the dataset "
+              f"or lower --min-size): {', '.join(sorted(report.empty)[:10])}{' ...' if len(report.empty) > 10 else ''}")
     if report.failed:
         print(f"all failures are listed in {Path(args.out) / 'failures.json'}; fix or drop those images and "
               "re-run the same command to compute only them")
@@ -141,6 +144,10 @@ def run_info(args: argparse.Namespace) -> int:
             print(f"  shard {meta['shard']['index']}/{meta['shard']['count']}")
         failures = cache.read_failures()
         print(f"  failed images in the last run: {len(failures)}")
+        if "empty_images" in meta:
+            empty = meta["empty_images"]
+            print(f"  images with no proposal: {len(empty)}" + (f" ({', '.join(empty[:10])}"
+                                                                f"{' ...' if len(empty) > 10 else ''})" if empty else ""))
         if args.dataset:
             dataset = _dataset(args)
             check_cache_matches(dataset, cache)

@@ -51,11 +51,15 @@ def build_student(cfg: StudentModelConfig, num_classes: int) -> Student:
 
 
 def model_config(ckpt: dict[str, Any]) -> TeacherModelConfig | StudentModelConfig:
-    """The model config of a teacher or student checkpoint (its ``weights`` dropped: the checkpoint has them)."""
-    kind = ckpt["kind"]
+    """The model config of a teacher or student checkpoint (its ``weights`` dropped: the checkpoint has them),
+    checked like a config file: unknown keys, wrong types and out-of-range values are errors naming the file."""
+    kind, where = ckpt["kind"], ckpt.get("file", "the checkpoint")
     if kind not in MODEL_CONFIGS:
-        raise BadInput(f"a {kind} checkpoint holds no teacher or student model")
-    return from_dict(MODEL_CONFIGS[kind], {**ckpt["model_config"], "weights": None})
+        raise BadInput(f"{where} holds {kind}, not a teacher or student model")
+    try:
+        return from_dict(MODEL_CONFIGS[kind], {**ckpt["model_config"], "weights": None}, prefix="model_config.")
+    except BadInput as e:
+        raise BadInput(f"{where}: {e}") from None
 
 
 def model_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
@@ -70,7 +74,7 @@ def model_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
     problems += [f"{k}: shape {tuple(saved[k].shape)} in the checkpoint, {tuple(v.shape)} for its config"
                  for k, v in own.items() if k in saved and saved[k].shape != v.shape]
     if problems:
-        raise BadInput(f"the {ckpt['kind']} weights do not fit the checkpoint's model_config "
-                         f"({len(ckpt['classes'])} classes):\n  " + "\n  ".join(problems[:20]))
+        raise BadInput(f"the {ckpt['kind']} weights in {ckpt.get('file', 'the checkpoint')} do not fit its "
+                       f"model_config and {len(ckpt['classes'])} classes:\n  " + "\n  ".join(problems[:20]))
     model.load_state_dict(saved)
     return model.eval()

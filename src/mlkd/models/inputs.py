@@ -39,6 +39,10 @@ def teacher_inputs(images: Any, targets: list[dict[str, Any]], device: torch.dev
         x = normalize(images.to(device, non_blocking=True), convention)
     if any("proposals" not in t for t in targets):
         raise BadInput("the dataset has no proposals: attach a cache (data.train_proposals / --proposals)")
+    empty = [t["image_id"] for t in targets if len(t["proposals"]) == 0]
+    if empty:
+        raise BadInput(f"image(s) {empty} have no proposal; the teacher needs at least one region per image (drop "
+                       "them from the dataset or regenerate their proposals)")
     out = {"images": x, "proposals": [t["proposals"].to(device) for t in targets],
            "proposal_scores": [t["proposal_scores"].to(device) for t in targets]}
     if with_labels:

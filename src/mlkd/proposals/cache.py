@@ -76,7 +76,8 @@ def make_meta(method: str, params: dict[str, Any], dataset: dict[str, Any],
             "shard": None if shard is None else {"index": shard[0], "count": shard[1]}}
 
 
-def meta_differences(a: dict[str, Any], b: dict[str, Any], ignore: tuple[str, ...] = ("num_images",)) -> list[str]:
+def meta_differences(a: dict[str, Any], b: dict[str, Any],
+                     ignore: tuple[str, ...] = ("num_images", "empty_images")) -> list[str]:
     """``key: a != b`` lines for every meta field that differs (apart from ``ignore``). Of the dataset identity
     only the images count (:data:`IMAGE_FIELDS`): labels and class names do not change proposals."""
     keys = sorted((set(a) | set(b)) - set(ignore))
@@ -138,6 +139,18 @@ def _open_lmdb(key: str, writable: bool) -> lmdb.Environment:
         return lmdb.open(key, readonly=True, lock=False, readahead=False, subdir=True)
     except lmdb.Error as e:
         raise BadFile(f"cannot open proposal cache {key}: {e}") from e
+
+
+def _check_complete(path: Path, env: lmdb.Environment, meta: dict[str, Any]) -> None:
+    """Refuse a truncated ``data.mdb`` (a full disk, an interrupted copy): LMDB maps the file and would end the
+    process with a bus error on the first read past its end, so compare its size with what its index uses."""
+    need = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    have = os.path.getsize(path / "data.mdb")
+    if have < need:
+        raise BadFile(f"proposal cache {path} is damaged: data.mdb has {have} bytes but its index refers to {need} "
+                      f"(the file was cut short, e.g. by a full disk or an interrupted copy); remove the folder and "
+                      f"build it again with `mlkd proposals --method {meta['method']} --out {path} ...` (the "
+                      f"parameters are in its meta.json)")
 
 
 def _acquire_env(path: Path, writable: bool) -> None:
@@ -213,6 +226,9 @@ class ProposalCache:
             if diffs:
                 raise BadInput(f"proposal cache {path} was built with other settings, so it cannot be resumed "
                                  "(existing != requested):\n  " + "\n  ".join(diffs))
+            if (path / "data.mdb").is_file():
+                with cls.open(path):  # refuse a damaged cache before LMDB writes into it
+                    pass
             meta = old
         elif path.exists() and any(path.iterdir()):
             raise BadInput(f"{path} exists and is not a proposal cache (no meta.json); choose an empty --out")
@@ -229,7 +245,11 @@ class ProposalCache:
         if not (path / "data.mdb").is_file():
             raise NotFound(f"proposal cache {path} has meta.json but no data.mdb")
         cache = cls(path, meta, writable=False)
-        cache._open_env()
+        try:
+            _check_complete(path, cache._open_env(), meta)
+        except BaseException:
+            cache.close()
+            raise
         return cache
 
     # -- LMDB handle, one per process ------------------------------------------------------------------------
@@ -302,9 +322,14 @@ class ProposalCache:
         self.put_raw([(image_id, encode_record(b, s)) for image_id, b, s in items])
 
     def put_raw(self, records: list[tuple[str, bytes]]) -> None:
-        """Store already-encoded records; grows the LMDB map when it is full."""
+        """Store already-encoded records; grows the LMDB map when it is full. Images stored with zero proposals
+        are listed in the meta (``empty_images``), so a split can be checked without reading every record."""
         if not self.writable:
             raise PermissionError(f"proposal cache {self.path} is open read-only")
+        empty = set(self.meta.get("empty_images", []))
+        for image_id, data in records:
+            (empty.add if _HEADER.unpack_from(data)[2] == 0 else empty.discard)(image_id)
+        self.meta["empty_images"] = sorted(empty)
         env = self._open_env()
         while True:
             try:

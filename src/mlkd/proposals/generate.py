@@ -36,6 +36,7 @@ class GenerateReport:
     processed: int = 0
     skipped: int = 0
     failed: dict[str, str] = field(default_factory=dict)
+    empty: list[str] = field(default_factory=list)  # images computed with zero proposals
     total_boxes: int = 0
     seconds: float = 0.0
 
@@ -106,6 +107,8 @@ def generate_proposals(dataset: MultiLabelDataset, method: str, params: dict[str
                         pending.append((image_id, record))
                         report.processed += 1
                         report.total_boxes += num_boxes
+                        if num_boxes == 0:
+                            report.empty.append(image_id)
                     if len(pending) >= _COMMIT_EVERY:
                         cache.put_raw(pending)
                         pending = []

@@ -54,7 +54,7 @@ def _check_shard_metas(caches: Sequence[ProposalCache]) -> tuple[dict, list[int]
     """All metas equal apart from shard fields and counts; returns (merged meta, missing shard indices)."""
     first = caches[0]
     for c in caches[1:]:
-        diffs = meta_differences(first.meta, c.meta, ignore=("num_images", "shard"))
+        diffs = meta_differences(first.meta, c.meta, ignore=("num_images", "shard", "empty_images"))
         if diffs:
             raise BadInput(f"proposal caches {first.path} and {c.path} were built differently "
                              "(first != second):\n  " + "\n  ".join(diffs))
@@ -69,7 +69,7 @@ def _check_shard_metas(caches: Sequence[ProposalCache]) -> tuple[dict, list[int]
         if dupes:
             raise BadInput(f"shard index(es) {dupes} given more than once")
         missing = sorted(set(range(shards[0]["count"])) - set(indices))
-    return {**first.meta, "shard": None, "num_images": 0}, missing
+    return {**first.meta, "shard": None, "num_images": 0, "empty_images": []}, missing
 
 
 def merge_caches(out: str | Path, shard_paths: Sequence[str | Path], dataset: MultiLabelDataset | None = None,
@@ -86,7 +86,7 @@ def merge_caches(out: str | Path, shard_paths: Sequence[str | Path], dataset: Mu
     caches = [ProposalCache.open(p) for p in shard_paths]
     meta, missing_shards = _check_shard_metas(caches)
     if dataset is not None:
-        check_cache_matches(dataset, caches[0])
+        check_cache_matches(dataset, caches[0], complete=False)
     failures: dict[str, str] = {}
     with ProposalCache.create(out, meta) as merged:
         for c in tqdm(caches, desc="merging shards", unit="shard", disable=not progress):
