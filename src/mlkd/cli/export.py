@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from mlkd.cli.common import positive_int
+from mlkd.cli.common import positive_float, positive_int
 
 IMPORT_DESCRIPTION = """\
 Import a Caffe model (prototxt + caffemodel, V1 or V2) into mlkd. --arch says what it is:
@@ -120,14 +120,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--out", required=True, metavar="DIR", help="folder for the files (one format per folder)")
     e.add_argument("--classifier-name", metavar="LAYER",
                    help="student caffe: name of the K-way layer (default fc8; the release used fc8_<dataset>)")
-    e.add_argument("--opset", type=int, default=17, help="onnx: the ONNX opset (default 17)")
-    e.add_argument("--tolerance", type=float, default=1e-4,
-                   help="allowed max abs difference per output, relative to max(1, max |PyTorch|) (default 1e-4)")
+    e.add_argument("--opset", type=positive_int, default=17,
+                   help="onnx: the ONNX opset (default 17; the range this installation exports is checked)")
+    e.add_argument("--tolerance", type=positive_float, default=1e-4,
+                   help="allowed max abs difference per output, relative to max(1, max |PyTorch|); a finite number "
+                        "> 0 (default 1e-4)")
     e.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="also verify on this image file (warped and normalised like the model's input); repeatable")
-    e.add_argument("--image-size", type=int, metavar="S",
+    e.add_argument("--image-size", type=positive_int, metavar="S",
                    help="teacher: the input size of the deploy prototxt (default: the checkpoint's test_scale)")
-    e.add_argument("--regions", type=int, metavar="R",
+    e.add_argument("--regions", type=positive_int, metavar="R",
                    help="teacher: proposals per image baked into the prototxt (default: data.max_proposals, else "
                         "500 as in the release)")
     e.set_defaults(func=run_export)
