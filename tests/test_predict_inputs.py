@@ -131,3 +131,10 @@ def test_one_image_under_several_spellings_is_classified_once(world, tmp_path, c
                           "folder/../folder/x.png (= folder/x.png), ...")
     assert [r["image"] for r in json.loads(open("p.json").read())] == ["folder/x.png"]  # the first spelling
     assert out.count("x.png: ") == 1
+
+
+def test_a_json_path_that_is_a_folder_is_refused_before_predicting(world, capsys):
+    assert main(["predict", "--checkpoint", str(world[0]), "folder/x.png", "--json", "folder"]) == 1
+    captured = capsys.readouterr()
+    assert "--json folder is a folder; give a file path, e.g. folder/predictions.json" in captured.err
+    assert "x.png: " not in captured.out

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 
-from mlkd.checkpoint import write_atomically
 from mlkd.cli.common import positive_int, probability
 from mlkd.errors import BadInput, NotFound
 from mlkd.metrics import AP_MODES, evaluate_all, format_table, report_to_json
@@ -115,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(format_table(report, per_class=not args.summary))
     if args.json:
+        from mlkd.checkpoint import write_atomically  # here: it imports safetensors, which `mlkd --help` needs not
+
         write_atomically(args.json, lambda f: f.write((text + "\n").encode()), "report")
         print(f"\nfull report written to {args.json}")
     return 0

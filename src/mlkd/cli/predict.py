@@ -99,9 +99,12 @@ def output_names(paths: Sequence[Path]) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     import mlkd
+    from mlkd.checkpoint import write_atomically
     from mlkd.data.base import read_image
     from mlkd.viz import save_rgb, scaled, top_k_lines, with_panel
 
+    if args.json and Path(args.json).is_dir():  # before the work, not after it
+        raise BadInput(f"--json {args.json} is a folder; give a file path, e.g. {Path(args.json) / 'predictions.json'}")
     clf = mlkd.load(args.checkpoint, resolve_device(args.device))
     if not isinstance(clf, mlkd.Classifier):
         raise BadInput(f"{args.checkpoint} is a teacher; `mlkd predict` classifies with a student")
@@ -130,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         rows = [{"image": str(p), "probabilities": dict(zip(clf.classes, map(float, row)))}
                 for p, row in zip(paths, np.concatenate(probs))]
-        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+        text = json.dumps(rows, indent=1) + "\n"
+        write_atomically(args.json, lambda f: f.write(text.encode()), "probabilities")
     return 0
 
 
