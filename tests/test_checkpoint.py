@@ -4,6 +4,9 @@ and compute what mlkd 0.1 computed with them."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,7 @@ import torch
 
 from mlkd.checkpoint import FORMAT_VERSION, load_checkpoint, make_checkpoint, save_checkpoint
 from mlkd.data.synthetic import class_names
+from mlkd.errors import CannotWrite
 from mlkd.export.verify import sample_images
 from mlkd.models.backbones import normalize
 from mlkd.models.build import model_from_checkpoint
@@ -102,3 +106,50 @@ def test_forged_checkpoints_are_clear_errors_naming_the_file(tmp_path, forge, me
     save_checkpoint(tmp_path / "forged.pt", ckpt)
     with pytest.raises(ValueError, match=rf"(?s){tmp_path / 'forged.pt'}.*{message}"):
         model_from_checkpoint(load_checkpoint(tmp_path / "forged.pt"))
+
+
+# -- writing that fails: a CannotWrite naming the path, the previous file intact, no .tmp left ------------------
+def _small(size: int = 1000) -> dict:
+    return make_checkpoint("student", {"w": torch.ones(size)}, input_convention="torchvision", classes=["a"],
+                           model_config={}, image_size=8)
+
+
+def test_a_path_below_a_file_or_naming_a_folder_is_a_cannot_write(tmp_path):
+    (tmp_path / "plain").write_text("x")
+    for path, message in ((tmp_path / "plain" / "sub" / "c.pt", "plain is a file, not a folder"),
+                          (tmp_path, "it is a folder; give a file path")):
+        with pytest.raises(CannotWrite, match=message) as e:
+            save_checkpoint(path, _small())
+        assert str(path) in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_folder_is_a_cannot_write(tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        with pytest.raises(CannotWrite, match=f"cannot write checkpoint {folder / 'c.pt'}: Permission denied"):
+            save_checkpoint(folder / "c.pt", _small())
+        assert list(folder.iterdir()) == []
+    finally:
+        folder.chmod(0o755)
+
+
+def test_a_file_size_limit_is_a_cannot_write_that_keeps_the_previous_file(tmp_path):
+    """RLIMIT_FSIZE makes the write fail half-way (as a full disk does); Python ignores the SIGXFSZ it sends."""
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, _small(10))
+    before = path.read_bytes()
+    code = ("import resource, sys, torch\n"
+            "from mlkd.checkpoint import make_checkpoint, save_checkpoint\n"
+            "from mlkd.errors import CannotWrite\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))\n"
+            "ckpt = make_checkpoint('student', {'w': torch.ones(100000)}, input_convention='torchvision', "
+            "classes=['a'], model_config={}, image_size=8)\n"
+            "try:\n    save_checkpoint(sys.argv[1], ckpt)\nexcept CannotWrite as e:\n    print(e)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"cannot write checkpoint {path}: File too large"
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]

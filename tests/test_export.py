@@ -17,6 +17,7 @@ from mlkd.config import DataConfig, to_dict
 from mlkd.data.synthetic import render_image
 from mlkd.export import caffe_export, exporter
 from mlkd.export.caffe import read_prototxt
+from mlkd.export.onnx import supported_opsets
 from mlkd.export.verify import sample_inputs
 from mlkd.models.backbones import tiny
 from mlkd.models.student import Student, label_loss
@@ -246,3 +247,28 @@ def test_teacher_export_refuses_onnx(teacher_checkpoint, tmp_path, capsys):
     rc, _, err = _run(capsys, "export", "--checkpoint", str(teacher_checkpoint), "--format", "onnx", "--out",
                       str(tmp_path / "t"))
     assert rc == 1 and "a teacher exports to --format caffe or safetensors only" in err
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "nan", "inf"])
+def test_a_tolerance_that_is_not_finite_and_positive_is_a_usage_error(trained_student, tmp_path, capsys, value):
+    with pytest.raises(SystemExit) as e:
+        main(["export", "--checkpoint", str(trained_student), "--format", "onnx", "--out", str(tmp_path / "o"),
+              "--tolerance", value])
+    assert e.value.code == 2 and f"argument --tolerance: expected a finite number > 0, got '{value}'" in \
+        capsys.readouterr().err
+    with pytest.raises(ValueError, match="the tolerance must be a finite number > 0"):
+        exporter.export_checkpoint(trained_student, "onnx", tmp_path / "o", tolerance=float(value))
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_opset_onnx_cannot_export_is_a_clear_error(trained_student, tmp_path, capsys):
+    low, high = supported_opsets()
+    for opset in (low - 1, high + 1, 99):
+        rc, _, err = _run(capsys, "export", "--checkpoint", str(trained_student), "--format", "onnx", "--out",
+                          str(tmp_path / "o"), "--opset", str(opset))
+        assert rc == 1 and f"ONNX opset {opset} is not one this installation exports: expected {low} to {high}" in err
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(SystemExit):
+        main(["export", "--checkpoint", str(trained_student), "--format", "onnx", "--out", str(tmp_path / "o"),
+              "--opset", "0"])
+    assert "argument --opset: expected an integer >= 1, got '0'" in capsys.readouterr().err

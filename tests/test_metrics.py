@@ -368,6 +368,7 @@ def test_bad_options_raise():
 # ------------------------------------------------------------------------------------------------ CLI
 def test_cli_end_to_end(tmp_path, capsys):
     s, t = random_problem(n=30, k=3, seed=9)
+    s = s / 1.4  # probabilities: the command refuses scores outside [0, 1]
     np.save(tmp_path / "s.npy", s.astype(np.float32))
     np.save(tmp_path / "t.npy", t)
     (tmp_path / "classes.txt").write_text("cat\ndog\n\nbird\n")
@@ -390,4 +391,5 @@ def test_cli_reports_errors(tmp_path, capsys):
     assert main(base + ["--targets", str(tmp_path / "missing.npy")]) == 1
     assert "targets file not found" in capsys.readouterr().err
     assert main(base + ["--targets", str(tmp_path / "t.npy")]) == 1
-    assert "mlkd metrics: error: targets shape (4, 3) does not match scores shape (4, 2)" in capsys.readouterr().err
+    assert (f"mlkd metrics: error: scores {tmp_path / 's.npy'} have shape (4, 2) but targets {tmp_path / 't.npy'} "
+            "have shape (4, 3)") in capsys.readouterr().err

@@ -51,9 +51,11 @@ def to_rgb(image: ImageLike) -> np.ndarray:
             raise BadInput(f"a tensor image must be (3, H, W) RGB, got shape {tuple(image.shape)}")
         if image.dtype == torch.uint8:
             return image.permute(1, 2, 0).cpu().numpy()
-        if not image.is_floating_point() or image.min() < 0 or image.max() > 1:
-            raise BadInput(f"a tensor image must be uint8 (0-255) or float in [0, 1], got {image.dtype} with "
-                             f"values in [{float(image.min()):.3g}, {float(image.max()):.3g}]")
+        nonfinite = int((~torch.isfinite(image)).sum())  # NaN passes both comparisons below
+        if not image.is_floating_point() or nonfinite or image.min() < 0 or image.max() > 1:
+            found = f"{nonfinite} non-finite value(s)" if nonfinite else \
+                f"values in [{float(image.min()):.3g}, {float(image.max()):.3g}]"
+            raise BadInput(f"a tensor image must be uint8 (0-255) or float in [0, 1], got {image.dtype} with {found}")
         return (image * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
@@ -65,6 +67,23 @@ def to_rgb(image: ImageLike) -> np.ndarray:
         raise BadInput(f"an array image must be (H, W, 3) RGB or (H, W) grey, got shape {image.shape}")
     raise BadInput(f"cannot read an image from a {type(image).__name__}: give a path, a PIL image, an (H, W, 3) "
                     "uint8 array or a (3, H, W) tensor")
+
+
+def describe_image(image: ImageLike, index: int) -> str:
+    """How an error names an image: its path, else its position and type."""
+    return str(image) if isinstance(image, (str, Path)) else f"image {index} (a {type(image).__name__})"
+
+
+def _check_finite(logits: torch.Tensor, items: Sequence[ImageLike], start: int, classes: Sequence[str]) -> None:
+    """Raise naming the first image of the batch ``items[start:]`` whose logits are not all finite."""
+    finite = torch.isfinite(logits)
+    if bool(finite.all()):
+        return
+    row = int((~finite.all(1)).nonzero()[0])
+    bad = [classes[k] for k in (~finite[row]).nonzero().flatten().tolist()]
+    raise BadInput(f"the model's output for {describe_image(items[start + row], start + row)} is not finite (NaN or "
+                   f"inf logits for {len(bad)} class(es): {bad[:5]}{' ...' if len(bad) > 5 else ''}); its weights are "
+                   "damaged or its training diverged")
 
 
 class _Loaded:
@@ -97,13 +116,17 @@ class Classifier(_Loaded):
 
     @torch.no_grad()
     def probabilities(self, images: ImageLike | Sequence[ImageLike], batch_size: int = 32) -> np.ndarray:
-        """Probabilities ``(N, K)`` float32 of one image or a list of them, in the order of ``classes``."""
+        """Probabilities ``(N, K)`` float32 of one image or a list of them, in the order of ``classes``.
+        Non-finite logits (damaged weights, a diverged run) are an error naming the image, never NaN output."""
+        if batch_size < 1:
+            raise BadInput(f"batch_size must be >= 1, got {batch_size}")
         items = list(images) if isinstance(images, (list, tuple)) else [images]
         out = []
         for start in range(0, len(items), batch_size):
             x = torch.stack([self._warped(to_rgb(im)) for im in items[start:start + batch_size]])
-            logits = self.model(normalize(x.to(self.device), self.input_convention))
-            out.append(torch.sigmoid(logits.float()).cpu().numpy())
+            logits = self.model(normalize(x.to(self.device), self.input_convention)).float()
+            _check_finite(logits, items, start, self.classes)
+            out.append(torch.sigmoid(logits).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
 
     def predict(self, images: ImageLike | Sequence[ImageLike], threshold: float | Sequence[float] |

@@ -34,12 +34,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, BinaryIO, Callable, Sequence
 
 import safetensors.torch
 import torch
 
-from mlkd.errors import BadInput, NotFound
+from mlkd.errors import BadInput, CannotWrite, MlkdError, NotFound
 from mlkd.version import __version__
 
 FORMAT = "mlkd-checkpoint"
@@ -69,17 +69,56 @@ def make_checkpoint(kind: str, model: dict[str, torch.Tensor], *, input_conventi
 
 def save_checkpoint(path: str | Path, ckpt: dict[str, Any]) -> Path:
     """Write ``ckpt`` (from :func:`make_checkpoint`) to ``path`` atomically: a crash mid-write leaves the previous
-    file intact and no partial file under ``path``."""
+    file intact and no partial file under ``path``; a file that cannot be written is a :class:`CannotWrite`."""
+    saved = {k: v for k, v in ckpt.items() if k != "file"}  # where a loaded checkpoint came from is not saved
+    return write_atomically(path, lambda f: torch.save(saved, f), "checkpoint")
+
+
+def write_atomically(path: str | Path, write: Callable[[BinaryIO], None], what: str = "file") -> Path:
+    """Create ``path`` (and its folders) through ``write(f)`` on ``path.tmp``, then rename it to ``path``. Whatever
+    fails (a read-only folder, a full disk, a file-size limit, an interrupt) leaves ``path`` as it was and no
+    ``.tmp``; an OS error is a :class:`CannotWrite` naming ``what`` and the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _check_file_path(path, what)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        torch.save({k: v for k, v in ckpt.items() if k != "file"}, tmp)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            write(f)
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    except BaseException as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass  # it could not be created either
+        cause = _os_error(e)
+        if cause is None:
+            raise
+        raise CannotWrite(f"cannot write {what} {path}: {cause.strerror or cause}") from e
     return path
+
+
+def _check_file_path(path: Path, what: str) -> None:
+    """Refuse a ``path`` that is a folder, or below a file, before anything is written (the OS would only say
+    "File exists" or "Not a directory")."""
+    if path.is_dir() or not path.name:
+        raise CannotWrite(f"cannot write {what} {path}: it is a folder; give a file path")
+    parent = next((a for a in path.parents if a.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise CannotWrite(f"cannot write {what} {path}: {parent} is a file, not a folder")
+
+
+def _os_error(e: BaseException) -> OSError | None:
+    """The OS error behind ``e``: ``e`` itself, or the one torch.save wraps in a RuntimeError (a full disk, a
+    file-size limit); None for anything else (an mlkd error, an interrupt or a bug keeps its own type)."""
+    seen = 0
+    while e is not None and seen < 5:
+        if isinstance(e, MlkdError):
+            return None
+        if isinstance(e, OSError):
+            return e
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
 
 
 def load_checkpoint(path: str | Path, kind: str | None = None) -> dict[str, Any]:
@@ -177,9 +216,9 @@ def write_model_dir(ckpt: dict[str, Any], out: str | Path) -> Path:
               "max_proposals": inference.get("max_proposals"), "proposals": inference.get("proposals"),
               "dataset": ckpt.get("dataset")}
     state = {k: v.contiguous() for k, v in ckpt["model"].items()}
-    safetensors.torch.save_file(state, str(out / (WEIGHTS + ".tmp")), metadata={"format": MODEL_FORMAT})
-    os.replace(out / (WEIGHTS + ".tmp"), out / WEIGHTS)
-    (out / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    weights = safetensors.torch.save(state, metadata={"format": MODEL_FORMAT})
+    write_atomically(out / WEIGHTS, lambda f: f.write(weights), "model weights")
+    write_atomically(out / CONFIG, lambda f: f.write((json.dumps(config, indent=2) + "\n").encode()), "model config")
     return out
 
 

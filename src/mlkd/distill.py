@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from mlkd.checkpoint import write_atomically
 from mlkd.data.base import MultiLabelDataset, collate
 from mlkd.data.loader import make_loader
 from mlkd.distributed import DistInfo, barrier
@@ -209,8 +210,7 @@ def compute_teacher_targets(teacher: WSDDN, convention: str, teacher_path: str, 
                 probs = teacher_image_probs(teacher, x["images"], x["proposals"], x["proposal_scores"])
                 rows[targets[0]["image_id"]].append(probs[0].cpu())
         saved = {"key": key, "probs": {k: torch.stack(v) for k, v in rows.items()}}
-        torch.save(saved, path.with_name(path.name + ".tmp"))
-        os.replace(path.with_name(path.name + ".tmp"), path)  # an interrupted run leaves no half-written file
+        write_atomically(path, lambda f: torch.save(saved, f), "teacher targets")  # never half-written
     barrier(info)
     if not info.is_main:  # rank 0 may have just written the file
         saved = torch.load(path, weights_only=True)

@@ -15,8 +15,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mlkd.checkpoint import load_checkpoint
+from mlkd.checkpoint import load_checkpoint, write_atomically
 from mlkd.data.base import MultiLabelDataset, check_class_order, read_image
+from mlkd.errors import BadInput
 from mlkd.inference import predict_student, predict_teacher
 from mlkd.metrics import corloc, detection_ap, evaluate_all, report_to_json
 from mlkd.models.build import model_from_checkpoint
@@ -77,6 +78,7 @@ def evaluate_teacher(checkpoint: str, spec: str, proposals: str | None, out: str
                      ) -> dict[str, Any]:
     """A teacher checkpoint on a dataset (``mlkd evaluate-teacher``); the JSON report is also written to ``out``.
     Scale and proposal budget default to the checkpoint's."""
+    _check_output(out, "report")
     ckpt = load_checkpoint(checkpoint, "teacher")
     model = model_from_checkpoint(ckpt).to(kwargs.get("device", torch.device("cpu")))
     kwargs.setdefault("max_proposals", ckpt["inference"]["max_proposals"])
@@ -116,22 +118,31 @@ def evaluate_student(checkpoint: str, spec: str, out: str | None = None, options
                      device: torch.device = torch.device("cpu"), workers: int = 0, progress: bool = True,
                      scores_out: str | None = None) -> dict[str, Any]:
     """A student checkpoint on a dataset (``mlkd evaluate``); JSON report to ``out``, scores to ``scores_out``."""
+    _check_output(out, "report")
+    _check_output(scores_out, "scores")
     ckpt = load_checkpoint(checkpoint, "student")
     model = model_from_checkpoint(ckpt).to(device)
     report = evaluate_student_model(model, spec, ckpt["classes"], ckpt["input_convention"],
                                     ckpt["inference"]["image_size"], options, device, workers, progress)
     scores = report.pop("scores")
     report["checkpoint"] = str(checkpoint)
-    if scores_out:
-        np.save(scores_out, scores)
+    if scores_out:  # through a file object: np.save would append ".npy" to a path that lacks it
+        write_atomically(scores_out, lambda f: np.save(f, scores), "scores")
     _write_report(report, out)
     return report
 
 
+def _check_output(path: str | Path | None, what: str) -> None:
+    """Refuse an output path that is a folder before the evaluation runs, not after (nothing could be written)."""
+    if path and Path(path).is_dir():
+        example = Path(path) / {"report": "report.json", "scores": "scores.npy"}[what]
+        raise BadInput(f"the {what} file {path} is a folder; give a file path, e.g. {example}")
+
+
 def _write_report(report: dict[str, Any], out: str | Path | None) -> None:
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(report_to_json(report) + "\n")
+        text = report_to_json(report) + "\n"
+        write_atomically(out, lambda f: f.write(text.encode()), "report")
 
 
 def visualize_teacher(checkpoint: str, spec: str, proposals: str | None, out: str | Path, num_images: int = 8,

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import math
+from typing import Any, Callable, TypeVar
 
 from mlkd.errors import BadInput
+
+T = TypeVar("T", int, float)
 
 
 def add_dataset_options(p: argparse.ArgumentParser) -> None:
@@ -36,3 +39,28 @@ def resolve_device(name: str):
     from mlkd.device import pick_device
 
     return pick_device(name)
+
+
+# -- numeric options checked where they are parsed: argparse prints "argument --X: expected ..., got '...'" ------
+def ranged(convert: Callable[[str], T], ok: Callable[[T], bool], expected: str) -> Callable[[str], T]:
+    """An argparse ``type`` that converts with ``convert`` and accepts only values for which ``ok`` holds; anything
+    else is a usage error saying what was ``expected`` (e.g. "an integer >= 1") and what was given."""
+
+    def parse(text: str) -> T:
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    parse.__name__ = expected  # argparse shows a type's name in some of its own messages
+    return parse
+
+
+positive_int = ranged(int, lambda v: v >= 1, "an integer >= 1")
+non_negative_int = ranged(int, lambda v: v >= 0, "an integer >= 0")
+# math.isfinite: "nan" and "inf" parse as floats but are never a sensible tolerance or probability
+positive_float = ranged(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+probability = ranged(float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")

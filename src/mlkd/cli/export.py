@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from mlkd.cli.common import positive_float, positive_int
+
 IMPORT_DESCRIPTION = """\
 Import a Caffe model (prototxt + caffemodel, V1 or V2) into mlkd. --arch says what it is:
 
@@ -44,7 +46,7 @@ def run_import(args: argparse.Namespace) -> int:
     from mlkd.export.importer import ImportOptions, import_caffe
 
     opts = ImportOptions(args.classes, args.set, args.classifier_name, args.teacher_out, args.image_size,
-                         args.input_convention)
+                         args.input_convention, overwrite=args.overwrite)
     for r in import_caffe(args.prototxt, args.caffemodel, args.arch, args.out, opts):
         tiny = r.config.get("backbone") == "tiny"
         cfg = ", ".join(f"{k}={v}" for k, v in r.config.items() if k != "weights" and (tiny or "tiny" not in k))
@@ -88,14 +90,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--prototxt", required=True, metavar="FILE", help="network definition (.prototxt, V1 or V2)")
     i.add_argument("--caffemodel", required=True, metavar="FILE", help="trained weights (.caffemodel, V1 or V2)")
     i.add_argument("--arch", required=True, choices=("vgg16", "wsddn", "student"), help="what the model is (above)")
-    i.add_argument("--out", required=True, metavar="FILE", help="the weights file / checkpoint to write (.pt)")
+    i.add_argument("--out", required=True, metavar="FILE",
+                   help="the weights file / checkpoint to write (.pt); refused if it exists, unless --overwrite")
+    i.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out / --teacher-out file (written only once the import succeeded)")
     i.add_argument("--classes", metavar="FILE",
                    help="class names, one per line, in the order of the classifier's outputs (wsddn, student)")
     i.add_argument("--classifier-name", metavar="LAYER",
                    help="the student's K-way layer (default: the one InnerProduct named fc8 or fc8_<dataset>)")
     i.add_argument("--teacher-out", metavar="FILE",
                    help="student from a KD stage-2 snapshot: also write its teacher copy (conv_wsd_*, fc_wsd_*) here")
-    i.add_argument("--image-size", type=int, metavar="S",
+    i.add_argument("--image-size", type=positive_int, metavar="S",
                    help="wsddn: the teacher's test scale (default: the prototxt's input size, else 672)")
     i.add_argument("--input-convention", choices=("caffe", "torchvision"), default="caffe",
                    help="what input the weights expect: caffe (BGR, 0-255, minus mean; every model of the release, "
@@ -115,14 +120,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--out", required=True, metavar="DIR", help="folder for the files (one format per folder)")
     e.add_argument("--classifier-name", metavar="LAYER",
                    help="student caffe: name of the K-way layer (default fc8; the release used fc8_<dataset>)")
-    e.add_argument("--opset", type=int, default=17, help="onnx: the ONNX opset (default 17)")
-    e.add_argument("--tolerance", type=float, default=1e-4,
-                   help="allowed max abs difference per output, relative to max(1, max |PyTorch|) (default 1e-4)")
+    e.add_argument("--opset", type=positive_int, default=17,
+                   help="onnx: the ONNX opset (default 17; the range this installation exports is checked)")
+    e.add_argument("--tolerance", type=positive_float, default=1e-4,
+                   help="allowed max abs difference per output, relative to max(1, max |PyTorch|); a finite number "
+                        "> 0 (default 1e-4)")
     e.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="also verify on this image file (warped and normalised like the model's input); repeatable")
-    e.add_argument("--image-size", type=int, metavar="S",
+    e.add_argument("--image-size", type=positive_int, metavar="S",
                    help="teacher: the input size of the deploy prototxt (default: the checkpoint's test_scale)")
-    e.add_argument("--regions", type=int, metavar="R",
+    e.add_argument("--regions", type=positive_int, metavar="R",
                    help="teacher: proposals per image baked into the prototxt (default: data.max_proposals, else "
                         "500 as in the release)")
     e.set_defaults(func=run_export)

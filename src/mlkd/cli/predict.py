@@ -10,7 +10,7 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
-from mlkd.cli.common import add_device_option, resolve_device
+from mlkd.cli.common import add_device_option, positive_int, resolve_device
 from mlkd.errors import BadInput, NotFound
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -34,15 +34,35 @@ def list_images(inputs: Sequence[str]) -> list[Path]:
     return paths
 
 
+def drop_duplicates(paths: Sequence[Path]) -> tuple[list[Path], list[tuple[Path, Path]]]:
+    """``paths`` without the ones naming a file already listed (``./x.png`` after ``x.png``, a file after its
+    folder), so no image is counted twice; the first spelling is kept. Also returns ``(dropped, kept)`` pairs."""
+    first: dict[Path, Path] = {}
+    unique, dropped = [], []
+    for p in paths:
+        real = p.resolve()  # symlinks and ".." too: what is read is the same file
+        if real in first:
+            dropped.append((p, first[real]))
+        else:
+            first[real] = p
+            unique.append(p)
+    return unique, dropped
+
+
 def read_thresholds(spec: str | None, classes: Sequence[str]) -> np.ndarray | None:
     """Per-class thresholds ``(K,)`` from one number, or a file of ``class threshold`` lines covering every
     class (an unknown or missing class is an error naming it)."""
     if spec is None:
         return None
     try:
-        return np.full(len(classes), float(spec))
+        value = float(spec)
     except ValueError:
-        pass
+        value = None
+    if value is not None:
+        if not 0.0 <= value <= 1.0:  # also refuses nan and inf
+            raise BadInput(f"--thresholds {spec}: expected a probability in [0, 1] (or a file of 'class threshold' "
+                           "lines)")
+        return np.full(len(classes), value)
     path = Path(spec)
     if not path.is_file():
         raise NotFound(f"thresholds file not found: {path} (or give one number, e.g. 0.5)")
@@ -50,11 +70,18 @@ def read_thresholds(spec: str | None, classes: Sequence[str]) -> np.ndarray | No
     for n, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
-        name, _, value = line.strip().rpartition(" ")
+        name, _, text = line.strip().rpartition(" ")
+        name = name.strip()
         try:
-            values[name.strip()] = float(value)
+            value = float(text)
         except ValueError:
             raise BadInput(f"{path}:{n}: expected 'class_name threshold', got {line!r}") from None
+        if not 0.0 <= value <= 1.0:
+            raise BadInput(f"{path}:{n}: threshold {text!r} of {name!r} is not a probability; expected a number in "
+                           "[0, 1]")
+        if name in values:
+            raise BadInput(f"{path}:{n}: class {name!r} is listed twice; give each class one threshold")
+        values[name] = value
     unknown = sorted(set(values) - set(classes))
     missing = [c for c in classes if c not in values]
     if unknown or missing:
@@ -72,37 +99,42 @@ def output_names(paths: Sequence[Path]) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     import mlkd
+    from mlkd.checkpoint import write_atomically
     from mlkd.data.base import read_image
     from mlkd.viz import save_rgb, scaled, top_k_lines, with_panel
 
-    if args.top_k < 1:
-        raise BadInput(f"--top-k must be >= 1, got {args.top_k}")
+    if args.json and Path(args.json).is_dir():  # before the work, not after it
+        raise BadInput(f"--json {args.json} is a folder; give a file path, e.g. {Path(args.json) / 'predictions.json'}")
     clf = mlkd.load(args.checkpoint, resolve_device(args.device))
     if not isinstance(clf, mlkd.Classifier):
         raise BadInput(f"{args.checkpoint} is a teacher; `mlkd predict` classifies with a student")
     limits = read_thresholds(args.thresholds, clf.classes)
-    paths = list_images(args.images)
+    paths, dropped = drop_duplicates(list_images(args.images))
+    if dropped:
+        shown = ", ".join(str(d) if d == k else f"{d} (= {k})" for d, k in dropped[:3])
+        print(f"dropped {len(dropped)} path(s) naming an image already listed: {shown}"
+              + (", ..." if len(dropped) > 3 else ""))
     names = output_names(paths)
     probs = []
     for start in tqdm(range(0, len(paths), args.batch_size), desc="predict", unit="batch", disable=args.quiet):
         chunk = paths[start:start + args.batch_size]
-        images = [read_image(p) for p in chunk]
-        batch = clf.probabilities(images)
-        for i, (path, image, p) in enumerate(zip(chunk, images, batch)):
+        batch = clf.probabilities(chunk, args.batch_size)  # given paths, its errors name the image file
+        for i, (path, p) in enumerate(zip(chunk, batch)):
             best = np.argsort(-p, kind="stable")[:args.top_k]
             tqdm.write(f"{path}: " + ", ".join(f"{clf.classes[c]} {p[c]:.3f}" for c in best))
             if limits is not None:
                 above = ", ".join(clf.classes[c] for c in np.flatnonzero(p >= limits)) or "none"
                 tqdm.write(f"  above threshold: {above}")
             if args.out_dir:
-                big, _ = scaled(image, 360)
+                big, _ = scaled(read_image(path), 360)
                 save_rgb(Path(args.out_dir) / names[start + i],
                          with_panel(big, top_k_lines(p, clf.classes, None, args.top_k)))
         probs.append(batch)
     if args.json:
         rows = [{"image": str(p), "probabilities": dict(zip(clf.classes, map(float, row)))}
                 for p, row in zip(paths, np.concatenate(probs))]
-        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+        text = json.dumps(rows, indent=1) + "\n"
+        write_atomically(args.json, lambda f: f.write(text.encode()), "probabilities")
     return 0
 
 
@@ -119,13 +151,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, metavar="CKPT|DIR",
                    help="student checkpoint (last.pt) or model folder (`mlkd export --format safetensors`)")
     p.add_argument("images", nargs="+", metavar="PATH",
-                   help="image files, folders (their images), or .txt files listing image paths")
-    p.add_argument("--top-k", type=int, default=3, metavar="K", help="labels printed per image (default 3)")
+                   help="image files, folders (their images), or .txt files listing image paths; a file given "
+                        "twice (./x.png and x.png, or a file and its folder) is classified once")
+    p.add_argument("--top-k", type=positive_int, default=3, metavar="K", help="labels printed per image (default 3)")
     p.add_argument("--thresholds", metavar="FILE|P",
-                   help="per-class thresholds file ('name value' per line) or one value for all classes")
+                   help="per-class thresholds file ('name value' per line) or one value for all classes; each in "
+                        "[0, 1]")
     p.add_argument("--out-dir", metavar="DIR", help="write each image with its predictions drawn on it")
     p.add_argument("--json", metavar="FILE", help="write every image's probabilities (all classes) as JSON")
-    p.add_argument("--batch-size", type=int, default=16, metavar="B", help="images per forward pass (default 16)")
+    p.add_argument("--batch-size", type=positive_int, default=16, metavar="B",
+                   help="images per forward pass (default 16)")
     add_device_option(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from mlkd.cli.common import add_dataset_options, add_device_option, parse_options, resolve_device
+from mlkd.cli.common import add_dataset_options, add_device_option, non_negative_int, parse_options, resolve_device
 
 TRAIN_DESCRIPTION = """\
 Train the student classifier, without distillation (one stage with L_p) or distilling a trained teacher
@@ -60,9 +60,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--checkpoint", required=True, metavar="CKPT", help="student checkpoint (last.pt)")
     add_dataset_options(e)
     e.add_argument("--out", metavar="JSON", help="write the full report here")
-    e.add_argument("--scores", metavar="NPY", help="write the probabilities (N, K) here (for `mlkd metrics`)")
+    e.add_argument("--scores", metavar="NPY",
+                   help="write the probabilities (N, K) as a .npy array to exactly this file (for `mlkd metrics`)")
     e.add_argument("--summary", action="store_true", help="no per-class AP rows in the table")
-    e.add_argument("--workers", type=int, default=2, help="DataLoader workers (default 2)")
+    e.add_argument("--workers", type=non_negative_int, default=2,
+                   help="DataLoader workers (default 2; 0 = load in this process)")
     add_device_option(e)
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=run_evaluate)

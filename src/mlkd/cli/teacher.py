@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from mlkd.cli.common import add_dataset_options, add_device_option, parse_options, resolve_device
+from mlkd.cli.common import (add_dataset_options, add_device_option, non_negative_int, parse_options, positive_int,
+                             resolve_device)
 
 TRAIN_DESCRIPTION = """\
 Train the WSDDN teacher from image-level labels over cached proposals (docs/method.md). The config file holds
@@ -35,7 +36,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
                   workers=args.workers, detection=not args.no_detection, progress=not args.quiet)
     if args.scales:
         kwargs["scales"] = args.scales
-    if args.max_proposals:
+    if args.max_proposals is not None:
         kwargs["max_proposals"] = args.max_proposals
     report = evaluate_teacher(args.checkpoint, args.dataset, args.proposals, args.out, **kwargs)
     print(format_table(report["classification"], per_class=not args.summary))
@@ -76,13 +77,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--checkpoint", required=True, metavar="CKPT", help="teacher checkpoint (last.pt)")
     add_dataset_options(e)
     e.add_argument("--proposals", metavar="CACHE", help="proposal cache of that dataset (not for datalists)")
-    e.add_argument("--scales", type=int, nargs="+", metavar="PX", help="test scales (several = multi-scale test)")
+    e.add_argument("--scales", type=positive_int, nargs="+", metavar="PX",
+                   help="test scales in pixels (several = multi-scale test)")
     e.add_argument("--flip", action="store_true", help="also average the horizontally flipped view")
-    e.add_argument("--max-proposals", type=int, metavar="R", help="proposals per image (default: as trained)")
+    e.add_argument("--max-proposals", type=positive_int, metavar="R",
+                   help="proposals per image (default: as trained)")
     e.add_argument("--no-detection", action="store_true", help="skip detection AP / CorLoc (faster)")
     e.add_argument("--out", metavar="JSON", help="write the full report here")
     e.add_argument("--summary", action="store_true", help="no per-class AP rows in the table")
-    e.add_argument("--workers", type=int, default=2, help="DataLoader workers (default 2)")
+    e.add_argument("--workers", type=non_negative_int, default=2,
+                   help="DataLoader workers (default 2; 0 = load in this process)")
     add_device_option(e)
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=run_evaluate)
@@ -95,8 +99,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_dataset_options(v)
     v.add_argument("--proposals", metavar="CACHE", help="proposal cache of that dataset")
     v.add_argument("--out", required=True, metavar="DIR", help="folder for the PNG files")
-    v.add_argument("--num-images", type=int, default=8, metavar="N", help="images to draw (default 8)")
-    v.add_argument("--top-proposals", type=int, default=10, metavar="N", help="proposals drawn per image (10)")
+    v.add_argument("--num-images", type=positive_int, default=8, metavar="N", help="images to draw (default 8)")
+    v.add_argument("--top-proposals", type=positive_int, default=10, metavar="N",
+                   help="proposals drawn per image (10)")
     v.add_argument("--per-class", action="store_true", help="also one figure per image with per-class detections")
     add_device_option(v)
     v.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -18,6 +18,7 @@ convention (channel order, scale, mean, std, size), the outputs' meaning and the
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -26,7 +27,7 @@ from torch import nn
 
 from mlkd.checkpoint import CONFIG, WEIGHTS, load_checkpoint, read_model_dir, write_model_dir
 from mlkd.errors import BadInput
-from mlkd.export.onnx import export_onnx, run_onnx, runtime_name
+from mlkd.export.onnx import check_opset, export_onnx, run_onnx, runtime_name
 from mlkd.export.verify import Check, compare, describe_input, random_boxes, require, sample_inputs
 from mlkd.export.vgg_view import VggDeployView
 from mlkd.models.build import model_from_checkpoint
@@ -116,6 +117,10 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, classif
     then false)."""
     if fmt not in FORMATS:
         raise BadInput(f"unknown export format {fmt!r}; choose one of {list(FORMATS)}")
+    if not math.isfinite(tolerance) or tolerance <= 0:  # nan would fail every check, a negative one too
+        raise BadInput(f"the tolerance must be a finite number > 0 (e.g. 1e-4), got {tolerance}")
+    if fmt == "onnx":
+        check_opset(opset)
     ckpt = load_checkpoint(checkpoint)
     kind, out = ckpt["kind"], Path(out)
     if kind not in ("teacher", "student"):

@@ -16,6 +16,9 @@ Every import is strict: the architecture is read from both files and must be one
 training only (then the report says why it was skipped); unknown layer types, missing layers and shape
 mismatches are errors stating what was expected and what was found. Imported models record input convention
 ``caffe`` (BGR, 0-255, mean-subtracted), so evaluation and export never guess.
+
+Output files are checked before any work (an existing one is replaced only with ``overwrite``) and written only
+once every part of the import succeeded; a failed import leaves none of them, and no ``.tmp``.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ class ImportReport:
     imported: list[str]
     skipped: dict[str, str] = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)
+    checkpoint: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)  # what is written to path
 
 
 # -- reading -----------------------------------------------------------------------------------------
@@ -193,9 +197,9 @@ def plan_student(net: CaffeNet, weights: Mapping[str, LayerBlobs], classifier: s
 @dataclasses.dataclass
 class ImportOptions:
     """The command's options: ``classes`` file, model-config overrides ``sets`` (``key=value``), the student's
-    ``classifier`` layer, ``teacher_out`` (KD teacher copy), the teacher's ``image_size`` and the ``convention``
+    ``classifier`` layer, ``teacher_out`` (KD teacher copy), the teacher's ``image_size``, the ``convention``
     the weights expect (``caffe`` for every model of the release; ``torchvision`` only for mlkd exports of models
-    trained that way, as their export.json says)."""
+    trained that way, as their export.json says) and whether to ``overwrite`` existing output files."""
 
     classes: str | None = None
     sets: Sequence[str] = ()
@@ -204,6 +208,7 @@ class ImportOptions:
     image_size: int | None = None
     convention: str = "caffe"
     source: dict[str, str] = dataclasses.field(default_factory=dict)
+    overwrite: bool = False  # replace an existing output file instead of refusing it
 
     def notes(self) -> list[str]:
         if self.convention == "caffe":
@@ -223,11 +228,12 @@ def import_imagenet(net: CaffeNet, weights: Mapping[str, LayerBlobs], out: str |
                     opts: ImportOptions) -> ImportReport:
     layout, names = plan_imagenet(net, weights)
     state = import_vgg_weights(weights, names)
-    save_checkpoint(out, make_checkpoint("imagenet_weights", state, input_convention=opts.convention,
-                                         source={**opts.source, "backbone": layout.backbone_config()}))
+    ckpt = make_checkpoint("imagenet_weights", state, input_convention=opts.convention,
+                           source={**opts.source, "backbone": layout.backbone_config()})
     notes = [] if "fc8" in weights else ["no fc8 in the caffemodel: the file has no classifier.6 (mlkd never uses it)"]
     config = {**layout.backbone_config(), "input_convention": opts.convention}
-    return ImportReport(Path(out), "imagenet_weights", config, sorted(set(names.values())), notes=notes + opts.notes())
+    return ImportReport(Path(out), "imagenet_weights", config, sorted(set(names.values())), notes=notes + opts.notes(),
+                        checkpoint=ckpt)
 
 
 def import_teacher(net: CaffeNet, weights: Mapping[str, LayerBlobs], out: str | Path, opts: ImportOptions,
@@ -242,10 +248,10 @@ def import_teacher(net: CaffeNet, weights: Mapping[str, LayerBlobs], out: str | 
     scale = opts.image_size or _input_size(net, names["backbone.features.0"]) or DataConfig().test_scale
     model = build_teacher(cfg, k)
     state = _load(model, weights, names, set(skipped))
-    save_checkpoint(out, make_checkpoint("teacher", state, input_convention=opts.convention, classes=classes,
-                                         model_config=to_dict(cfg), image_size=scale, source=opts.source))
+    ckpt = make_checkpoint("teacher", state, input_convention=opts.convention, classes=classes,
+                           model_config=to_dict(cfg), image_size=scale, source=opts.source)
     return ImportReport(Path(out), "teacher", {**to_dict(cfg), "test_scale": scale}, sorted(set(names.values())),
-                        skipped, opts.notes())
+                        skipped, opts.notes(), ckpt)
 
 
 def _kd_skips(weights: Mapping[str, LayerBlobs], fc8: str) -> tuple[dict[str, str], list[str]]:
@@ -276,10 +282,10 @@ def import_student(net: CaffeNet, weights: Mapping[str, LayerBlobs], out: str | 
     cfg = _model_config(StudentModelConfig, {**derived, "input_convention": opts.convention}, opts.sets)
     model = build_student(cfg, k)
     state = _load(model, weights, names, set(skipped))
-    save_checkpoint(out, make_checkpoint("student", state, input_convention=opts.convention, classes=classes,
-                                         model_config=to_dict(cfg), image_size=cfg.image_size, source=opts.source))
+    ckpt = make_checkpoint("student", state, input_convention=opts.convention, classes=classes,
+                           model_config=to_dict(cfg), image_size=cfg.image_size, source=opts.source)
     reports = [ImportReport(Path(out), "student", to_dict(cfg), sorted(set(names.values())), skipped,
-                            notes + opts.notes())]
+                            notes + opts.notes(), ckpt)]
     if opts.teacher_out is not None:
         copy = {n for n in weights if re.fullmatch(KD_TEACHER.conv, n) or n in KD_TEACHER.fc.values()}
         rest = {n: skipped.get(n, "the student (imported into the student checkpoint)") for n in weights
@@ -306,9 +312,38 @@ def import_caffe(prototxt: str | Path, caffemodel: str | Path, arch: str, out: s
     if extra:
         takes = list(APPLIES[arch]) or "none of them"
         raise BadInput(f"{extra} do(es) not apply to --arch {arch} (it takes {takes})")
+    check_outputs(out, opts)
     net, weights = read_caffe(prototxt, caffemodel)
     if arch == "vgg16":
-        return [import_imagenet(net, weights, out, opts)]
-    if arch == "wsddn":
-        return [import_teacher(net, weights, out, opts)]
-    return import_student(net, weights, out, opts)
+        reports = [import_imagenet(net, weights, out, opts)]
+    elif arch == "wsddn":
+        reports = [import_teacher(net, weights, out, opts)]
+    else:
+        reports = import_student(net, weights, out, opts)
+    write_reports(reports)
+    return reports
+
+
+def check_outputs(out: str | Path, opts: ImportOptions) -> None:
+    """Before any work: refuse an output that exists (unless ``opts.overwrite``), is a folder, or is named twice."""
+    paths = [Path(out)] + ([Path(opts.teacher_out)] if opts.teacher_out is not None else [])
+    if len(paths) == 2 and paths[0].resolve() == paths[1].resolve():
+        raise BadInput(f"--out and --teacher-out are the same file {paths[0]}; give two paths")
+    for path in paths:
+        if path.is_dir():
+            raise BadInput(f"{path} is a folder; give the path of the .pt file to write")
+        if path.exists() and not opts.overwrite:
+            raise BadInput(f"{path} already exists; pass --overwrite to replace it (or choose another path)")
+
+
+def write_reports(reports: Sequence[ImportReport]) -> None:
+    """Write every planned checkpoint; if one cannot be written, remove those this call wrote before it, so a failed
+    import leaves no part of its output (each write is atomic: no partial file, no .tmp)."""
+    written: list[Path] = []
+    try:
+        for r in reports:
+            written.append(save_checkpoint(r.path, r.checkpoint))
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise

@@ -40,6 +40,25 @@ class WithProbabilities(nn.Module):
         return logits, torch.sigmoid(logits)
 
 
+def supported_opsets() -> tuple[int, int]:
+    """The lowest and highest opset this installation can export: what PyTorch's TorchScript exporter writes, capped
+    by what the installed onnx knows (an opset outside gives errors deep inside torch or onnxruntime)."""
+    onnx, _ = _require()
+    # torch.onnx._constants is private: fall back to the range of torch 2.x when it moves
+    constants = getattr(torch.onnx, "_constants", None)
+    low, high = getattr(constants, "ONNX_MIN_OPSET", 7), getattr(constants, "ONNX_MAX_OPSET", 20)
+    return low, min(high, onnx.defs.onnx_opset_version())
+
+
+def check_opset(opset: int) -> None:
+    """Refuse an opset outside :func:`supported_opsets`, naming the range and the versions it comes from."""
+    low, high = supported_opsets()
+    if not low <= opset <= high:
+        onnx, _ = _require()
+        raise BadInput(f"ONNX opset {opset} is not one this installation exports: expected {low} to {high} (torch "
+                       f"{torch.__version__}, onnx {onnx.__version__}); the default is {DEFAULT_OPSET}")
+
+
 def export_onnx(model: nn.Module, path: str | Path, image_size: int, opset: int = DEFAULT_OPSET) -> None:
     """Write ``model`` (images -> logits, in eval mode) as ONNX at ``path`` and check the file with onnx's checker."""
     onnx, _ = _require()

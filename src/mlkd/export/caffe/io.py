@@ -82,9 +82,12 @@ def read_prototxt(path: str | Path, supported: Collection[str] | None = SUPPORTE
         raise BadInput(f"{path} is not text ({e}); a binary .caffemodel? Read it with read_caffemodel") from e
     try:
         text_format.Parse(text, msg, allow_unknown_field=True)
+        net = _net_from_message(msg, str(path))
     except text_format.ParseError as e:
         raise BadInput(f"{path} is not a valid Caffe prototxt: {e}") from e
-    net = _net_from_message(msg, str(path))
+    except RecursionError:  # protobuf's text parser recurses once per nested { }
+        raise BadInput(f"{path} is not a valid Caffe prototxt: its {{ }} blocks are nested too deeply for Python's "
+                       f"parser (a Caffe network nests a few levels)") from None
     if supported is not None:
         bad = [f"{l.name!r} ({l.type})" for l in net.layers if l.type not in supported]
         if bad:
@@ -129,10 +132,22 @@ def _blob_to_array(blob: Any, layer_type: str, index: int, where: str) -> np.nda
         raise BadInput(f"{where}: blob {index} has shape {shape} ({count} values) but stores {len(data)} values"
                          + (" (float16 raw_data of NVIDIA's Caffe is not supported)" if len(data) == 0 else ""))
     arr = np.array(data, dtype=np.float32).reshape(shape)
+    _check_finite(arr, layer_type, index, where)
     ndims = _BLOB_NDIMS.get(layer_type)
     if legacy and ndims is not None and index < 2:
         arr = _drop_leading_ones(arr, ndims[index], f"{where}: blob {index}")
     return arr
+
+
+def _check_finite(arr: np.ndarray, layer_type: str, index: int, where: str) -> None:
+    """Refuse NaN / inf weights: no model trains or runs with them, so the run diverged or the file is damaged."""
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        role = ("weights", "bias")[index] if layer_type in _BLOB_NDIMS and index < 2 else "values"
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise BadInput(f"{where}: blob {index} ({role}, shape {arr.shape}) holds {int(bad.sum())} non-finite values "
+                       f"(NaN or inf; the first at index {first}); expected finite weights: the training diverged or "
+                       "the file is damaged")
 
 
 def _drop_leading_ones(arr: np.ndarray, ndim: int, where: str) -> np.ndarray:
