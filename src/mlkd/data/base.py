@@ -19,18 +19,17 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mlkd.errors import BadFile, BadInput, NotFound
+from mlkd.data.images import file_problem, read_image  # read_image: re-exported for its callers
+from mlkd.errors import BadInput, NotFound
 
 
 BOX_CONVENTION = "x1y1x2y2 float32, 0-based pixel edges of the image on disk, x2/y2 exclusive (x2 = x + w)"
@@ -133,34 +132,24 @@ def listed(ids: Sequence[str], limit: int = MAX_LISTED) -> str:
 
 def drop_missing(records: list[ImageRecord], skip_missing: bool, source: str,
                  root: str | Path) -> tuple[list[ImageRecord], list[str]]:
-    """Check that every record's image file exists.
+    """Check that every record's image file exists and is a regular file.
 
     Returns ``(records whose file exists, ids of the others)``. Missing files raise ``FileNotFoundError``
-    (count, first ids) unless ``skip_missing``; then they are dropped with a warning giving the count.
-    ``source`` names the annotation file and ``root`` the image folder, for the messages.
+    (count, first ids, and what each path is when it exists but is not a file: a directory, a FIFO, ...) unless
+    ``skip_missing``; then they are dropped with a warning giving the count. ``source`` names the annotation
+    file and ``root`` the image folder, for the messages.
     """
-    missing = [r.image_id for r in records if not os.path.isfile(r.path)]
+    problems = {r.image_id: p for r in records if (p := file_problem(r.path)) is not None}
+    missing = list(problems)
     if missing and not skip_missing:
+        shown = [i if problems[i] == "does not exist" else f"{i} ({problems[i]})" for i in missing]
         raise NotFound(
-            f"{len(missing)} of {len(records)} image files listed in {source} do not exist under {root}:"
-            f"{listed(missing)}\n(pass skip_missing=True / --skip-missing to drop them)")
+            f"{len(missing)} of {len(records)} image files listed in {source} do not exist under {root} "
+            f"(or are not regular files):{listed(shown)}\n(pass skip_missing=True / --skip-missing to drop them)")
     if missing:
         warnings.warn(f"{source}: skipped {len(missing)} missing image files", stacklevel=3)
-        lost = set(missing)
-        records = [r for r in records if r.image_id not in lost]
+        records = [r for r in records if r.image_id not in problems]
     return records, missing
-
-
-def read_image(path: str | Path) -> np.ndarray:
-    """Decode an image file to an RGB uint8 array ``(H, W, 3)``; a clear ``OSError`` if it cannot be read."""
-    path = Path(path)
-    if not path.is_file():
-        raise NotFound(f"image file not found: {path}")
-    data = np.fromfile(str(path), dtype=np.uint8)
-    img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
-    if img is None:
-        raise BadFile(f"cannot decode image {path} ({data.size} bytes): not a readable image file")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
 Transform = Callable[[torch.Tensor, dict[str, Any]], tuple[torch.Tensor, dict[str, Any]]]
