@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from mlkd.data.boxes import check_boxes
 from mlkd.data.images import file_problem, read_image  # read_image: re-exported for its callers
 from mlkd.errors import BadInput, NotFound
 
@@ -152,6 +153,17 @@ def drop_missing(records: list[ImageRecord], skip_missing: bool, source: str,
     return records, missing
 
 
+def check_proposals(boxes: np.ndarray, image_hw: tuple[int, int], image_id: str, source: Any) -> None:
+    """Refuse proposals read from a cache that are not valid boxes of their ``(H, W)`` image.
+
+    Caches written by mlkd hold only valid boxes, so this catches damaged or hand-made ones; one vectorised
+    pass over ``(R, 4)`` boxes.
+    """
+    check_boxes(boxes, image_hw, "refuse", f"proposals of image {image_id!r} in {source}",
+                hint="the cache is damaged or was not written by mlkd: rebuild it with `mlkd proposals`, or "
+                     "re-import its source with `mlkd proposals import --bad-boxes clip|drop`")
+
+
 Transform = Callable[[torch.Tensor, dict[str, Any]], tuple[torch.Tensor, dict[str, Any]]]
 KEEP = object()  # "leave as it is" for MultiLabelDataset.view
 
@@ -225,6 +237,7 @@ class MultiLabelDataset(Dataset):
                 target["box_difficult"] = torch.from_numpy(np.asarray(r.box_difficult, bool))
         if self.proposals is not None:
             boxes, scores = self.proposals.get(r.image_id)
+            check_proposals(boxes, (h, w), r.image_id, getattr(self.proposals, "path", "the attached proposals"))
             target["proposals"] = torch.from_numpy(boxes)
             target["proposal_scores"] = torch.from_numpy(scores)
         image = torch.from_numpy(img).permute(2, 0, 1).contiguous()
