@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mlkd.data.boxes import check_boxes
-from mlkd.data.images import file_problem, read_image  # read_image: re-exported for its callers
-from mlkd.errors import BadInput, NotFound
+from mlkd.data.boxes import BoxReport, check_boxes
+from mlkd.data.images import file_problem, header_size, read_image  # read_image: re-exported for its callers
+from mlkd.errors import BadInput, MlkdError, NotFound
 
 
 BOX_CONVENTION = "x1y1x2y2 float32, 0-based pixel edges of the image on disk, x2/y2 exclusive (x2 = x + w)"
@@ -153,6 +153,59 @@ def drop_missing(records: list[ImageRecord], skip_missing: bool, source: str,
     return records, missing
 
 
+BAD_BOXES_HINT = ("the dataset option bad_boxes (--option bad_boxes=...) decides: clip (default) clips out-of-image "
+                  "boxes and drops zero-area ones, drop drops every defective box, refuse refuses them all")
+
+
+def known_size(path: str | Path) -> tuple[int, int] | None:
+    """``(H, W)`` of an image from its header (EXIF orientation applied), or None when the header cannot be read:
+    a loader then checks that image's boxes without its size, and the decode reports the file when it is used."""
+    try:
+        return header_size(path)
+    except MlkdError:
+        return None
+
+
+def check_record_boxes(records: Sequence[ImageRecord], sizes: Sequence[tuple[int, int] | None], policy: str,
+                       source: str, name_box: Callable[[ImageRecord, int], str]) -> BoxReport:
+    """Validate the ground-truth boxes of ``records`` in one vectorised pass (:func:`mlkd.data.boxes.check_boxes`);
+    clipped or dropped boxes are written back to each record with their labels and difficult flags.
+
+    Args:
+        records: records whose ``boxes`` are ``(M_i, 4)`` float32 x1y1x2y2 (or None: skipped).
+        sizes: each record's image ``(H, W)``, or None when unknown (out-of-image is then not checked).
+        policy: ``"refuse"``, ``"clip"`` or ``"drop"``; source: the annotation file, for messages.
+        name_box: ``(record, j) -> text`` naming box ``j`` of a record (its file, line or object, and values).
+    """
+    held = [(r, s) for r, s in zip(records, sizes) if r.boxes is not None and len(r.boxes)]
+    if not held:
+        return BoxReport()
+    counts = np.array([len(r.boxes) for r, _ in held])
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    owner = np.repeat(np.arange(len(held)), counts)
+    hw = np.repeat(np.array([s if s is not None else (np.nan, np.nan) for _, s in held], np.float64), counts, axis=0)
+    boxes, report = check_boxes(np.concatenate([r.boxes for r, _ in held]), hw, policy, source,
+                                name_box=lambda i: name_box(held[owner[i]][0], int(i - starts[owner[i]])),
+                                hint=BAD_BOXES_HINT)
+    if report.changed:
+        kept_per_record = np.bincount(owner[report.keep], minlength=len(held))
+        slices = np.split(np.arange(len(boxes)), np.cumsum(kept_per_record)[:-1])  # kept boxes, record by record
+        for k, ((r, _), sel) in enumerate(zip(held, slices)):
+            local = report.keep[sel] - starts[k]  # positions of the kept boxes within the record
+            r.boxes = boxes[sel]
+            r.box_labels = np.asarray(r.box_labels)[local]
+            if r.box_difficult is not None:
+                r.box_difficult = np.asarray(r.box_difficult)[local]
+    return report
+
+
+def report_boxes(report: BoxReport, policy: str) -> None:
+    """Warn with the counts when a dataset's box policy clipped or dropped ground-truth boxes."""
+    if report.changed:
+        warnings.warn(f"bad_boxes={policy}: ground-truth boxes, {report.summary()} (the dataset's box_report has "
+                      f"the counts); e.g. {report.examples[0]}", stacklevel=3)
+
+
 def check_proposals(boxes: np.ndarray, image_hw: tuple[int, int], image_id: str, source: Any) -> None:
     """Refuse proposals read from a cache that are not valid boxes of their ``(H, W)`` image.
 
@@ -172,11 +225,14 @@ class MultiLabelDataset(Dataset):
     """Base class: subclasses fill ``name``, ``split``, ``classes`` and ``records`` then call ``super().__init__``.
 
     ``excluded`` maps a reason (``"missing"``, ``"no_label"``, ``"empty"``, ...) to the ids of the images the
-    annotation files list but the dataset left out, so every exclusion is reported, never silent.
+    annotation files list but the dataset left out, so every exclusion is reported, never silent;
+    ``box_report`` (a :class:`~mlkd.data.boxes.BoxReport`) says what the ``bad_boxes`` policy did to the
+    ground-truth boxes.
     """
 
     def __init__(self, name: str, split: str, classes: Sequence[str], records: list[ImageRecord],
-                 transform: Transform | None = None, excluded: dict[str, list[str]] | None = None) -> None:
+                 transform: Transform | None = None, excluded: dict[str, list[str]] | None = None,
+                 box_report: BoxReport | None = None) -> None:
         if len(set(classes)) != len(classes):
             raise BadInput(f"class names must be unique, got {list(classes)}")
         self.name, self.split = name, split
@@ -185,6 +241,7 @@ class MultiLabelDataset(Dataset):
         self.transform = transform
         self.excluded = {k: list(v) for k, v in (excluded or {}).items() if v}
         self.proposals = None  # a ProposalCache once attached
+        self.box_report = box_report  # what the bad_boxes policy did to the ground-truth boxes (None: no boxes)
         self.identity = DatasetIdentity(name, split, tuple(self.classes), len(records),
                                         labels_hash(records, self.classes), images_hash(records))
 
