@@ -152,7 +152,7 @@ def test_defective_boxes_refused_naming_file_line_and_box(tmp_path, images, box,
 
 
 @pytest.mark.parametrize("row, message", [
-    ({"labels": ["cat"]}, "'path' must be a non-empty string"),
+    ({"labels": ["cat"]}, r"missing required key\(s\) \['path'\]"),
     ({"path": "", "labels": ["cat"]}, "'path' must be a non-empty string"),
     ({"path": "img/a.png", "labels": "cat"}, "'labels' must be a list"),
     ({"path": "img/a.png", "labels": ["cat"], "ignore": ["cat"]}, "both in 'labels' and in 'ignore'"),
@@ -217,6 +217,33 @@ def test_cli_info_counts_and_missing(tmp_path, images, capsys):
     assert main(["data", "info", "--dataset", str(manifest), "--decode"]) == 1
     assert "unreadable image files: 1" in capsys.readouterr().out
     assert main(["data", "info", "--dataset", str(tmp_path / "none.jsonl")]) == 1
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"path": "img/a.png", "lables": ["cat"]}, r"unknown key\(s\) \['lables'\]"),
+    ({"path": "img/a.png"}, r"missing required key\(s\) \['labels'\]"),
+    ({"path": "img/a.png", "labels": ["cat"], "box": [[1, 1, 4, 5, "cat"]]}, r"unknown key\(s\) \['box'\]"),
+])
+def test_unknown_or_missing_keys_name_file_line_and_the_valid_keys(tmp_path, images, row, message):
+    manifest = write_jsonl(tmp_path / "train.jsonl", [JSONL_ROWS[1], row])
+    with pytest.raises(ValueError, match=rf"{manifest}:2: {message}; valid keys are path, labels \(required\) and "
+                                         r"boxes, ignore \(optional\)"):
+        CustomDataset(manifest, classes=["cat"])
+
+
+def test_csv_unknown_columns_and_short_or_long_rows(tmp_path, images):
+    csv = tmp_path / "t.csv"
+    csv.write_text("path,labels,boxs\nimg/a.png,cat,\n")
+    with pytest.raises(ValueError, match=rf"{csv}:1: unknown CSV column\(s\) \['boxs'\]; valid keys are path, labels"):
+        CustomDataset(csv, classes=["cat"])
+    csv.write_text("path,labels\nimg/a.png,cat\nimg/b.png\n")
+    with pytest.raises(ValueError, match=rf"{csv}:3: the row has 1 fields where the header \['path', 'labels'\] has 2"):
+        CustomDataset(csv, classes=["cat"])
+    csv.write_text("path,labels\nimg/a.png,cat,dog\n")
+    with pytest.raises(ValueError, match=rf"{csv}:2: the row has 3 fields where the header"):
+        CustomDataset(csv, classes=["cat", "dog"])
+    csv.write_text("path,labels\nimg/a.png,\n")  # an empty labels field is still "no positive label"
+    assert CustomDataset(csv, classes=["cat"]).label_matrix().tolist() == [[0]]
 
 
 def test_boxes_crossing_the_border_are_clipped_by_default_to_the_size_in_the_header(tmp_path, images):

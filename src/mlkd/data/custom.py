@@ -10,6 +10,9 @@ empty = no positive label), optional ``boxes`` (the same JSON list as above) and
     path,labels,boxes
     images/0001.png,cat;dog,"[[12, 30, 80, 95, ""cat""]]"
 
+- ``path`` and ``labels`` are required (``"labels": []`` for an image without positive labels); ``boxes`` and
+  ``ignore`` are optional. Any other key (a JSON key, a CSV column) is an error naming it, so a typo such as
+  ``"lables"`` cannot silently make an image without labels.
 - ``boxes``: (x1, y1, x2, y2) pixels of the image file, 0-based, x2 > x1 and y2 > y1, each followed by its
   class name, which must be one of the image's labels. Their values go through the box validator
   (:mod:`mlkd.data.boxes`) under the option ``bad_boxes``: ``"clip"`` (default) clips boxes that cross the
@@ -46,10 +49,24 @@ from mlkd.errors import BadInput, NotFound
 
 ANNOTATION_SUFFIXES = (".jsonl", ".ndjson", ".csv")
 CLASSES_FILE = "classes.txt"
+REQUIRED_KEYS = ("path", "labels")
+OPTIONAL_KEYS = ("boxes", "ignore")
+_VALID_KEYS = (f"valid keys are {', '.join(REQUIRED_KEYS)} (required) and {', '.join(OPTIONAL_KEYS)} (optional); "
+               "an image without positive labels has an empty labels list")
 
 
-def _fail(where: str, message: str) -> ValueError:
-    return ValueError(f"{where}: {message}")
+def _fail(where: str, message: str) -> BadInput:
+    return BadInput(f"{where}: {message}")
+
+
+def _check_keys(where: str, keys: Sequence[str], what: str) -> None:
+    """Refuse unknown keys (a typo like 'lables' would silently drop the labels) and missing required ones."""
+    unknown = [k for k in keys if k not in REQUIRED_KEYS + OPTIONAL_KEYS]
+    missing = [k for k in REQUIRED_KEYS if k not in keys]
+    if unknown:
+        raise _fail(where, f"unknown {what}(s) {unknown}; {_VALID_KEYS}")
+    if missing:
+        raise _fail(where, f"missing required {what}(s) {missing}; {_VALID_KEYS}")
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -65,6 +82,7 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
                 raise _fail(where, f"malformed JSON ({e.msg} at column {e.colno})") from e
             if not isinstance(row, dict):
                 raise _fail(where, f"expected a JSON object with 'path' and 'labels', got {type(row).__name__}")
+            _check_keys(where, list(row), "key")
             yield where, row
 
 
@@ -77,13 +95,18 @@ def _iter_csv(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     with path.open(encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f)
         columns = reader.fieldnames or []
-        missing = [c for c in ("path", "labels") if c not in columns]
+        missing = [c for c in REQUIRED_KEYS if c not in columns]
         if missing:
             raise _fail(f"{path}:1", f"CSV header must have columns 'path' and 'labels' (optional 'boxes', "
                                      f"'ignore'); missing {missing}, header is {columns}")
+        _check_keys(f"{path}:1", columns, "CSV column")
         for raw in reader:
             where = f"{path}:{reader.line_num}"
-            row: dict[str, Any] = {"path": raw["path"], "labels": _split_names(raw["labels"] or "")}
+            if None in raw or None in raw.values():  # DictReader's marks of a row longer or shorter than the header
+                fields = sum(v is not None for k, v in raw.items() if k is not None) + len(raw.get(None) or [])
+                raise _fail(where, f"the row has {fields} fields where the header {columns} has {len(columns)} "
+                                   "(a value with a comma needs quotes)")
+            row: dict[str, Any] = {"path": raw["path"], "labels": _split_names(raw["labels"])}
             if raw.get("ignore"):
                 row["ignore"] = _split_names(raw["ignore"])
             if raw.get("boxes") and raw["boxes"].strip():
