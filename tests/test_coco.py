@@ -107,9 +107,16 @@ def test_boxes_xywh_to_xyxy_hand_computed_and_crowd_marked_difficult(tmp_path):
         [[1.5, 2.0, 5.75, 5.0], [0, 0, 0, 0]]
     assert xywh_to_xyxy(np.zeros((0, 4))).shape == (0, 4)
     write_coco(tmp_path)
-    r = {r.image_id: r for r in CocoDataset(tmp_path, "val2014").records}[file_name("val2014", 42)]
+    r = {r.image_id: r for r in CocoDataset(tmp_path, "val2014", bad_boxes="drop").records}[file_name("val2014", 42)]
     assert r.boxes.dtype == np.float32
-    assert r.boxes.tolist() == [[1.5, 2.0, 5.75, 5.0], [0, 0, 6, 5], [2, 1, 7, 7]]
+    assert r.boxes.tolist() == [[1.5, 2.0, 5.75, 5.0], [0, 0, 6, 5]]  # the crowd box crosses the 8 x 6 image
+    assert r.box_labels.tolist() == [0, 3] and r.box_difficult.tolist() == [False, False]
+    with pytest.warns(UserWarning, match=r"bad_boxes=clip: ground-truth boxes, 9 boxes checked: 1 out-of-image "
+                                         r"clipped.*annotation id 1002 .*bbox \[2.0, 1.0, 5.0, 6.0\]"):
+        ds = CocoDataset(tmp_path, "val2014")  # the default clips it to the image's height 6
+    r = {r.image_id: r for r in ds.records}[file_name("val2014", 42)]
+    assert ds.box_report.clipped == 1 and ds.box_report.found["out_of_image"] == 1
+    assert r.boxes.tolist() == [[1.5, 2.0, 5.75, 5.0], [0, 0, 6, 5], [2, 1, 7, 6]]
     assert r.box_labels.tolist() == [0, 3, 0] and r.box_difficult.tolist() == [False, False, True]
     assert r.extra["coco_id"] == 42 and r.path == tmp_path / "val2014" / file_name("val2014", 42)
 
@@ -141,7 +148,7 @@ def test_identity_and_build_dataset(tmp_path):
     assert ds.identity.num_images == 4 and ds.identity.classes == ("person", "car", "train", "dog")
     assert ds.identity != build_dataset(f"coco:{tmp_path}:train2014").identity  # crowd mode changes labels
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['difficult'\] for a coco dataset; valid options: "
-                                         r"\['keep_empty', 'crowd'\]"):
+                                         r"\['keep_empty', 'crowd', 'bad_boxes'\]"):
         build_dataset(f"coco:{tmp_path}:train2014", difficult="ignore")
     with pytest.raises(ValueError, match=r"unknown COCO split 'val2017'; expected one of \['train2014', 'val2014'\]"):
         build_dataset(f"coco:{tmp_path}:val2017")
@@ -158,7 +165,8 @@ def test_unknown_category_id_names_the_id_and_the_file(tmp_path):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda d: d["annotations"][0].update(bbox=[0, 0, -1, 2]), r"bbox must be \[x, y, w, h\].*got \[0, 0, -1, 2\]"),
+    (lambda d: d["annotations"][0].update(bbox=[0, 0, -1, 2]),
+     r"1 inverted .*annotation id 1000 \(image COCO_val2014_000000000042.jpg, bbox \[0.0, 0.0, -1.0, 2.0\]\)"),
     (lambda d: d["annotations"][0].update(bbox=[0, 0, 1]), r"bbox must be \[x, y, w, h\]"),
     (lambda d: d["annotations"][0].update(image_id=999), "image_id 999, which is not among the file's images"),
     (lambda d: d["annotations"][0].update(iscrowd=2), "iscrowd must be 0 or 1, got 2"),
@@ -191,3 +199,22 @@ def test_missing_image_raises_or_is_skipped_and_reported(tmp_path):
     with pytest.warns(UserWarning, match="skipped 1 missing image files"):
         ds = CocoDataset(tmp_path, "val2014", skip_missing=True)
     assert len(ds) == 3 and ds.missing == [gone] and ds.excluded["missing"] == [gone]
+
+
+def test_bad_boxes_policies_name_the_annotation_and_use_the_json_size(tmp_path):
+    path = write_coco(tmp_path)  # annotation 1002: a crowd box of image 42 reaching y = 7 in a 6-high image
+    with pytest.raises(ValueError, match=rf"{path}: 1 of 9 boxes are defective: 1 out-of-image; first: annotation "
+                                         r"id 1002 \(image COCO_val2014_000000000042\.jpg, bbox \[2\.0, 1\.0, 5\.0, "
+                                         r"6\.0\]\)"):
+        CocoDataset(tmp_path, "val2014", bad_boxes="refuse")
+    data = json.loads(path.read_text())
+    data["annotations"][0]["bbox"] = [float("nan"), 0, 2, 2]  # json writes NaN, and Python's json reads it back
+    data["images"][0].pop("height")  # no size in the json: the file's header (6 x 8) is read instead
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"1 of 9 boxes are defective \(policy 'clip'.*1 non-finite.*"
+                                         r"annotation id 1000"):
+        CocoDataset(tmp_path, "val2014")
+    with pytest.warns(UserWarning, match=r"1 non-finite dropped, 1 out-of-image dropped"):
+        ds = CocoDataset(tmp_path, "val2014", bad_boxes="drop")
+    r = {r.image_id: r for r in ds.records}[file_name("val2014", 42)]
+    assert r.boxes.tolist() == [[0, 0, 6, 5]] and r.labels.tolist() == [1, 0, 0, 1]

@@ -128,9 +128,6 @@ def test_malformed_json_line_names_file_and_line(tmp_path, images):
 
 
 @pytest.mark.parametrize("box, message", [
-    ([4, 1, 4, 5, "cat"], "need x2 > x1"),
-    ([1, 5, 4, 2, "cat"], "need x2 > x1 and y2 > y1"),
-    ([-1, 1, 4, 5, "cat"], ">= 0"),
     ([1, 1, 4, "cat"], r"\[x1, y1, x2, y2, class name\]"),
     ([1, 1, 4, 5, "dog"], "not among the image's labels"),
     ([1, 1, 4, 5, "cow"], "unknown class 'cow'"),
@@ -141,8 +138,22 @@ def test_bad_boxes_raise_with_file_line(tmp_path, images, box, message):
         CustomDataset(manifest, classes=["cat", "dog"])
 
 
+@pytest.mark.parametrize("box, message", [  # img/a.png is 8 x 6
+    ([4, 1, 4, 5, "cat"], r"1 zero-area \(x2 == x1 or y2 == y1\)"),
+    ([1, 5, 4, 2, "cat"], r"1 inverted \(x2 < x1 or y2 < y1\)"),
+    ([-1, 1, 4, 5, "cat"], "1 out-of-image"),
+    ([1, 1, 4, 7, "cat"], "1 out-of-image"),
+])
+def test_defective_boxes_refused_naming_file_line_and_box(tmp_path, images, box, message):
+    manifest = write_jsonl(tmp_path / "train.jsonl", [{"path": "img/a.png", "labels": ["cat"], "boxes": [box]}])
+    with pytest.raises(ValueError, match=rf"{manifest}: 1 of 1 boxes are defective: {message}; first: "
+                                         rf"{manifest}:1 boxes\[0\] \('cat'\)"):
+        CustomDataset(manifest, classes=["cat", "dog"], bad_boxes="refuse")
+
+
 @pytest.mark.parametrize("row, message", [
-    ({"labels": ["cat"]}, "'path' must be a non-empty string"),
+    ({"labels": ["cat"]}, r"missing required key\(s\) \['path'\]"),
+    ({"path": "", "labels": ["cat"]}, "'path' must be a non-empty string"),
     ({"path": "img/a.png", "labels": "cat"}, "'labels' must be a list"),
     ({"path": "img/a.png", "labels": ["cat"], "ignore": ["cat"]}, "both in 'labels' and in 'ignore'"),
     ([1, 2], "expected a JSON object"),
@@ -206,3 +217,47 @@ def test_cli_info_counts_and_missing(tmp_path, images, capsys):
     assert main(["data", "info", "--dataset", str(manifest), "--decode"]) == 1
     assert "unreadable image files: 1" in capsys.readouterr().out
     assert main(["data", "info", "--dataset", str(tmp_path / "none.jsonl")]) == 1
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"path": "img/a.png", "lables": ["cat"]}, r"unknown key\(s\) \['lables'\]"),
+    ({"path": "img/a.png"}, r"missing required key\(s\) \['labels'\]"),
+    ({"path": "img/a.png", "labels": ["cat"], "box": [[1, 1, 4, 5, "cat"]]}, r"unknown key\(s\) \['box'\]"),
+])
+def test_unknown_or_missing_keys_name_file_line_and_the_valid_keys(tmp_path, images, row, message):
+    manifest = write_jsonl(tmp_path / "train.jsonl", [JSONL_ROWS[1], row])
+    with pytest.raises(ValueError, match=rf"{manifest}:2: {message}; valid keys are path, labels \(required\) and "
+                                         r"boxes, ignore \(optional\)"):
+        CustomDataset(manifest, classes=["cat"])
+
+
+def test_csv_unknown_columns_and_short_or_long_rows(tmp_path, images):
+    csv = tmp_path / "t.csv"
+    csv.write_text("path,labels,boxs\nimg/a.png,cat,\n")
+    with pytest.raises(ValueError, match=rf"{csv}:1: unknown CSV column\(s\) \['boxs'\]; valid keys are path, labels"):
+        CustomDataset(csv, classes=["cat"])
+    csv.write_text("path,labels\nimg/a.png,cat\nimg/b.png\n")
+    with pytest.raises(ValueError, match=rf"{csv}:3: the row has 1 fields where the header \['path', 'labels'\] has 2"):
+        CustomDataset(csv, classes=["cat"])
+    csv.write_text("path,labels\nimg/a.png,cat,dog\n")
+    with pytest.raises(ValueError, match=rf"{csv}:2: the row has 3 fields where the header"):
+        CustomDataset(csv, classes=["cat", "dog"])
+    csv.write_text("path,labels\nimg/a.png,\n")  # an empty labels field is still "no positive label"
+    assert CustomDataset(csv, classes=["cat"]).label_matrix().tolist() == [[0]]
+
+
+def test_boxes_crossing_the_border_are_clipped_by_default_to_the_size_in_the_header(tmp_path, images):
+    rows = [{"path": "img/a.png", "labels": ["cat"], "boxes": [[-1, 1, 4, 5, "cat"], [2, 2, 12, 9, "cat"],
+                                                               [9, 1, 12, 5, "cat"], [1, 1, 3, 3, "cat"]]}]
+    manifest = write_jsonl(tmp_path / "train.jsonl", rows)  # img/a.png is 8 wide x 6 high
+    with pytest.warns(UserWarning, match=rf"bad_boxes=clip: ground-truth boxes, 4 boxes checked: 2 out-of-image "
+                                         rf"clipped to the image, 1 out-of-image dropped .*{manifest}:1 boxes\[0\]"):
+        ds = CustomDataset(manifest, classes=["cat"])
+    assert ds.records[0].boxes.tolist() == [[0, 1, 4, 5], [2, 2, 8, 6], [1, 1, 3, 3]]
+    assert ds.records[0].box_labels.tolist() == [0, 0, 0] and ds.box_report.clipped == 2
+    assert ds.label_matrix().tolist() == [[1]]
+    with pytest.warns(UserWarning, match="bad_boxes=drop: ground-truth boxes, 4 boxes checked: 3 out-of-image dropped"):
+        dropped = CustomDataset(manifest, classes=["cat"], bad_boxes="drop")
+    assert dropped.records[0].boxes.tolist() == [[1, 1, 3, 3]] and dropped.box_report.dropped["out_of_image"] == 3
+    with pytest.raises(ValueError, match=r"bad_boxes must be one of \['refuse', 'clip', 'drop'\], got 'keep'"):
+        CustomDataset(manifest, classes=["cat"], bad_boxes="keep")

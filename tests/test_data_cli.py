@@ -48,7 +48,7 @@ def test_custom_options_and_unknown_option(tmp_path):
     ds = build_dataset(str(tmp_path / "t.jsonl"), classes=["y", "x"], split="val")
     assert isinstance(ds, CustomDataset) and ds.classes == ["y", "x"] and ds.split == "val"
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['keep_empty'\] for a custom dataset; valid options: "
-                                         r"\['classes', 'root', 'split'\]"):
+                                         r"\['classes', 'root', 'split', 'bad_boxes'\]"):
         build_dataset(str(tmp_path / "t.jsonl"), keep_empty=True)
 
 
@@ -72,7 +72,7 @@ def test_info_several_splits_with_options(tmp_path, capsys):
     rows = [line.split() for line in out.splitlines() if line.startswith("car ")]
     assert rows[0] == ["car", "0", "2", "2"]  # crowd=ignore: both car images are crowd-only -> ignored
     assert main(["data", "info", "--dataset", f"coco:{tmp_path}:train2014", "--option", "difficult=ignore"]) == 1
-    assert "valid options: ['keep_empty', 'crowd']" in capsys.readouterr().err
+    assert "valid options: ['keep_empty', 'crowd', 'bad_boxes']" in capsys.readouterr().err
 
 
 def test_info_on_voc_counts_difficult_as_ignored(tmp_path, capsys):

@@ -96,8 +96,9 @@ def test_build_dataset_spec_and_root(datalist, tmp_path):
     ("img/a.jpg 1 0 1 0 0 4 3", r":1: 8 fields; expected 1 path \+ 3 labels"),
     ("img/a.jpg 1 x 1", r":1: 'x' is not a number"),
     ("img/a.jpg 1 2 1", r":1: labels must be 0 or 1, got \[2.0\]"),
-    ("img/a.jpg 1 0 1 5 0 4 3 0.9", r":1: a proposal has x2 < x1"),
-    ("img/a.jpg 1 0 1 0 0 nan 3 0.9", r":1: NaN or inf"),
+    ("img/a.jpg 1 0 1 5 0 4 3 0.9", r":1 \(image 'img/a.jpg'\): 1 of 1 boxes are defective: 1 inverted"),
+    ("img/a.jpg 1 0 1 0 0 nan 3 0.9", r":1 \(image 'img/a.jpg'\): 1 of 1 boxes are defective: 1 non-finite"),
+    ("img/a.jpg 1 0 1 0 0 4 3 nan", r":1: proposal score nan is not finite"),
 ])
 def test_malformed_lines_name_file_and_line(datalist, line, message):
     datalist.write_text(line + "\n")

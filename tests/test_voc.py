@@ -133,7 +133,7 @@ def test_voc2012_layout_and_build_dataset(tmp_path):
     assert isinstance(ds, VOCDataset) and ds.identity.name == "voc2012" and ds.records[0].image_id == "2008_000008"
     assert ds.label_matrix().min() == 0
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['crowd'\] for a voc dataset; valid options: "
-                                         r"\['difficult', 'keep_empty'\]"):
+                                         r"\['difficult', 'keep_empty', 'bad_boxes'\]"):
         build_dataset(f"voc:{tmp_path}:2012:val", crowd="ignore")
     with pytest.raises(ValueError, match=r"must be voc:ROOT:YEAR:SPLIT"):
         build_dataset(f"voc:{tmp_path}:val")
@@ -165,7 +165,8 @@ def test_unknown_class_name_names_the_file_and_the_name(tmp_path):
     ("<annotation><object><name>cat</name><bndbox><xmin>a</xmin><ymin>1</ymin><xmax>2</xmax><ymax>2</ymax>"
      "</bndbox></object></annotation>", "<xmin> is 'a', not a number"),
     ("<annotation><object><name>cat</name><bndbox><xmin>5</xmin><ymin>1</ymin><xmax>2</xmax><ymax>2</ymax>"
-     "</bndbox></object></annotation>", r"box \[5.0, 1.0, 2.0, 2.0\] needs 0 <= xmin <= xmax"),
+     "</bndbox></object></annotation>",
+     r"object 1 \('cat', xmin ymin xmax ymax = 5, 1, 2, 2\): x1y1x2y2 \[4, 0, 2, 2\] inverted"),
 ])
 def test_malformed_xml_names_the_file(tmp_path, xml, message):
     voc = write_voc(tmp_path)
@@ -189,3 +190,35 @@ def test_duplicate_id_in_split_file(tmp_path):
     voc = write_voc(tmp_path, splits={"val": ["000005", "000007", "000005"]})
     with pytest.raises(ValueError, match=rf"{voc}/ImageSets/Main/val\.txt:3: image id '000005' repeats line 1"):
         VOCDataset(tmp_path, "2007", "val")
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_non_finite_coordinates_are_refused_at_load_naming_the_xml_and_the_object(tmp_path, value):
+    objects = {**OBJECTS, "000007": [("car", 0, (1, 1, 16, 12)), ("dog", 0, (2, value, 5, 6))]}
+    voc = write_voc(tmp_path, objects=objects)
+    with pytest.raises(ValueError, match=rf"1 non-finite .*{voc}/Annotations/000007\.xml: object 2 \('dog', xmin "
+                                         rf"ymin xmax ymax = 2, {value}, 5, 6\)"):
+        VOCDataset(tmp_path, "2007", "test")
+    with pytest.warns(UserWarning, match="1 non-finite dropped"):
+        ds = VOCDataset(tmp_path, "2007", "test", bad_boxes="drop")
+    r = {r.image_id: r for r in ds.records}["000007"]
+    assert r.boxes.tolist() == [[0, 0, 16, 12]] and r.box_labels.tolist() == [VOC_CLASSES.index("car")]
+    assert r.labels[VOC_CLASSES.index("dog")] == 1  # labels come from the objects, whatever happens to boxes
+    assert ds.box_report.dropped["non_finite"] == 1
+
+
+def test_boxes_beyond_the_xml_size_are_clipped_by_default_or_refused(tmp_path):
+    objects = {**OBJECTS, "000007": [("car", None, (1, 1, 18, 12)), ("dog", 0, (-2, 3, 5, 6))]}  # 16 x 12 images
+    voc = write_voc(tmp_path, objects=objects)
+    with pytest.warns(UserWarning, match=r"bad_boxes=clip: ground-truth boxes, 10 boxes checked: 2 out-of-image "
+                                         r"clipped to the image"):
+        ds = VOCDataset(tmp_path, "2007", "test")
+    assert {r.image_id: r for r in ds.records}["000007"].boxes.tolist() == [[0, 0, 16, 12], [0, 2, 5, 6]]
+    with pytest.raises(ValueError, match=rf"{voc}/Annotations: 2 of 10 boxes are defective: 2 out-of-image; first: "
+                                         rf"{voc}/Annotations/000007\.xml: object 1 \('car', .* = 1, 1, 18, 12\)"):
+        VOCDataset(tmp_path, "2007", "test", bad_boxes="refuse")
+    # an XML without <size>: the JPEG's header gives it
+    (voc / "Annotations" / "000007.xml").write_text(voc_xml("000007", objects["000007"]).replace(
+        "<size><width>16</width><height>12</height><depth>3</depth></size>", ""))
+    with pytest.raises(ValueError, match="2 of 10 boxes are defective: 2 out-of-image"):
+        VOCDataset(tmp_path, "2007", "test", bad_boxes="refuse")

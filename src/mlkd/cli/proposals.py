@@ -8,6 +8,7 @@ from pathlib import Path
 
 from mlkd.cli.common import parse_options
 from mlkd.data import DATASET_FORMS, MultiLabelDataset, build_dataset
+from mlkd.data.boxes import BOX_POLICIES
 from mlkd.errors import BadInput
 from mlkd.proposals.attach import check_cache_matches
 from mlkd.proposals.cache import ProposalCache
@@ -106,11 +107,15 @@ def run_import(args: argparse.Namespace) -> int:
     if args.format == "mat":
         if args.root:
             raise BadInput("--root applies to datalist files (their image paths); .mat files list image ids")
-        report = import_mat(args.file, dataset, args.out, allow_missing=args.allow_missing, progress=not args.quiet)
+        report = import_mat(args.file, dataset, args.out, allow_missing=args.allow_missing, progress=not args.quiet,
+                            bad_boxes=args.bad_boxes)
     else:
         report = import_datalist(args.file, dataset, args.out, root=args.root, allow_missing=args.allow_missing,
-                                 progress=not args.quiet)
+                                 progress=not args.quiet, bad_boxes=args.bad_boxes)
     print(f"{report.cache_path}: imported proposals of {report.imported} images from {args.file}")
+    print(f"  --bad-boxes {args.bad_boxes}: {report.boxes.summary()}")
+    for example in report.boxes.examples if report.boxes.changed else []:
+        print(f"    e.g. {example}")
     if report.extra:
         print(f"  {len(report.extra)} entries of the file are not in the dataset (ignored), e.g. {report.extra[:5]}")
     if report.missing:
@@ -206,7 +211,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "Import proposals of other tools into a cache for a dataset. mat: WSDDN / Fast R-CNN layout "
         "(variables images, boxes = cell of R x 4 [y1 x1 y2 x2] 1-based, optional boxScores), image ids must "
         "be the dataset's. datalist: the original release's `path y_1..y_K (x1 y1 x2 y2 score) x R` lines, "
-        "matched to dataset images by path; their labels must agree with the dataset's."))
+        "matched to dataset images by path; their labels must agree with the dataset's. Every box is checked against "
+        "its image (--bad-boxes)."))
     i.add_argument("--format", required=True, choices=("mat", "datalist"), help="the file's format")
     i.add_argument("--file", required=True, metavar="FILE", help="the .mat or datalist file")
     i.add_argument("--dataset", required=True, metavar="SPEC", help="the dataset the proposals belong to")
@@ -215,6 +221,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                  "(default: the datalist's folder)")
     i.add_argument("--allow-missing", action="store_true",
                    help="import even if some dataset images have no entry (they are listed)")
+    i.add_argument("--bad-boxes", choices=BOX_POLICIES, default="refuse",
+                   help="boxes that are non-finite, inverted (x2 < x1), zero-area or beyond the image (size read from "
+                        "its file header): refuse = error naming them (default); clip = clip out-of-image boxes to "
+                        "the image and drop zero-area ones (non-finite and inverted are still refused); drop = drop "
+                        "every defective box. The counts are printed")
     i.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_option(i)
     i.set_defaults(func=run_import)

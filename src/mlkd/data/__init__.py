@@ -17,12 +17,14 @@ from mlkd.data.voc import VOC_CLASSES, VOCDataset
 from mlkd.errors import BadInput
 
 # Dataset specs accepted by build_dataset (printed in help): form -> what it reads and its options.
+# bad_boxes: what happens to defective ground-truth boxes (mlkd.data.boxes); clip is the default.
 DATASET_FORMS: dict[str, str] = {
-    "PATH.jsonl | PATH.ndjson": "custom format, JSON lines; options classes, root, split",
-    "PATH.csv": "custom format, CSV; options classes, root, split",
-    "coco:ROOT:SPLIT": "MS-COCO 2014, SPLIT train2014|val2014; options keep_empty, crowd=positive|ignore|negative",
+    "PATH.jsonl | PATH.ndjson": "custom format, JSON lines; options classes, root, split, bad_boxes=clip|drop|refuse",
+    "PATH.csv": "custom format, CSV; options classes, root, split, bad_boxes=clip|drop|refuse",
+    "coco:ROOT:SPLIT": "MS-COCO 2014, SPLIT train2014|val2014; options keep_empty, crowd=positive|ignore|negative, "
+                       "bad_boxes=clip|drop|refuse",
     "voc:ROOT:YEAR:SPLIT": "PASCAL VOC, YEAR 2007|2012, SPLIT train|val|trainval|test; "
-                           "options difficult=ignore|positive|negative, keep_empty",
+                           "options difficult=ignore|positive|negative, keep_empty, bad_boxes=clip|drop|refuse",
     "nuswide:ROOT:SPLIT": "NUS-WIDE, SPLIT train|test; options image_root, label_source=auto|traintest|all, "
                           "keep_no_label, image_manifest",
     "datalist:PATH:CLASSES_FILE": "the release's datalist with its proposals; options root, split",

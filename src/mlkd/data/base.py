@@ -19,18 +19,18 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mlkd.errors import BadFile, BadInput, NotFound
+from mlkd.data.boxes import BoxReport, check_boxes
+from mlkd.data.images import file_problem, header_size, read_image  # read_image: re-exported for its callers
+from mlkd.errors import BadInput, MlkdError, NotFound
 
 
 BOX_CONVENTION = "x1y1x2y2 float32, 0-based pixel edges of the image on disk, x2/y2 exclusive (x2 = x + w)"
@@ -133,34 +133,88 @@ def listed(ids: Sequence[str], limit: int = MAX_LISTED) -> str:
 
 def drop_missing(records: list[ImageRecord], skip_missing: bool, source: str,
                  root: str | Path) -> tuple[list[ImageRecord], list[str]]:
-    """Check that every record's image file exists.
+    """Check that every record's image file exists and is a regular file.
 
     Returns ``(records whose file exists, ids of the others)``. Missing files raise ``FileNotFoundError``
-    (count, first ids) unless ``skip_missing``; then they are dropped with a warning giving the count.
-    ``source`` names the annotation file and ``root`` the image folder, for the messages.
+    (count, first ids, and what each path is when it exists but is not a file: a directory, a FIFO, ...) unless
+    ``skip_missing``; then they are dropped with a warning giving the count. ``source`` names the annotation
+    file and ``root`` the image folder, for the messages.
     """
-    missing = [r.image_id for r in records if not os.path.isfile(r.path)]
+    problems = {r.image_id: p for r in records if (p := file_problem(r.path)) is not None}
+    missing = list(problems)
     if missing and not skip_missing:
+        shown = [i if problems[i] == "does not exist" else f"{i} ({problems[i]})" for i in missing]
         raise NotFound(
-            f"{len(missing)} of {len(records)} image files listed in {source} do not exist under {root}:"
-            f"{listed(missing)}\n(pass skip_missing=True / --skip-missing to drop them)")
+            f"{len(missing)} of {len(records)} image files listed in {source} do not exist under {root} "
+            f"(or are not regular files):{listed(shown)}\n(pass skip_missing=True / --skip-missing to drop them)")
     if missing:
         warnings.warn(f"{source}: skipped {len(missing)} missing image files", stacklevel=3)
-        lost = set(missing)
-        records = [r for r in records if r.image_id not in lost]
+        records = [r for r in records if r.image_id not in problems]
     return records, missing
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Decode an image file to an RGB uint8 array ``(H, W, 3)``; a clear ``OSError`` if it cannot be read."""
-    path = Path(path)
-    if not path.is_file():
-        raise NotFound(f"image file not found: {path}")
-    data = np.fromfile(str(path), dtype=np.uint8)
-    img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
-    if img is None:
-        raise BadFile(f"cannot decode image {path} ({data.size} bytes): not a readable image file")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+BAD_BOXES_HINT = ("the dataset option bad_boxes (--option bad_boxes=...) decides: clip (default) clips out-of-image "
+                  "boxes and drops zero-area ones, drop drops every defective box, refuse refuses them all")
+
+
+def known_size(path: str | Path) -> tuple[int, int] | None:
+    """``(H, W)`` of an image from its header (EXIF orientation applied), or None when the header cannot be read:
+    a loader then checks that image's boxes without its size, and the decode reports the file when it is used."""
+    try:
+        return header_size(path)
+    except MlkdError:
+        return None
+
+
+def check_record_boxes(records: Sequence[ImageRecord], sizes: Sequence[tuple[int, int] | None], policy: str,
+                       source: str, name_box: Callable[[ImageRecord, int], str]) -> BoxReport:
+    """Validate the ground-truth boxes of ``records`` in one vectorised pass (:func:`mlkd.data.boxes.check_boxes`);
+    clipped or dropped boxes are written back to each record with their labels and difficult flags.
+
+    Args:
+        records: records whose ``boxes`` are ``(M_i, 4)`` float32 x1y1x2y2 (or None: skipped).
+        sizes: each record's image ``(H, W)``, or None when unknown (out-of-image is then not checked).
+        policy: ``"refuse"``, ``"clip"`` or ``"drop"``; source: the annotation file, for messages.
+        name_box: ``(record, j) -> text`` naming box ``j`` of a record (its file, line or object, and values).
+    """
+    held = [(r, s) for r, s in zip(records, sizes) if r.boxes is not None and len(r.boxes)]
+    if not held:
+        return BoxReport()
+    counts = np.array([len(r.boxes) for r, _ in held])
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    owner = np.repeat(np.arange(len(held)), counts)
+    hw = np.repeat(np.array([s if s is not None else (np.nan, np.nan) for _, s in held], np.float64), counts, axis=0)
+    boxes, report = check_boxes(np.concatenate([r.boxes for r, _ in held]), hw, policy, source,
+                                name_box=lambda i: name_box(held[owner[i]][0], int(i - starts[owner[i]])),
+                                hint=BAD_BOXES_HINT)
+    if report.changed:
+        kept_per_record = np.bincount(owner[report.keep], minlength=len(held))
+        slices = np.split(np.arange(len(boxes)), np.cumsum(kept_per_record)[:-1])  # kept boxes, record by record
+        for k, ((r, _), sel) in enumerate(zip(held, slices)):
+            local = report.keep[sel] - starts[k]  # positions of the kept boxes within the record
+            r.boxes = boxes[sel]
+            r.box_labels = np.asarray(r.box_labels)[local]
+            if r.box_difficult is not None:
+                r.box_difficult = np.asarray(r.box_difficult)[local]
+    return report
+
+
+def report_boxes(report: BoxReport, policy: str) -> None:
+    """Warn with the counts when a dataset's box policy clipped or dropped ground-truth boxes."""
+    if report.changed:
+        warnings.warn(f"bad_boxes={policy}: ground-truth boxes, {report.summary()} (the dataset's box_report has "
+                      f"the counts); e.g. {report.examples[0]}", stacklevel=3)
+
+
+def check_proposals(boxes: np.ndarray, image_hw: tuple[int, int], image_id: str, source: Any) -> None:
+    """Refuse proposals read from a cache that are not valid boxes of their ``(H, W)`` image.
+
+    Caches written by mlkd hold only valid boxes, so this catches damaged or hand-made ones; one vectorised
+    pass over ``(R, 4)`` boxes.
+    """
+    check_boxes(boxes, image_hw, "refuse", f"proposals of image {image_id!r} in {source}",
+                hint="the cache is damaged or was not written by mlkd: rebuild it with `mlkd proposals`, or "
+                     "re-import its source with `mlkd proposals import --bad-boxes clip|drop`")
 
 
 Transform = Callable[[torch.Tensor, dict[str, Any]], tuple[torch.Tensor, dict[str, Any]]]
@@ -171,11 +225,14 @@ class MultiLabelDataset(Dataset):
     """Base class: subclasses fill ``name``, ``split``, ``classes`` and ``records`` then call ``super().__init__``.
 
     ``excluded`` maps a reason (``"missing"``, ``"no_label"``, ``"empty"``, ...) to the ids of the images the
-    annotation files list but the dataset left out, so every exclusion is reported, never silent.
+    annotation files list but the dataset left out, so every exclusion is reported, never silent;
+    ``box_report`` (a :class:`~mlkd.data.boxes.BoxReport`) says what the ``bad_boxes`` policy did to the
+    ground-truth boxes.
     """
 
     def __init__(self, name: str, split: str, classes: Sequence[str], records: list[ImageRecord],
-                 transform: Transform | None = None, excluded: dict[str, list[str]] | None = None) -> None:
+                 transform: Transform | None = None, excluded: dict[str, list[str]] | None = None,
+                 box_report: BoxReport | None = None) -> None:
         if len(set(classes)) != len(classes):
             raise BadInput(f"class names must be unique, got {list(classes)}")
         self.name, self.split = name, split
@@ -184,6 +241,7 @@ class MultiLabelDataset(Dataset):
         self.transform = transform
         self.excluded = {k: list(v) for k, v in (excluded or {}).items() if v}
         self.proposals = None  # a ProposalCache once attached
+        self.box_report = box_report  # what the bad_boxes policy did to the ground-truth boxes (None: no boxes)
         self.identity = DatasetIdentity(name, split, tuple(self.classes), len(records),
                                         labels_hash(records, self.classes), images_hash(records))
 
@@ -236,6 +294,7 @@ class MultiLabelDataset(Dataset):
                 target["box_difficult"] = torch.from_numpy(np.asarray(r.box_difficult, bool))
         if self.proposals is not None:
             boxes, scores = self.proposals.get(r.image_id)
+            check_proposals(boxes, (h, w), r.image_id, getattr(self.proposals, "path", "the attached proposals"))
             target["proposals"] = torch.from_numpy(boxes)
             target["proposal_scores"] = torch.from_numpy(scores)
         image = torch.from_numpy(img).permute(2, 0, 1).contiguous()

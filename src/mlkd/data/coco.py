@@ -21,6 +21,11 @@ Layout::
 - **Boxes**: COCO ``bbox`` is ``[x, y, w, h]`` in continuous pixel coordinates with (0, 0) the top-left
   corner of the image; mlkd's ``(x1, y1, x2, y2) = (x, y, x + w, y + h)``, the same 0-based pixel-edge
   convention, no rounding. ``box_labels`` are class indices.
+- **Bad boxes** (:mod:`mlkd.data.boxes`), checked against each image's ``width`` / ``height`` (its file header
+  when the entry lacks them): ``bad_boxes="clip"`` (default) clips boxes that cross the image border (COCO has
+  some, by fractions of a pixel) and drops zero-area ones, with a warning and the counts in ``box_report``;
+  non-finite boxes and negative ``w`` / ``h`` are refused naming the annotation. ``"drop"`` drops every
+  defective box, ``"refuse"`` refuses them all. Labels come from the annotations whatever happens to boxes.
 
 An annotation naming a category id that ``categories`` lacks, an image id that ``images`` lacks, or a
 malformed ``bbox`` raises ``ValueError`` naming the file, the annotation id and the value.
@@ -35,7 +40,9 @@ from typing import Any
 
 import numpy as np
 
-from mlkd.data.base import ImageRecord, MultiLabelDataset, Transform, drop_missing
+from mlkd.data.base import (ImageRecord, MultiLabelDataset, Transform, check_record_boxes, drop_missing, known_size,
+                            report_boxes)
+from mlkd.data.boxes import BoxReport, check_policy
 from mlkd.errors import BadInput, NotFound
 
 COCO_SPLITS = ("train2014", "val2014")
@@ -87,18 +94,28 @@ def xywh_to_xyxy(bbox: np.ndarray) -> np.ndarray:
 
 
 def _check_bbox(bbox: Any, where: str) -> list[float]:
+    """The 4 numbers of a ``bbox``; their values (finite, w and h >= 0, inside the image) are the box
+    validator's to check, under the dataset's ``bad_boxes`` policy."""
     ok = (isinstance(bbox, list) and len(bbox) == 4
-          and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox))
-    if not ok or bbox[2] < 0 or bbox[3] < 0:
-        raise BadInput(f"{where}: bbox must be [x, y, w, h] with finite numbers and w, h >= 0, got {bbox!r}")
+          and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox))
+    if not ok:
+        raise BadInput(f"{where}: bbox must be [x, y, w, h] with 4 numbers, got {bbox!r}")
     return [float(v) for v in bbox]
 
 
+def _image_hw(im: dict[str, Any]) -> tuple[int, int] | None:
+    """``(height, width)`` of an ``images`` entry, or None when it lacks valid ones."""
+    h, w = im.get("height"), im.get("width")
+    ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in (h, w))
+    return (int(h), int(w)) if ok else None
+
+
 def group_annotations(data: dict[str, Any], cat_index: dict[int, int], path: Path
-                      ) -> dict[int, tuple[list[list[float]], list[int], list[bool]]]:
-    """``image id -> (bboxes [x, y, w, h], class indices, crowd flags)``, validating every annotation."""
+                      ) -> dict[int, tuple[list[list[float]], list[int], list[bool], list[Any]]]:
+    """``image id -> (bboxes [x, y, w, h], class indices, crowd flags, annotation ids)``, validating every
+    annotation."""
     image_ids = {im.get("id") for im in data["images"] if isinstance(im, dict)}
-    grouped: dict[int, tuple[list[list[float]], list[int], list[bool]]] = {}
+    grouped: dict[int, tuple[list[list[float]], list[int], list[bool], list[Any]]] = {}
     for ann in data["annotations"]:
         if not isinstance(ann, dict):
             raise BadInput(f"{path}: each annotation must be a JSON object, got {ann!r}")
@@ -112,10 +129,11 @@ def group_annotations(data: dict[str, Any], cat_index: dict[int, int], path: Pat
         crowd = ann.get("iscrowd", 0)
         if crowd not in (0, 1):
             raise BadInput(f"{where}: iscrowd must be 0 or 1, got {crowd!r}")
-        boxes, labels, crowds = grouped.setdefault(iid, ([], [], []))
+        boxes, labels, crowds, ann_ids = grouped.setdefault(iid, ([], [], [], []))
         boxes.append(_check_bbox(ann.get("bbox"), where))
         labels.append(cat_index[cid])
         crowds.append(bool(crowd))
+        ann_ids.append(ann.get("id"))
     return grouped
 
 
@@ -129,12 +147,16 @@ def image_labels(box_labels: np.ndarray, crowd: np.ndarray, num_classes: int, mo
     return labels
 
 
-def coco_records(data: dict[str, Any], image_dir: Path, path: Path, crowd: str,
-                 keep_empty: bool) -> tuple[list[str], list[ImageRecord], list[str]]:
-    """Classes, records sorted by file name, and the file names of images without any annotation."""
+Source = tuple["tuple[int, int] | None", list[list[float]], list[Any]]  # (H, W) or None, raw bboxes, annotation ids
+
+
+def coco_records(data: dict[str, Any], image_dir: Path, path: Path, crowd: str, keep_empty: bool
+                 ) -> tuple[list[str], list[ImageRecord], list[str], dict[str, Source]]:
+    """Classes, records sorted by file name, the file names of images without any annotation, and per file name
+    what the json says of the image and its boxes (``(H, W)`` or None, raw bboxes, annotation ids)."""
     classes, cat_index = coco_classes(data["categories"], path)
     grouped = group_annotations(data, cat_index, path)
-    records, empty, seen = [], [], set()
+    records, empty, seen, sources = [], [], set(), {}
     for im in data["images"]:
         if not isinstance(im, dict) or not isinstance(im.get("file_name"), str) or "id" not in im:
             raise BadInput(f"{path}: each image needs an 'id' and a str 'file_name', got {im!r}")
@@ -145,15 +167,28 @@ def coco_records(data: dict[str, Any], image_dir: Path, path: Path, crowd: str,
             empty.append(im["file_name"])
             if not keep_empty:
                 continue
-        bboxes, labels, crowds = grouped.get(im["id"], ([], [], []))
+        bboxes, labels, crowds, ann_ids = grouped.get(im["id"], ([], [], [], []))
         box_labels, is_crowd = np.asarray(labels, np.int64), np.asarray(crowds, bool)
         records.append(ImageRecord(
             image_id=im["file_name"], path=image_dir / im["file_name"],
             labels=image_labels(box_labels, is_crowd, len(classes), crowd),
             boxes=xywh_to_xyxy(np.asarray(bboxes, np.float64)), box_labels=box_labels, box_difficult=is_crowd,
             extra={"coco_id": im["id"]}))
+        sources[im["file_name"]] = (_image_hw(im), bboxes, ann_ids)
     records.sort(key=lambda r: r.image_id)
-    return classes, records, sorted(empty)
+    return classes, records, sorted(empty), sources
+
+
+def check_coco_boxes(records: list[ImageRecord], sources: dict[str, Source], policy: str, path: Path) -> BoxReport:
+    """Apply the ``bad_boxes`` policy to every record's boxes, against the size the json gives for the image
+    (its file header when the json has none); messages name the annotation id and its raw bbox."""
+    sizes = [sources[r.image_id][0] or (known_size(r.path) if len(r.boxes) else None) for r in records]
+
+    def name_box(r: ImageRecord, j: int) -> str:
+        _, bboxes, ann_ids = sources[r.image_id]
+        return f"annotation id {ann_ids[j]} (image {r.image_id}, bbox {bboxes[j]})"
+
+    return check_record_boxes(records, sizes, policy, str(path), name_box)
 
 
 class CocoDataset(MultiLabelDataset):
@@ -169,19 +204,26 @@ class CocoDataset(MultiLabelDataset):
             counts. Left-out ones are listed in ``self.excluded["empty"]``.
         crowd: ``"positive"`` (default, as the MLIC literature), ``"ignore"`` or ``"negative"``: the label of a
             class present only through ``iscrowd=1`` annotations.
+        bad_boxes: ``"clip"`` (default), ``"drop"`` or ``"refuse"``: what happens to defective boxes (module
+            docstring); ``self.box_report`` has the counts.
 
     Identity: name ``coco2014``, split as given.
     """
 
-    OPTIONS = ("keep_empty", "crowd")
+    OPTIONS = ("keep_empty", "crowd", "bad_boxes")
 
     def __init__(self, root: str | Path, split: str, transform: Transform | None = None,
-                 skip_missing: bool = False, keep_empty: bool = False, crowd: str = "positive") -> None:
+                 skip_missing: bool = False, keep_empty: bool = False, crowd: str = "positive",
+                 bad_boxes: str = "clip") -> None:
         if crowd not in CROWD_MODES:
             raise BadInput(f"crowd must be one of {list(CROWD_MODES)}, got {crowd!r}")
+        check_policy(bad_boxes)
         path = coco_annotation_file(root, split)
         self.root, self.annotation_file = Path(root), path
-        classes, records, empty = coco_records(load_coco_json(path), Path(root) / split, path, crowd, keep_empty)
+        classes, records, empty, sources = coco_records(load_coco_json(path), Path(root) / split, path, crowd,
+                                                        keep_empty)
         records, missing = drop_missing(records, skip_missing, str(path), Path(root) / split)
+        box_report = check_coco_boxes(records, sources, bad_boxes, path)
+        report_boxes(box_report, bad_boxes)
         super().__init__("coco2014", split, classes, records, transform,
-                         excluded={"missing": missing, "empty": [] if keep_empty else empty})
+                         excluded={"missing": missing, "empty": [] if keep_empty else empty}, box_report=box_report)

@@ -10,8 +10,16 @@ empty = no positive label), optional ``boxes`` (the same JSON list as above) and
     path,labels,boxes
     images/0001.png,cat;dog,"[[12, 30, 80, 95, ""cat""]]"
 
+- ``path`` and ``labels`` are required (``"labels": []`` for an image without positive labels); ``boxes`` and
+  ``ignore`` are optional. Any other key (a JSON key, a CSV column) is an error naming it, so a typo such as
+  ``"lables"`` cannot silently make an image without labels.
 - ``boxes``: (x1, y1, x2, y2) pixels of the image file, 0-based, x2 > x1 and y2 > y1, each followed by its
-  class name, which must be one of the image's labels.
+  class name, which must be one of the image's labels. Their values go through the box validator
+  (:mod:`mlkd.data.boxes`) under the option ``bad_boxes``: ``"clip"`` (default) clips boxes that cross the
+  image border and drops zero-area ones, with a warning and the counts in ``box_report``; non-finite and
+  inverted boxes are refused naming ``file:line``. ``"drop"`` drops every defective box, ``"refuse"`` refuses
+  them all. The format has no image size: it is read from the header of each image that has boxes (Pillow reads
+  only the header); an image whose header cannot be read has its boxes checked without the size.
 - ``ignore`` (optional): names whose label is -1 ("ignore for this class" in training and metrics).
 - ``path``: relative to ``root`` (default: the annotation file's folder) or absolute. It is the image id, as
   written, so ids are stable wherever the dataset is moved; paths must be unique.
@@ -34,15 +42,31 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from mlkd.data.base import ImageRecord, MultiLabelDataset, Transform, drop_missing
+from mlkd.data.base import (ImageRecord, MultiLabelDataset, Transform, check_record_boxes, drop_missing, known_size,
+                            report_boxes)
+from mlkd.data.boxes import check_policy
 from mlkd.errors import BadInput, NotFound
 
 ANNOTATION_SUFFIXES = (".jsonl", ".ndjson", ".csv")
 CLASSES_FILE = "classes.txt"
+REQUIRED_KEYS = ("path", "labels")
+OPTIONAL_KEYS = ("boxes", "ignore")
+_VALID_KEYS = (f"valid keys are {', '.join(REQUIRED_KEYS)} (required) and {', '.join(OPTIONAL_KEYS)} (optional); "
+               "an image without positive labels has an empty labels list")
 
 
-def _fail(where: str, message: str) -> ValueError:
-    return ValueError(f"{where}: {message}")
+def _fail(where: str, message: str) -> BadInput:
+    return BadInput(f"{where}: {message}")
+
+
+def _check_keys(where: str, keys: Sequence[str], what: str) -> None:
+    """Refuse unknown keys (a typo like 'lables' would silently drop the labels) and missing required ones."""
+    unknown = [k for k in keys if k not in REQUIRED_KEYS + OPTIONAL_KEYS]
+    missing = [k for k in REQUIRED_KEYS if k not in keys]
+    if unknown:
+        raise _fail(where, f"unknown {what}(s) {unknown}; {_VALID_KEYS}")
+    if missing:
+        raise _fail(where, f"missing required {what}(s) {missing}; {_VALID_KEYS}")
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -58,6 +82,7 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
                 raise _fail(where, f"malformed JSON ({e.msg} at column {e.colno})") from e
             if not isinstance(row, dict):
                 raise _fail(where, f"expected a JSON object with 'path' and 'labels', got {type(row).__name__}")
+            _check_keys(where, list(row), "key")
             yield where, row
 
 
@@ -70,13 +95,18 @@ def _iter_csv(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     with path.open(encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f)
         columns = reader.fieldnames or []
-        missing = [c for c in ("path", "labels") if c not in columns]
+        missing = [c for c in REQUIRED_KEYS if c not in columns]
         if missing:
             raise _fail(f"{path}:1", f"CSV header must have columns 'path' and 'labels' (optional 'boxes', "
                                      f"'ignore'); missing {missing}, header is {columns}")
+        _check_keys(f"{path}:1", columns, "CSV column")
         for raw in reader:
             where = f"{path}:{reader.line_num}"
-            row: dict[str, Any] = {"path": raw["path"], "labels": _split_names(raw["labels"] or "")}
+            if None in raw or None in raw.values():  # DictReader's marks of a row longer or shorter than the header
+                fields = sum(v is not None for k, v in raw.items() if k is not None) + len(raw.get(None) or [])
+                raise _fail(where, f"the row has {fields} fields where the header {columns} has {len(columns)} "
+                                   "(a value with a comma needs quotes)")
+            row: dict[str, Any] = {"path": raw["path"], "labels": _split_names(raw["labels"])}
             if raw.get("ignore"):
                 row["ignore"] = _split_names(raw["ignore"])
             if raw.get("boxes") and raw["boxes"].strip():
@@ -166,7 +196,9 @@ def _label_vector(where: str, row: dict[str, Any], index: dict[str, int], source
 
 
 def _parse_boxes(where: str, boxes: Any, labels: np.ndarray, index: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Validate ``[[x1, y1, x2, y2, name], ...]``; return ``(M, 4)`` float32 boxes and ``(M,)`` int64 labels."""
+    """Read ``[[x1, y1, x2, y2, name], ...]``; return ``(M, 4)`` float32 boxes and ``(M,)`` int64 labels.
+
+    The form and the class names are checked here; the coordinates by the box validator, with the image size."""
     if not isinstance(boxes, list):
         raise _fail(where, f"'boxes' must be a list of [x1, y1, x2, y2, name], got {boxes!r}")
     coords, names = [], []
@@ -175,17 +207,12 @@ def _parse_boxes(where: str, boxes: Any, labels: np.ndarray, index: dict[str, in
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in b[:4])
         if not ok:
             raise _fail(where, f"each box must be [x1, y1, x2, y2, class name], got {b!r}")
-        x1, y1, x2, y2 = (float(v) for v in b[:4])
-        if not all(np.isfinite([x1, y1, x2, y2])) or min(x1, y1) < 0:
-            raise _fail(where, f"box {b!r} must have finite coordinates >= 0 (0-based pixels)")
-        if x2 <= x1 or y2 <= y1:
-            raise _fail(where, f"box {b!r} is empty or inverted: need x2 > x1 and y2 > y1 (x1, y1, x2, y2)")
         name = str(b[4])
         if name not in index:
             raise _fail(where, f"box {b!r} names unknown class {name!r}; valid classes are {list(index)}")
         if labels[index[name]] == 0:
             raise _fail(where, f"box {b!r} has class {name!r}, which is not among the image's labels")
-        coords.append((x1, y1, x2, y2))
+        coords.append(tuple(float(v) for v in b[:4]))
         names.append(index[name])
     return np.asarray(coords, np.float32).reshape(-1, 4), np.asarray(names, np.int64)
 
@@ -222,15 +249,18 @@ class CustomDataset(MultiLabelDataset):
         split: split name (default: the annotation file's stem, e.g. ``train``).
         skip_missing: image files that do not exist raise ``FileNotFoundError`` (listing up to 10 and the
             count); with True they are dropped instead, listed in ``self.missing``, and a warning gives the count.
+        bad_boxes: ``"clip"`` (default), ``"drop"`` or ``"refuse"``: what happens to defective boxes (module
+            docstring); ``self.box_report`` has the counts.
 
     Options of ``build_dataset`` for this form: ``OPTIONS``.
     """
 
-    OPTIONS = ("classes", "root", "split")
+    OPTIONS = ("classes", "root", "split", "bad_boxes")
 
     def __init__(self, annotations: str | Path, classes: str | Path | Sequence[str] | None = None,
                  root: str | Path | None = None, transform: Transform | None = None, split: str | None = None,
-                 skip_missing: bool = False) -> None:
+                 skip_missing: bool = False, bad_boxes: str = "clip") -> None:
+        check_policy(bad_boxes)
         annotations = Path(annotations)
         rows = read_annotations(annotations)
         class_list, source = resolve_classes(annotations, rows, classes)
@@ -238,5 +268,11 @@ class CustomDataset(MultiLabelDataset):
         self.root = Path(root) if root is not None else annotations.parent
         records = _records(rows, class_list, self.root, source)
         records, missing = drop_missing(records, skip_missing, str(annotations), self.root)
+        # the format has no image size: read the header of the images with boxes (nothing is decoded)
+        sizes = [known_size(r.path) if r.boxes is not None and len(r.boxes) else None for r in records]
+        box_report = check_record_boxes(
+            records, sizes, bad_boxes, str(annotations),
+            lambda r, j: f"{r.extra['source']} boxes[{j}] ({class_list[r.box_labels[j]]!r})")
+        report_boxes(box_report, bad_boxes)
         super().__init__("custom", split or annotations.stem, class_list, records, transform,
-                         excluded={"missing": missing})
+                         excluded={"missing": missing}, box_report=box_report)

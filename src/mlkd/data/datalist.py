@@ -15,6 +15,10 @@ interface of :class:`mlkd.proposals.cache.ProposalCache` (``get(image_id) -> (bo
 ``meta`` with the dataset identity, ``path``), so ``__getitem__`` returns ``target["proposals"]`` and
 ``target["proposal_scores"]`` exactly as with an LMDB cache, and transforms move them. Memory: 20 bytes per
 proposal (500 proposals x 82k COCO images is ~0.8 GB); for large sets import the datalist into an LMDB cache.
+
+Bad proposals (:mod:`mlkd.data.boxes`) are refused: non-finite, inverted or zero-area ones when the file is read,
+out-of-image ones when their image is loaded (its size is known only then). To clip or drop them instead, import
+the datalist into a cache: ``mlkd proposals import --format datalist --bad-boxes clip|drop``.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from mlkd.data.base import BOX_CONVENTION, ImageRecord, MultiLabelDataset, Transform, drop_missing
+from mlkd.data.boxes import check_boxes
 from mlkd.data.custom import read_class_file
 from mlkd.errors import BadInput, MissingEntry, NotFound
 
@@ -43,7 +48,11 @@ class DatalistEntry:
 
 
 def parse_datalist_line(text: str, num_classes: int, where: str) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
-    """Split one line into ``(path, labels (K,), boxes (R, 4), scores (R,))``; ``where`` is ``file:line``."""
+    """Split one line into ``(path, labels (K,), boxes (R, 4), scores (R,))``; ``where`` is ``file:line``.
+
+    Labels must be 0 or 1 and scores finite; the boxes are returned as written, for the box validator
+    (:func:`mlkd.data.boxes.check_boxes`) of whoever reads them.
+    """
     fields = text.split()
     n_num = len(fields) - 1
     if n_num < num_classes or (n_num - num_classes) % 5:
@@ -54,16 +63,13 @@ def parse_datalist_line(text: str, num_classes: int, where: str) -> tuple[str, n
     except ValueError:
         bad = next(f for f in fields[1:] if not _is_number(f))
         raise BadInput(f"{where}: {bad!r} is not a number (labels, coordinates and scores must be)") from None
-    if not np.isfinite(values).all():
-        raise BadInput(f"{where}: NaN or inf among the numbers")
     labels = values[:num_classes]
     if not np.isin(labels, (0, 1)).all():
         raise BadInput(f"{where}: labels must be 0 or 1, got {labels[~np.isin(labels, (0, 1))][:5].tolist()}")
     groups = values[num_classes:].reshape(-1, 5)
-    boxes = groups[:, :4].astype(np.float32)
-    if ((boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])).any():
-        raise BadInput(f"{where}: a proposal has x2 < x1 or y2 < y1 (expected x1 y1 x2 y2 score groups)")
-    return fields[0], labels.astype(np.int8), boxes, groups[:, 4].astype(np.float32)
+    if not np.isfinite(groups[:, 4]).all():
+        raise BadInput(f"{where}: proposal score {groups[~np.isfinite(groups[:, 4]), 4][0]} is not finite")
+    return fields[0], labels.astype(np.int8), groups[:, :4].astype(np.float32), groups[:, 4].astype(np.float32)
 
 
 def _is_number(s: str) -> bool:
@@ -106,6 +112,10 @@ def write_datalist(path: str | Path, rows: Iterable[tuple[str, np.ndarray, np.nd
             f.write(format_datalist_line(*row) + "\n")
             n += 1
     return n
+
+
+_IMPORT_HINT = ("to clip or drop bad proposals, import the datalist into a cache with `mlkd proposals import "
+                "--format datalist --bad-boxes clip|drop` and use the dataset with that cache")
 
 
 class InMemoryProposals:
@@ -152,6 +162,9 @@ def read_datalist_records(path: Path, classes: list[str], root: Path
                 continue
             where = f"{path}:{n}"
             name, labels, boxes, scores = parse_datalist_line(text, len(classes), where)
+            # the image sizes are not read here: out-of-image proposals are refused when an image is loaded
+            check_boxes(boxes, None, "refuse", f"{where} (image {name!r})", name_box=lambda i: f"proposal {i}",
+                        hint=_IMPORT_HINT)
             if name in seen:
                 raise BadInput(f"{where}: image {name!r} is listed again (first at line {seen[name]})")
             seen[name] = n

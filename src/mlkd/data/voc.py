@@ -22,8 +22,14 @@ Layout (``root`` may be the folder holding ``VOCdevkit``, ``VOCdevkit`` itself, 
   labels from a truncated annotation would be a silent wrong label for every class; ``keep_empty=True``
   keeps such images with all-zero labels and no box, for sets whose background images are meant as negatives.
 
+- **Bad boxes** (:mod:`mlkd.data.boxes`), checked against the XML's ``<size>`` (the JPEG's header when the XML
+  has none): ``bad_boxes="clip"`` (default) clips boxes that cross the image border and drops zero-area ones,
+  with a warning and the counts in ``box_report``; NaN / inf coordinates and inverted boxes (xmax < xmin) are
+  refused naming the XML file and the object. ``"drop"`` drops every defective box, ``"refuse"`` refuses them
+  all. Labels come from the objects whatever happens to their boxes.
+
 Errors name the file: an unknown class name (with the valid ones), a malformed XML, a missing or
-non-numeric box field, an inverted box. A listed id whose XML or JPEG is missing raises
+non-numeric box field, a bad box (above). A listed id whose XML or JPEG is missing raises
 ``FileNotFoundError`` (ids listed) unless ``skip_missing``, which drops and reports it.
 """
 
@@ -36,7 +42,9 @@ from pathlib import Path
 
 import numpy as np
 
-from mlkd.data.base import ImageRecord, MultiLabelDataset, Transform, listed
+from mlkd.data.base import (ImageRecord, MultiLabelDataset, Transform, check_record_boxes, known_size, listed,
+                            report_boxes)
+from mlkd.data.boxes import BoxReport, check_policy
 from mlkd.errors import BadInput, NotFound
 
 VOC_CLASSES = (
@@ -82,10 +90,11 @@ def read_split(voc_dir: Path, split: str) -> list[str]:
 
 def voc_to_boxes(xyxy_1based: np.ndarray) -> np.ndarray:
     """VOC ``(xmin, ymin, xmax, ymax)`` 1-based inclusive ``(M, 4)`` -> ``(M, 4)`` float32 0-based pixel edges
-    ``(xmin - 1, ymin - 1, xmax, ymax)``; a 0 (written by some tools for the first pixel) maps to edge 0."""
+    ``(xmin - 1, ymin - 1, xmax, ymax)``; a 0 (written by some tools for the first pixel) maps to edge 0. Other
+    values are converted as they are: what lies outside the image is for the box validator to report."""
     b = np.asarray(xyxy_1based, np.float64).reshape(-1, 4)
     out = b - np.array([1.0, 1.0, 0.0, 0.0])
-    out[:, :2] = np.maximum(out[:, :2], 0.0)
+    out[:, :2] = np.where(b[:, :2] == 0, 0.0, out[:, :2])
     return out.astype(np.float32)
 
 
@@ -104,9 +113,20 @@ def _number(node: ET.Element, tag: str, where: str) -> float:
         raise BadInput(f"{where}: <{tag}> is {text!r}, not a number") from None
 
 
-def parse_voc_xml(path: Path, class_index: dict[str, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Objects of one annotation file: ``boxes (M, 4)`` VOC 1-based ``xmin ymin xmax ymax`` float64,
-    ``labels (M,)`` int64 class indices, ``difficult (M,)`` bool."""
+def _size(root: ET.Element) -> tuple[int, int] | None:
+    """``(height, width)`` from ``<size>``, or None when it is missing or not two positive numbers."""
+    try:
+        h, w = (float(root.findtext(f"size/{t}", "")) for t in ("height", "width"))
+    except ValueError:
+        return None
+    return (int(h), int(w)) if h > 0 and w > 0 and np.isfinite([h, w]).all() else None
+
+
+def parse_voc_xml(path: Path, class_index: dict[str, int]
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int] | None]:
+    """Objects of one annotation file: ``boxes (M, 4)`` VOC 1-based ``xmin ymin xmax ymax`` float64 as written
+    (their values are checked by the box validator), ``labels (M,)`` int64 class indices, ``difficult (M,)`` bool,
+    and the image's ``(H, W)`` from ``<size>`` (None if absent)."""
     try:
         tree = ET.parse(path)
     except ET.ParseError as e:
@@ -122,14 +142,12 @@ def parse_voc_xml(path: Path, class_index: dict[str, int]) -> tuple[np.ndarray, 
         if box_node is None:
             raise BadInput(f"{where} ({name!r}): missing <bndbox>")
         box = [_number(box_node, t, f"{where} ({name!r})") for t in ("xmin", "ymin", "xmax", "ymax")]
-        if box[2] < box[0] or box[3] < box[1] or min(box) < 0:
-            raise BadInput(f"{where} ({name!r}): box {box} needs 0 <= xmin <= xmax and 0 <= ymin <= ymax "
-                             "(1-based inclusive pixel indices)")
         flag = obj.find("difficult")
         boxes.append(box)
         labels.append(class_index[name])
         difficult.append(flag is not None and (flag.text or "0").strip() not in ("0", ""))
-    return np.asarray(boxes, np.float64).reshape(-1, 4), np.asarray(labels, np.int64), np.asarray(difficult, bool)
+    return (np.asarray(boxes, np.float64).reshape(-1, 4), np.asarray(labels, np.int64), np.asarray(difficult, bool),
+            _size(tree.getroot()))
 
 
 def voc_labels(box_labels: np.ndarray, difficult: np.ndarray, num_classes: int, mode: str) -> np.ndarray:
@@ -154,16 +172,20 @@ class VOCDataset(MultiLabelDataset):
         difficult: ``"ignore"`` (default, official), ``"positive"`` or ``"negative"``: the label of a class
             present only through difficult objects.
         keep_empty: keep images whose XML has no object, with all-zero labels (default: left out, reported).
+        bad_boxes: ``"clip"`` (default), ``"drop"`` or ``"refuse"``: what happens to defective boxes (module
+            docstring); ``self.box_report`` has the counts.
 
     Identity: name ``voc<year>``, split as given.
     """
 
-    OPTIONS = ("difficult", "keep_empty")
+    OPTIONS = ("difficult", "keep_empty", "bad_boxes")
 
     def __init__(self, root: str | Path, year: str | int, split: str, transform: Transform | None = None,
-                 skip_missing: bool = False, difficult: str = "ignore", keep_empty: bool = False) -> None:
+                 skip_missing: bool = False, difficult: str = "ignore", keep_empty: bool = False,
+                 bad_boxes: str = "clip") -> None:
         if difficult not in DIFFICULT_MODES:
             raise BadInput(f"difficult must be one of {list(DIFFICULT_MODES)}, got {difficult!r}")
+        check_policy(bad_boxes)
         year = str(year)
         self.voc_dir = find_voc_dir(root, year)
         ids = read_split(self.voc_dir, split)
@@ -175,20 +197,23 @@ class VOCDataset(MultiLabelDataset):
                                     f"Annotations/<id>.xml or JPEGImages/<id>.jpg under {self.voc_dir}:"
                                     f"{listed(missing)}\n(pass skip_missing=True / --skip-missing to drop them)")
         lost = set(missing)
-        records, empty = self._records([i for i in ids if i not in lost], difficult, keep_empty)
+        records, empty, box_report = self._records([i for i in ids if i not in lost], difficult, keep_empty,
+                                                   bad_boxes)
         if missing:
             warnings.warn(f"{source}: skipped {len(missing)} images with a missing XML or JPEG", stacklevel=2)
         if empty and not keep_empty:
             warnings.warn(f"{source}: left out {len(empty)} images whose XML has no object (e.g. {empty[0]}); "
                           "pass keep_empty=True to keep them with all-zero labels", stacklevel=2)
+        report_boxes(box_report, bad_boxes)
         super().__init__(f"voc{year}", split, VOC_CLASSES, records, transform,
-                         excluded={"missing": missing, "empty": [] if keep_empty else empty})
+                         excluded={"missing": missing, "empty": [] if keep_empty else empty}, box_report=box_report)
 
-    def _records(self, ids: list[str], difficult: str, keep_empty: bool) -> tuple[list[ImageRecord], list[str]]:
+    def _records(self, ids: list[str], difficult: str, keep_empty: bool, bad_boxes: str
+                 ) -> tuple[list[ImageRecord], list[str], BoxReport]:
         index = {c: k for k, c in enumerate(VOC_CLASSES)}
-        records, empty = [], []
+        records, empty, sizes, raw = [], [], [], {}
         for image_id in ids:
-            boxes, labels, hard = parse_voc_xml(self.voc_dir / "Annotations" / f"{image_id}.xml", index)
+            boxes, labels, hard, size = parse_voc_xml(self.voc_dir / "Annotations" / f"{image_id}.xml", index)
             if len(labels) == 0:
                 empty.append(image_id)
                 if not keep_empty:
@@ -197,4 +222,13 @@ class VOCDataset(MultiLabelDataset):
                 image_id=image_id, path=self.voc_dir / "JPEGImages" / f"{image_id}.jpg",
                 labels=voc_labels(labels, hard, len(VOC_CLASSES), difficult),
                 boxes=voc_to_boxes(boxes), box_labels=labels, box_difficult=hard))
-        return records, empty
+            sizes.append(size or (known_size(records[-1].path) if len(labels) else None))
+            raw[image_id] = boxes
+
+        def name_box(r: ImageRecord, j: int) -> str:
+            values = ", ".join(f"{v:g}" for v in raw[r.image_id][j])
+            return (f"{self.voc_dir / 'Annotations' / r.image_id}.xml: object {j + 1} "
+                    f"({VOC_CLASSES[r.box_labels[j]]!r}, xmin ymin xmax ymax = {values})")
+
+        report = check_record_boxes(records, sizes, bad_boxes, str(self.voc_dir / "Annotations"), name_box)
+        return records, empty, report

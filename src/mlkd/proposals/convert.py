@@ -1,7 +1,9 @@
 """Import proposal files of other tools into a :class:`ProposalCache` for a dataset, and export caches back.
 
-Imported proposals are stored as the file has them (no clipping, filtering or capping), with meta
-``method = "import:mat"`` / ``"import:datalist"`` and ``params = {"source": <file>}``.
+Imported proposals keep the file's order and are neither filtered by size nor capped; each image's boxes go
+through the box validator (:mod:`mlkd.data.boxes`) against the image's size, read from its file header, under
+the ``bad_boxes`` policy: ``refuse`` (default), ``clip`` or ``drop``, with the counts in the report. The meta
+records ``method = "import:mat"`` / ``"import:datalist"`` and ``params = {"source": <file>}``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import numpy as np
 from tqdm import tqdm
 
 from mlkd.data.base import ImageRecord, MultiLabelDataset
+from mlkd.data.boxes import BoxReport, check_boxes, check_policy
+from mlkd.data.images import image_size
 from mlkd.errors import BadInput
 from mlkd.proposals.attach import check_cache_matches
 from mlkd.proposals.cache import ProposalCache, make_meta
@@ -25,39 +29,72 @@ from mlkd.proposals.formats import DatalistEntry, read_datalist, read_mat_propos
 @dataclass
 class ImportReport:
     """``extra``: entries of the file that are not in the dataset (ignored); ``missing``: dataset image ids
-    that the file lacks (only possible with ``allow_missing=True``)."""
+    that the file lacks (only possible with ``allow_missing=True``); ``boxes``: what the ``bad_boxes`` policy
+    found, clipped and dropped."""
 
     cache_path: Path
     imported: int
     extra: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
+    boxes: BoxReport = field(default_factory=BoxReport)
+
+
+BAD_BOXES_HINT = ("pass --bad-boxes clip (clip out-of-image boxes to the image, drop zero-area ones) or --bad-boxes "
+                  "drop (drop every defective box); bad_boxes= in Python")
+
+
+def check_imported(found: dict[str, tuple[np.ndarray, np.ndarray]], dataset: MultiLabelDataset, policy: str,
+                   where: dict[str, str], progress: bool) -> BoxReport:
+    """Validate each image's imported boxes against its size (read from the file header) under ``policy``;
+    ``found`` (image id -> boxes ``(R, 4)``, scores ``(R,)``) is updated in place with what is kept.
+    ``where`` names each image's entry in the file, for messages."""
+    check_policy(policy)
+    total = BoxReport()
+    paths = {r.image_id: r.path for r in dataset.records}
+    for image_id in tqdm([i for i in found if i in paths], desc="checking boxes", unit="img", disable=not progress):
+        boxes, scores = found[image_id]
+        if len(boxes) == 0:
+            continue
+        h, w = image_size(paths[image_id])
+        kept, report = check_boxes(boxes, (h, w), policy, f"{where[image_id]} ({w} x {h} px image; boxes as "
+                                   "mlkd's 0-based x1, y1, x2, y2)", name_box=lambda i: f"box {i + 1}",
+                                   hint=BAD_BOXES_HINT)
+        found[image_id] = (kept, scores[report.keep])
+        total.add(report)
+    return total
 
 
 def _write_import(dataset: MultiLabelDataset, found: dict[str, tuple[np.ndarray, np.ndarray]], out: str | Path,
-                  method: str, source: Path, allow_missing: bool, extra: list[str], progress: bool) -> ImportReport:
+                  method: str, source: Path, allow_missing: bool, extra: list[str], progress: bool,
+                  bad_boxes: str, where: dict[str, str]) -> ImportReport:
     missing = [r.image_id for r in dataset.records if r.image_id not in found]
     if missing and not allow_missing:
         raise BadInput(f"{source} has no proposals for {len(missing)} of the {len(dataset)} dataset images "
                          f"(e.g. {missing[:5]}); pass allow_missing (--allow-missing) to import the rest anyway")
+    boxes = check_imported(found, dataset, bad_boxes, where, progress)  # before the cache exists: no partial cache
     meta = make_meta(method, {"source": str(source.resolve())}, dataset.identity.to_dict())
     with ProposalCache.create(out, meta) as cache:
         items = [(r.image_id, *found[r.image_id]) for r in dataset.records if r.image_id in found]
         for start in tqdm(range(0, len(items), 1024), desc=f"importing {source.name}", unit="batch",
                           disable=not progress):
             cache.put_many(items[start:start + 1024])
-    return ImportReport(Path(out), len(items), extra, missing)
+    return ImportReport(Path(out), len(items), extra, missing, boxes)
 
 
 def import_mat(path: str | Path, dataset: MultiLabelDataset, out: str | Path, allow_missing: bool = False,
-               progress: bool = True) -> ImportReport:
-    """Import a WSDDN / selective-search ``.mat`` proposal file; its ``images`` ids must be dataset image ids."""
+               progress: bool = True, bad_boxes: str = "refuse") -> ImportReport:
+    """Import a WSDDN / selective-search ``.mat`` proposal file; its ``images`` ids must be dataset image ids.
+    ``bad_boxes``: ``"refuse"``, ``"clip"`` or ``"drop"`` (module docstring)."""
+    check_policy(bad_boxes)
     found = read_mat_proposals(path)
     ids = {r.image_id for r in dataset.records}
     extra = sorted(k for k in found if k not in ids)
     if len(extra) == len(found) and found:
         raise BadInput(f"none of the {len(found)} image ids in {path} (e.g. {extra[:3]}) is an image id of "
                          f"dataset {dataset.name!r}/{dataset.split!r} (e.g. {[r.image_id for r in dataset.records[:3]]})")
-    return _write_import(dataset, found, out, "import:mat", Path(path), allow_missing, extra, progress)
+    where = {image_id: f"{path}: boxes{{{k + 1}}} of image {image_id!r}" for k, image_id in enumerate(found)}
+    return _write_import(dataset, found, out, "import:mat", Path(path), allow_missing, extra, progress, bad_boxes,
+                         where)
 
 
 def _norm(p: str | Path) -> str:
@@ -113,9 +150,11 @@ def _check_labels(entries: list[DatalistEntry], matched: list[ImageRecord | None
 
 
 def import_datalist(path: str | Path, dataset: MultiLabelDataset, out: str | Path, root: str | Path | None = None,
-                    allow_missing: bool = False, progress: bool = True) -> ImportReport:
+                    allow_missing: bool = False, progress: bool = True, bad_boxes: str = "refuse") -> ImportReport:
     """Import the release's datalist format; lines are matched to dataset images by path (see
-    :func:`match_paths`, relative paths from ``root``, default the datalist's folder) and their labels checked."""
+    :func:`match_paths`, relative paths from ``root``, default the datalist's folder) and their labels checked.
+    ``bad_boxes``: ``"refuse"``, ``"clip"`` or ``"drop"`` (module docstring)."""
+    check_policy(bad_boxes)
     path = Path(path)
     entries = read_datalist(path, dataset.num_classes)
     matched = match_paths([e.path for e in entries], dataset.records, Path(root) if root else path.parent)
@@ -131,7 +170,9 @@ def import_datalist(path: str | Path, dataset: MultiLabelDataset, out: str | Pat
                 raise BadInput(f"{path}:{e.line} lists image {r.image_id!r} again (first at line {lines[r.image_id]})")
             found[r.image_id], lines[r.image_id] = (e.boxes, e.scores), e.line
     extra = [e.path for e, r in zip(entries, matched) if r is None]
-    return _write_import(dataset, found, out, "import:datalist", path, allow_missing, extra, progress)
+    where = {image_id: f"{path}:{line} (image {image_id!r})" for image_id, line in lines.items()}
+    return _write_import(dataset, found, out, "import:datalist", path, allow_missing, extra, progress, bad_boxes,
+                         where)
 
 
 def _cached_rows(dataset: MultiLabelDataset, cache: ProposalCache, progress: bool, what: str

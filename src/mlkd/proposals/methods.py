@@ -22,6 +22,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from mlkd.data.boxes import check_boxes
 from mlkd.errors import BadInput, NotFound
 
 SS_MODES = ("fast", "quality")
@@ -186,11 +187,12 @@ def clean_boxes(boxes: np.ndarray, scores: np.ndarray, img_hw: tuple[int, int], 
                 max_proposals: int | None = None, nms_iou: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Post-process raw proposals into what the cache stores.
 
-    Steps, in order: clip to the image (``0 <= x <= W``, ``0 <= y <= H``); drop boxes with width or height
-    ``< min_size`` or ``<= 0`` after clipping; sort by score, best first, ties kept in input (rank) order;
-    drop exact duplicates (first kept); if ``nms_iou`` is set, drop near-duplicates with
-    ``torchvision.ops.nms`` (IoU ``> nms_iou``, e.g. 0.95; off by default, as in Fast R-CNN's pipeline);
-    keep the first ``max_proposals``.
+    Steps, in order: the box validator (:func:`mlkd.data.boxes.check_boxes`, policy ``clip``: clip to the
+    image, ``0 <= x <= W``, ``0 <= y <= H``, drop what has no area left; non-finite boxes refused; a method's
+    inverted boxes are dropped rather than refused); drop boxes with width or height ``< min_size``; sort by
+    score, best first, ties kept in input (rank) order; drop exact duplicates (first kept); if ``nms_iou`` is
+    set, drop near-duplicates with ``torchvision.ops.nms`` (IoU ``> nms_iou``, e.g. 0.95; off by default, as in
+    Fast R-CNN's pipeline); keep the first ``max_proposals``.
 
     Args:
         boxes: ``(R, 4)`` ``(x1, y1, x2, y2)`` pixels; scores: ``(R,)``; img_hw: ``(H, W)`` of the image.
@@ -204,14 +206,17 @@ def clean_boxes(boxes: np.ndarray, scores: np.ndarray, img_hw: tuple[int, int], 
         raise BadInput(f"boxes must have shape (R, 4), got {boxes.shape}")
     if scores.shape != (len(boxes),):
         raise BadInput(f"scores must have shape ({len(boxes)},) to match boxes, got {scores.shape}")
-    if not (np.isfinite(boxes).all() and np.isfinite(scores).all()):
-        raise BadInput("boxes and scores must be finite (found NaN or inf)")
+    if not np.isfinite(scores).all():
+        raise BadInput("proposal scores must be finite (found NaN or inf)")
     if max_proposals is not None and max_proposals < 0:
         raise BadInput(f"max_proposals must be >= 0 or None, got {max_proposals}")
-    h, w = int(img_hw[0]), int(img_hw[1])
-    boxes = np.clip(boxes, 0.0, np.array([w, h, w, h], np.float32))
+    # clipping is routine for proposals (methods return boxes touching or crossing the border), so the
+    # report's counts are not shown
+    boxes, report = check_boxes(boxes, (int(img_hw[0]), int(img_hw[1])), "clip", "proposals of the image",
+                                overrides={"inverted": "drop"})
+    scores = scores[report.keep]
     bw, bh = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-    keep = (bw >= min_size) & (bh >= min_size) & (bw > 0) & (bh > 0)
+    keep = (bw >= min_size) & (bh >= min_size)
     boxes, scores = boxes[keep], scores[keep]
     order = np.argsort(-scores, kind="stable")
     boxes, scores = boxes[order], scores[order]
