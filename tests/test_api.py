@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -186,3 +187,15 @@ def test_load_refuses_what_is_not_a_trained_model(tmp_path):
     (tmp_path / "dir" / "config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="is not an mlkd model folder: it needs config.json and model.safetensors"):
         mlkd.load(tmp_path / "dir")
+
+
+def test_predict_out_dir_keeps_one_annotated_copy_per_image_even_when_stems_repeat(trained, tmp_path, capsys):
+    """a/x.png and b/x.png used to be written to one x_pred.png: 3 images in, 1 file out."""
+    source = val_images(trained)[0]
+    for folder in ("a", "b", "c"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "x.png").write_bytes(Path(source).read_bytes())
+    images = [str(tmp_path / f / "x.png") for f in ("a", "b", "c")]
+    assert main(["predict", "--checkpoint", str(trained.student), *images, "--out-dir", str(tmp_path / "viz"),
+                 "--quiet"]) == 0
+    assert sorted(p.name for p in (tmp_path / "viz").iterdir()) == [f"{i:05d}_x_pred.png" for i in range(3)]

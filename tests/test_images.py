@@ -1,5 +1,5 @@
 """Reading image files: the pixel limit checked from the header, OpenCV errors as BadFile, paths that are not
-regular files, sizes in the decoded frame (EXIF orientation)."""
+regular files, images and sizes in the stored frame (EXIF orientation ignored, as annotations are)."""
 
 from __future__ import annotations
 
@@ -114,12 +114,18 @@ def test_a_dataset_listing_a_directory_says_so(tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
-def test_sizes_are_those_of_the_decoded_image_exif_orientation_included(tmp_path, fmt):
+def test_images_and_sizes_are_in_the_stored_frame_whatever_the_exif_orientation(tmp_path, fmt):
+    """COCO / VOC boxes are in the stored frame: an EXIF "rotate 90 degrees" must not turn the pixels under them
+    (OpenCV applies it unless told not to)."""
     exif = Image.Exif()
-    exif[0x0112] = 6  # "rotate 90 degrees": OpenCV applies it when decoding
+    exif[0x0112] = 6  # "rotate 90 degrees"
     path = tmp_path / f"r.{fmt.lower()}"
-    Image.new("RGB", (40, 20)).save(path, fmt, exif=exif)
-    assert read_image(path).shape[:2] == (40, 20) == header_size(path) == image_size(path)
+    stored = np.zeros((20, 40, 3), np.uint8)
+    stored[:, :10] = 255  # a white left band: after a turn it would be a band at the top
+    Image.fromarray(stored).save(path, fmt, exif=exif, quality=100)
+    image = read_image(path)
+    assert image.shape[:2] == (20, 40) == header_size(path) == image_size(path)
+    assert image[:, :8].min() > 200 and image[:, 12:].max() < 60
     plain = tmp_path / "p.png"
     Image.new("RGB", (40, 20)).save(plain)
     assert image_size(plain) == (20, 40)

@@ -12,7 +12,7 @@ from mlkd.data import CustomDataset
 from mlkd.data.synthetic import generate
 from mlkd.proposals import (make_meta, ProposalCache, export_datalist, export_mat, import_datalist, import_mat, read_datalist,
                             read_mat_proposals)
-from mlkd.proposals.formats import boxes_to_mat, format_datalist_line, mat_to_boxes, parse_datalist_line
+from mlkd.proposals.formats import write_mat_proposals, boxes_to_mat, format_datalist_line, mat_to_boxes, parse_datalist_line
 
 
 @pytest.fixture(scope="module")
@@ -184,3 +184,10 @@ def test_cli_reports_failed_images_with_exit_code_1(synth, tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 1 and "1 images computed" in out and "1 failed" in out and "failed broken.png: cannot decode image" in out
     assert len(ProposalCache.open(tmp_path / "c")) == 1
+
+
+def test_a_mat_file_listing_an_image_twice_is_refused(tmp_path):
+    write_mat_proposals(tmp_path / "p.mat", [("a", np.array([[1, 1, 5, 5]]), np.ones(1)),
+                                             ("a", np.array([[2, 2, 6, 6]]), np.ones(1))])
+    with pytest.raises(ValueError, match=r"image 'a' is listed twice \(entries 1 and 2 of 'images'\)"):
+        read_mat_proposals(tmp_path / "p.mat")

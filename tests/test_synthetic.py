@@ -148,4 +148,7 @@ def test_cli_synth_without_val_and_jpeg(tmp_path, capsys):
     assert rc == 0 and "train:" in capsys.readouterr().out
     assert not (tmp_path / "val.jsonl").exists() and len(list((tmp_path / "images/train").glob("*.jpg"))) == 3
     assert len(CustomDataset(tmp_path / "train.jsonl").classes) == 12
-    assert main(["data", "synth", "--out", str(tmp_path), "--num-images", "3", "--num-classes", "30"]) == 1
+    with pytest.raises(SystemExit) as e:  # a usage error of the option, before anything runs
+        main(["data", "synth", "--out", str(tmp_path), "--num-images", "3", "--num-classes", "30"])
+    assert e.value.code == 2 and "argument --num-classes: expected an integer in [2, 20], got '30'" in \
+        capsys.readouterr().err

@@ -201,6 +201,9 @@ class Detector(_Loaded):
         out = self.model(normalize(x[None].to(self.device), self.input_convention),
                          [target["proposals"].to(self.device)], [torch.from_numpy(scores).to(self.device)])[0]
         regions = out["region_scores"].float().cpu().numpy()
+        if not np.isfinite(regions).all():
+            name = image if isinstance(image, (str, Path)) else f"the {type(image).__name__} image"
+            raise BadInput(f"the teacher gives non-finite scores for {name} (are its weights damaged?)")
         det_boxes, det_scores, det_labels = class_detections(boxes, regions, nms_iou, max_per_class)
         return {"image_scores": dict(zip(self.classes, out["image_scores"].float().cpu().tolist())),
                 "boxes": det_boxes, "labels": [self.classes[c] for c in det_labels], "scores": det_scores,

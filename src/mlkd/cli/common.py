@@ -63,4 +63,5 @@ positive_int = ranged(int, lambda v: v >= 1, "an integer >= 1")
 non_negative_int = ranged(int, lambda v: v >= 0, "an integer >= 0")
 # math.isfinite: "nan" and "inf" parse as floats but are never a sensible tolerance or probability
 positive_float = ranged(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+non_negative_float = ranged(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
 probability = ranged(float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from mlkd.cli.common import parse_options
+from mlkd.cli.common import parse_options, positive_int, ranged
 from mlkd.data import DATASET_FORMS, MultiLabelDataset, build_dataset
 from mlkd.data.base import read_image
 from mlkd.data.manifest import (compare_with_manifest, hash_images, manifest_summary, read_image_manifest,
@@ -54,6 +54,8 @@ def _print_summary(ds: MultiLabelDataset, s: dict[str, Any], max_missing: int = 
           f"{s['no_label_images']} images with no positive label")
     if s["boxes"] is not None:
         print(f"boxes: {s['boxes']} ({s['boxes'] / max(s['images'], 1):.2f} per image)")
+    if getattr(ds, "box_report", None) is not None:
+        print(f"box check: {ds.box_report.summary()}")
     per_image = s["proposals_per_image"]
     if per_image is not None and len(per_image):
         print(f"proposals: {per_image.sum()} ({per_image.mean():.1f} per image, "
@@ -158,14 +160,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                             description=SYNTH_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
                             epilog="example:\n  mlkd data synth --out data/synth --num-images 200 --seed 0")
     s.add_argument("--out", required=True, metavar="DIR", help="output folder (created; files are overwritten)")
-    s.add_argument("--num-images", type=int, required=True, metavar="N",
+    s.add_argument("--num-images", type=positive_int, required=True, metavar="N",
                    help="images in total, train + val (a few hundred take seconds)")
     s.add_argument("--seed", type=int, default=0, help="seed: same seed and arguments, same dataset (default 0)")
-    s.add_argument("--image-size", type=int, default=160, metavar="PX",
+    s.add_argument("--image-size", type=ranged(int, lambda v: v >= 64, "an integer >= 64"), default=160, metavar="PX",
                    help="longer image side in pixels; the other side is 75-100%% of it (default 160)")
-    s.add_argument("--val-fraction", type=float, default=0.25, metavar="F",
+    s.add_argument("--val-fraction", type=ranged(float, lambda v: 0 <= v < 1, "a number in [0, 1)"), default=0.25,
+                   metavar="F",
                    help="fraction of the images in the val split, in [0, 1) (default 0.25)")
-    s.add_argument("--num-classes", type=int, default=10, metavar="K",
+    s.add_argument("--num-classes", type=ranged(int, lambda v: 2 <= v <= 20, "an integer in [2, 20]"), default=10,
+                   metavar="K",
                    help="number of classes, 2-20 (default 10: 5 outlines x {stripes, checker})")
     s.add_argument("--format", choices=sorted(IMAGE_FORMATS), default="png",
                    help="image file format; png (default) keeps the fine textures exact, jpg blurs them a bit")
@@ -207,6 +211,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     what.add_argument("--out", metavar="FILE", help="manifest file to write (tab-separated text)")
     what.add_argument("--check", metavar="FILE", help="compare the dataset (ids, labels, file hashes) with this "
                                                       "manifest; exit code 1 if anything differs")
-    m.add_argument("--workers", type=int, default=4, metavar="N", help="threads hashing files (default 4)")
+    m.add_argument("--workers", type=positive_int, default=4, metavar="N", help="threads hashing files (default 4)")
     m.add_argument("--quiet", action="store_true", help="no progress bar")
     m.set_defaults(func=run_manifest)

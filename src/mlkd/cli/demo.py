@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from mlkd.errors import BadInput
+from mlkd.cli.common import non_negative_int, positive_int, ranged
 
 DESCRIPTION = """\
 The whole system on a generated synthetic dataset, sized for a laptop CPU: data -> selective-search proposals
@@ -22,11 +22,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="examples:\n  mlkd demo --out runs/demo\n  mlkd demo --out runs/demo3 --seeds 3")
     p.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
-    p.add_argument("--num-images", type=int, default=600, help="images to generate, a quarter held out (default 600)")
+    p.add_argument("--num-images", type=ranged(int, lambda v: v >= 8, "an integer >= 8"), default=600,
+                   help="images to generate, a quarter held out (default 600)")
     p.add_argument("--seed", type=int, default=0, help="seed of the dataset and of the first training run (default 0)")
-    p.add_argument("--seeds", type=int, default=1, help="training seeds to average over (default 1)")
-    p.add_argument("--image-size", type=int, default=160, help="longer image side of the dataset in pixels (160)")
-    p.add_argument("--workers", type=int, default=2, help="processes for proposal generation (default 2)")
+    p.add_argument("--seeds", type=positive_int, default=1, help="training seeds to average over (default 1)")
+    p.add_argument("--image-size", type=ranged(int, lambda v: v >= 64, "an integer >= 64"), default=160,
+                   help="longer image side of the dataset in pixels (160)")
+    p.add_argument("--workers", type=non_negative_int, default=2, help="processes for proposal generation (default 2)")
     p.add_argument("--joint", action="store_true", help="also train the joint-mode student (about 2 minutes more)")
     p.add_argument("--configs", metavar="DIR",
                    help="folder with teacher_demo.yaml and student_demo*.yaml (default: the ones shipped with mlkd)")
@@ -37,8 +39,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     from mlkd.demo import run_demo
 
-    if args.seeds < 1 or args.num_images < 8:
-        raise BadInput(f"--seeds must be >= 1 and --num-images >= 8, got {args.seeds}, {args.num_images}")
     summary = run_demo(args.out, num_images=args.num_images, seed=args.seed, seeds=args.seeds,
                        image_size=args.image_size, workers=args.workers, joint=args.joint, configs=args.configs,
                        progress=not args.quiet)

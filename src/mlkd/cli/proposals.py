@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from mlkd.cli.common import parse_options
+from mlkd.cli.common import non_negative_float, non_negative_int, parse_options, positive_int, ranged
 from mlkd.data import DATASET_FORMS, MultiLabelDataset, build_dataset
 from mlkd.data.boxes import BOX_POLICIES
 from mlkd.errors import BadInput
@@ -172,18 +172,19 @@ def _add_generate_options(p: argparse.ArgumentParser) -> None:
                    help="edge_boxes: the release's choice (scores kept); selective_search: WSDDN's (no scores)")
     p.add_argument("--out", metavar="CACHE", help="cache directory (created; an existing one with the same "
                                                   "settings is resumed)")
-    p.add_argument("--max-proposals", type=int, default=CLEAN_DEFAULTS["max_proposals"], metavar="R",
+    p.add_argument("--max-proposals", type=positive_int, default=CLEAN_DEFAULTS["max_proposals"], metavar="R",
                    help="keep at most R boxes per image, best first (release: 500)")
-    p.add_argument("--min-size", type=float, default=CLEAN_DEFAULTS["min_size"], metavar="PX",
+    p.add_argument("--min-size", type=non_negative_float, default=CLEAN_DEFAULTS["min_size"], metavar="PX",
                    help="drop boxes narrower or shorter than this many pixels")
-    p.add_argument("--nms-iou", type=float, default=None, metavar="T",
+    p.add_argument("--nms-iou", type=ranged(float, lambda v: 0 < v <= 1, "a number in (0, 1]"), default=None,
+                   metavar="T",
                    help="also drop near-duplicates with IoU > T (e.g. 0.95); off by default, as in Fast R-CNN")
     p.add_argument("--mode", choices=("fast", "quality"), default="fast",
                    help="selective search strategy set: fast, or quality (~3-5x slower, more recall)")
     p.add_argument("--edge-model", metavar="FILE",
                    help="EdgeBoxes: structured-forest edge model (model.yml.gz from opencv_extra) if you have it; "
                         "without it a colour-gradient edge map is used (see mlkd.proposals.methods)")
-    p.add_argument("--workers", type=int, default=None, metavar="N",
+    p.add_argument("--workers", type=non_negative_int, default=None, metavar="N",
                    help="worker processes (default: one per CPU core; 0 = in this process)")
     p.add_argument("--shard", metavar="i/n", help="only the images with index %% n == i (merge the n caches "
                                                    "with `mlkd proposals merge`)")

@@ -6,8 +6,8 @@ huge image: a 12000 x 12000 PNG of 420 KB decodes to 430 MB, plus OpenCV's and P
 :data:`DEFAULT_MAX_IMAGE_PIXELS`, or the environment variable ``MLKD_MAX_IMAGE_PIXELS``, or what
 :func:`set_max_image_pixels` set (in that order of precedence, the function first).
 
-Sizes are given in the frame mlkd decodes to: OpenCV applies a file's EXIF orientation, so for orientations 5-8
-(a 90-degree turn) :func:`image_size` swaps the header's width and height.
+Images are decoded in the frame they are stored in: a file's EXIF orientation is ignored, because annotations
+(COCO, VOC, most tools) give boxes in the stored frame; applying it would turn the pixels under their boxes.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from mlkd.errors import BadFile, BadInput, NotFound
 
 DEFAULT_MAX_IMAGE_PIXELS = 1 << 26  # 67,108,864 (64 Mi pixels, e.g. 8192 x 8192): a 64 MP photo still passes
 ENV_MAX_IMAGE_PIXELS = "MLKD_MAX_IMAGE_PIXELS"
-_EXIF_ORIENTATION = 0x0112  # values 5..8 turn the image by 90 degrees
 _max_pixels: int | None = None  # set by set_max_image_pixels; None = environment or default
 _RAISE = (f"shrink the image, or raise the limit with the environment variable {ENV_MAX_IMAGE_PIXELS}=N or "
           "mlkd.data.images.set_max_image_pixels(N)")
@@ -81,15 +80,14 @@ def check_image_file(path: str | Path) -> Path:
 
 
 def header_size(path: str | Path) -> tuple[int, int] | None:
-    """``(H, W)`` of an image file from its header, in the frame OpenCV decodes to (EXIF orientation applied);
-    None when Pillow cannot read the header (a format only OpenCV knows, or a damaged file)."""
+    """``(H, W)`` of an image file from its header (the stored frame, as :func:`read_image` decodes it); None when
+    Pillow cannot read the header (a format only OpenCV knows, or a damaged file)."""
     path = check_image_file(path)
     with warnings.catch_warnings():  # Pillow's own bomb warning; mlkd applies its own limit
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             with Image.open(path) as im:
                 w, h = im.size
-                turned = im.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8)
         except Image.DecompressionBombError as e:  # over twice Pillow's own limit (its message has the size)
             if max_image_pixels() > 2 * (Image.MAX_IMAGE_PIXELS or 0):
                 return None  # mlkd's limit allows it: OpenCV decodes it, and the decoded size is checked
@@ -97,7 +95,7 @@ def header_size(path: str | Path) -> tuple[int, int] | None:
                            f"its header: {e}); {_RAISE}") from None
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
             return None
-    return (w, h) if turned else (h, w)
+    return h, w
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
@@ -116,7 +114,7 @@ def _check_pixels(path: Path, hw: tuple[int, int]) -> None:
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """Decode an image file to an RGB uint8 array ``(H, W, 3)``, EXIF orientation applied.
+    """Decode an image file to an RGB uint8 array ``(H, W, 3)`` in its stored frame (EXIF orientation ignored).
 
     Errors: ``NotFound`` for a path that is missing, a directory or not a regular file; ``BadInput`` for an
     image over the pixel limit (checked from the header, before decoding); ``BadFile`` for a file that cannot
@@ -128,7 +126,7 @@ def read_image(path: str | Path) -> np.ndarray:
         _check_pixels(path, hw)
     data = np.fromfile(str(path), dtype=np.uint8)
     try:
-        img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+        img = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION) if data.size else None
     except cv2.error as e:  # e.g. a header over OpenCV's own limit (OPENCV_IO_MAX_IMAGE_PIXELS)
         reason = " ".join(str(e).split())
         raise BadFile(f"cannot decode image {path} ({data.size} bytes): OpenCV failed: {reason}") from None

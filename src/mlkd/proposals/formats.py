@@ -83,6 +83,9 @@ def read_mat_proposals(path: str | Path) -> dict[str, tuple[np.ndarray, np.ndarr
                          + ("" if score_cells is None else f" and {len(score_cells)} 'boxScores' entries"))
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for i, (image_id, cell) in enumerate(zip(ids, cells)):
+        if image_id in out:
+            raise BadInput(f"{path}: image {image_id!r} is listed twice (entries {ids.index(image_id) + 1} and "
+                           f"{i + 1} of 'images'); which boxes belong to it?")
         raw = np.asarray(cell)
         if raw.size and (raw.ndim != 2 or raw.shape[1] != 4):
             raise BadInput(f"{path}: boxes{{{i + 1}}} (image {image_id!r}) has shape {raw.shape}, expected R x 4")

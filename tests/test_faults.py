@@ -1,0 +1,116 @@
+"""Fault injection: training and proposal generation killed with SIGKILL at random points, then continued, end
+exactly where an uninterrupted run ends; a second run into a busy folder is refused.
+
+The processes are real `mlkd` commands (subprocesses in their own process group, so a kill takes their workers
+with them). Kill times are drawn from a seeded generator as fractions of the uninterrupted run's duration, so each
+seed hits a different point: before the first checkpoint, between epochs, while a checkpoint or log line is
+being written.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from mlkd.checkpoint import load_checkpoint
+from mlkd.config import apply_overrides
+from mlkd.proposals.cache import ProposalCache
+
+MLKD = [sys.executable, "-m", "mlkd"]
+SEEDS = (0, 1, 2)
+
+
+def run(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(MLKD + args, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def killed_at(args: list[str], cwd: Path, after: float) -> None:
+    """Start ``mlkd args`` and SIGKILL its whole process group ``after`` seconds later (if still running)."""
+    proc = subprocess.Popen(MLKD + args, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        proc.wait(timeout=after)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def teacher_run(teacher_data, tmp_path_factory):
+    """A teacher config file (3 epochs, 6 iterations each) and its uninterrupted run's checkpoint and duration."""
+    root = tmp_path_factory.mktemp("faults")
+    values = apply_overrides({}, teacher_data.overrides(root / "full", **{"run.log_every": 1}))
+    values["run"].pop("out")
+    (root / "teacher.yaml").write_text(yaml.safe_dump(values))
+    t0 = time.perf_counter()
+    proc = run(["train-teacher", "--config", "teacher.yaml", "--set", f"run.out={root / 'full'}"], root)
+    assert proc.returncode == 0, proc.stderr
+    return root, load_checkpoint(root / "full" / "last.pt"), time.perf_counter() - t0
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_training_killed_anywhere_then_continued_ends_bit_identical(teacher_run, seed):
+    root, full, duration = teacher_run
+    out = root / f"killed{seed}"
+    cmd = ["train-teacher", "--config", "teacher.yaml", "--set", f"run.out={out}"]
+    killed_at(cmd, root, after=float(np.random.default_rng(seed).uniform(0.2, 0.95)) * duration)
+    # what a user does next: --resume when a checkpoint was written, else the same command again
+    proc = run(cmd + (["--resume"] if (out / "last.pt").exists() else []), root)
+    assert proc.returncode == 0, proc.stderr
+    done = load_checkpoint(out / "last.pt")
+    assert done["train_state"]["epoch"] == full["train_state"]["epoch"] == 2
+    for key, value in full["model"].items():
+        assert torch.equal(done["model"][key], value), key
+    for a, b in zip(done["train_state"]["optimizer"]["state"].values(),
+                    full["train_state"]["optimizer"]["state"].values()):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not (out / ".lock").exists() and not (out / "last.pt.tmp").exists()
+
+
+@pytest.fixture(scope="module")
+def proposal_run(teacher_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults_proposals")
+    args = ["proposals", "--dataset", str(teacher_data.train), "--method", "selective_search", "--max-proposals",
+            "30", "--workers", "2", "--quiet"]
+    t0 = time.perf_counter()
+    proc = run(args + ["--out", str(root / "full")], root)
+    assert proc.returncode == 0, proc.stderr
+    return root, args, time.perf_counter() - t0
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_proposal_generation_killed_anywhere_then_rerun_equals_an_uninterrupted_run(proposal_run, seed):
+    root, args, duration = proposal_run
+    out = root / f"killed{seed}"
+    killed_at(args + ["--out", str(out)], root, after=float(np.random.default_rng(seed).uniform(0.2, 0.95)) * duration)
+    proc = run(args + ["--out", str(out)], root)  # re-running the same command resumes
+    assert proc.returncode == 0, proc.stderr
+    with ProposalCache.open(root / "full") as full, ProposalCache.open(out) as again:
+        assert sorted(full.keys()) == sorted(again.keys())
+        assert dict(full.items()) == dict(again.items())  # every record byte-identical
+
+
+def test_a_second_run_into_a_busy_folder_is_refused_while_the_first_finishes(teacher_run):
+    root, _, _ = teacher_run
+    cmd = ["train-teacher", "--config", "teacher.yaml", "--set", f"run.out={root / 'busy'}", "--set",
+           "optim.epochs=12"]  # long enough to still be running when the second command has started
+    first = subprocess.Popen(MLKD + cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (root / "busy" / ".lock").exists() or not (root / "busy" / ".lock").read_text():
+        assert time.monotonic() < deadline and first.poll() is None, "the first run never took the lock"
+        time.sleep(0.05)
+    second = run(cmd, root)
+    assert second.returncode == 1
+    assert f"run folder {root / 'busy'} is in use by pid {first.pid} on " in second.stderr
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    assert load_checkpoint(root / "busy" / "last.pt")["train_state"]["epoch"] == 11
