@@ -29,7 +29,7 @@ def build_teacher(cfg: TeacherModelConfig, num_classes: int) -> WSDDN:
     model = WSDDN(backbone, num_classes, hidden=cfg.hidden, roi_size=cfg.roi_size, roi_op=cfg.roi_op,
                   dropout=cfg.dropout, score_scale=cfg.score_scale, score_bias=cfg.score_bias,
                   cls_temperature=cfg.cls_temperature, det_temperature=cfg.det_temperature,
-                  reg_weight=cfg.reg_weight, reg_iou=cfg.reg_iou, reg_top=cfg.reg_top)
+                  reg_weight=cfg.reg_weight, reg_iou=cfg.reg_iou, reg_top=cfg.reg_top, distinct_rois=cfg.distinct_rois)
     if cfg.weights:
         if cfg.backbone != "vgg16":
             raise BadInput(f"model.weights are ImageNet VGG16 weights; model.backbone is {cfg.backbone!r}")
@@ -41,7 +41,8 @@ def build_student(cfg: StudentModelConfig, num_classes: int) -> Student:
     """A student from its config; ImageNet weights of its backbone (and VGG fc6/fc7) from ``cfg.weights``."""
     backbone = build_backbone(cfg.backbone, channels=cfg.tiny_channels, convs_per_block=cfg.tiny_convs_per_block)
     head = "resnet" if cfg.backbone.startswith("resnet") else "vgg"
-    model = Student(backbone, num_classes, head=head, hidden=cfg.hidden, roi_size=cfg.roi_size, dropout=cfg.dropout)
+    model = Student(backbone, num_classes, head=head, hidden=cfg.hidden, roi_size=cfg.roi_size, dropout=cfg.dropout,
+                    distinct_rois=cfg.distinct_rois)
     if cfg.weights:
         if cfg.backbone == "tiny":
             raise BadInput("model.weights are ImageNet weights; the tiny backbone has none")

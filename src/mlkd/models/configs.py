@@ -35,6 +35,7 @@ class TeacherModelConfig:
     reg_weight: float = bounded(0.0, 0, None)
     reg_iou: float = bounded(0.6, 0, 1)
     reg_top: int = bounded(10, 2, 10_000)
+    distinct_rois: bool = True  # pool and run fc6 once per distinct rounded region (equal to 1e-7; False: all)
 
 
 @dataclasses.dataclass
@@ -50,3 +51,4 @@ class StudentModelConfig:
     roi_size: int = bounded(7, 1, 64)
     dropout: float = bounded(0.5, 0, 1)
     image_size: int = bounded(224, *SIZE)  # the student's input: images are warped to image_size x image_size
+    distinct_rois: bool = True  # region path: pool and run fc6/fc7 once per distinct rounded region

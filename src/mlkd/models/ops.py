@@ -81,3 +81,24 @@ def flatten_proposals(proposals: Sequence[Tensor], scores: Sequence[Tensor] | No
     index = torch.cat([torch.full((b.shape[0],), i, dtype=torch.int64, device=boxes.device)
                        for i, b in enumerate(proposals)])
     return boxes, flat_scores, index
+
+
+def roi_pool_cells(boxes: Tensor, index: Tensor, stride: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The feature-map cells ``torchvision.ops.roi_pool`` reads for each box: ``(N, 5)`` int64 rows (image,
+    x1, y1, x2, y2), each coordinate times ``1 / stride`` in ``dtype`` (that of the pooling: see
+    :func:`pool_regions`) and rounded half away from zero, exactly as its kernels do. Boxes with equal rows give
+    equal pooled features."""
+    scaled = boxes.to(dtype) * torch.tensor(1.0 / stride, dtype=dtype, device=boxes.device)  # (N, 4)
+    rounded = torch.round(scaled)  # half to even: fix the exact halves to C's round (half away from zero)
+    half = (scaled - torch.trunc(scaled)).abs() == 0.5
+    rounded = torch.where(half, torch.trunc(scaled) + torch.sign(scaled), rounded)
+    return torch.cat([index[:, None], rounded.long()], dim=1)
+
+
+def distinct_rows(rows: Tensor) -> tuple[Tensor, Tensor]:
+    """``(first, inverse)`` for ``rows (N, D)``: ``rows[first]`` are the distinct rows (one representative
+    each, ``(U,)`` indices) and ``rows[first][inverse]`` equals ``rows``."""
+    unique, inverse = torch.unique(rows, dim=0, return_inverse=True)
+    first = torch.empty(len(unique), dtype=torch.int64, device=rows.device)
+    first.scatter_(0, inverse, torch.arange(len(rows), device=rows.device))
+    return first, inverse

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mlkd.errors import BadInput
-from mlkd.models.ops import caffe_xavier_, pool_regions
+from mlkd.models.ops import caffe_xavier_, distinct_rows, pool_regions, roi_pool_cells
 
 
 class Student(nn.Module):
@@ -36,14 +36,16 @@ class Student(nn.Module):
         hidden: fc6/fc7 width (VGG head); for the ResNet head, the adapter's output width.
         roi_size: pool5 grid and RoI pooling size (VGG head).
         dropout: after fc6 and fc7 in the image path (VGG head).
+        distinct_rois: in the region path (VGG head), pool and run fc6/fc7 once per distinct rounded region
+            (regions whose boxes round to the same cells have equal features); False computes every box.
     """
 
     def __init__(self, backbone: nn.Module, num_classes: int, head: str = "vgg", hidden: int = 4096,
-                 roi_size: int = 7, dropout: float = 0.5) -> None:
+                 roi_size: int = 7, dropout: float = 0.5, distinct_rois: bool = True) -> None:
         super().__init__()
         if head not in ("vgg", "resnet"):
             raise BadInput(f"student head must be 'vgg' or 'resnet', got {head!r}")
-        self.backbone, self.head, self.roi_size = backbone, head, roi_size
+        self.backbone, self.head, self.roi_size, self.distinct_rois = backbone, head, roi_size, distinct_rois
         c = backbone.out_channels
         if head == "vgg":
             self.pool5 = nn.MaxPool2d(2, 2)
@@ -83,10 +85,15 @@ class Student(nn.Module):
                 raise BadInput(f"a ResNet student has only the 'fc7' (adapter) region features, asked {layers}")
             pooled = pool_regions(fmap, boxes, index, self.roi_size, self.backbone.stride, "roi_align")
             return {"fc7": self.adapter(pooled.mean((2, 3)))}
-        pooled = pool_regions(fmap, boxes, index, self.roi_size, self.backbone.stride)  # (N, C, s, s)
+        inverse = None
+        if self.distinct_rois:  # equal rounded cells give equal features: compute each distinct region once
+            cells = roi_pool_cells(boxes, index, self.backbone.stride, torch.promote_types(fmap.dtype, torch.float32))
+            first, inverse = distinct_rows(cells)
+            boxes, index = boxes[first], index[first]
+        pooled = pool_regions(fmap, boxes, index, self.roi_size, self.backbone.stride)  # (N or U, C, s, s)
         out = {"fc6": F.relu(self.fc6(pooled.flatten(1)))}
         out["fc7"] = F.relu(self.fc7(out["fc6"]))
-        return {k: out[k] for k in layers}
+        return {k: out[k] if inverse is None else out[k][inverse] for k in layers}
 
     def forward(self, images: Tensor) -> Tensor:
         """Logits z ``(B, K)`` of normalised images ``(B, 3, H, W)``; probabilities are ``sigmoid(z)``."""

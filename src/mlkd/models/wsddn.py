@@ -31,7 +31,8 @@ from torch import Tensor, nn
 from torchvision.ops import batched_nms, box_iou
 
 from mlkd.errors import BadInput
-from mlkd.models.ops import caffe_xavier_, flatten_proposals, pool_regions, segment_softmax
+from mlkd.models.ops import (caffe_xavier_, distinct_rows, flatten_proposals, pool_regions, roi_pool_cells,
+                             segment_softmax)
 
 P_CLAMP = 1e-4  # image scores are clamped to [P_CLAMP, 1 - P_CLAMP] in the loss (the release's value)
 
@@ -98,12 +99,14 @@ class WSDDN(nn.Module):
             (release (1, 0); original WSDDN (10, 1)).
         cls_temperature, det_temperature: the streams' logits are divided by these (WSDDN preset: T_d = 2).
         reg_weight, reg_iou, reg_top: spatial regulariser (off when ``reg_weight == 0``).
+        distinct_rois: compute RoI pooling and fc6's product once per distinct rounded region (see
+            :meth:`region_layers`); False runs every proposal through them.
     """
 
     def __init__(self, backbone: nn.Module, num_classes: int, hidden: int = 4096, roi_size: int = 7,
                  roi_op: str = "roi_pool", dropout: float = 0.5, score_scale: float = 1.0, score_bias: float = 0.0,
                  cls_temperature: float = 1.0, det_temperature: float = 1.0, reg_weight: float = 0.0,
-                 reg_iou: float = 0.6, reg_top: int = 10) -> None:
+                 reg_iou: float = 0.6, reg_top: int = 10, distinct_rois: bool = True) -> None:
         super().__init__()
         if roi_op not in ("roi_pool", "roi_align"):
             raise BadInput(f"roi_op must be 'roi_pool' or 'roi_align', got {roi_op!r}")
@@ -119,6 +122,7 @@ class WSDDN(nn.Module):
         self.score_scale, self.score_bias = score_scale, score_bias
         self.cls_temperature, self.det_temperature = cls_temperature, det_temperature
         self.reg_weight, self.reg_iou, self.reg_top = reg_weight, reg_iou, reg_top
+        self.distinct_rois = distinct_rois
 
     @property
     def num_classes(self) -> int:
@@ -129,10 +133,23 @@ class WSDDN(nn.Module):
         return pool_regions(fmap, boxes, index, self.roi_size, self.backbone.stride, self.roi_op)
 
     def region_layers(self, fmap: Tensor, boxes: Tensor, scores: Tensor, index: Tensor) -> dict[str, Tensor]:
-        """fc6 and fc7 region features ``(N, hidden)`` after ReLU (fc7's input is the dropped-out fc6)."""
-        pooled = self.pool(fmap, boxes, index)  # (N, C, s, s)
-        pooled = pooled * (self.score_scale * scores + self.score_bias).to(pooled.dtype)[:, None, None, None]
-        fc6 = F.relu(self.fc6(pooled.flatten(1)))
+        """fc6 and fc7 region features ``(N, hidden)`` after ReLU (fc7's input is the dropped-out fc6).
+
+        With ``distinct_rois`` (and RoI max pooling), boxes that round to the same feature-map cells are pooled
+        and multiplied by fc6's weight once: since fc6 is linear, ``fc6(c_r * x) = c_r * (W x) + b`` for each
+        proposal's score factor ``c_r``, and the gradient flows back through the same index. Equal to the
+        per-region computation up to float rounding (about 1e-7 relative).
+        """
+        factor = (self.score_scale * scores + self.score_bias)[:, None]  # (N, 1): the proposal score scaling
+        if self.distinct_rois and self.roi_op == "roi_pool":
+            cells = roi_pool_cells(boxes, index, self.backbone.stride, torch.promote_types(fmap.dtype, torch.float32))
+            first, inverse = distinct_rows(cells)
+            pooled = self.pool(fmap, boxes[first], index[first])  # (U, C, s, s), U distinct regions
+            wx = pooled.flatten(1) @ self.fc6.weight.to(pooled.dtype).T  # (U, hidden): W x, once per region
+            fc6 = F.relu(factor.to(wx.dtype) * wx[inverse] + self.fc6.bias.to(wx.dtype))  # (N, hidden)
+        else:
+            pooled = self.pool(fmap, boxes, index)  # (N, C, s, s)
+            fc6 = F.relu(self.fc6((pooled * factor.to(pooled.dtype)[:, :, None, None]).flatten(1)))
         return {"fc6": fc6, "fc7": F.relu(self.fc7(self.drop(fc6)))}
 
     def forward_regions(self, fmap: Tensor, boxes: Tensor, scores: Tensor, index: Tensor) -> Tensor:
