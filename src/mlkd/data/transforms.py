@@ -269,27 +269,35 @@ class TeacherStudentViews:
     """The two views of one image that distillation needs: the teacher's and the student's.
 
     Flips (with probability ``flip``) once for both views, warps the image to ``teacher_size`` (proposals
-    move with it) and to ``student_size``, and rescales the teacher-frame proposals into the student's frame
-    (the release: 672 -> 224). Returns ``(student image, target)`` with ``target["teacher_image"]``
-    (``Tensor[3, H_T, W_T]`` uint8), ``target["proposals"]`` (teacher frame), ``target["student_proposals"]``
-    and ``target["flipped"]`` (bool, to look up cached teacher outputs).
+    move with it) and to ``student_size`` (the other boxes move with it), and rescales the teacher-frame
+    proposals into the student's frame (the release: 672 -> 224). Returns ``(student image, target)`` with
+    ``target["teacher_image"]`` (``Tensor[3, H_T, W_T]`` uint8; left out with ``teacher_image=False``, when the
+    teacher's outputs are cached), ``target["proposals"]`` (teacher frame), ``target["student_proposals"]`` and
+    ``target["flipped"]`` (bool, to look up cached teacher outputs).
     """
 
     def __init__(self, teacher_size: int | Sequence[int], student_size: int | Sequence[int], flip: float = 0.5,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, teacher_image: bool = True) -> None:
         self.teacher, self.student = Warp(teacher_size), Warp(student_size)
         self.flipper = RandomHorizontalFlip(flip, generator)
+        self.with_teacher_image = teacher_image
 
     def __call__(self, image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
         image, target = self.flipper(image, target)
-        teacher_image, target = self.teacher(image, target)
         student_image, student_target = self.student(image, {k: v for k, v in target.items() if k != "proposals"})
-        student_target["teacher_image"] = teacher_image
         if "proposals" in target:
-            student_target["proposals"] = target["proposals"]
-            student_target["student_proposals"] = rescale_boxes(target["proposals"], self.teacher.size,
+            proposals = {"proposals": target["proposals"]}
+            if self.with_teacher_image:
+                student_target["teacher_image"], proposals = self.teacher(image, proposals)
+            else:  # the same boxes Warp would give, without resizing the pixels
+                proposals["proposals"] = rescale_boxes(proposals["proposals"], _check_image(image), self.teacher.size)
+            student_target["proposals"] = proposals["proposals"]
+            student_target["student_proposals"] = rescale_boxes(proposals["proposals"], self.teacher.size,
                                                                 self.student.size)
+        elif self.with_teacher_image:
+            student_target["teacher_image"], _ = self.teacher(image, {})
         return student_image, student_target
 
     def __repr__(self) -> str:
-        return f"TeacherStudentViews(teacher={self.teacher.size}, student={self.student.size}, flip={self.flipper.p})"
+        return (f"TeacherStudentViews(teacher={self.teacher.size}, student={self.student.size}, "
+                f"flip={self.flipper.p}, teacher_image={self.with_teacher_image})")

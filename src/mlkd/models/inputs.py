@@ -20,6 +20,12 @@ class SoftTargets(Protocol):
     def lookup(self, targets: list[dict[str, Any]]) -> torch.Tensor: ...
 
 
+class RegionTargets(Protocol):
+    """Cached teacher region features: ``lookup(targets) -> ({layer: (N', D)}, rows (N',))`` for a batch."""
+
+    def lookup(self, targets: list[dict[str, Any]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]: ...
+
+
 def stack_images(images: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
     """A batch tensor from stacked images, or from a list of different sizes padded at the bottom/right
     (boxes keep their coordinates; the padding is zero after normalisation)."""
@@ -51,18 +57,23 @@ def teacher_inputs(images: Any, targets: list[dict[str, Any]], device: torch.dev
 
 
 def student_inputs(images: torch.Tensor, targets: list[dict[str, Any]], device: torch.device, convention: str,
-                   teacher_convention: str | None = None, soft: SoftTargets | None = None) -> dict[str, Any]:
+                   teacher_convention: str | None = None, soft: SoftTargets | None = None,
+                   regions: RegionTargets | None = None) -> dict[str, Any]:
     """The forward arguments of a (distilling) student: ``images``, ``labels``; with teacher views in the
     targets also ``teacher_images``, ``proposals``, ``proposal_scores``, ``student_proposals``; with ``soft``
-    the cached ``teacher_probs``."""
+    the cached ``teacher_probs``, with ``regions`` the cached ``teacher_features``."""
     out: dict[str, Any] = {"images": normalize(images.to(device), convention),
                            "labels": torch.stack([t["labels"] for t in targets]).to(device)}
     if "teacher_image" in targets[0]:
         out["teacher_images"] = normalize(torch.stack([t["teacher_image"] for t in targets]).to(device),
                                           teacher_convention)
+    if "student_proposals" in targets[0]:
         out["proposals"] = [t["proposals"].to(device) for t in targets]
         out["proposal_scores"] = [t["proposal_scores"].to(device) for t in targets]
         out["student_proposals"] = [t["student_proposals"].to(device) for t in targets]
     if soft is not None:
         out["teacher_probs"] = soft.lookup(targets).to(device)
+    if regions is not None:
+        features, rows = regions.lookup(targets)
+        out["teacher_features"] = ({k: v.to(device) for k, v in features.items()}, rows.to(device))
     return out

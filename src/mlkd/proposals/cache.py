@@ -21,13 +21,13 @@ from __future__ import annotations
 import json
 import os
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import lmdb
 import numpy as np
 
+from mlkd import lmdb_env
 from mlkd.data.base import BOX_CONVENTION
 from mlkd.errors import BadFile, BadInput, MissingEntry, NotFound
 
@@ -39,7 +39,6 @@ IMAGE_FIELDS = ("num_images", "images_hash")  # the dataset identity fields a v2
 META_KEYS = ("format", "version", "method", "params", "dataset", "num_images", "box_convention", "shard")
 _HEADER = struct.Struct("<4sII")
 _MAGIC = b"MLKP"
-_INITIAL_MAP_SIZE = 1 << 30  # grown on demand: some file systems allocate the whole map up front
 
 
 def encode_record(boxes: np.ndarray, scores: np.ndarray) -> bytes:
@@ -117,29 +116,6 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     return meta
 
 
-# py-lmdb refuses to open one environment twice in a process, and LMDB handles must not be used (or closed)
-# across fork. So each process shares one reference-counted handle per cache directory, and read-only handles
-# are closed just before this process forks (a DataLoader starting its workers): neither side inherits an open
-# environment, and both reopen it on their next read.
-@dataclass
-class _Handle:
-    writable: bool
-    env: lmdb.Environment | None
-    users: int
-
-
-_ENVS: dict[str, _Handle] = {}
-_INHERITED: list[lmdb.Environment] = []  # a parent's writable handles seen after fork: kept alive, never touched
-
-
-def _open_lmdb(key: str, writable: bool) -> lmdb.Environment:
-    try:
-        if writable:
-            return lmdb.open(key, map_size=_INITIAL_MAP_SIZE, subdir=True)
-        return lmdb.open(key, readonly=True, lock=False, readahead=False, subdir=True)
-    except lmdb.Error as e:
-        raise BadFile(f"cannot open proposal cache {key}: {e}") from e
-
 
 def _check_complete(path: Path, env: lmdb.Environment, meta: dict[str, Any]) -> None:
     """Refuse a truncated ``data.mdb`` (a full disk, an interrupted copy): LMDB maps the file and would end the
@@ -151,53 +127,6 @@ def _check_complete(path: Path, env: lmdb.Environment, meta: dict[str, Any]) -> 
                       f"(the file was cut short, e.g. by a full disk or an interrupted copy); remove the folder and "
                       f"build it again with `mlkd proposals --method {meta['method']} --out {path} ...` (the "
                       f"parameters are in its meta.json)")
-
-
-def _acquire_env(path: Path, writable: bool) -> None:
-    key = os.path.abspath(path)
-    handle = _ENVS.get(key)
-    if handle is None:
-        _ENVS[key] = _Handle(writable, _open_lmdb(key, writable), 1)
-    elif writable and not handle.writable:
-        raise OSError(f"proposal cache {path} is open read-only in this process; close it before writing")
-    else:
-        handle.users += 1
-
-
-def _env(path: Path) -> lmdb.Environment:
-    """The open environment of an acquired cache, reopened if a fork closed it."""
-    handle = _ENVS[os.path.abspath(path)]
-    if handle.env is None:
-        handle.env = _open_lmdb(os.path.abspath(path), handle.writable)
-    return handle.env
-
-
-def _release_env(path: Path) -> None:
-    key = os.path.abspath(path)
-    handle = _ENVS.get(key)
-    if handle is None:  # acquired before a fork, released in the child: nothing of it is open here
-        return
-    handle.users -= 1
-    if handle.users == 0:
-        del _ENVS[key]
-        if handle.env is not None:
-            handle.env.close()
-
-
-def _close_readonly_before_fork() -> None:
-    for handle in _ENVS.values():
-        if not handle.writable and handle.env is not None:
-            handle.env.close()
-            handle.env = None
-
-
-def _forget_in_child() -> None:
-    _INHERITED.extend(h.env for h in _ENVS.values() if h.env is not None)
-    _ENVS.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(before=_close_readonly_before_fork, after_in_child=_forget_in_child)
 
 
 class ProposalCache:
@@ -259,9 +188,9 @@ class ProposalCache:
                 raise RuntimeError("a writable ProposalCache cannot be used from a forked process")
             self._acquired, self._pid = False, os.getpid()
         if not self._acquired:
-            _acquire_env(self.path, self.writable)
+            lmdb_env.acquire(self.path, self.writable)
             self._acquired = True
-        return _env(self.path)
+        return lmdb_env.env(self.path)
 
     def __getstate__(self) -> dict[str, Any]:
         if self.writable:
@@ -273,7 +202,7 @@ class ProposalCache:
 
     def close(self) -> None:
         if self._acquired and self._pid == os.getpid():
-            _release_env(self.path)
+            lmdb_env.release(self.path)
         self._acquired = False
 
     def __enter__(self) -> "ProposalCache":

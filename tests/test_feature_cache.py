@@ -1,0 +1,66 @@
+"""Stage 1's teacher region features computed once per (image, flip): they equal the features the teacher gives
+on the fly (up to float16), with and without top_k, and a run that reads them trains like one that does not."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mlkd.checkpoint import load_checkpoint
+from mlkd.config import load_config
+from mlkd.data.base import collate
+from mlkd.data.loader import make_loader
+from mlkd.data.transforms import Compose, KeepTopProposals, TeacherStudentViews
+from mlkd.distill import teacher_features_store, teacher_region_targets
+from mlkd.distributed import DistInfo
+from mlkd.models.backbones import normalize
+from mlkd.models.build import model_from_checkpoint
+from mlkd.proposals.attach import open_split
+from mlkd.train_student import StudentConfig, train_student
+from conftest import TINY_STUDENT
+
+FEATURE = "[{name: feature, epochs: 1, label_weight: 0, feature_weight: 1}]"
+
+
+@pytest.mark.parametrize("top_k", [None, 5])
+def test_cached_features_equal_the_teachers_on_the_fly_up_to_float16(trained, tmp_path, top_k):
+    ckpt = load_checkpoint(trained.teacher, "teacher")
+    teacher = model_from_checkpoint(ckpt)
+    dataset = open_split(str(trained.data.train), proposals=str(trained.data.train_proposals))
+    store = teacher_features_store(teacher, "torchvision", str(trained.teacher), dataset, 80, tmp_path, DistInfo(),
+                                   30, ("fc6", "fc7"), top_k, max_gb=1, progress=False)
+    try:
+        for flip in (0.0, 1.0):
+            view = dataset.view(transform=Compose([KeepTopProposals(30), TeacherStudentViews(80, 48, flip)]))
+            for images, targets in make_loader(view, 3, 0, collate, train=False):
+                t_img = normalize(torch.stack([t["teacher_image"] for t in targets]), "torchvision")
+                live, rows = teacher_region_targets(teacher, t_img, [t["proposals"] for t in targets],
+                                                    [t["proposal_scores"] for t in targets], ("fc6", "fc7"), top_k)
+                cached, cached_rows = store.lookup(targets)
+                if top_k is None:
+                    assert rows is None and torch.equal(cached_rows, torch.arange(len(cached_rows)))
+                else:
+                    assert torch.equal(cached_rows, rows)
+                for layer in ("fc6", "fc7"):
+                    assert torch.allclose(cached[layer], live[layer], rtol=1e-3, atol=1e-3), layer
+        assert (tmp_path / "teacher_features" / "meta.json").is_file()
+    finally:
+        store.close()
+
+
+def test_a_run_reading_the_cache_trains_like_one_running_the_teacher(trained, tmp_path):
+    def run(out, gb):
+        sets = {**TINY_STUDENT, "data.train": trained.data.train, "data.train_proposals": trained.data.train_proposals,
+                "distill.teacher": trained.teacher, "stages": FEATURE, "run.out": out,
+                "distill.feature_cache_gb": gb, "distill.baseline": "null"}
+        return load_checkpoint(train_student(load_config(StudentConfig, None, [f"{k}={v}" for k, v in sets.items()])))
+
+    cached, live = run(tmp_path / "cached", 1), run(tmp_path / "live", 0)
+    assert (tmp_path / "cached" / "teacher_features").is_dir() and not (tmp_path / "live" / "teacher_features").exists()
+    logs = [[json.loads(x) for x in (tmp_path / n / "log.jsonl").read_text().splitlines()] for n in ("cached", "live")]
+    losses = [[r["loss_feature"] for r in log if r["type"] == "iter"] for log in logs]
+    assert losses[0] == pytest.approx(losses[1], rel=2e-3)  # float16 targets: the same loss at every step
+    for key, value in live["model"].items():  # and the same weights after the epoch, within float16 noise
+        assert torch.allclose(cached["model"][key], value, rtol=1e-2, atol=2e-3), key
