@@ -42,6 +42,23 @@ def test_feature_loss_matches_naive_loop():
         feature_loss(s, torch.zeros(7, 6))
 
 
+def test_normalised_feature_losses_match_naive_loops_and_ignore_the_teachers_scale():
+    gen = torch.Generator().manual_seed(3)
+    s, t = torch.randn(6, 4, generator=gen, dtype=torch.float64), torch.randn(6, 4, generator=gen, dtype=torch.float64)
+    err = sum((t[r, d] - s[r, d]) ** 2 for r in range(6) for d in range(4))
+    energy = sum(t[r, d] ** 2 for r in range(6) for d in range(4))
+    assert feature_loss(s, t, "relative").item() == pytest.approx((err / energy).item(), rel=1e-12)
+    unit = [(t[r] / math.sqrt(sum(t[r, d] ** 2 for d in range(4))), s[r] / math.sqrt(sum(s[r, d] ** 2 for d in range(4))))
+            for r in range(6)]
+    naive_l2 = sum(((a - b) ** 2).sum() for a, b in unit) / (2 * 6)
+    assert feature_loss(s, t, "l2").item() == pytest.approx(naive_l2.item(), rel=1e-12)
+    for norm in ("relative", "l2"):  # a teacher with 50x larger features and a student following it: same loss
+        assert feature_loss(50 * s, 50 * t, norm).item() == pytest.approx(feature_loss(s, t, norm).item(), rel=1e-9)
+    assert feature_loss(torch.zeros(6, 4), t, "relative").item() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="feature norm must be 'none', 'relative' or 'l2', got 'max'"):
+        feature_loss(s, t, "max")
+
+
 def test_soft_label_loss_with_learnable_scale_matches_naive_loop():
     gen = torch.Generator().manual_seed(1)
     z, p = torch.randn(3, K, generator=gen, dtype=torch.float64), torch.rand(3, K, generator=gen, dtype=torch.float64)

@@ -76,13 +76,14 @@ def _train(train: Callable, cfg: Any, epochs: int) -> Path:
 
 
 def prepare_data(out: Path, num_images: int, seed: int, image_size: int, workers: int,
-                 progress: bool = True) -> dict[str, Path]:
+                 progress: bool = True, look: str = "shapes") -> dict[str, Path]:
     """The synthetic dataset and its proposal caches (reused when already complete)."""
     meta = out / "data" / "meta.json"
-    wanted = {"num_images": num_images, "seed": seed, "image_size": image_size}
-    if not (meta.is_file() and all(json.loads(meta.read_text()).get(k) == v for k, v in wanted.items())):
+    wanted = {"num_images": num_images, "seed": seed, "image_size": image_size, "look": look}
+    found = json.loads(meta.read_text()) if meta.is_file() else {}
+    if not all(found.get(k, "shapes" if k == "look" else None) == v for k, v in wanted.items()):
         _log(f"synthetic dataset: {num_images} images of ~{image_size} px (a quarter held out) -> {out / 'data'}")
-        generate(out / "data", num_images, seed=seed, image_size=image_size, progress=progress)
+        generate(out / "data", num_images, seed=seed, image_size=image_size, progress=progress, look=look)
     paths = {"train": out / "data" / "train.jsonl", "val": out / "data" / "val.jsonl"}
     for split in ("train", "val"):
         method, params = PROPOSALS
@@ -191,18 +192,18 @@ def figure(out: Path, seed: int, num: int = 6) -> Path:
 
 def run_demo(out: str | Path, num_images: int = 600, seed: int = 0, seeds: int = 1, image_size: int = 160,
              workers: int = 2, joint: bool = False, configs: str | Path | None = None,
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = True, look: str = "shapes") -> dict[str, Any]:
     """Run every stage into ``out``; write ``out/summary.json``; return the summary (its ``table`` is the text
     of the results table)."""
     out, cfg_dir = Path(out), find_configs(configs)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    prepare_data(out, num_images, seed, image_size, workers, progress)
+    prepare_data(out, num_images, seed, image_size, workers, progress, look)
     per_seed = [run_seed(out, cfg_dir, s, joint, progress) for s in range(seed, seed + seeds)]
     text, stats = table(per_seed)
     _log("example figure (teacher's top-10 proposals in green; top-3 labels, blue = correct, red = wrong)")
     fig = figure(out, seed)
-    summary = {"table": text, "num_images": num_images, "data_seed": seed, "seeds": list(range(seed, seed + seeds)),
+    summary = {"table": text, "look": look, "num_images": num_images, "data_seed": seed, "seeds": list(range(seed, seed + seeds)),
                "image_size": image_size, "results": stats, "figure": str(fig),
                "configs": {name: str(cfg_dir / f) for name, (f, _) in STUDENTS.items()},
                "seconds": round(time.perf_counter() - t0, 1)}

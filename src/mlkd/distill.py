@@ -23,10 +23,12 @@ never reaches the teacher. Stage 1 (region features) runs the teacher on the fly
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -37,20 +39,37 @@ from mlkd.data.base import MultiLabelDataset, collate
 from mlkd.data.loader import make_loader
 from mlkd.distributed import DistInfo, barrier
 from mlkd.errors import BadInput
+from mlkd.feature_cache import TeacherFeatures, build_teacher_features, estimate_bytes
 from mlkd.inference import teacher_view
 from mlkd.models.inputs import teacher_inputs
 from mlkd.models.ops import flatten_proposals
 from mlkd.models.student import Student, label_loss
 from mlkd.models.wsddn import WSDDN, wsddn_scores
 
+logger = logging.getLogger(__name__)
+
 TEACHER_TEMPERATURE = 0.5  # the release multiplies both streams' logits by 2 for the soft targets
 
 
-def feature_loss(student: Tensor, teacher: Tensor) -> Tensor:
-    """L_f of one layer: ``sum ||F_T - F_S||^2 / (2 N_R)`` over region features ``(N_R, D)``."""
+def feature_loss(student: Tensor, teacher: Tensor, norm: str = "none") -> Tensor:
+    """L_f of one layer over region features ``(N_R, D)``.
+
+    - ``"none"`` (the release): ``sum ||F_T - F_S||^2 / (2 N_R)``. Its scale is that of the teacher's features,
+      which differs by orders of magnitude between teachers (a tiny teacher's fc7 norms are ~10, VGG16's ~50+).
+    - ``"relative"``: ``sum ||F_T - F_S||^2 / sum ||F_T||^2`` over the batch's regions: the squared error relative
+      to the teacher's own energy, 1 for a student that outputs zeros, whatever the teacher's scale.
+    - ``"l2"``: each region's features divided by their L2 norm first, then ``sum ||.||^2 / (2 N_R)``: only the
+      direction is matched, the loss is in [0, 2].
+    """
     if student.shape != teacher.shape:
         raise BadInput(f"student region features {tuple(student.shape)} and teacher's {tuple(teacher.shape)} "
-                         "differ: the student's fc6/fc7 (or adapter) width must equal the teacher's")
+                       "differ: the student's fc6/fc7 (or adapter) width must equal the teacher's")
+    if norm == "relative":
+        return (teacher - student).pow(2).sum() / teacher.pow(2).sum().clamp(min=1e-12)
+    if norm == "l2":
+        student, teacher = F.normalize(student, dim=1, eps=1e-6), F.normalize(teacher, dim=1, eps=1e-6)
+    elif norm != "none":
+        raise BadInput(f"feature norm must be 'none', 'relative' or 'l2', got {norm!r}")
     return (teacher - student).pow(2).sum() / (2 * max(student.shape[0], 1))
 
 
@@ -72,6 +91,22 @@ def teacher_image_probs(teacher: WSDDN, images: Tensor, proposals: Sequence[Tens
     return probs.clamp(0.0, 1.0)
 
 
+@torch.no_grad()
+def teacher_region_targets(teacher: WSDDN, images: Tensor, proposals: Sequence[Tensor],
+                           scores: Sequence[Tensor] | None, layers: Sequence[str] = ("fc7",),
+                           top_k: int | None = None) -> tuple[dict[str, Tensor], Tensor | None]:
+    """The teacher's region features ``{layer: (N', D)}`` of a batch and their rows among its flattened
+    proposals (None: all of them; with ``top_k``, each image's ``top_k`` regions by objectness s')."""
+    boxes, flat_scores, index = flatten_proposals(proposals, scores)
+    target = teacher.region_layers(teacher.backbone(images), boxes, flat_scores, index)
+    if top_k is None:
+        return {k: target[k] for k in layers}, None
+    regions, _ = wsddn_scores(*teacher.forward_streams(target["fc7"]), index, len(proposals),
+                              teacher.cls_temperature, teacher.det_temperature)
+    keep = top_regions(regions.sum(1), index, len(proposals), top_k)  # s' = sum_k S
+    return {k: target[k][keep] for k in layers}, keep
+
+
 def top_regions(objectness: Tensor, index: Tensor, num_images: int, k: int) -> Tensor:
     """Row indices of the ``k`` regions of highest objectness s' in each image (all of them if fewer)."""
     keep = []
@@ -91,11 +126,12 @@ class StudentObjective(nn.Module):
         feature_layers: region layers matched by L_f (``("fc7",)`` in the release; add ``"fc6"`` for both).
         top_k: use only each image's ``top_k`` proposals by the teacher's objectness s' for L_f (None = all).
         scale_init: initial value of the learnable per-class scale a of L_p'.
+        feature_norm: ``"none"`` (the release), ``"relative"`` or ``"l2"``: see :func:`feature_loss`.
     """
 
     def __init__(self, student: Student, teacher: WSDDN | None, label_weight: float = 1.0, soft_weight: float = 0.0,
                  feature_weight: float = 0.0, feature_layers: Sequence[str] = ("fc7",), top_k: int | None = None,
-                 scale_init: float = 0.2) -> None:
+                 scale_init: float = 0.2, feature_norm: str = "none") -> None:
         super().__init__()
         if teacher is None and (soft_weight or feature_weight):
             raise BadInput("soft_weight and feature_weight distil from a teacher: give the teacher")
@@ -106,7 +142,7 @@ class StudentObjective(nn.Module):
             teacher.requires_grad_(False)  # frozen: it only provides targets, nothing may update it
             self.scale = nn.Parameter(torch.full((student.num_classes,), float(scale_init)))  # a of L_p'
         self.weights = {"label": label_weight, "soft": soft_weight, "feature": feature_weight}
-        self.feature_layers, self.top_k = tuple(feature_layers), top_k
+        self.feature_layers, self.top_k, self.feature_norm = tuple(feature_layers), top_k, feature_norm
 
     def train(self, mode: bool = True) -> "StudentObjective":
         super().train(mode)
@@ -120,8 +156,8 @@ class StudentObjective(nn.Module):
 
     def forward(self, images: Tensor, labels: Tensor, teacher_images: Tensor | None = None,
                 proposals: Sequence[Tensor] | None = None, proposal_scores: Sequence[Tensor] | None = None,
-                student_proposals: Sequence[Tensor] | None = None, teacher_probs: Tensor | None = None
-                ) -> dict[str, Tensor]:
+                student_proposals: Sequence[Tensor] | None = None, teacher_probs: Tensor | None = None,
+                teacher_features: tuple[dict[str, Tensor], Tensor] | None = None) -> dict[str, Tensor]:
         """Weighted losses.
 
         Args:
@@ -130,6 +166,8 @@ class StudentObjective(nn.Module):
             proposals, proposal_scores: per image ``(R_i, 4)`` / ``(R_i,)`` in the teacher's frame.
             student_proposals: the same proposals rescaled to the student's frame.
             teacher_probs (Tensor[B, K]): cached teacher image scores (T = 0.5); computed here when None.
+            teacher_features: cached teacher region features ``({layer: (N', D)}, rows (N',))``, ``rows`` the
+                positions of those regions among the batch's proposals; computed here when None.
         """
         w = self.weights
         fmap = self.student.backbone(images)
@@ -142,25 +180,19 @@ class StudentObjective(nn.Module):
                 teacher_probs = teacher_image_probs(self.teacher, teacher_images, proposals, proposal_scores)
             losses["loss_soft"] = w["soft"] * soft_label_loss(logits, self.scale, teacher_probs)
         if w["feature"]:
-            losses["loss_feature"] = w["feature"] * self._feature_loss(fmap, teacher_images, proposals,
-                                                                       proposal_scores, student_proposals)
+            if teacher_features is None:
+                teacher_features = teacher_region_targets(self.teacher, teacher_images, proposals, proposal_scores,
+                                                          self.feature_layers, self.top_k)
+            losses["loss_feature"] = w["feature"] * self._feature_loss(fmap, student_proposals, *teacher_features)
         return losses
 
-    def _feature_loss(self, fmap: Tensor, teacher_images: Tensor, proposals: Sequence[Tensor],
-                      proposal_scores: Sequence[Tensor] | None, student_proposals: Sequence[Tensor]) -> Tensor:
-        with torch.no_grad():
-            boxes, scores, index = flatten_proposals(proposals, proposal_scores)
-            target = self.teacher.region_layers(self.teacher.backbone(teacher_images), boxes, scores, index)
-            keep = None
-            if self.top_k is not None:
-                regions, _ = wsddn_scores(*self.teacher.forward_streams(target["fc7"]), index, len(proposals),
-                                          self.teacher.cls_temperature, self.teacher.det_temperature)
-                keep = top_regions(regions.sum(1), index, len(proposals), self.top_k)  # s' = sum_k S
+    def _feature_loss(self, fmap: Tensor, student_proposals: Sequence[Tensor], target: dict[str, Tensor],
+                      rows: Tensor | None) -> Tensor:
         s_boxes, _, s_index = flatten_proposals(student_proposals, None)
-        if keep is not None:
-            s_boxes, s_index = s_boxes[keep], s_index[keep]
+        if rows is not None:
+            s_boxes, s_index = s_boxes[rows], s_index[rows]
         feats = self.student.forward_regions(fmap, s_boxes, s_index, self.feature_layers)
-        return sum(feature_loss(feats[layer].float(), (target[layer] if keep is None else target[layer][keep]).float())
+        return sum(feature_loss(feats[layer].float(), target[layer].float(), self.feature_norm)
                    for layer in self.feature_layers)
 
 
@@ -215,3 +247,44 @@ def compute_teacher_targets(teacher: WSDDN, convention: str, teacher_path: str, 
     if not info.is_main:  # rank 0 may have just written the file
         saved = torch.load(path, weights_only=True)
     return TeacherTargets(saved["probs"])
+
+
+# -- stage 1's teacher region features, computed once -----------------------------------------------------------
+def teacher_features_store(teacher: WSDDN, convention: str, teacher_path: str, dataset: MultiLabelDataset,
+                           scale: int, out: Path, info: DistInfo, max_proposals: int | None,
+                           layers: Sequence[str], top_k: int | None, max_gb: float,
+                           progress: bool = True) -> TeacherFeatures | None:
+    """The teacher's region features of every (image, flip), in ``out/teacher_features`` (float16), or None
+    when they would take more than ``max_gb`` (stage 1 then runs the teacher on the fly). The size is logged
+    before anything is computed; rank 0 builds the store, the others open it after a barrier."""
+    widths = {layer: teacher.fc7.out_features for layer in layers}
+    per_image = top_k or max_proposals or round(np.mean([len(dataset.proposals.get(r.image_id)[0])
+                                                         for r in dataset.records[:64]]))
+    size = estimate_bytes(len(dataset), per_image, widths)
+    if size > max_gb * 2**30:
+        logger.info(f"teacher region features would take {size / 2**30:.1f} GB (> distill.feature_cache_gb "
+                    f"{max_gb:g}): stage 1 runs the teacher on the fly")
+        return None
+    logger.info(f"teacher region features: about {size / 2**20:.0f} MB in {out / 'teacher_features'} "
+                f"(float16, {len(dataset)} images x 2 flips)")
+    key = {**_fingerprint(teacher_path, scale, dataset, max_proposals), "layers": list(layers), "top_k": top_k,
+           "format": 1}
+    device = next(teacher.parameters()).device
+
+    def views():
+        for flipped in (False, True):
+            loader = make_loader(teacher_view(dataset, scale, flipped, max_proposals), 1, 0, collate, train=False)
+            for images, targets in loader:
+                def compute(images=images, targets=targets):
+                    x = teacher_inputs(images, targets, device, convention, with_labels=False)
+                    feats, keep = teacher_region_targets(teacher, x["images"], x["proposals"], x["proposal_scores"],
+                                                         layers, top_k)
+                    rows = np.arange(len(x["proposals"][0])) if keep is None else keep.cpu().numpy()
+                    return rows, {k: v.cpu().numpy() for k, v in feats.items()}
+                yield targets[0]["image_id"], flipped, compute
+
+    teacher.eval()
+    store = build_teacher_features(out / "teacher_features", key, widths, views(), 2 * len(dataset),
+                                   progress) if info.is_main else None
+    barrier(info)
+    return store if store is not None else TeacherFeatures(out / "teacher_features", widths)

@@ -193,10 +193,13 @@ class Stage:
 def run_stages(stages: list[Stage], cfg: Any, info: DistInfo, out: Path, log: RunLog,
                checkpoint: Callable[[dict[str, Any]], dict[str, Any]],
                validate: Callable[[], dict[str, float]] | None = None,
-               state: dict[str, Any] | None = None) -> Path:
+               state: dict[str, Any] | None = None,
+               stage_end: Callable[[int, str, dict[str, Any] | None], None] | None = None) -> Path:
     """Train ``stages`` in order (``cfg.run`` / ``cfg.optim`` give seed, precision, logging and accumulation);
     resume from a checkpoint's ``train_state`` when given. After each epoch rank 0 runs ``validate`` (every
-    ``run.eval_every`` epochs) and writes ``out/last.pt`` = ``checkpoint(train_state)``. Returns that path."""
+    ``run.eval_every`` epochs) and writes ``out/last.pt`` = ``checkpoint(train_state)``; after a stage's last
+    epoch it calls ``stage_end(index, name, last epoch's record or None when it ran before a resume)``.
+    Returns the path of ``last.pt``."""
     offset = 0
     for index, stage in enumerate(stages):
         if state is not None and index < state["stage"]:
@@ -212,6 +215,7 @@ def run_stages(stages: list[Stage], cfg: Any, info: DistInfo, out: Path, log: Ru
             start = state["stage_epoch"] + 1
         wrapped = wrap_ddp(parts.objective, info)
         lr_group = next((i for i, g in enumerate(parts.optimizer.param_groups) if g.get("initial_lr") == parts.lr), 0)
+        record: dict[str, Any] | None = None
         for stage_epoch in range(start, stage.epochs):
             epoch = offset + stage_epoch
             seed_epoch(cfg.run.seed, epoch, info.rank)
@@ -228,8 +232,8 @@ def run_stages(stages: list[Stage], cfg: Any, info: DistInfo, out: Path, log: Ru
                 raise RunStopped(f"{e} (stage {stage.name!r}). {_last_good(out)}") from None
             parts.scheduler.step()
             if info.is_main:
-                record: dict[str, Any] = {"type": "epoch", "epoch": epoch, "stage": stage.name,
-                                          **{f"train_{k}": v for k, v in losses.items()}}
+                record = {"type": "epoch", "epoch": epoch, "stage": stage.name,
+                          **{f"train_{k}": v for k, v in losses.items()}}
                 if validate is not None and cfg.run.eval_every and (epoch + 1) % cfg.run.eval_every == 0:
                     record.update(validate())
                 train_state = {"epoch": epoch, "stage": index, "stage_epoch": stage_epoch,
@@ -240,6 +244,9 @@ def run_stages(stages: list[Stage], cfg: Any, info: DistInfo, out: Path, log: Ru
                 log.plot()
                 logger.info(format_record(record))
             barrier(info)
+        if info.is_main and stage_end is not None:
+            stage_end(index, stage.name, record)
+        barrier(info)
         offset += stage.epochs
     return out / "last.pt"
 

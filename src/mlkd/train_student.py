@@ -25,11 +25,13 @@ from mlkd.config import SIZE, DataConfig, OptimConfig, RunConfig, bounded, to_di
 from mlkd.data.base import MultiLabelDataset, check_class_order, collate
 from mlkd.data.loader import make_loader
 from mlkd.data.transforms import Compose, KeepTopProposals, RandomHorizontalFlip, TeacherStudentViews, Warp
-from mlkd.distill import StudentObjective, TeacherTargets, compute_teacher_targets
+from mlkd.distill import StudentObjective, TeacherTargets, compute_teacher_targets, teacher_features_store
 from mlkd.distributed import DistInfo
 from mlkd.engine import Stage, StageParts, build_optimizer, launch, param_groups, run_stages
-from mlkd.errors import BadInput
+from mlkd.errors import BadInput, NotFound
+from mlkd.feature_cache import TeacherFeatures
 from mlkd.inference import predict_student
+from mlkd.kd_report import StageReport, baseline_map, find_baseline
 from mlkd.metrics import mean_average_precision
 from mlkd.models.build import build_student, model_from_checkpoint
 from mlkd.models.configs import StudentModelConfig
@@ -56,10 +58,18 @@ class DistillConfig:
     teacher: str | None = None  # teacher checkpoint; needed by stages with soft_weight or feature_weight
     teacher_scale: int | None = bounded(None, *SIZE)  # the teacher's input size (None = its checkpoint's test scale)
     feature_layers: tuple[Literal["fc6", "fc7"], ...] = ("fc7",)  # region layers matched by L_f
+    # L_f's scale: none (the release: the teacher's), relative (error / the teacher's energy), l2 (directions)
+    feature_norm: Literal["none", "relative", "l2"] = "none"
     top_k: int | None = bounded(None, 1, 100_000)  # L_f on each image's top-k proposals by objectness (None = all)
     scale_init: float = bounded(0.2, 0, None, above=True)  # the learnable per-class scale a of L_p' (T = 1 / a)
     scale_lr_mult: float = bounded(10.0, 0, None)
     cache_soft_targets: bool = True  # compute the teacher's image scores once per image and flip
+    # stage 1: compute the teacher's region features once per image and flip (float16) when they take at most
+    # this many GB; larger sets (or 0) run the teacher on the fly
+    feature_cache_gb: float = bounded(16.0, 0, None)
+    # the same student trained without distillation, to report the gain: a checkpoint or run folder, "auto" (a
+    # finished sibling run of the same model and training set without distillation), or null
+    baseline: str | None = "auto"
 
 
 @dataclasses.dataclass
@@ -89,6 +99,7 @@ class _Teacher:
     convention: str
     scale: int
     soft: TeacherTargets | None
+    features: TeacherFeatures | None
 
 
 def train_student(cfg: StudentConfig, resume: bool = False, explicit: Sequence[str] = ()) -> Path:
@@ -118,8 +129,34 @@ def _train(cfg: StudentConfig, resume: bool, info: DistInfo, explicit: Sequence[
                                    config=to_dict(cfg), train_state=train_state)
 
         validate = (lambda: _validate(student, cfg, dataset.classes, info.device)) if cfg.data.val else None
-        return run_stages(stages, cfg, info, run.out, log, checkpoint, validate,
-                          state["train_state"] if state is not None else None)
+        report = StageReport(run.out, log, validate, len(stages)) if info.is_main else None
+        path = run_stages(stages, cfg, info, run.out, log, checkpoint, validate,
+                          state["train_state"] if state is not None else None,
+                          stage_end=report.stage_end if report is not None else None)
+        if teacher is not None and teacher.features is not None:
+            teacher.features.close()
+        if report is not None and teacher is not None:
+            baseline = _baseline(cfg, run.out, dataset)
+
+            def measure(model: torch.nn.Module) -> float:
+                return _validate(model.to(info.device), cfg, dataset.classes, info.device)["val_mAP"]
+
+            report.finish(baseline, baseline_map(baseline, dataset.classes, measure)
+                          if baseline is not None and cfg.data.val else None)
+        return path
+
+
+def _baseline(cfg: StudentConfig, out: Path, dataset: MultiLabelDataset) -> Path | None:
+    """The checkpoint of the run without distillation to compare with (see ``distill.baseline``)."""
+    given = cfg.distill.baseline
+    if given is None:
+        return None
+    if given == "auto":
+        return find_baseline(out, to_dict(cfg.model), dataset.identity.to_dict())
+    path = Path(given) / "last.pt" if Path(given).is_dir() else Path(given)
+    if not path.is_file():
+        raise NotFound(f"distill.baseline {given}: no such checkpoint or run folder with a last.pt")
+    return path
 
 
 def _load_teacher(cfg: StudentConfig, dataset: MultiLabelDataset, out: Path, info: DistInfo) -> _Teacher | None:
@@ -131,20 +168,26 @@ def _load_teacher(cfg: StudentConfig, dataset: MultiLabelDataset, out: Path, inf
     check_class_order(ckpt["classes"], dataset.classes, f"teacher {cfg.distill.teacher} vs the training set")
     model = model_from_checkpoint(ckpt).to(info.device)
     scale = cfg.distill.teacher_scale or ckpt["inference"]["image_size"]
-    soft = None
-    if cfg.distill.cache_soft_targets and any(s.soft_weight for s in cfg.stages):
-        soft = compute_teacher_targets(model, ckpt["input_convention"], cfg.distill.teacher, dataset, scale, out, info,
+    soft, features, d = None, None, cfg.distill
+    if d.cache_soft_targets and any(s.soft_weight for s in cfg.stages):
+        soft = compute_teacher_targets(model, ckpt["input_convention"], d.teacher, dataset, scale, out, info,
                                        cfg.data.max_proposals, progress=cfg.run.progress)
-    return _Teacher(model, ckpt["input_convention"], scale, soft)
+    if d.feature_cache_gb > 0 and any(s.feature_weight for s in cfg.stages):
+        features = teacher_features_store(model, ckpt["input_convention"], d.teacher, dataset, scale, out, info,
+                                          cfg.data.max_proposals, d.feature_layers, d.top_k, d.feature_cache_gb,
+                                          progress=cfg.run.progress)
+    return _Teacher(model, ckpt["input_convention"], scale, soft, features)
 
 
 def _stage_transform(cfg: StudentConfig, stage: StageConfig, teacher: _Teacher | None):
-    """Teacher + student views when the stage needs the teacher's forward pass; else only the student's."""
-    size = cfg.model.image_size
-    if stage.feature_weight or (stage.soft_weight and teacher.soft is None):
+    """Teacher + student views when the stage runs the teacher; the student's view and the proposals when it
+    reads the teacher's region features from their cache; else only the student's view."""
+    size, flip = cfg.model.image_size, 0.5 if cfg.data.flip else 0.0
+    runs_teacher = (stage.feature_weight and teacher.features is None) or (stage.soft_weight and teacher.soft is None)
+    if runs_teacher or stage.feature_weight:
         keep = [KeepTopProposals(cfg.data.max_proposals)] if cfg.data.max_proposals else []
-        return Compose(keep + [TeacherStudentViews(teacher.scale, size, 0.5 if cfg.data.flip else 0.0)])
-    return Compose([RandomHorizontalFlip(0.5 if cfg.data.flip else 0.0), Warp(size)])
+        return Compose(keep + [TeacherStudentViews(teacher.scale, size, flip, teacher_image=bool(runs_teacher))])
+    return Compose([RandomHorizontalFlip(flip), Warp(size)])
 
 
 def _stage_parts(cfg: StudentConfig, stage: StageConfig, student: Student, teacher: _Teacher | None,
@@ -152,7 +195,8 @@ def _stage_parts(cfg: StudentConfig, stage: StageConfig, student: Student, teach
     distils = bool(stage.soft_weight or stage.feature_weight)
     d = cfg.distill
     objective = StudentObjective(student, teacher.model if distils else None, stage.label_weight, stage.soft_weight,
-                                 stage.feature_weight, d.feature_layers, d.top_k, d.scale_init).to(info.device)
+                                 stage.feature_weight, d.feature_layers, d.top_k, d.scale_init,
+                                 d.feature_norm).to(info.device)
     lr = stage.lr or cfg.optim.lr
     groups = param_groups(objective, lr, cfg.optim.weight_decay, cfg.optim.bias_lr_mult, cfg.optim.bias_decay,
                           lr_mults={"scale": d.scale_lr_mult}, no_decay=("scale",))
@@ -162,15 +206,17 @@ def _stage_parts(cfg: StudentConfig, stage: StageConfig, student: Student, teach
                          cfg.data.workers, collate, train=True, seed=cfg.run.seed, rank=info.rank,
                          world_size=info.world_size)
     soft = teacher.soft if teacher is not None and stage.soft_weight else None
+    regions = teacher.features if teacher is not None and stage.feature_weight else None
     t_conv = teacher.convention if teacher is not None else None
 
     def prepare(images, targets):
-        return student_inputs(images, targets, info.device, cfg.model.input_convention, t_conv, soft)
+        return student_inputs(images, targets, info.device, cfg.model.input_convention, t_conv, soft, regions)
 
     return StageParts(objective, lr, optimizer, scheduler, loader, prepare, extra=objective.extra_parameters())
 
 
-def _validate(student: Student, cfg: StudentConfig, classes: list[str], device: torch.device) -> dict[str, float]:
+def _validate(student: torch.nn.Module, cfg: StudentConfig, classes: list[str], device: torch.device
+              ) -> dict[str, float]:
     """Classification mAP of the held-out split (for the log only; checkpoints are never chosen by it)."""
     dataset = open_split(cfg.data.val, cfg.data.options)
     check_class_order(classes, dataset.classes, f"dataset {cfg.data.val}")

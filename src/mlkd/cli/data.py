@@ -16,15 +16,17 @@ from mlkd.data.base import read_image
 from mlkd.data.manifest import (compare_with_manifest, hash_images, manifest_summary, read_image_manifest,
                                 write_image_manifest)
 from mlkd.data.stats import plot_class_frequencies, summarize
-from mlkd.data.synthetic import IMAGE_FORMATS, class_names, generate
+from mlkd.data.synthetic import IMAGE_FORMATS, LOOKS, generate
 
 SYNTH_DESCRIPTION = """\
 Write a synthetic multi-label detection dataset in the custom format: images/{train,val}/*.png,
 train.jsonl, val.jsonl ({"path", "labels", "boxes": [[x1, y1, x2, y2, name], ...]}), classes.txt, meta.json.
-Each class is an outline (circle, square, triangle, hexagon, star) with a fine texture (stripes, checker,
-dots, rings); classes sharing an outline share its colour and differ only in texture, and unlabelled
-distractors copy colours, outlines and textures, so a class is told by one region's detail, which fades when
-the whole image is downsampled. Deterministic for a seed."""
+Two looks. shapes: each class is an outline (circle, square, triangle, hexagon, star) with a fine texture
+(stripes, checker, dots, rings); classes sharing an outline share its colour and differ only in texture, and
+unlabelled distractors copy colours, outlines and textures. badges: each class is an ordered colour pair, one
+colour outside and one inside a nested badge of random shape; the reversed pair is an unlabelled distractor
+that averages to the same colour once downsampled. In both, a class is told by one region's detail, which
+fades when the whole image is downsampled. Deterministic for a seed."""
 
 FORMS_HELP = "Accepted --dataset forms:\n" + "\n".join(f"  {k:28s} {v}" for k, v in DATASET_FORMS.items())
 INFO_DESCRIPTION = """\
@@ -139,12 +141,12 @@ def _add_dataset_options(p: argparse.ArgumentParser, many: bool) -> None:
 
 
 def run_synth(args: argparse.Namespace) -> int:
-    manifests = generate(args.out, args.num_images, seed=args.seed, image_size=args.image_size,
-                         val_fraction=args.val_fraction, num_classes=args.num_classes,
-                         image_format=args.format, progress=not args.quiet)
-    for split, path in manifests.items():
+    files = generate(args.out, args.num_images, seed=args.seed, image_size=args.image_size,
+                     val_fraction=args.val_fraction, num_classes=args.num_classes, image_format=args.format,
+                     progress=not args.quiet, look=args.look)
+    for split, path in files.items():
         print(f"{split}: {path}")
-    print(f"classes: {args.num_classes} ({', '.join(class_names(args.num_classes))})")
+    print(f"classes: {args.num_classes} ({', '.join(LOOKS[args.look][0](args.num_classes))})")
     return 0
 
 
@@ -171,6 +173,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--num-classes", type=ranged(int, lambda v: 2 <= v <= 20, "an integer in [2, 20]"), default=10,
                    metavar="K",
                    help="number of classes, 2-20 (default 10: 5 outlines x {stripes, checker})")
+    s.add_argument("--look", choices=sorted(LOOKS), default="shapes",
+                   help="shapes (default): outlines with fine textures; badges: nested colour pairs whose arrangement "
+                        "is the class, objects of mixed sizes (README: 'The synthetic dataset')")
     s.add_argument("--format", choices=sorted(IMAGE_FORMATS), default="png",
                    help="image file format; png (default) keeps the fine textures exact, jpg blurs them a bit")
     s.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -29,6 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-size", type=ranged(int, lambda v: v >= 64, "an integer >= 64"), default=160,
                    help="longer image side of the dataset in pixels (160)")
     p.add_argument("--workers", type=non_negative_int, default=2, help="processes for proposal generation (default 2)")
+    p.add_argument("--look", choices=("shapes", "badges"), default="shapes",
+                   help="the synthetic dataset's look (see `mlkd data synth --help`; default shapes)")
     p.add_argument("--joint", action="store_true", help="also train the joint-mode student (about 2 minutes more)")
     p.add_argument("--configs", metavar="DIR",
                    help="folder with teacher_demo.yaml and student_demo*.yaml (default: the ones shipped with mlkd)")
@@ -41,6 +43,6 @@ def _run(args: argparse.Namespace) -> int:
 
     summary = run_demo(args.out, num_images=args.num_images, seed=args.seed, seeds=args.seeds,
                        image_size=args.image_size, workers=args.workers, joint=args.joint, configs=args.configs,
-                       progress=not args.quiet)
+                       progress=not args.quiet, look=args.look)
     print("\n" + summary["table"] + "\n", flush=True)
     return 0

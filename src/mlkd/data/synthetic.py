@@ -1,4 +1,5 @@
-"""A synthetic multi-label detection dataset in which region-level detail matters.
+"""A synthetic multi-label detection dataset in which region-level detail matters: the first look, "shapes"
+(:func:`generate` also writes the second, "badges": :mod:`mlkd.data.synthetic_badges`).
 
 Each class is an (outline, texture) pair, e.g. ``circle_stripes``: outlines are circle, square, triangle,
 hexagon, star (all left-right symmetric, so a horizontal flip never changes a class); class textures are
@@ -39,6 +40,7 @@ import numpy as np
 from tqdm import tqdm
 
 from mlkd.data.custom import CLASSES_FILE, write_jsonl_annotations
+from mlkd.data.synthetic_badges import badge_class_names, render_badges
 from mlkd.errors import BadInput, CannotWrite
 
 OUTLINE_COLOURS = {  # RGB; shared by every class (and distractor) of that outline
@@ -233,16 +235,23 @@ def _distractor(img: np.ndarray, rng: np.random.Generator, taken: list[tuple[int
         _draw(img, spot[0], spot[1], spot[2], spot[3], outline, texture, np.array(colour, float), rng)
 
 
+LOOKS = {"shapes": (class_names, render_image), "badges": (badge_class_names, render_badges)}
+
+
 def generate(out_dir: str | Path, num_images: int, seed: int = 0, image_size: int = 160,
              val_fraction: float = 0.25, num_classes: int = 10, image_format: str = "png",
-             progress: bool = True) -> dict[str, Path]:
+             progress: bool = True, look: str = "shapes") -> dict[str, Path]:
     """Write the dataset under ``out_dir`` in the custom format; return ``{split: annotation file}``.
 
-    Layout: ``images/{train,val}/NNNNNN.png``, ``train.jsonl``, ``val.jsonl`` (absent if ``val_fraction`` is
-    0), ``classes.txt`` and ``meta.json`` (the generator's arguments). Images ``0 .. n_train - 1`` form the
-    train split and the last ``round(num_images * val_fraction)`` (at least 1 when the fraction is > 0) the
-    val split.
+    ``look`` is ``shapes`` (this module: outlines with fine textures) or ``badges``
+    (:mod:`mlkd.data.synthetic_badges`: nested colour pairs). Layout: ``images/{train,val}/NNNNNN.png``,
+    ``train.jsonl``, ``val.jsonl`` (absent if ``val_fraction`` is 0), ``classes.txt`` and ``meta.json`` (the
+    generator's arguments). Images ``0 .. n_train - 1`` form the train split and the last
+    ``round(num_images * val_fraction)`` (at least 1 when the fraction is > 0) the val split.
     """
+    if look not in LOOKS:
+        raise BadInput(f"unknown look {look!r}; choose one of {sorted(LOOKS)}")
+    names_of, render = LOOKS[look]
     if image_format not in IMAGE_FORMATS:
         raise BadInput(f"unknown image format {image_format!r}; choose one of {sorted(IMAGE_FORMATS)}")
     if not 0.0 <= val_fraction < 1.0:
@@ -250,12 +259,12 @@ def generate(out_dir: str | Path, num_images: int, seed: int = 0, image_size: in
     num_val = max(1, round(num_images * val_fraction)) if val_fraction > 0 else 0
     if num_images < 1 or num_images - num_val < 1:
         raise BadInput(f"num_images={num_images} leaves no training image with val_fraction={val_fraction}")
-    names = class_names(num_classes)
+    names = names_of(num_classes)
     out = Path(out_dir)
     rows: dict[str, list[dict]] = {"train": [], "val": []}
     for i in tqdm(range(num_images), desc="synth", unit="img", disable=not progress):
         split = "train" if i < num_images - num_val else "val"
-        image, boxes, labels = render_image(np.random.default_rng([seed, i]), num_classes, image_size)
+        image, boxes, labels = render(np.random.default_rng([seed, i]), num_classes, image_size)
         rel = f"images/{split}/{i:06d}.{image_format}"
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         if not cv2.imwrite(str(out / rel), cv2.cvtColor(image, cv2.COLOR_RGB2BGR), IMAGE_FORMATS[image_format]):
@@ -266,7 +275,7 @@ def generate(out_dir: str | Path, num_images: int, seed: int = 0, image_size: in
             "boxes": [[*map(int, b), names[k]] for b, k in zip(boxes.tolist(), labels.tolist())],
         })
     (out / CLASSES_FILE).write_text("".join(f"{c}\n" for c in names), encoding="utf-8")
-    meta = dict(generator="mlkd.data.synthetic", num_images=num_images, seed=seed, image_size=image_size,
+    meta = dict(generator="mlkd.data.synthetic", look=look, num_images=num_images, seed=seed, image_size=image_size,
                 val_fraction=val_fraction, num_classes=num_classes, image_format=image_format)
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     files = {}
