@@ -32,6 +32,7 @@ class TeacherData:
             "data.scales": "[64, 80, 96]", "data.test_scale": 80, "data.flip": "true", "data.batch_size": 2,
             "data.workers": 0, "optim.lr": 0.01, "optim.epochs": 3, "optim.lr_steps": "[2]", "run.out": out,
             "run.device": "cpu", "run.progress": "false", "run.log_every": 1, "run.seed": 3,
+            "run.amp": "none",  # float32 on every CPU (auto would pick bf16 where it is native)
         }
         values.update(extra)
         return [f"{k}={v}" for k, v in values.items()]
@@ -59,7 +60,7 @@ class Trained:
 TINY_STUDENT = {"model.backbone": "tiny", "model.tiny_channels": "[8, 16, 16]", "model.hidden": 32,
                 "model.roi_size": 3, "model.input_convention": "torchvision", "model.image_size": 48,
                 "data.batch_size": 4, "data.workers": 0, "data.max_proposals": 30, "optim.optimizer": "adamw",
-                "optim.lr": 0.001, "run.progress": "false", "run.device": "cpu"}
+                "optim.lr": 0.001, "run.progress": "false", "run.device": "cpu", "run.amp": "none"}
 
 
 @pytest.fixture(scope="session")

@@ -46,7 +46,7 @@ def test_unknown_keys_name_the_key_and_the_valid_ones(data, bad, valid):
     ("data", "options", 3, "data.options: expected a mapping, got 3"),
     ("data", "flip", "yes please", "data.flip: expected bool, got 'yes please' (str)"),
     ("model", "backbone", "resnet", "model.backbone: 'resnet' is not one of ['vgg16', 'tiny']"),
-    ("run", "amp", "fp8", "run.amp: 'fp8' is not one of ['none', 'bf16', 'fp16']"),
+    ("run", "amp", "fp8", "run.amp: 'fp8' is not one of ['auto', 'none', 'bf16', 'fp16']"),
     ("optim", "clip_grad", "x", "optim.clip_grad: expected float, got 'x' (str)"),
 ])
 def test_wrong_types_are_errors(section, key, value, message):
@@ -202,3 +202,22 @@ def test_a_looping_base_chain_is_a_clear_error(tmp_path):
     (tmp_path / "b.yaml").write_text("base: a.yaml\n")
     with pytest.raises(ValueError, match=r"config base chain loops: .*a.yaml -> .*b.yaml -> .*a.yaml"):
         read_yaml(tmp_path / "a.yaml")
+
+
+def test_amp_auto_picks_bf16_only_where_it_is_native(monkeypatch):
+    import torch
+
+    from mlkd import device as dev
+    from mlkd.device import resolve_amp
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(dev, "native_bf16", lambda d: True)
+    assert resolve_amp("auto", cpu) == "bf16" and resolve_amp("bf16", cpu) == "bf16"
+    monkeypatch.setattr(dev, "native_bf16", lambda d: False)
+    assert resolve_amp("auto", cpu) == "none" and resolve_amp("none", cpu) == "none"
+    with pytest.raises(ValueError, match=r"run.amp=bf16 on a CPU without native bfloat16 .* about 20x slower"):
+        resolve_amp("bf16", cpu)
+    with pytest.raises(ValueError, match="run.amp=fp16 needs a CUDA device"):
+        resolve_amp("fp16", cpu)
+    assert load_config(TeacherConfig, None, ["data.train=t.jsonl"]).run.amp == "auto"
+    assert load_config(TeacherConfig, "teacher_demo").run.amp == "none"  # the demo stays float32 everywhere

@@ -49,11 +49,10 @@ def test_a_distilled_run_reports_every_stage_and_its_gain_over_the_baseline_besi
 
 def test_stages_that_make_things_worse_and_a_negative_gain_are_reported(tmp_path, caplog):
     (tmp_path / "last.pt").write_bytes(b"")
-    measures = iter([0.5, 0.4, 0.45])
-    report = StageReport(tmp_path, RunLog(tmp_path), lambda: {"val_mAP": next(measures)}, num_stages=3)
+    report = StageReport(tmp_path, RunLog(tmp_path), num_stages=3)
     with caplog.at_level(logging.INFO, logger="mlkd"):
-        for i, name in enumerate(("a", "b", "c")):
-            report.stage_end(i, name, None)
+        for i, (name, value) in enumerate(zip(("a", "b", "c"), (0.5, 0.4, 0.45))):
+            report.stage_end(i, name, {"type": "epoch", "val_mAP": value})
         summary = report.finish(tmp_path / "base.pt", 0.6)
     assert "stage 'b' made the held-out mAP worse: 50.00 after stage 'a' -> 40.00" in caplog.text
     assert summary["worse_stages"] == ["b"] and summary["gain_over_baseline"] == pytest.approx(-0.15)

@@ -45,7 +45,7 @@ def world(tmp_path_factory):
     data = [f"data.train={manifests['train']}", f"data.val={manifests['val']}", f"data.train_proposals={root / 'p_train'}"]
     teacher_set = data + [f"data.val_proposals={root / 'p_val'}", "data.scales=[64]", "data.test_scale=64",
                           "data.batch_size=3", "data.workers=0", "optim.optimizer=adamw", "optim.lr=0.001",
-                          "optim.epochs=1", "run.progress=false", f"run.out={root / 'teacher'}"]
+                          "optim.epochs=1", "run.progress=false", "run.amp=none", f"run.out={root / 'teacher'}"]
     tcfg = load_config(TeacherConfig, None, teacher_set + [f"model.{k}={json.dumps(v)}" for k, v in TINY.items()]
                        + ["model.backbone=tiny"])
     return root, data, train_teacher(tcfg)
@@ -54,7 +54,7 @@ def world(tmp_path_factory):
 def student_cfg(world, out, stages, extra=()):
     root, data, teacher = world
     sets = data + ["model.backbone=tiny", "model.image_size=32", "data.batch_size=3", "data.workers=0",
-                   "data.max_proposals=10", "optim.optimizer=adamw", "optim.lr=0.001", "run.progress=false",
+                   "data.max_proposals=10", "optim.optimizer=adamw", "optim.lr=0.001", "run.progress=false", "run.amp=none",
                    f"run.out={out}", f"distill.teacher={teacher}", f"stages={json.dumps(stages)}", *extra]
     return load_config(StudentConfig, None, sets + [f"model.{k}={json.dumps(v)}" for k, v in TINY.items()])
 

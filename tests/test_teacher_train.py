@@ -102,7 +102,8 @@ def test_non_finite_loss_stops_with_the_loss_dict_and_the_last_good_checkpoint(t
         return loss
 
     monkeypatch.setattr(mlkd.models.wsddn, "wsddn_loss", nan_from(3))
-    cfg = config(teacher_data, tmp_path / "nan", **{"model.reg_weight": 0.1})
+    # log lines at iterations 1 and 5: the NaN of iteration 3 is found at the second one and named exactly
+    cfg = config(teacher_data, tmp_path / "nan", **{"model.reg_weight": 0.1, "run.log_every": 4})
     with pytest.raises(FloatingPointError, match=r"non-finite loss at epoch 1, iteration 3: \{'loss_cls': nan, "
                                                  r"'loss_reg': [0-9.e-]+\} \(stage 'wsddn'\)\. No checkpoint was "
                                                  r"written yet"):

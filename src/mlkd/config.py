@@ -269,8 +269,13 @@ class RunConfig:
     out: str = "runs/run"  # run folder: config.yaml, log.jsonl, curves.png, checkpoints
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: Literal["none", "bf16", "fp16"] = "none"  # autocast dtype (bf16 works on CPU and recent GPUs)
+    # autocast: auto = bf16 where the hardware has it natively (GPUs, CPUs with AVX512-BF16/AMX), fp16 on older
+    # GPUs, else float32; bf16 on a CPU without native support is refused (it would be ~20x slower)
+    amp: Literal["auto", "none", "bf16", "fp16"] = "auto"
     threads: int | None = bounded(None, 1, 1024)  # torch intra-op threads (None = torch's default)
+    # under torchrun: minutes a collective (a barrier, a gather) may wait before the run aborts; the longest wait is
+    # one rank's share of a sharded phase (soft targets, region features, validation) or rank 0's checkpoint write
+    dist_timeout_min: float = bounded(60.0, 1, None)
     log_every: int = bounded(20, 1, None)  # iterations between log lines
     eval_every: int = bounded(1, 0, None)  # epochs between evaluations of data.val (0 = never)
     progress: bool = True  # tqdm bars

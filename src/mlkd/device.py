@@ -1,8 +1,10 @@
-"""Where and in which precision models run: the device choice and the autocast context."""
+"""Where and in which precision models run: the device choice, whether the hardware has a fast 16-bit float
+type, and the autocast context."""
 
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import torch
 
@@ -22,9 +24,41 @@ def pick_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
 
 
 def autocast(device: torch.device, amp: str):
-    """``torch.autocast`` for ``amp`` in {"none", "bf16", "fp16"} (fp16 only on CUDA)."""
+    """``torch.autocast`` for a resolved ``amp`` in {"none", "bf16", "fp16"} (:func:`resolve_amp`)."""
     if amp == "none":
         return contextlib.nullcontext()
     if amp == "fp16" and device.type != "cuda":
         raise BadInput("run.amp=fp16 needs a CUDA device; use bf16 on the CPU")
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes in bfloat16 natively (a GPU that supports it; a CPU with AVX512-BF16 or AMX).
+    Without it, CPU bf16 runs through conversions and is about 20x slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        check = getattr(torch.cpu, probe, None)
+        if check is not None and check():
+            return True
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = cpuinfo.read_text() if cpuinfo.is_file() else ""
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """The autocast type to use for ``amp`` in {"auto", "none", "bf16", "fp16"} on ``device``: ``auto`` picks
+    bf16 where it is native (CPU or GPU), fp16 on a GPU without it, else none; an explicit ``bf16`` on a CPU
+    without native bf16 is an error saying why (it would be ~20x slower, not faster)."""
+    if amp not in ("auto", "none", "bf16", "fp16"):
+        raise BadInput(f"amp must be auto, none, bf16 or fp16, got {amp!r}")
+    fast = native_bf16(device)
+    if amp == "auto":
+        return "bf16" if fast else ("fp16" if device.type == "cuda" else "none")
+    if amp == "bf16" and not fast and device.type == "cpu":
+        raise BadInput(f"run.amp=bf16 on a CPU without native bfloat16 (torch CPU capability "
+                       f"{torch.backends.cpu.get_cpu_capability()}, no AVX512-BF16 or AMX): bf16 would be about 20x "
+                       "slower than float32 there; use run.amp=auto (float32 on this CPU) or none")
+    if amp == "fp16" and device.type != "cuda":
+        raise BadInput("run.amp=fp16 needs a CUDA device; use auto or bf16 on a CPU")
+    return amp

@@ -14,11 +14,11 @@ region r of image b, N_R = sum over images of their regions):
 Stage 1 of the release trains with L_f, stage 2 with L_p + L_p'; a joint mode weights all three; a student
 without distillation trains with L_p alone.
 
-Stage 2's teacher scores are computed once per (image, flip) before training (:func:`compute_teacher_targets`).
-Why this is exact: the frozen teacher is deterministic (eval mode, no dropout) and its input for an image
+Stage 2's teacher scores are computed once per (image, flip) before training (:func:`compute_teacher_targets`),
+and so are stage 1's region features when they fit on disk (:func:`teacher_features_store`). Why this is exact: the frozen teacher is deterministic (eval mode, no dropout) and its input for an image
 depends only on the image and on whether the student's view of it is flipped: the teacher always sees the
 image warped to its own scale with the cached proposals. The student's other augmentation (its own warp)
-never reaches the teacher. Stage 1 (region features) runs the teacher on the fly.
+never reaches the teacher. Region features too large to store are computed on the fly.
 """
 
 from __future__ import annotations
@@ -34,12 +34,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from mlkd import feature_cache
 from mlkd.checkpoint import write_atomically
 from mlkd.data.base import MultiLabelDataset, collate
 from mlkd.data.loader import make_loader
-from mlkd.distributed import DistInfo, barrier
+from mlkd.distributed import DistInfo, all_gather, barrier, broadcast, shard
 from mlkd.errors import BadInput
-from mlkd.feature_cache import TeacherFeatures, build_teacher_features, estimate_bytes
+from mlkd.feature_cache import TeacherFeatures, estimate_bytes
 from mlkd.inference import teacher_view
 from mlkd.models.inputs import teacher_inputs
 from mlkd.models.ops import flatten_proposals
@@ -215,48 +216,81 @@ def _fingerprint(teacher_path: str, scale: int, dataset: MultiLabelDataset, max_
             "proposals": None if dataset.proposals is None else dataset.proposals.meta.get("params")}
 
 
+TEACHER_BATCH = 4  # images per teacher forward when computing its targets (all are warped to the same square)
+
+
+def _teacher_passes(teacher: WSDDN, convention: str, dataset: MultiLabelDataset, scale: int,
+                    max_proposals: int | None, info: DistInfo, workers: int = 0, batch_size: int = TEACHER_BATCH):
+    """``(flipped, targets, inputs)`` for this rank's share of ``dataset`` (every ``world_size``-th image),
+    unflipped then flipped, ``batch_size`` images at a time, as the frozen teacher sees them."""
+    part = dataset.view(indices=shard(len(dataset), info))
+    device = next(teacher.parameters()).device
+    for flipped in (False, True):
+        loader = make_loader(teacher_view(part, scale, flipped, max_proposals), batch_size, workers, collate,
+                             train=False)
+        for images, targets in loader:
+            yield flipped, targets, teacher_inputs(images, targets, device, convention, with_labels=False)
+
+
 @torch.no_grad()
 def compute_teacher_targets(teacher: WSDDN, convention: str, teacher_path: str, dataset: MultiLabelDataset,
                             scale: int, out: Path, info: DistInfo, max_proposals: int | None = None,
-                            progress: bool = True) -> TeacherTargets:
+                            progress: bool = True, workers: int = 0) -> TeacherTargets:
     """The teacher's image scores (T = 0.5) of every (image, flip) of ``dataset``.
 
     Cached in ``out/teacher_targets.pt``, keyed by a fingerprint of the teacher checkpoint file, its scale, the
-    dataset identity and the proposals: a run resumed with the same inputs reuses the file. Rank 0 computes and
-    writes it (atomically); the other ranks read it after a barrier.
+    dataset identity and the proposals: a run resumed with the same inputs reuses the file. Under ``torchrun``
+    each rank computes its share, every rank gets them all, rank 0 writes the file (atomically).
     """
     path = out / "teacher_targets.pt"
     key = _fingerprint(teacher_path, scale, dataset, max_proposals)
-    saved = torch.load(path, weights_only=True) if info.is_main and path.is_file() else None
-    if info.is_main and (saved is None or saved["key"] != key):
+    saved = None
+    if info.is_main and path.is_file():
+        saved = torch.load(path, weights_only=True)
+        saved = saved if saved.get("key") == key else None
+    if not broadcast(saved is not None, info):
         if dataset.proposals is None:
             raise BadInput("soft targets need the training split's proposals: set data.train_proposals")
         teacher.eval()
-        device = next(teacher.parameters()).device
-        rows: dict[str, list[torch.Tensor]] = {r.image_id: [] for r in dataset.records}
-        for flipped in (False, True):
-            loader = make_loader(teacher_view(dataset, scale, flipped, max_proposals), 1, 0, collate, train=False)
-            for images, targets in tqdm(loader, desc=f"teacher targets{' (flipped)' if flipped else ''}",
-                                        unit="img", disable=not progress):
-                x = teacher_inputs(images, targets, device, convention, with_labels=False)
-                probs = teacher_image_probs(teacher, x["images"], x["proposals"], x["proposal_scores"])
-                rows[targets[0]["image_id"]].append(probs[0].cpu())
-        saved = {"key": key, "probs": {k: torch.stack(v) for k, v in rows.items()}}
-        write_atomically(path, lambda f: torch.save(saved, f), "teacher targets")  # never half-written
-    barrier(info)
-    if not info.is_main:  # rank 0 may have just written the file
-        saved = torch.load(path, weights_only=True)
+        rows: dict[str, list[torch.Tensor | None]] = {}
+        bar = tqdm(total=2 * len(shard(len(dataset), info)), desc="teacher targets", unit="view",
+                   disable=not progress or not info.is_main)
+        for flipped, targets, x in _teacher_passes(teacher, convention, dataset, scale, max_proposals, info, workers):
+            probs = teacher_image_probs(teacher, x["images"], x["proposals"], x["proposal_scores"]).cpu()
+            for t, p in zip(targets, probs):
+                rows.setdefault(t["image_id"], [None, None])[int(flipped)] = p
+            bar.update(len(targets))
+        bar.close()
+        merged = {k: v for part in all_gather(rows, info) for k, v in part.items()}
+        saved = {"key": key, "probs": {r.image_id: torch.stack(merged[r.image_id]) for r in dataset.records}}
+        if info.is_main:
+            write_atomically(path, lambda f: torch.save(saved, f), "teacher targets")  # never half-written
+    else:
+        saved = broadcast(saved, info)
     return TeacherTargets(saved["probs"])
 
 
 # -- stage 1's teacher region features, computed once -----------------------------------------------------------
+def _per_image(feats: dict[str, Tensor], keep: Tensor | None, sizes: list[int]):
+    """Split a batch's region features (rows ``keep`` of its flattened proposals, all when None) per image:
+    ``(positions among that image's proposals, {layer: (R', D)})``."""
+    total = sum(sizes)
+    rows = torch.arange(total) if keep is None else keep.cpu()
+    image = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))[rows]
+    starts = np.cumsum([0] + sizes[:-1])
+    host = {k: v.float().cpu() for k, v in feats.items()}
+    for i in range(len(sizes)):
+        sel = (image == i).nonzero().squeeze(1)
+        yield (rows[sel] - int(starts[i])).numpy(), {k: v[sel].numpy() for k, v in host.items()}
+
+
 def teacher_features_store(teacher: WSDDN, convention: str, teacher_path: str, dataset: MultiLabelDataset,
                            scale: int, out: Path, info: DistInfo, max_proposals: int | None,
                            layers: Sequence[str], top_k: int | None, max_gb: float,
-                           progress: bool = True) -> TeacherFeatures | None:
+                           progress: bool = True, workers: int = 0) -> TeacherFeatures | None:
     """The teacher's region features of every (image, flip), in ``out/teacher_features`` (float16), or None
     when they would take more than ``max_gb`` (stage 1 then runs the teacher on the fly). The size is logged
-    before anything is computed; rank 0 builds the store, the others open it after a barrier."""
+    before anything is computed; under ``torchrun`` each rank writes its share to its own shard."""
     widths = {layer: teacher.fc7.out_features for layer in layers}
     per_image = top_k or max_proposals or round(np.mean([len(dataset.proposals.get(r.image_id)[0])
                                                          for r in dataset.records[:64]]))
@@ -265,26 +299,30 @@ def teacher_features_store(teacher: WSDDN, convention: str, teacher_path: str, d
         logger.info(f"teacher region features would take {size / 2**30:.1f} GB (> distill.feature_cache_gb "
                     f"{max_gb:g}): stage 1 runs the teacher on the fly")
         return None
-    logger.info(f"teacher region features: about {size / 2**20:.0f} MB in {out / 'teacher_features'} "
-                f"(float16, {len(dataset)} images x 2 flips)")
+    root = out / "teacher_features"
     key = {**_fingerprint(teacher_path, scale, dataset, max_proposals), "layers": list(layers), "top_k": top_k,
-           "format": 1}
-    device = next(teacher.parameters()).device
-
-    def views():
-        for flipped in (False, True):
-            loader = make_loader(teacher_view(dataset, scale, flipped, max_proposals), 1, 0, collate, train=False)
-            for images, targets in loader:
-                def compute(images=images, targets=targets):
-                    x = teacher_inputs(images, targets, device, convention, with_labels=False)
-                    feats, keep = teacher_region_targets(teacher, x["images"], x["proposals"], x["proposal_scores"],
-                                                         layers, top_k)
-                    rows = np.arange(len(x["proposals"][0])) if keep is None else keep.cpu().numpy()
-                    return rows, {k: v.cpu().numpy() for k, v in feats.items()}
-                yield targets[0]["image_id"], flipped, compute
-
+           "format": 2}
+    if broadcast(info.is_main and feature_cache.is_current(root, key), info):
+        return TeacherFeatures(root, widths)
+    logger.info(f"teacher region features: about {size / 2**20:.0f} MB in {root} "
+                f"(float16, {len(dataset)} images x 2 flips)")
     teacher.eval()
-    store = build_teacher_features(out / "teacher_features", key, widths, views(), 2 * len(dataset),
-                                   progress) if info.is_main else None
+
+    @torch.no_grad()
+    def views():
+        for flipped, targets, x in _teacher_passes(teacher, convention, dataset, scale, max_proposals, info, workers):
+            feats, keep = teacher_region_targets(teacher, x["images"], x["proposals"], x["proposal_scores"], layers,
+                                                 top_k)
+            for t, (rows, f) in zip(targets, _per_image(feats, keep, [len(p) for p in x["proposals"]])):
+                yield t["image_id"], flipped, rows, f
+
+    if info.is_main:
+        feature_cache.clear(root)
     barrier(info)
-    return store if store is not None else TeacherFeatures(out / "teacher_features", widths)
+    feature_cache.write_shard(root / f"shard{info.rank}", widths, views(), 2 * len(shard(len(dataset), info)),
+                              progress and info.is_main)
+    barrier(info)
+    if info.is_main:
+        feature_cache.finish(root, key, [f"shard{r}" for r in range(info.world_size)])
+    barrier(info)
+    return TeacherFeatures(root, widths)

@@ -25,7 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from mlkd.checkpoint import load_checkpoint, save_checkpoint
-from mlkd.device import autocast
+from mlkd.device import autocast, resolve_amp
 from mlkd.distributed import DistInfo, barrier, cleanup, init_distributed
 from mlkd.errors import BadInput, RunStopped
 from mlkd.runlog import RunLog
@@ -42,6 +42,40 @@ def check_finite(losses: dict[str, torch.Tensor], where: str) -> None:
         raise RunStopped(f"non-finite loss {where}: {values}")
 
 
+class _LossWatch:
+    """Running sums of the named losses and the first non-finite iteration, kept on the device: nothing is
+    copied to the host until :meth:`read` (once per log line), so a GPU never waits on the CPU mid-epoch."""
+
+    def __init__(self) -> None:
+        self.names: list[str] | None = None
+        self.totals: torch.Tensor | None = None
+        self.first_bad: torch.Tensor | None = None  # iteration of the first non-finite loss, -1 = none yet
+        self.bad: torch.Tensor | None = None  # the losses at that iteration
+
+    def add(self, step: int, losses: dict[str, torch.Tensor]) -> None:
+        values = torch.stack([v.detach().float() for v in losses.values()])
+        if self.names is None:
+            self.names = list(losses)
+            self.totals = torch.zeros_like(values)
+            self.first_bad = torch.full((), -1, dtype=torch.int64, device=values.device)
+            self.bad = torch.zeros_like(values)
+        new_bad = (self.first_bad < 0) & ~torch.isfinite(values).all()
+        self.first_bad = torch.where(new_bad, step, self.first_bad)
+        self.bad = torch.where(new_bad, values, self.bad)
+        self.totals += values
+
+    def read(self, epoch: int) -> dict[str, float]:
+        """The sums so far (one host copy); raises RunStopped naming the first iteration with a NaN/inf loss."""
+        if self.names is None:
+            return {}
+        first_bad, *rest = torch.cat([self.first_bad[None].to(self.totals.dtype), self.bad, self.totals]).tolist()
+        n = len(self.names)
+        if first_bad >= 0:
+            check_finite(dict(zip(self.names, torch.tensor(rest[:n]))), f"at epoch {epoch + 1}, iteration "
+                                                                        f"{int(first_bad) + 1}")
+        return dict(zip(self.names, rest[n:]))
+
+
 def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, prepare: Prepare, *,
                     epoch: int, device: torch.device, accumulate: int = 1, amp: str = "none",
                     clip_grad: float | None = None, scaler: torch.amp.GradScaler | None = None,
@@ -51,33 +85,38 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
 
     Gradients of ``accumulate`` consecutive batches are summed (each loss divided by ``accumulate``) before
     one optimizer step; under DDP the gradient all-reduce happens only on that last micro-batch. The logged
-    ``lr`` is that of ``optimizer.param_groups[lr_group]``.
+    ``lr`` is that of ``optimizer.param_groups[lr_group]``. Losses reach the host only at log lines (every
+    ``log_every`` iterations and the last): a NaN/inf loss stops the run there, naming the iteration it first
+    appeared at; the weights it touched are never checkpointed.
     """
     model.train()
-    totals: dict[str, float] = defaultdict(float)
+    watch = _LossWatch()
     num_batches = len(loader)  # type: ignore[arg-type]
     bar = tqdm(loader, desc=f"epoch {epoch + 1}", unit="batch", disable=not progress, leave=False)
     optimizer.zero_grad(set_to_none=True)
     t0 = time.perf_counter()
+    seen: dict[str, float] = {}
     for step, (images, targets) in enumerate(bar):
         last_micro = (step + 1) % accumulate == 0 or step + 1 == num_batches
         sync = contextlib.nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
             with autocast(device, amp):
                 losses = model(**prepare(images, targets))
-            check_finite(losses, f"at epoch {epoch + 1}, iteration {step + 1}")
             loss = sum(losses.values()) / accumulate
             (scaler.scale(loss) if scaler is not None else loss).backward()
         if last_micro:
             _step(model, optimizer, scaler, clip_grad)
-        for k, v in losses.items():
-            totals[k] += float(v.detach())
-        bar.set_postfix({k: f"{v.item():.4f}" for k, v in losses.items()})
-        if log is not None and (step % log_every == 0 or step + 1 == num_batches):
-            log.write({"type": "iter", "epoch": epoch, "iteration": epoch * num_batches + step,
-                       "lr": optimizer.param_groups[lr_group]["lr"], "time": round(time.perf_counter() - t0, 3),
-                       **{k: float(v.detach()) for k, v in losses.items()}})
-    return {k: v / max(num_batches, 1) for k, v in totals.items()}
+        watch.add(step, losses)
+        if step % log_every == 0 or step + 1 == num_batches:
+            sums = watch.read(epoch)  # the one host sync of these iterations
+            current = {k: float(v.detach()) for k, v in losses.items()}
+            bar.set_postfix({k: f"{v:.4f}" for k, v in current.items()})
+            seen = sums
+            if log is not None:
+                log.write({"type": "iter", "epoch": epoch, "iteration": epoch * num_batches + step,
+                           "lr": optimizer.param_groups[lr_group]["lr"], "time": round(time.perf_counter() - t0, 3),
+                           **current})
+    return {k: v / max(num_batches, 1) for k, v in seen.items()}
 
 
 def _step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
@@ -143,7 +182,7 @@ def _last_good(out: Path) -> str:
 def launch(train: Callable[..., Path], cfg: Any, resume: bool, explicit: Sequence[str] = ()) -> Path:
     """Run ``train(cfg, resume, info, explicit)`` in the process group ``torchrun`` describes (or alone), with
     ``run.threads`` applied, then leave the group."""
-    info = init_distributed(cfg.run.device)
+    info = init_distributed(cfg.run.device, cfg.run.dist_timeout_min)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     try:
@@ -177,7 +216,6 @@ class StageParts:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     loader: Any  # a DataLoader; its collate_fn and sampler get set_epoch(epoch) when they have it
     prepare: Prepare
-    scaler: torch.amp.GradScaler | None = None
     extra: dict[str, nn.Parameter] = field(default_factory=dict)  # objective parameters saved for resuming
 
 
@@ -196,11 +234,12 @@ def run_stages(stages: list[Stage], cfg: Any, info: DistInfo, out: Path, log: Ru
                state: dict[str, Any] | None = None,
                stage_end: Callable[[int, str, dict[str, Any] | None], None] | None = None) -> Path:
     """Train ``stages`` in order (``cfg.run`` / ``cfg.optim`` give seed, precision, logging and accumulation);
-    resume from a checkpoint's ``train_state`` when given. After each epoch rank 0 runs ``validate`` (every
-    ``run.eval_every`` epochs) and writes ``out/last.pt`` = ``checkpoint(train_state)``; after a stage's last
-    epoch it calls ``stage_end(index, name, last epoch's record or None when it ran before a resume)``.
+    resume from a checkpoint's ``train_state`` when given. After each epoch every rank runs ``validate`` (a
+    collective: each rank scores its share) every ``run.eval_every`` epochs and, when there is a ``stage_end``,
+    after each stage's last epoch; rank 0 writes ``out/last.pt`` = ``checkpoint(train_state)`` and, after a
+    stage's last epoch, calls ``stage_end(index, name, that epoch's record)`` (with the held-out metrics).
     Returns the path of ``last.pt``."""
-    offset = 0
+    offset, amp = 0, resolve_amp(cfg.run.amp, info.device)
     for index, stage in enumerate(stages):
         if state is not None and index < state["stage"]:
             offset += stage.epochs
@@ -214,6 +253,7 @@ def run_stages(stages: list[Stage], cfg: Any, info: DistInfo, out: Path, log: Ru
                 p.data.copy_(state["extra"][name])
             start = state["stage_epoch"] + 1
         wrapped = wrap_ddp(parts.objective, info)
+        scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None  # fp16 gradients need loss scaling
         lr_group = next((i for i, g in enumerate(parts.optimizer.param_groups) if g.get("initial_lr") == parts.lr), 0)
         record: dict[str, Any] | None = None
         for stage_epoch in range(start, stage.epochs):
@@ -224,18 +264,19 @@ def run_stages(stages: list[Stage], cfg: Any, info: DistInfo, out: Path, log: Ru
                     hook.set_epoch(epoch)
             try:
                 losses = train_one_epoch(wrapped, parts.loader, parts.optimizer, parts.prepare, epoch=epoch,
-                                         device=info.device, accumulate=cfg.optim.accumulate, amp=cfg.run.amp,
-                                         clip_grad=cfg.optim.clip_grad, scaler=parts.scaler, log=log,
+                                         device=info.device, accumulate=cfg.optim.accumulate, amp=amp,
+                                         clip_grad=cfg.optim.clip_grad, scaler=scaler, log=log,
                                          log_every=cfg.run.log_every, progress=cfg.run.progress and info.is_main,
                                          lr_group=lr_group)
             except RunStopped as e:
                 raise RunStopped(f"{e} (stage {stage.name!r}). {_last_good(out)}") from None
             parts.scheduler.step()
+            record = {"type": "epoch", "epoch": epoch, "stage": stage.name,
+                      **{f"train_{k}": v for k, v in losses.items()}}
+            due = cfg.run.eval_every and (epoch + 1) % cfg.run.eval_every == 0
+            if validate is not None and (due or (stage_end is not None and stage_epoch + 1 == stage.epochs)):
+                record.update(validate())  # every rank: validation is sharded
             if info.is_main:
-                record = {"type": "epoch", "epoch": epoch, "stage": stage.name,
-                          **{f"train_{k}": v for k, v in losses.items()}}
-                if validate is not None and cfg.run.eval_every and (epoch + 1) % cfg.run.eval_every == 0:
-                    record.update(validate())
                 train_state = {"epoch": epoch, "stage": index, "stage_epoch": stage_epoch,
                                "optimizer": parts.optimizer.state_dict(), "scheduler": parts.scheduler.state_dict(),
                                "extra": {k: p.detach().cpu() for k, p in parts.extra.items()}}
@@ -244,8 +285,11 @@ def run_stages(stages: list[Stage], cfg: Any, info: DistInfo, out: Path, log: Ru
                 log.plot()
                 logger.info(format_record(record))
             barrier(info)
-        if info.is_main and stage_end is not None:
-            stage_end(index, stage.name, record)
+        if stage_end is not None:
+            if record is None and validate is not None:  # resumed right after the stage's last epoch
+                record = validate()
+            if info.is_main:
+                stage_end(index, stage.name, record)
         barrier(info)
         offset += stage.epochs
     return out / "last.pt"

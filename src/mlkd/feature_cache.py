@@ -6,9 +6,12 @@ reaches it. So the features it gives each proposal can be computed before traini
 instead of running the teacher's backbone at every step. With ``distill.top_k`` only the kept proposals (and
 their positions) are stored.
 
-On disk, ``RUN/teacher_features/`` holds ``data.mdb`` (key ``"<image id>\\t<0|1>"`` -> a 4-byte count R, R int32
-positions among the image's proposals, then each layer's ``(R, D)`` float16 features) and ``meta.json`` (the
-fingerprint of what they were computed from; a different fingerprint rebuilds the store).
+On disk, ``RUN/teacher_features/`` holds one LMDB per process that built it, ``shard<r>/data.mdb`` (under
+``torchrun`` each rank computes every ``world_size``-th image; alone there is one shard): key
+``"<image id>\\t<0|1>"`` -> a 4-byte count R, R int32 positions among the image's proposals, then each layer's
+``(R, D)`` float16 features. ``meta.json`` (written last: a store without it is incomplete and rebuilt) holds the
+fingerprint of what they were computed from (a different one rebuilds the store) and the shard names. All ranks
+read every shard, so under several nodes the run folder must be on a shared file system.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import logging
 import shutil
 import struct
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import lmdb
 import numpy as np
@@ -26,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from mlkd import lmdb_env
+from mlkd.checkpoint import write_atomically
 from mlkd.errors import MissingEntry
 
 logger = logging.getLogger(__name__)
@@ -39,22 +43,32 @@ def estimate_bytes(num_images: int, regions: int, widths: dict[str, int]) -> int
 
 
 class TeacherFeatures:
-    """Read-only access: :meth:`lookup` gives a batch's features and positions."""
+    """Read-only access to a finished store: :meth:`lookup` gives a batch's features and positions."""
 
     def __init__(self, path: Path, widths: dict[str, int]) -> None:
         self.path, self.widths = path, widths
-        lmdb_env.acquire(path, writable=False)
+        meta = read_meta(path)
+        if meta is None:
+            raise MissingEntry(f"{path} is not a finished teacher feature store (no readable meta.json)")
+        self.shards = [path / name for name in meta["shards"]]
+        for shard in self.shards:
+            lmdb_env.acquire(shard, writable=False)
         self._open = True
 
     def close(self) -> None:
         if self._open:
-            lmdb_env.release(self.path)
+            for shard in self.shards:
+                lmdb_env.release(shard)
             self._open = False
 
     def get(self, image_id: str, flipped: bool) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Positions ``(R,)`` int64 and per layer ``(R, D)`` float16 of one view."""
-        with lmdb_env.env(self.path).begin(buffers=False) as txn:
-            data = txn.get(f"{image_id}\t{int(flipped)}".encode())
+        key, data = f"{image_id}\t{int(flipped)}".encode(), None
+        for shard in self.shards:
+            with lmdb_env.env(shard).begin(buffers=False) as txn:
+                data = txn.get(key)
+            if data is not None:
+                break
         if data is None:
             raise MissingEntry(f"no teacher features for image {image_id!r} (flip {flipped}) in {self.path}")
         (r,) = _COUNT.unpack_from(data)
@@ -79,22 +93,37 @@ class TeacherFeatures:
         return {k: torch.cat(v) for k, v in feats.items()}, torch.cat(rows)
 
 
-def build_teacher_features(path: Path, fingerprint: dict[str, Any], widths: dict[str, int],
-                           views: Iterable[tuple[str, bool, Callable[[], tuple[np.ndarray, dict]]]],
-                           total: int, progress: bool = True) -> TeacherFeatures:
-    """Open the store at ``path`` when its fingerprint matches, else (re)build it from ``views``: ``(image id,
-    flipped, compute)`` where ``compute()`` returns positions and per-layer features of that view."""
-    meta = path / "meta.json"
-    if meta.is_file() and json.loads(meta.read_text()) == fingerprint:
-        return TeacherFeatures(path, widths)
+def read_meta(path: Path) -> dict[str, Any] | None:
+    """The store's ``meta.json`` (``fingerprint``, ``shards``), or None when there is none or it is unreadable."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) and {"fingerprint", "shards"} <= meta.keys() else None
+
+
+def is_current(path: Path, fingerprint: dict[str, Any]) -> bool:
+    """Whether ``path`` holds a finished store computed from ``fingerprint``."""
+    meta = read_meta(path)
+    return meta is not None and meta["fingerprint"] == fingerprint
+
+
+def clear(path: Path) -> None:
+    """Remove whatever is at ``path`` (an old or unfinished store) and make it an empty folder."""
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
+
+
+def write_shard(path: Path, widths: dict[str, int],
+                views: Iterable[tuple[str, bool, np.ndarray, dict[str, np.ndarray]]],
+                total: int, progress: bool = True) -> None:
+    """Write ``views`` (image id, flipped, positions, per-layer features) into the LMDB at ``path``."""
+    path.mkdir(parents=True, exist_ok=True)
     lmdb_env.acquire(path, writable=True)
     try:
         pending: list[tuple[bytes, bytes]] = []
-        for image_id, flipped, compute in tqdm(views, total=total, desc="teacher features", unit="view",
-                                               disable=not progress):
-            keep, feats = compute()
+        for image_id, flipped, keep, feats in tqdm(views, total=total, desc="teacher features", unit="view",
+                                                   disable=not progress):
             parts = [_COUNT.pack(len(keep)), np.asarray(keep, "<i4").tobytes()]
             parts += [np.asarray(feats[layer], "<f2").tobytes() for layer in widths]
             pending.append((f"{image_id}\t{int(flipped)}".encode(), b"".join(parts)))
@@ -103,8 +132,13 @@ def build_teacher_features(path: Path, fingerprint: dict[str, Any], widths: dict
         _put(path, pending)
     finally:
         lmdb_env.release(path)
-    meta.write_text(json.dumps(fingerprint, indent=1) + "\n")  # last: an interrupted build is rebuilt
-    return TeacherFeatures(path, widths)
+
+
+def finish(path: Path, fingerprint: dict[str, Any], shards: list[str]) -> None:
+    """Mark the store finished: its ``meta.json``, written last (atomically)."""
+    write_atomically(path / "meta.json", lambda f: f.write(json.dumps({"fingerprint": fingerprint,
+                                                                      "shards": shards}, indent=1).encode()),
+                     "teacher feature store")
 
 
 def _put(path: Path, pending: list[tuple[bytes, bytes]]) -> None:

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from mlkd.data.base import MultiLabelDataset, collate
 from mlkd.data.loader import make_loader
 from mlkd.data.transforms import Compose, KeepTopProposals, RandomHorizontalFlip, Warp
+from mlkd.distributed import DistInfo, all_gather, shard, unshard
 from mlkd.errors import BadInput
 from mlkd.models.backbones import normalize
 from mlkd.models.inputs import teacher_inputs
@@ -34,40 +35,63 @@ def teacher_view(dataset: MultiLabelDataset, scale: int, flipped: bool = False,
 @torch.no_grad()
 def predict_teacher(model: WSDDN, dataset: MultiLabelDataset, convention: str, device: torch.device,
                     scales: Sequence[int] = (672,), flip: bool = False, max_proposals: int | None = None,
-                    workers: int = 0, progress: bool = True) -> dict[str, Any]:
+                    workers: int = 0, progress: bool = True, batch_size: int = 4,
+                    info: DistInfo | None = None) -> dict[str, Any]:
     """Teacher outputs for every image of ``dataset`` (which must have proposals attached).
 
     With several ``scales`` and/or ``flip`` the region scores of all views are averaged per proposal (a flip
-    keeps the proposals' order) and the image scores are the sums of the averaged region scores.
+    keeps the proposals' order) and the image scores are the sums of the averaged region scores. Images go
+    through the network ``batch_size`` at a time (all are warped to the same square, so they stack; each keeps
+    its own proposals). Under ``torchrun`` (``info`` of several ranks) each rank predicts its share and every
+    rank gets the whole result.
 
     Returns ``image_ids``; ``image_scores`` ``(N, K)`` float32; per image ``region_scores`` ``(R_i, K)`` and
     ``proposals`` ``(R_i, 4)`` in pixels of the image file (x1, y1, x2, y2).
     """
     if dataset.proposals is None:
         raise BadInput(f"dataset {dataset.name}/{dataset.split} has no proposals: attach its proposal cache")
+    info = info or DistInfo(device=device)
+    part = dataset.view(indices=shard(len(dataset), info))
     model.eval()
     views = [(s, f) for s in scales for f in ((False, True) if flip else (False,))]
-    sums: list[torch.Tensor | None] = [None] * len(dataset)
+    sums: list[torch.Tensor] = []
     for scale, flipped in views:
-        loader = make_loader(teacher_view(dataset, scale, flipped, max_proposals), 1, workers, collate, train=False)
+        loader = make_loader(teacher_view(part, scale, flipped, max_proposals), batch_size, workers, collate,
+                             train=False)
         desc = f"teacher @{scale}{' flip' if flipped else ''}"
-        for i, (images, targets) in enumerate(tqdm(loader, desc=desc, unit="img", disable=not progress)):
-            out = model(**teacher_inputs(images, targets, device, convention, with_labels=False))[0]
-            r = out["region_scores"].float().cpu()
-            sums[i] = r if sums[i] is None else sums[i] + r
-    regions = [s / len(views) for s in sums]
+        i = 0
+        bar = tqdm(total=len(part), desc=desc, unit="img", disable=not progress or not info.is_main)
+        for images, targets in loader:
+            for out in model(**teacher_inputs(images, targets, device, convention, with_labels=False)):
+                r = out["region_scores"].float().cpu()
+                if len(sums) <= i:
+                    sums.append(r)
+                else:
+                    sums[i] += r
+                i += 1
+            bar.update(len(targets))
+        bar.close()
+    regions = unshard(all_gather([(s / len(views)).numpy() for s in sums], info), len(dataset))
     proposals = [dataset.proposals.get(r.image_id)[0][: max_proposals or None] for r in dataset.records]
     return {"image_ids": [r.image_id for r in dataset.records],
-            "image_scores": torch.stack([r.sum(0) for r in regions]).numpy() if regions else np.zeros((0, 0)),
-            "region_scores": [r.numpy() for r in regions], "proposals": proposals}
+            "image_scores": np.stack([r.sum(0) for r in regions]) if regions else np.zeros((0, 0), np.float32),
+            "region_scores": regions, "proposals": proposals}
 
 
 @torch.no_grad()
 def predict_student(model: nn.Module, dataset: MultiLabelDataset, convention: str, image_size: int,
-                    device: torch.device, workers: int = 0, batch_size: int = 32, progress: bool = True) -> np.ndarray:
-    """Sigmoid probabilities ``(N, K)`` float32 of the student on every image (warped to ``image_size``)."""
+                    device: torch.device, workers: int = 0, batch_size: int = 32, progress: bool = True,
+                    info: DistInfo | None = None) -> np.ndarray:
+    """Sigmoid probabilities ``(N, K)`` float32 of the student on every image (warped to ``image_size``); under
+    ``torchrun`` each rank predicts its share and every rank gets them all."""
+    info = info or DistInfo(device=device)
     model.eval()
-    loader = make_loader(dataset.view(transform=Warp(image_size)), batch_size, workers, collate, train=False)
+    part = dataset.view(transform=Warp(image_size), indices=shard(len(dataset), info))
+    loader = make_loader(part, batch_size, workers, collate, train=False)
     scores = [torch.sigmoid(model(normalize(images.to(device), convention)).float()).cpu()
-              for images, _ in tqdm(loader, desc="student", unit="batch", disable=not progress)]
-    return torch.cat(scores).numpy() if scores else np.zeros((0, dataset.num_classes), np.float32)
+              for images, _ in tqdm(loader, desc="student", unit="batch", disable=not progress or not info.is_main)]
+    mine = torch.cat(scores).numpy() if scores else np.zeros((0, dataset.num_classes), np.float32)
+    if not info.enabled:
+        return mine
+    rows = unshard([list(p) for p in all_gather(mine, info)], len(dataset))
+    return np.stack(rows) if rows else mine

@@ -50,11 +50,11 @@ def find_baseline(out: Path, model_config: dict[str, Any], dataset: dict[str, An
 
 
 class StageReport:
-    """Held-out mAP per stage (measured by ``validate``) and the comparison with a baseline."""
+    """Held-out mAP per stage (the ``val_mAP`` of each stage's last epoch record) and the comparison with a
+    baseline."""
 
-    def __init__(self, out: Path, log: RunLog, validate: Callable[[], dict[str, float]] | None,
-                 num_stages: int) -> None:
-        self.out, self.log, self.validate, self.num_stages = out, log, validate, num_stages
+    def __init__(self, out: Path, log: RunLog, num_stages: int) -> None:
+        self.out, self.log, self.num_stages = out, log, num_stages
         previous = log.records() if log.enabled and log.path.is_file() else []
         self.results = [(r["stage"], r["val_mAP"]) for r in previous if r.get("type") == "stage"]  # on resume
 
@@ -62,9 +62,9 @@ class StageReport:
         """Measure and log the held-out mAP after stage ``index``; keep that stage's student."""
         if index < self.num_stages - 1:
             shutil.copyfile(self.out / "last.pt", self.out / f"stage{index}_{name}.pt")
-        if self.validate is None or len(self.results) > index:  # no held-out split, or measured before a resume
-            return
-        value = record["val_mAP"] if record is not None and "val_mAP" in record else self.validate()["val_mAP"]
+        if record is None or "val_mAP" not in record or len(self.results) > index:  # no held-out split, or
+            return  # measured before a resume
+        value = record["val_mAP"]
         entry: dict[str, Any] = {"type": "stage", "index": index, "stage": name, "val_mAP": value}
         if self.results and value < self.results[-1][1]:
             entry["worse_than_previous"] = self.results[-1][1] - value

@@ -26,7 +26,7 @@ from mlkd.data.base import MultiLabelDataset, check_class_order, collate
 from mlkd.data.loader import make_loader
 from mlkd.data.transforms import Compose, KeepTopProposals, RandomHorizontalFlip, TeacherStudentViews, Warp
 from mlkd.distill import StudentObjective, TeacherTargets, compute_teacher_targets, teacher_features_store
-from mlkd.distributed import DistInfo
+from mlkd.distributed import DistInfo, broadcast
 from mlkd.engine import Stage, StageParts, build_optimizer, launch, param_groups, run_stages
 from mlkd.errors import BadInput, NotFound
 from mlkd.feature_cache import TeacherFeatures
@@ -128,21 +128,22 @@ def _train(cfg: StudentConfig, resume: bool, info: DistInfo, explicit: Sequence[
                                    image_size=cfg.model.image_size, dataset=dataset.identity.to_dict(),
                                    config=to_dict(cfg), train_state=train_state)
 
-        validate = (lambda: _validate(student, cfg, dataset.classes, info.device)) if cfg.data.val else None
-        report = StageReport(run.out, log, validate, len(stages)) if info.is_main else None
+        validate = (lambda: _validate(student, cfg, dataset.classes, info)) if cfg.data.val else None
+        report = StageReport(run.out, log, len(stages)) if info.is_main else None
         path = run_stages(stages, cfg, info, run.out, log, checkpoint, validate,
                           state["train_state"] if state is not None else None,
                           stage_end=report.stage_end if report is not None else None)
         if teacher is not None and teacher.features is not None:
             teacher.features.close()
-        if report is not None and teacher is not None:
-            baseline = _baseline(cfg, run.out, dataset)
+        if teacher is not None:  # a distilled student: its gain over the baseline (measured by every rank)
+            baseline = broadcast(_baseline(cfg, run.out, dataset) if info.is_main else None, info)
 
             def measure(model: torch.nn.Module) -> float:
-                return _validate(model.to(info.device), cfg, dataset.classes, info.device)["val_mAP"]
+                return _validate(model.to(info.device), cfg, dataset.classes, info)["val_mAP"]
 
-            report.finish(baseline, baseline_map(baseline, dataset.classes, measure)
-                          if baseline is not None and cfg.data.val else None)
+            value = baseline_map(baseline, dataset.classes, measure) if baseline is not None and cfg.data.val else None
+            if report is not None:
+                report.finish(baseline, value)
         return path
 
 
@@ -171,11 +172,11 @@ def _load_teacher(cfg: StudentConfig, dataset: MultiLabelDataset, out: Path, inf
     soft, features, d = None, None, cfg.distill
     if d.cache_soft_targets and any(s.soft_weight for s in cfg.stages):
         soft = compute_teacher_targets(model, ckpt["input_convention"], d.teacher, dataset, scale, out, info,
-                                       cfg.data.max_proposals, progress=cfg.run.progress)
+                                       cfg.data.max_proposals, progress=cfg.run.progress, workers=cfg.data.workers)
     if d.feature_cache_gb > 0 and any(s.feature_weight for s in cfg.stages):
         features = teacher_features_store(model, ckpt["input_convention"], d.teacher, dataset, scale, out, info,
                                           cfg.data.max_proposals, d.feature_layers, d.top_k, d.feature_cache_gb,
-                                          progress=cfg.run.progress)
+                                          progress=cfg.run.progress, workers=cfg.data.workers)
     return _Teacher(model, ckpt["input_convention"], scale, soft, features)
 
 
@@ -215,11 +216,12 @@ def _stage_parts(cfg: StudentConfig, stage: StageConfig, student: Student, teach
     return StageParts(objective, lr, optimizer, scheduler, loader, prepare, extra=objective.extra_parameters())
 
 
-def _validate(student: torch.nn.Module, cfg: StudentConfig, classes: list[str], device: torch.device
+def _validate(student: torch.nn.Module, cfg: StudentConfig, classes: list[str], info: DistInfo
               ) -> dict[str, float]:
-    """Classification mAP of the held-out split (for the log only; checkpoints are never chosen by it)."""
+    """Classification mAP of the held-out split (for the log only; checkpoints are never chosen by it); under
+    torchrun each rank scores its share."""
     dataset = open_split(cfg.data.val, cfg.data.options)
     check_class_order(classes, dataset.classes, f"dataset {cfg.data.val}")
-    scores = predict_student(student, dataset, cfg.model.input_convention, cfg.model.image_size, device,
-                             cfg.data.workers, progress=False)
+    scores = predict_student(student, dataset, cfg.model.input_convention, cfg.model.image_size, info.device,
+                             cfg.data.workers, progress=False, info=info)
     return {"val_mAP": mean_average_precision(scores, dataset.label_matrix())}

@@ -71,7 +71,7 @@ def _train(cfg: TeacherConfig, resume: bool, info: DistInfo, explicit: Sequence[
                                    proposals=proposal_method(dataset), dataset=dataset.identity.to_dict(),
                                    config=to_dict(cfg), train_state=train_state)
 
-        validate = (lambda: _validate(model, cfg, dataset.classes, info.device)) if cfg.data.val else None
+        validate = (lambda: _validate(model, cfg, dataset.classes, info)) if cfg.data.val else None
         return run_stages([stage], cfg, info, run.out, log, checkpoint, validate,
                           state["train_state"] if state is not None else None)
 
@@ -91,16 +91,16 @@ def _stage_parts(cfg: TeacherConfig, model: WSDDN, dataset: MultiLabelDataset, i
     groups = param_groups(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.bias_lr_mult, cfg.optim.bias_decay)
     optimizer = build_optimizer(groups, cfg.optim.optimizer, cfg.optim.lr, cfg.optim.momentum)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(cfg.optim.lr_steps), cfg.optim.gamma)
-    scaler = torch.amp.GradScaler("cuda") if cfg.run.amp == "fp16" else None
     convention = cfg.model.input_convention
     return StageParts(model, cfg.optim.lr, optimizer, scheduler, loader,
-                      lambda im, t: teacher_inputs(im, t, info.device, convention), scaler)
+                      lambda im, t: teacher_inputs(im, t, info.device, convention))
 
 
-def _validate(model: WSDDN, cfg: TeacherConfig, classes: list[str], device: torch.device) -> dict[str, float]:
-    """Classification mAP of the held-out split (for the log only; checkpoints are never chosen by it)."""
+def _validate(model: WSDDN, cfg: TeacherConfig, classes: list[str], info: DistInfo) -> dict[str, float]:
+    """Classification mAP of the held-out split (for the log only; checkpoints are never chosen by it); under
+    torchrun each rank scores its share."""
     dataset = open_split(cfg.data.val, cfg.data.options, cfg.data.val_proposals)
     check_class_order(classes, dataset.classes, f"dataset {cfg.data.val}")
-    pred = predict_teacher(model, dataset, cfg.model.input_convention, device, (cfg.data.test_scale,),
-                           max_proposals=cfg.data.max_proposals, workers=cfg.data.workers, progress=False)
+    pred = predict_teacher(model, dataset, cfg.model.input_convention, info.device, (cfg.data.test_scale,),
+                           max_proposals=cfg.data.max_proposals, workers=cfg.data.workers, progress=False, info=info)
     return {"val_mAP": mean_average_precision(pred["image_scores"], dataset.label_matrix())}
