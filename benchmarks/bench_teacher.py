@@ -1,105 +1,106 @@
-"""Seconds per training iteration of the VGG16 WSDDN teacher, and its peak memory, against a naive reference.
+"""Teacher speed: one WSDDN training step of mlkd against the per-region path, and how many RoIs are distinct.
 
-One iteration = forward + backward + SGD step of ``build_teacher(TeacherModelConfig(backbone="vgg16"), 20)``
-(random weights, dropout on) on ONE ``size x size`` image with R random valid proposals, float32 and under
-``torch.autocast`` bfloat16. Each configuration runs in a fresh subprocess, so its peak memory is its own:
-on the CPU the process's peak resident set (``VmHWM`` of ``/proc/self/status``, reset after set-up so the
-"iteration" column is the growth above the set-up RSS); on CUDA ``torch.cuda.max_memory_allocated``.
+One step = forward + backward + SGD step of the VGG16 WSDDN (``build_teacher``, 20 classes, random weights,
+dropout on) on ONE ``size x size`` image with R proposals. The proposals are real ones: fast selective search
+on synthetic 500 px images (VOC/COCO-sized), warped to the image like the teacher's input, the first R of
+several images' boxes. Each configuration runs in a fresh subprocess, so its peak memory is its own (CPU: the
+peak resident set above the set-up; CUDA: ``max_memory_allocated``).
 
-The reference is the straightforward implementation with no optimisations: per image, each proposal's RoI is
-cropped with its own ``roi_pool`` call (a Python loop over regions), the crops are stacked, fc6/fc7 run on the
-stack (the same layers and parameters), then per image ordinary softmaxes (no segment operations) and the
-clamped log loss with a Python loop over classes. Both share the backbone, so the speed-up is what the
-vectorised RoI pooling and the segment ops buy on top of the same convolutions and matrix products. Before
-timing, the reference's loss is checked against mlkd's on the same input and dropout masks.
+- ``reference``: the per-region path, what a straightforward PyTorch WSDDN costs: one ``roi_pool`` over all R
+  boxes, the proposal-score scaling, fc6 and fc7 on all R rows, the two softmaxes, the loss. Written here from
+  the model's own layers, independently of mlkd's forward.
+- ``mlkd``: ``model(images, proposals, scores, labels)`` with ``model.distinct_rois`` (RoI pooling and fc6's
+  product once per distinct rounded region) and, with ``--freeze``, fixed backbone blocks (``model.freeze``).
 
-Run: ``python benchmarks/bench_teacher.py [--device cuda] [--proposals 2000 500] [--repeats 2]``.
+Before timing, both paths' image scores (eval mode) and losses (train mode, same dropout masks) are compared
+on the same input; the largest image-score difference is reported. bf16 autocast is timed only where the
+hardware has native bf16 (elsewhere it would be ~20x slower: it is reported as skipped, not as a result).
+
+The distinct-RoI fraction (distinct rounded RoIs / all) is reported for selective search and EdgeBoxes at every
+training scale of the VGG16 recipes (stride 16) and at the student's 224.
+
+Run: ``python benchmarks/bench_teacher.py [--device cuda] [--proposals 2000 500] [--json]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import statistics
 import subprocess
 import sys
-import time
+import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_pool
 
+from _common import PROPOSAL_METHODS, describe, emit_json, machine, synthetic_proposals, timed, warp_boxes
 from mlkd.models.build import build_teacher
 from mlkd.models.configs import TeacherModelConfig
+from mlkd.models.ops import roi_pool_cells
 from mlkd.models.wsddn import P_CLAMP, WSDDN
 
 NUM_CLASSES = 20
+TEACHER_SCALES = (480, 576, 672, 736, 832)
+STUDENT_SIZE = 224
 
 
-def random_boxes(gen: torch.Generator, n: int, size: int) -> torch.Tensor:
-    """``n`` valid (x1, y1, x2, y2) boxes inside a ``size x size`` image, sides 16 px .. the whole image."""
-    wh = torch.rand(n, 2, generator=gen) * (size - 16) + 16
-    xy = torch.rand(n, 2, generator=gen) * (size - wh)
-    return torch.cat([xy, xy + wh], 1)
+def reference_scores(model: WSDDN, images: torch.Tensor, boxes: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """Image scores ``(K,)`` of one image, every region computed on its own row."""
+    fmap = model.backbone(images)
+    rois = torch.cat([boxes.new_zeros(len(boxes), 1), boxes], 1).float()
+    pooled = roi_pool(fmap.float(), rois, model.roi_size, 1.0 / model.backbone.stride).to(fmap.dtype)
+    x = (pooled * (model.score_scale * scores + model.score_bias)[:, None, None, None].to(fmap.dtype)).flatten(1)
+    phi = model.drop(F.relu(model.fc7(model.drop(F.relu(model.fc6(x))))))
+    s_cls = F.softmax(model.fc8_c(phi).float() / model.cls_temperature, dim=1)  # over classes
+    s_det = F.softmax(model.fc8_d(phi).float() / model.det_temperature, dim=0)  # over the regions
+    return (s_cls * s_det).sum(0)
 
 
-def reference_loss(model: WSDDN, images: torch.Tensor, proposals: list[torch.Tensor], scores: list[torch.Tensor],
-                   labels: torch.Tensor) -> torch.Tensor:
-    """The WSDDN loss, written per image and per region (see the module docstring)."""
-    fmap = model.backbone(images)  # (B, C, h, w)
-    total = fmap.new_zeros((), dtype=torch.float32)
-    for i, (boxes, s) in enumerate(zip(proposals, scores)):
-        image_fmap = fmap[i:i + 1].float()  # torchvision's CPU roi_pool has no bfloat16 kernel: pool in float32
-        crops = []
-        for r in range(len(boxes)):
-            crop = roi_pool(image_fmap, [boxes[r:r + 1]], model.roi_size, 1.0 / model.backbone.stride)
-            crops.append(crop * (model.score_scale * s[r] + model.score_bias))
-        x = torch.cat(crops).to(fmap.dtype).flatten(1)  # (R, C * s * s)
-        phi = model.drop(F.relu(model.fc7(model.drop(F.relu(model.fc6(x))))))
-        s_cls = F.softmax(model.fc8_c(phi).float() / model.cls_temperature, dim=1)  # over classes
-        s_det = F.softmax(model.fc8_d(phi).float() / model.det_temperature, dim=0)  # over this image's regions
-        for k in range(labels.shape[1]):
-            if labels[i, k] < 0:
-                continue
-            p = (s_cls[:, k] * s_det[:, k]).sum().clamp(P_CLAMP, 1 - P_CLAMP)
-            total = total - (p.log() if labels[i, k] == 1 else (1 - p).log())
-    return total / len(proposals)
+def reference_loss(model: WSDDN, images, boxes, scores, labels) -> torch.Tensor:
+    p = reference_scores(model, images, boxes, scores).clamp(P_CLAMP, 1 - P_CLAMP)
+    y = labels[0]
+    return -(torch.where(y == 1, p.log(), (1 - p).log()) * (y >= 0)).sum()
 
 
-def setup(args: argparse.Namespace, device: torch.device):
+def setup(size: int, boxes: np.ndarray, device: torch.device, freeze: tuple[str, ...] = ()):
     torch.manual_seed(0)
-    model = build_teacher(TeacherModelConfig(backbone="vgg16"), NUM_CLASSES).to(device).train()
+    model = build_teacher(TeacherModelConfig(backbone="vgg16", freeze=freeze), NUM_CLASSES).to(device).train()
     gen = torch.Generator().manual_seed(1)
-    images = torch.randn(1, 3, args.size, args.size, generator=gen).to(device)
-    proposals = [random_boxes(gen, args.num_proposals, args.size).to(device)]
-    scores = [torch.rand(args.num_proposals, generator=gen).to(device)]
+    images = torch.randn(1, 3, size, size, generator=gen).to(device)
+    b = torch.from_numpy(boxes).to(device)
+    s = torch.rand(len(boxes), generator=gen).to(device)
     labels = torch.zeros(1, NUM_CLASSES)
     labels[0, [3, 11]] = 1
     labels[0, 7] = -1  # an ignored class
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-6, momentum=0.9, weight_decay=5e-4)
-    return model, (images, proposals, scores, labels.to(device)), optimizer
+    return model, (images, b, s, labels.to(device))
 
 
 def loss_of(impl: str, model: WSDDN, inputs) -> torch.Tensor:
+    images, boxes, scores, labels = inputs
     if impl == "mlkd":
-        return sum(model(*inputs).values())
-    return reference_loss(model, *inputs)
+        return sum(model(images, [boxes], [scores], labels).values())
+    return reference_loss(model, images, boxes, scores, labels)
 
 
-def check_agreement(model: WSDDN, inputs, autocast, tolerance: float) -> float:
-    """|reference - mlkd| / mlkd of the loss on the same input and dropout masks; raises if they disagree."""
-    values = []
-    with torch.no_grad(), autocast():
+def agreement(size: int, boxes: np.ndarray, device: torch.device, amp: bool) -> dict:
+    """Image scores of mlkd (autocast bf16 when ``amp``) against the float32 reference, and the losses."""
+    model, inputs = setup(size, boxes, device)
+    images, b, s, labels = inputs
+    with torch.no_grad():
+        model.eval()
+        ref = reference_scores(model, images, b, s)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            new = model(images, [b], [s])[0]["image_scores"].float()
+        model.train()
+        losses = []
         for impl in ("mlkd", "reference"):
             torch.manual_seed(2)  # the same dropout masks
-            values.append(float(loss_of(impl, model, inputs)))
-    rel = abs(values[1] - values[0]) / abs(values[0])
-    if not rel < tolerance:
-        raise AssertionError(f"reference loss {values[1]} != mlkd loss {values[0]} (relative {rel:.1e})")
-    return rel
+            losses.append(float(loss_of(impl, model, inputs)))
+    return {"max_abs_diff_image_scores": float((new - ref).abs().max()),
+            "loss_rel_diff": abs(losses[0] - losses[1]) / abs(losses[1])}
 
 
 def vm_kib(field: str) -> int:
@@ -110,19 +111,18 @@ def vm_kib(field: str) -> int:
 
 
 def worker(args: argparse.Namespace) -> dict:
-    """Time one configuration in this (fresh) process; return its numbers."""
+    """Time one configuration in this (fresh) process."""
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, inputs, optimizer = setup(args, device)
-    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=args.precision == "bf16")  # noqa: E731
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    tolerance = 1e-4 if args.precision == "fp32" else 2e-2
-    agreement = check_agreement(model, inputs, autocast, tolerance) if args.impl == "reference" else None
+    freeze = tuple(args.freeze) if args.impl == "mlkd" else ()
+    model, inputs = setup(args.size, np.load(args.boxes), device, freeze)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-6, momentum=0.9,
+                                weight_decay=5e-4)
+    on = args.precision == "bf16"
 
     def step() -> None:
-        with autocast():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on):
             loss = loss_of(args.impl, model, inputs)
         loss.backward()
         optimizer.step()
@@ -135,32 +135,46 @@ def worker(args: argparse.Namespace) -> dict:
         pass
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for i in range(args.warmup + args.repeats):
-        sync()
-        t0 = time.perf_counter()
-        step()
-        sync()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
-    out = {"seconds": statistics.median(times), "all_seconds": times, "agreement": agreement}
+    seconds = timed(step, args.repeats, device, args.warmup)
     if device.type == "cuda":
-        out["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
-        out["setup_mib"] = None
-    else:
-        out["peak_mib"] = vm_kib("VmHWM") / 1024
-        out["setup_mib"] = setup_rss / 1024
-    return out
+        return {"seconds": seconds, "peak_mib": torch.cuda.max_memory_allocated(device) / 2**20, "setup_mib": None}
+    return {"seconds": seconds, "peak_mib": vm_kib("VmHWM") / 1024, "setup_mib": setup_rss / 1024}
 
 
-def run_config(args: argparse.Namespace, impl: str, precision: str, num_proposals: int) -> dict:
-    cmd = [sys.executable, __file__, "--worker", "--impl", impl, "--precision", precision, "--num-proposals",
-           str(num_proposals), "--size", str(args.size), "--repeats", str(args.repeats), "--warmup",
-           str(args.warmup), "--device", args.device, "--threads", str(args.threads or 0)]
+def run_config(args: argparse.Namespace, impl: str, precision: str, boxes_file: Path, freeze: list[str]) -> dict:
+    cmd = [sys.executable, __file__, "--worker", "--impl", impl, "--precision", precision, "--boxes",
+           str(boxes_file), "--size", str(args.size), "--repeats", str(args.repeats), "--warmup", str(args.warmup),
+           "--device", args.device, "--threads", str(args.threads or 0), "--freeze", *freeze]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def distinct_fractions(images: int) -> dict[str, dict[str, float]]:
+    """Per method and scale: distinct rounded RoIs / all RoIs, pooled over ``images`` synthetic images."""
+    out: dict[str, dict[str, float]] = {}
+    for method in PROPOSAL_METHODS:
+        sets = synthetic_proposals(images, method, seed=1)
+        out[method] = {"boxes_per_image": float(np.mean([len(b) for b, _ in sets]))}
+        for side in (*TEACHER_SCALES, STUDENT_SIZE):
+            distinct = total = 0
+            for boxes, hw in sets:
+                cells = roi_pool_cells(warp_boxes(boxes, hw, side), torch.zeros(len(boxes), dtype=torch.int64), 16)
+                distinct, total = distinct + len(torch.unique(cells, dim=0)), total + len(boxes)
+            out[method][str(side)] = distinct / total
+    return out
+
+
+def step_boxes(r: int, size: int) -> np.ndarray:
+    """The first ``r`` fast selective-search boxes of synthetic images (in order), warped to ``size``."""
+    parts, n, seed = [], 0, 0
+    while n < r:
+        for boxes, hw in synthetic_proposals(2, "selective_search", seed=100 + seed):
+            parts.append(warp_boxes(boxes, hw, size).numpy())
+            n += len(boxes)
+        seed += 1
+    return np.concatenate(parts)[:r]
 
 
 def main() -> None:
@@ -168,37 +182,75 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to run (default cpu)")
     parser.add_argument("--size", type=int, default=480, help="image side in pixels (default 480)")
     parser.add_argument("--proposals", type=int, nargs="+", default=[2000, 500], help="R values (2000 500)")
-    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=("fp32", "bf16"),
-                        help="fp32 and/or bf16 autocast")
-    parser.add_argument("--repeats", type=int, default=2, help="timed iterations; the median is printed (2)")
+    parser.add_argument("--freeze", nargs="*", default=[], help="also time mlkd with these blocks frozen "
+                        "(e.g. conv1 conv2)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed iterations; the median is reported (3)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed iterations first (1)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    parser.add_argument("--fraction-images", type=int, default=8, help="images for the distinct fractions (8)")
+    parser.add_argument("--json", action="store_true", help="print the figures as one JSON object (last line)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--impl", choices=("mlkd", "reference"), help=argparse.SUPPRESS)
     parser.add_argument("--precision", choices=("fp32", "bf16"), help=argparse.SUPPRESS)
-    parser.add_argument("--num-proposals", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--boxes", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args)))
         return
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
-    where = torch.cuda.get_device_name() if args.device == "cuda" else \
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads"
-    print(f"machine: {where}; torch {torch.__version__}, python {platform.python_version()}")
-    print(f"VGG16 WSDDN teacher, {NUM_CLASSES} classes, one {args.size}x{args.size} image, SGD step; median of "
-          f"{args.repeats} after {args.warmup} warm-up; memory = peak "
-          f"{'CUDA allocated' if args.device == 'cuda' else 'RSS of a fresh process (set-up RSS in brackets)'}")
-    print(f"{'R':>5} {'precision':>9} {'impl':>9} {'s/iter':>8} {'peak MiB':>16} {'speed-up':>9} {'loss check':>11}")
-    for r in args.proposals:
-        for precision in args.precisions:
-            res = {impl: run_config(args, impl, precision, r) for impl in ("mlkd", "reference")}
-            for impl, x in res.items():
+    device = torch.device(args.device)
+    figures = machine(device)
+    print(describe(figures))
+    fast16 = figures["native_bf16"]
+    fractions = distinct_fractions(args.fraction_images)
+    figures["distinct_roi_fraction"] = fractions
+    print("distinct RoIs after rounding to stride-16 cells (fraction of all boxes), per method and image side:")
+    for method, row in fractions.items():
+        cells = " ".join(f"{k}:{v:.2f}" for k, v in row.items() if k != "boxes_per_image")
+        print(f"  {method:<17} {row['boxes_per_image']:.0f} boxes/image  {cells}")
+    print(f"VGG16 WSDDN step, one {args.size}x{args.size} image, {NUM_CLASSES} classes, SGD; median of "
+          f"{args.repeats} after {args.warmup} warm-up; time ratio to the float32 per-region reference")
+    print(f"{'R':>5} {'distinct':>8} {'path':>24} {'s/step':>8} {'peak MiB':>14} {'ratio':>7}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in args.proposals:
+            boxes = step_boxes(r, args.size)
+            boxes_file = Path(tmp) / f"boxes{r}.npy"
+            np.save(boxes_file, boxes)
+            cells = roi_pool_cells(torch.from_numpy(boxes), torch.zeros(r, dtype=torch.int64), 16)
+            distinct = len(torch.unique(cells, dim=0)) / r
+            check = agreement(args.size, boxes, device, amp=False)
+            if not check["loss_rel_diff"] < 1e-4:
+                raise AssertionError(f"mlkd and reference losses differ (relative {check['loss_rel_diff']:.1e})")
+            figures[f"max_abs_diff_image_scores_r{r}"] = check["max_abs_diff_image_scores"]
+            cases = [("reference", "fp32", []), ("mlkd", "fp32", [])]
+            if args.freeze:
+                cases.append(("mlkd", "fp32", args.freeze))
+            if fast16:
+                cases.append(("mlkd", "bf16", []))
+                figures[f"bf16_max_abs_diff_image_scores_r{r}"] = agreement(args.size, boxes, device, True)[
+                    "max_abs_diff_image_scores"]
+            base = None
+            for impl, precision, freeze in cases:
+                x = run_config(args, impl, precision, boxes_file, freeze)
+                base = base or x["seconds"]
+                ratio = x["seconds"] / base
+                label = f"{impl} {precision}" + (f" freeze {'+'.join(freeze)}" if freeze else "")
                 mem = f"{x['peak_mib']:.0f}" + (f" ({x['setup_mib']:.0f})" if x["setup_mib"] else "")
-                speedup = f"{res['reference']['seconds'] / x['seconds']:.2f}x" if impl == "mlkd" else ""
-                check = f"rel {x['agreement']:.1e}" if x["agreement"] is not None else ""
-                print(f"{r:>5} {precision:>9} {impl:>9} {x['seconds']:>8.3f} {mem:>16} {speedup:>9} {check:>11}",
-                      flush=True)
+                print(f"{r:>5} {distinct:>8.2f} {label:>24} {x['seconds']:>8.3f} {mem:>14} {ratio:>6.2f}x", flush=True)
+                if impl == "mlkd":
+                    key = f"step_ratio_{precision}_r{r}" + ("_freeze" if freeze else "")
+                    figures[key] = ratio
+            figures[f"distinct_fraction_r{r}"] = distinct
+            if not fast16:
+                print(f"{r:>5}          mlkd bf16: skipped, no native bf16 on this CPU")
+    figures["max_abs_diff_image_scores"] = max(v for k, v in figures.items()
+                                               if k.startswith("max_abs_diff_image_scores_r"))
+    print(f"largest |image score difference| to the reference, float32: {figures['max_abs_diff_image_scores']:.1e}"
+          + "".join(f"; bf16 R={r}: {figures[f'bf16_max_abs_diff_image_scores_r{r}']:.1e}"
+                    for r in args.proposals if f"bf16_max_abs_diff_image_scores_r{r}" in figures))
+    if args.json:
+        emit_json(figures)
 
 
 if __name__ == "__main__":

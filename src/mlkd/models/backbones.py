@@ -79,6 +79,35 @@ def tiny(channels: Sequence[int] = (16, 32, 64, 64), convs_per_block: int = 1) -
     return ConvBackbone(nn.Sequential(*layers), channels[-1], 2 ** (len(channels) - 1))
 
 
+def conv_blocks(backbone: nn.Module) -> dict[str, list[nn.Module]]:
+    """The layers of a VGG-style backbone by block: ``conv1`` = everything before the first max pool, ``conv2``
+    up to the second, ... (VGG16: conv1_1..conv1_2, conv2_1..conv2_2, ..., conv5_1..conv5_3)."""
+    if not isinstance(backbone, ConvBackbone):
+        raise BadInput(f"model.freeze names blocks of a VGG-style backbone (vgg16, tiny), not {type(backbone).__name__}")
+    blocks: dict[str, list[nn.Module]] = {"conv1": []}
+    for layer in backbone.features:
+        if isinstance(layer, nn.MaxPool2d):
+            blocks[f"conv{len(blocks) + 1}"] = []
+        else:
+            blocks[f"conv{len(blocks)}"].append(layer)
+    return blocks
+
+
+def freeze(backbone: nn.Module, names: Sequence[str]) -> None:
+    """Fix the weights of the named blocks (:func:`conv_blocks`): no gradient, never updated. Freezing a prefix
+    (conv1, conv2 as in Fast R-CNN's VGG16 recipe) also saves the backward pass through those blocks, since
+    nothing below them needs a gradient."""
+    if not names:
+        return
+    blocks = conv_blocks(backbone)
+    unknown = sorted(set(names) - set(blocks))
+    if unknown:
+        raise BadInput(f"model.freeze: unknown block(s) {unknown}; this backbone has {list(blocks)}")
+    for name in names:
+        for layer in blocks[name]:
+            layer.requires_grad_(False)
+
+
 class ResNetBackbone(nn.Module):
     """torchvision ResNet stem .. layer4 (stride 32); module names are torchvision's."""
 

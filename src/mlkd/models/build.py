@@ -9,7 +9,7 @@ from torch import nn
 
 from mlkd.config import from_dict
 from mlkd.errors import BadInput
-from mlkd.models.backbones import build_backbone, load_imagenet_weights
+from mlkd.models.backbones import build_backbone, freeze, load_imagenet_weights
 from mlkd.models.configs import StudentModelConfig, TeacherModelConfig
 from mlkd.models.student import Student
 from mlkd.models.wsddn import WSDDN
@@ -34,6 +34,7 @@ def build_teacher(cfg: TeacherModelConfig, num_classes: int) -> WSDDN:
         if cfg.backbone != "vgg16":
             raise BadInput(f"model.weights are ImageNet VGG16 weights; model.backbone is {cfg.backbone!r}")
         load_imagenet_weights(model, cfg.weights, VGG16_IMAGENET, cfg.input_convention)
+    freeze(model.backbone, cfg.freeze)
     return model
 
 
@@ -48,6 +49,7 @@ def build_student(cfg: StudentModelConfig, num_classes: int) -> Student:
             raise BadInput("model.weights are ImageNet weights; the tiny backbone has none")
         mapping = VGG16_IMAGENET if head == "vgg" else RESNET_IMAGENET
         load_imagenet_weights(model, cfg.weights, mapping, cfg.input_convention)
+    freeze(model.backbone, cfg.freeze)
     return model
 
 

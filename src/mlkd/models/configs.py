@@ -36,6 +36,7 @@ class TeacherModelConfig:
     reg_iou: float = bounded(0.6, 0, 1)
     reg_top: int = bounded(10, 2, 10_000)
     distinct_rois: bool = True  # pool and run fc6 once per distinct rounded region (equal to 1e-7; False: all)
+    freeze: tuple[str, ...] = ()  # backbone blocks whose weights stay fixed, e.g. [conv1, conv2] (Fast R-CNN's recipe)
 
 
 @dataclasses.dataclass
@@ -52,3 +53,4 @@ class StudentModelConfig:
     dropout: float = bounded(0.5, 0, 1)
     image_size: int = bounded(224, *SIZE)  # the student's input: images are warped to image_size x image_size
     distinct_rois: bool = True  # region path: pool and run fc6/fc7 once per distinct rounded region
+    freeze: tuple[str, ...] = ()  # backbone blocks whose weights stay fixed (VGG-style backbones: conv1 .. conv5)
