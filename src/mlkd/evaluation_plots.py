@@ -56,7 +56,7 @@ CAPTIONS = {
 
 # the page's sections: (title, note, files, side by side); the galleries are full width to stay readable
 SECTIONS = [
-    ("Per class", "", ["ap_per_class.png", "detection_ap_per_class.png", "corloc_per_class.png"], True),
+    ("Per-class bars", "", ["ap_per_class.png", "detection_ap_per_class.png", "corloc_per_class.png"], True),
     ("Precision-recall", "", ["pr_curves.png"], False),
     ("Scores", "", ["scores_pooled.png", "calibration.png", "scores_per_class.png"], True),
     ("Label co-occurrence", "", ["co_occurrence.png"], False),
