@@ -133,6 +133,8 @@ def write_plots(out: str | Path, kind: str, report: dict[str, Any], scores: Any,
     ``image_ids`` / ``image_paths``. With a teacher's ``proposals`` and ``region_scores`` the gallery draws its
     top proposals by objectness. Returns the paths written, ``index.html`` last.
     """
+    if kind not in ("student", "teacher"):
+        raise BadInput(f"kind must be 'student' or 'teacher', got {kind!r}")
     s, t = check_scores_targets(scores, targets)
     if len(image_ids) != len(s) or len(image_paths) != len(s):
         raise BadInput(f"{len(image_ids)} image ids and {len(image_paths)} paths for {len(s)} score rows")
