@@ -3,7 +3,8 @@
 - the teacher: classification metrics of its image scores; VOC07 detection AP at IoU 0.5 and CorLoc of its
   region scores (with the largest-proposal baseline); test-time views as in :func:`mlkd.inference.predict_teacher`;
 - the student: classification metrics of its probabilities;
-- the teacher's figures (:func:`visualize_teacher`): its top proposals and detections on the first images.
+- the teacher's figures (:func:`visualize_teacher`): its top proposals and detections on the first images;
+- with ``plots``, a folder of charts, galleries and an ``index.html`` (:mod:`mlkd.evaluation_plots`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from tqdm import tqdm
 from mlkd.checkpoint import load_checkpoint, write_atomically
 from mlkd.data.base import MultiLabelDataset, check_class_order, read_image
 from mlkd.errors import BadInput
+from mlkd.evaluation_plots import check_plots_folder, write_plots
 from mlkd.inference import predict_student, predict_teacher
 from mlkd.metrics import corloc, detection_ap, evaluate_all, report_to_json
 from mlkd.models.build import model_from_checkpoint
@@ -61,8 +63,10 @@ def evaluate_teacher_model(model: WSDDN, spec: str, proposals: str | None, class
                            scale: int = 672, scales: Sequence[int] | None = None, flip: bool = False,
                            options: dict[str, Any] | None = None, device: torch.device = torch.device("cpu"),
                            max_proposals: int | None = None, workers: int = 0, detection: bool = True,
-                           progress: bool = True) -> dict[str, Any]:
-    """Open ``spec`` with its proposal cache, check its class order against ``classes``, predict and score."""
+                           progress: bool = True, checkpoint: str | None = None,
+                           plots: str | Path | None = None) -> dict[str, Any]:
+    """Open ``spec`` with its proposal cache, check its class order against ``classes``, predict and score;
+    ``checkpoint`` is recorded in the report; with ``plots`` the charts and ``index.html`` go to that folder."""
     dataset = open_split(spec, options, proposals)
     check_class_order(classes, dataset.classes, f"dataset {spec}")
     require_proposals(dataset, "evaluating the teacher (--proposals)")
@@ -71,20 +75,26 @@ def evaluate_teacher_model(model: WSDDN, spec: str, proposals: str | None, class
     report = teacher_report(dataset, pred, detection)
     report["settings"] = {"scales": list(views), "flip": flip, "max_proposals": max_proposals, "nms_iou": NMS_IOU,
                           "input_convention": convention}
+    if checkpoint:
+        report["checkpoint"] = checkpoint
+    if plots:
+        write_plots(plots, "teacher", report, pred["image_scores"], dataset.label_matrix(), pred["image_ids"],
+                    [r.path for r in dataset.records], pred["proposals"], pred["region_scores"])
     return report
 
 
 def evaluate_teacher(checkpoint: str, spec: str, proposals: str | None, out: str | None = None, **kwargs: Any
                      ) -> dict[str, Any]:
-    """A teacher checkpoint on a dataset (``mlkd evaluate-teacher``); the JSON report is also written to ``out``.
-    Scale and proposal budget default to the checkpoint's."""
+    """A teacher checkpoint on a dataset (``mlkd evaluate-teacher``); the JSON report is also written to ``out``,
+    the plots to the folder ``plots`` (a keyword argument). Scale and proposal budget default to the checkpoint's."""
     _check_output(out, "report")
+    check_plots_folder(kwargs.get("plots"))
     ckpt = load_checkpoint(checkpoint, "teacher")
     model = model_from_checkpoint(ckpt).to(kwargs.get("device", torch.device("cpu")))
     kwargs.setdefault("max_proposals", ckpt["inference"]["max_proposals"])
     kwargs.setdefault("scale", ckpt["inference"]["image_size"])
-    report = evaluate_teacher_model(model, spec, proposals, ckpt["classes"], ckpt["input_convention"], **kwargs)
-    report["checkpoint"] = str(checkpoint)
+    report = evaluate_teacher_model(model, spec, proposals, ckpt["classes"], ckpt["input_convention"],
+                                    checkpoint=str(checkpoint), **kwargs)
     _write_report(report, out)
     return report
 
@@ -104,28 +114,38 @@ def summary_line(report: dict[str, Any]) -> str:
 def evaluate_student_model(model: torch.nn.Module, spec: str, classes: Sequence[str], convention: str,
                            image_size: int, options: dict[str, Any] | None = None,
                            device: torch.device = torch.device("cpu"), workers: int = 0,
-                           progress: bool = True) -> dict[str, Any]:
+                           progress: bool = True, checkpoint: str | None = None,
+                           plots: str | Path | None = None) -> dict[str, Any]:
     """Every classification metric of the student on the dataset ``spec`` (class order checked); the
-    probabilities ``(N, K)`` are in ``report["scores"]``."""
+    probabilities ``(N, K)`` are in ``report["scores"]``. ``checkpoint`` is recorded in the report; with
+    ``plots`` the charts and ``index.html`` go to that folder."""
     dataset = open_split(spec, options)
     check_class_order(classes, dataset.classes, f"dataset {spec}")
     scores = predict_student(model, dataset, convention, image_size, device, workers, progress=progress)
-    return {"dataset": dataset.identity.to_dict(),
-            "classification": evaluate_all(scores, dataset.label_matrix(), dataset.classes), "scores": scores}
+    labels = dataset.label_matrix()
+    report = {"dataset": dataset.identity.to_dict(), "classification": evaluate_all(scores, labels, dataset.classes)}
+    if checkpoint:
+        report["checkpoint"] = checkpoint
+    if plots:
+        write_plots(plots, "student", report, scores, labels, [r.image_id for r in dataset.records],
+                    [r.path for r in dataset.records])
+    return report | {"scores": scores}
 
 
 def evaluate_student(checkpoint: str, spec: str, out: str | None = None, options: dict[str, Any] | None = None,
                      device: torch.device = torch.device("cpu"), workers: int = 0, progress: bool = True,
-                     scores_out: str | None = None) -> dict[str, Any]:
-    """A student checkpoint on a dataset (``mlkd evaluate``); JSON report to ``out``, scores to ``scores_out``."""
+                     scores_out: str | None = None, plots: str | Path | None = None) -> dict[str, Any]:
+    """A student checkpoint on a dataset (``mlkd evaluate``); JSON report to ``out``, scores to ``scores_out``,
+    charts, galleries and ``index.html`` to the folder ``plots``."""
     _check_output(out, "report")
     _check_output(scores_out, "scores")
+    check_plots_folder(plots)
     ckpt = load_checkpoint(checkpoint, "student")
     model = model_from_checkpoint(ckpt).to(device)
     report = evaluate_student_model(model, spec, ckpt["classes"], ckpt["input_convention"],
-                                    ckpt["inference"]["image_size"], options, device, workers, progress)
+                                    ckpt["inference"]["image_size"], options, device, workers, progress,
+                                    str(checkpoint), plots)
     scores = report.pop("scores")
-    report["checkpoint"] = str(checkpoint)
     if scores_out:  # through a file object: np.save would append ".npy" to a path that lacks it
         write_atomically(scores_out, lambda f: np.save(f, scores), "scores")
     _write_report(report, out)

@@ -67,12 +67,16 @@ def save_rgb(path: str | Path, image: np.ndarray) -> Path:
     return path
 
 
+def top_by_objectness(regions: np.ndarray, n: int = 10) -> np.ndarray:
+    """Indices of the ``n`` proposals of highest objectness s' = sum_k S (region scores ``(R, K)``), best first."""
+    return np.argsort(-regions.sum(1), kind="stable")[:n]
+
+
 def teacher_figure(image: np.ndarray, proposals: np.ndarray, regions: np.ndarray, classes: Sequence[str],
                    labels: np.ndarray | None, top_proposals: int = 10, height: int = 360) -> np.ndarray:
     """The teacher side of the paper's figure: the ``top_proposals`` proposals by objectness s' = sum_k S in
     green, and the teacher's top-3 classes with their image scores."""
-    objectness = regions.sum(1)
-    top = np.argsort(-objectness, kind="stable")[:top_proposals]
+    top = top_by_objectness(regions, top_proposals)
     big, s = scaled(image, height)
     lines = top_k_lines(regions.sum(0), classes, labels, 3, f"teacher top-3 (top-{len(top)} proposals)")
     return with_panel(draw_boxes(big, proposals[top], GREEN, s), lines)
@@ -93,12 +97,28 @@ def kd_figure(image: np.ndarray, proposals: np.ndarray, regions: np.ndarray, pla
               classes: Sequence[str], labels: np.ndarray, height: int = 360) -> np.ndarray:
     """The paper's example figure: the teacher's top-10 proposals in green; the student's top-3 predictions
     without and with distillation (blue = correct, red = wrong)."""
-    top = np.argsort(-regions.sum(1), kind="stable")[:10]
+    top = top_by_objectness(regions, 10)
     big, s = scaled(image, height)
     lines = [("labels:", BLACK)] + [(f"  {classes[c]}", BLACK) for c in np.flatnonzero(labels == 1)] + [("", BLACK)]
     lines += top_k_lines(plain, classes, labels, 3, "student without KD:") + [("", BLACK)]
     lines += top_k_lines(kd, classes, labels, 3, "student with KD:")
     return with_panel(draw_boxes(big, proposals[top], GREEN, s), lines)
+
+
+def ranked_figure(image: np.ndarray, probs: np.ndarray, classes: Sequence[str], labels: np.ndarray,
+                  header: Sequence[str], title: str, boxes: np.ndarray | None = None,
+                  height: int = 300) -> np.ndarray:
+    """One image of an evaluation gallery: ``boxes`` (e.g. the teacher's top proposals by objectness) in green;
+    a panel with the ``header`` lines, the top-3 classes under ``title`` (blue correct, red wrong) and the true
+    labels (1) that are not among them."""
+    big, s = scaled(image, height)
+    lines = [(h, BLACK) for h in header] + top_k_lines(probs, classes, labels, 3, title)
+    missed = [c for c in np.flatnonzero(labels == 1) if c not in np.argsort(-probs, kind="stable")[:3]]
+    if missed:
+        lines += [("true labels not in the top-3:", BLACK)] + [(f"  {classes[c]} {probs[c]:.2f}", BLACK)
+                                                                 for c in missed]
+    drawn = big if boxes is None or len(boxes) == 0 else draw_boxes(big, boxes, GREEN, s)
+    return with_panel(drawn, lines)
 
 
 def grid(figures: Sequence[np.ndarray], columns: int = 2) -> np.ndarray:

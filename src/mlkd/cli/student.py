@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from mlkd.cli.common import add_dataset_options, add_device_option, non_negative_int, parse_options, resolve_device
 
@@ -14,6 +15,10 @@ The teacher is frozen and never written. The run folder (run.out) receives confi
 curves.png, last.pt and, with cached soft targets, teacher_targets.pt.
 
 Several GPUs or nodes: torchrun --nproc_per_node N -m mlkd train-student --config ..."""
+
+PLOTS_HELP = ("write charts and an index.html into this folder (created if missing; files of the same names are "
+              "replaced): per-class AP bars, precision-recall curves per class, score histograms of positives vs "
+              "negatives, label co-occurrence, reliability, and the best and worst images by image AP")
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -31,9 +36,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from mlkd.metrics import format_table
 
     report = evaluate_student(args.checkpoint, args.dataset, args.out, parse_options(args.option),
-                              resolve_device(args.device), args.workers, not args.quiet, args.scores)
+                              resolve_device(args.device), args.workers, not args.quiet, args.scores, args.plots)
     print(format_table(report["classification"], per_class=not args.summary))
-    for path, what in ((args.out, "report"), (args.scores, "scores")):
+    index = Path(args.plots) / "index.html" if args.plots else None
+    for path, what in ((args.out, "report"), (args.scores, "scores"), (index, "plots")):
         if path:
             print(f"{what} written to {path}")
     return 0
@@ -62,6 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--out", metavar="JSON", help="write the full report here")
     e.add_argument("--scores", metavar="NPY",
                    help="write the probabilities (N, K) as a .npy array to exactly this file (for `mlkd metrics`)")
+    e.add_argument("--plots", metavar="DIR", help=PLOTS_HELP)
     e.add_argument("--summary", action="store_true", help="no per-class AP rows in the table")
     e.add_argument("--workers", type=non_negative_int, default=2,
                    help="DataLoader workers (default 2; 0 = load in this process)")

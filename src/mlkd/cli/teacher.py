@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from mlkd.cli.common import (add_dataset_options, add_device_option, non_negative_int, parse_options, positive_int,
                              resolve_device)
@@ -33,7 +34,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from mlkd.metrics import format_table
 
     kwargs = dict(options=parse_options(args.option), device=resolve_device(args.device), flip=args.flip,
-                  workers=args.workers, detection=not args.no_detection, progress=not args.quiet)
+                  workers=args.workers, detection=not args.no_detection, progress=not args.quiet, plots=args.plots)
     if args.scales:
         kwargs["scales"] = args.scales
     if args.max_proposals is not None:
@@ -43,6 +44,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     print("\nteacher: " + summary_line(report))
     if args.out:
         print(f"report written to {args.out}")
+    if args.plots:
+        print(f"plots written to {Path(args.plots) / 'index.html'}")
     return 0
 
 
@@ -84,6 +87,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="proposals per image (default: as trained)")
     e.add_argument("--no-detection", action="store_true", help="skip detection AP / CorLoc (faster)")
     e.add_argument("--out", metavar="JSON", help="write the full report here")
+    e.add_argument("--plots", metavar="DIR",
+                   help="write charts and an index.html into this folder (created if missing; files of the same "
+                        "names are replaced): as `mlkd evaluate --plots` (image scores), plus per-class detection "
+                        "AP and CorLoc bars (with boxes), and the gallery draws the top-10 proposals by objectness")
     e.add_argument("--summary", action="store_true", help="no per-class AP rows in the table")
     e.add_argument("--workers", type=non_negative_int, default=2,
                    help="DataLoader workers (default 2; 0 = load in this process)")
