@@ -34,7 +34,7 @@ def test_release_values():
     assert (t.optim.optimizer, t.optim.lr, t.optim.momentum, t.optim.weight_decay) == ("sgd", 5e-5, 0.9, 5e-4)
     w = load_config(TeacherConfig, CONFIGS / "teacher_wsddn_voc07.yaml")
     assert (w.model.score_scale, w.model.score_bias, w.model.det_temperature, w.model.reg_weight) == (10, 1, 2, 1e-4)
-    assert w.data.resize == "shorter" and w.data.scales == (480, 576, 688, 864, 1200)
+    assert w.data.resize == "wsddn" and w.data.max_size is None and w.data.scales == (480, 576, 688, 864, 1200)
     s = load_config(StudentConfig, CONFIGS / "student_coco_kd.yaml")
     assert s.model.image_size == 224 and s.distill.teacher_scale == 672 and s.distill.feature_layers == ("fc7",)
     assert s.distill.scale_init == 0.2 and s.distill.scale_lr_mult == 10 and s.data.max_proposals == 500

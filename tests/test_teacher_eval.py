@@ -80,7 +80,8 @@ def test_predict_and_report(teacher_data, checkpoint):
     report = teacher_report(dataset, pred)
     assert {"dataset", "classification", "detection", "corloc", "corloc_largest_proposal"} <= set(report)
     assert 0 <= report["classification"]["mAP"]["mlic"] <= 1 and 0 <= report["corloc"]["corloc"] <= 1
-    assert len(report["detection"]["ap"]) == k
+    assert len(report["detection"]["ap"]) == k and report["detection"]["ap_variant"] == "voc07"
+    assert teacher_report(dataset, pred, detection_mode="voc07_devkit")["detection"]["ap_variant"] == "voc07_devkit"
     assert set(teacher_report(dataset, pred, detection=False)) == {"dataset", "classification"}
 
     # several test views: region scores are the mean of the single views
@@ -100,10 +101,12 @@ def test_evaluate_teacher_cli_writes_json(teacher_data, checkpoint, tmp_path, ca
     out = tmp_path / "reports" / "teacher.json"
     code = main(["evaluate-teacher", "--checkpoint", str(checkpoint), "--dataset", str(teacher_data.val),
                  "--proposals", str(teacher_data.val_proposals), "--out", str(out), "--workers", "0",
-                 "--device", "cpu", "--quiet", "--summary"])
+                 "--device", "cpu", "--quiet", "--summary", "--detection-ap", "voc07_devkit"])
     assert code == 0
-    assert "teacher: mAP" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "teacher: mAP[mlic] " in printed and "detAP@0.5[voc07_devkit] " in printed  # every AP names its variant
     report = json.loads(out.read_text())
+    assert report["detection"]["ap_variant"] == "voc07_devkit" and "voc07_devkit" in report["classification"]["mAP"]
     assert {"classification", "detection", "corloc", "settings", "checkpoint", "dataset"} <= set(report)
     # the training config's test scale and proposal budget unless given
     assert report["settings"] == {"scales": [80], "flip": False, "max_proposals": 30, "nms_iou": NMS_IOU,

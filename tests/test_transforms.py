@@ -7,8 +7,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from mlkd.data.base import collate
-from mlkd.data.transforms import (Compose, MultiScaleCollate, RandomHorizontalFlip, ResizeShorter, Warp,
-                                  rescale_boxes, shorter_side_size)
+from mlkd.data.transforms import (Compose, MultiScaleCollate, RandomHorizontalFlip, ResizeShorter, ResizeWSDDN,
+                                  Warp, rescale_boxes, shorter_side_size, wsddn_reader_size)
 
 
 def marked_image(h: int = 40, w: int = 80, box: tuple[int, int, int, int] = (10, 4, 30, 20)) -> torch.Tensor:
@@ -97,6 +97,52 @@ def test_resize_shorter_preserves_aspect_and_caps_longer_side():
         ResizeShorter(600, 500)
 
 
+def test_wsddn_reader_sizes_hand_computed():
+    # (H, W) -> (H', W'), worked out from cnn_wsddn_get_batch.m and vl_imreadjpeg's scalar 'Resize':
+    # landscape 375 x 500 at 480: height floor(480/500 * 375) = 360 is made the shorter side -> 360 x 480
+    assert wsddn_reader_size((375, 500), 480) == (360, 480)
+    # portrait 500 x 375 at 480: height floor(480/500 * 500) = 480 is made the SHORTER side (the width)
+    assert wsddn_reader_size((500, 375), 480) == (640, 480)
+    assert wsddn_reader_size((500, 500), 688) == (688, 688)
+    # 576/500 * 375 is 431.99999999999994 in doubles: the floor gives 431, then 500 * 431/375 = 574.67 -> 575
+    assert wsddn_reader_size((375, 500), 576) == (431, 575)
+    # 333 x 500 at 480: floor(319.68) = 319, 500 * 319/333 = 478.98 -> 479
+    assert wsddn_reader_size((333, 500), 480) == (319, 479)
+
+
+@pytest.mark.parametrize("scale", [480, 576, 688, 864, 1200])
+def test_wsddn_reader_gives_the_width_the_scale(scale):
+    for h in range(100, 520, 23):
+        for w in range(100, 520, 29):
+            nh, nw = wsddn_reader_size((h, w), scale)
+            assert abs(nh / nw - h / w) <= 1.5 / min(nh, nw)  # aspect kept up to the rounding of a side
+            if w >= h:  # landscape: the longer side is the scale, less what the floor of the height costs
+                assert scale - w / h - 1 <= nw <= scale
+            else:  # portrait: the shorter side is the scale (or one less), the longer one bigger
+                assert nw in (scale - 1, scale) and nh > scale - 1
+            # resize: shorter would give landscape images their shorter side = scale, w / h times bigger
+            assert shorter_side_size((h, w), scale)[1] >= nw - 1
+
+
+def test_resize_wsddn_moves_boxes_with_the_pixels_and_caps():
+    img, target = marked_image(40, 80, (10, 4, 30, 20)), target_with([[10, 4, 30, 20]], proposals=[[0, 0, 80, 40]])
+    out, t = ResizeWSDDN(40)(img, target)  # landscape 40 x 80: width 40, height 20
+    assert out.shape == (3, 20, 40) and t["size"].tolist() == [20, 40]
+    assert torch.allclose(t["boxes"], torch.tensor([[5.0, 2.0, 15.0, 10.0]]))
+    assert torch.allclose(t["proposals"], torch.tensor([[0.0, 0.0, 40.0, 20.0]]))
+    inner = t["boxes"][0] + torch.tensor([1.0, 1.0, -1.0, -1.0])  # away from the antialiased edges
+    assert white_fraction(out, inner) == 1.0
+    img, target = marked_image(80, 40, (4, 10, 20, 30)), target_with([[4, 10, 20, 30]])
+    out, t = ResizeWSDDN(20)(img, target)  # portrait 80 x 40: width 20 (the shorter side), height 40
+    assert out.shape == (3, 40, 20) and torch.allclose(t["boxes"], torch.tensor([[2.0, 5.0, 10.0, 15.0]]))
+    out, t = ResizeWSDDN(20, max_size=30)(img, target)  # the optional cap: longer side 30
+    assert out.shape == (3, 30, 15)
+    with pytest.raises(ValueError, match="max_size"):
+        ResizeWSDDN(600, 500)
+    with pytest.raises(ValueError, match="size must be a positive int, got 0"):
+        ResizeWSDDN(0)
+
+
 def test_flip_of_a_known_box_and_its_pixels():
     img, target = marked_image(), target_with([[10, 4, 30, 20]], proposals=[[0, 0, 5, 40]])
     out, t = RandomHorizontalFlip(p=1.0)(img, target)
@@ -177,10 +223,21 @@ def test_multiscale_collate_shorter_mode_and_validation():
     c = MultiScaleCollate((20,), resize="shorter", max_size=30)
     images, targets = c(batch_of_mixed_sizes(2))  # 40x80 -> 15x30, 48x72 -> 20x30: not stackable -> list
     assert isinstance(images, list) and [tuple(i.shape[1:]) for i in images] == [(15, 30), (20, 30)]
-    with pytest.raises(ValueError, match=r"unknown resize mode 'crop'.*\['shorter', 'warp'\]"):
+    with pytest.raises(ValueError, match=r"unknown resize mode 'crop'.*\['shorter', 'warp', 'wsddn'\]"):
         MultiScaleCollate((20,), resize="crop")
     with pytest.raises(ValueError, match="scales"):
         MultiScaleCollate(())
+
+
+def test_multiscale_collate_wsddn_mode():
+    c = MultiScaleCollate((24,), resize="wsddn")
+    batch = batch_of_mixed_sizes(3)  # 40 x 80, 48 x 72, 56 x 64: all landscape
+    images, targets = c(batch)
+    want = [wsddn_reader_size(tuple(img.shape[1:]), 24) for img, _ in batch]
+    assert [tuple(i.shape[1:]) for i in images] == want and all(hw[1] == 24 for hw in want)
+    for (img, _), t, (h, w) in zip(batch, targets, want):
+        scale = torch.tensor([w / img.shape[2], h / img.shape[1]] * 2)
+        assert torch.allclose(t["boxes"], torch.tensor([[8.0, 4.0, 24.0, 20.0]]) * scale)
 
 
 def test_multiscale_collate_in_a_dataloader():

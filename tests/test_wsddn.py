@@ -56,23 +56,48 @@ def naive_iou(a, b):
     return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
-def naive_regulariser(features, boxes, regions, sizes, labels, iou, top):
-    """Per image, per positive class k: r* = best region of k; every other region among k's top `top` with
-    IoU(r, r*) > iou adds 0.5 * S[r, k] * ||phi_r - phi_r*||^2. Summed, divided by the number of images."""
-    phi, b, s = features.tolist(), boxes.tolist(), regions.tolist()
-    total, start = 0.0, 0
+def regulariser_pairs(boxes, regions, sizes, labels, iou, top):
+    """(k, r, r*) for every image, positive class k and neighbour r of k's best region r*: the other regions
+    among k's top `top` by S whose IoU with r* exceeds `iou` (the original layer's selection)."""
+    b, s = boxes.tolist(), regions.tolist()
+    pairs, start = [], 0
     for i, n in enumerate(sizes):
         rows = list(range(start, start + n))
         for k, y in enumerate(labels[i].tolist()):
             if y != 1:
                 continue
             ranked = sorted(rows, key=lambda r: -s[r][k])[:top]
-            best = ranked[0]
-            for r in ranked[1:]:
-                if naive_iou(b[r], b[best]) > iou:
-                    total += 0.5 * s[r][k] * sum((u - v) ** 2 for u, v in zip(phi[r], phi[best]))
+            pairs += [(k, r, ranked[0]) for r in ranked[1:] if naive_iou(b[r], b[ranked[0]]) > iou]
         start += n
+    return pairs
+
+
+def naive_regulariser(features, boxes, regions, sizes, labels, iou, top):
+    """What the original MatConvNet layer computes and logs: per image and positive class k, the S-weighted
+    differences squared, 0.5 * sum_r ||S[r, k] * (phi_r - phi_r*)||^2; summed over classes, divided by the
+    number of images (mlkd's batch mean; the original ran one image per batch)."""
+    phi, s = features.tolist(), regions.tolist()
+    total = 0.0
+    for k, r, best in regulariser_pairs(boxes, regions, sizes, labels, iou, top):
+        total += 0.5 * sum((s[r][k] * (u - v)) ** 2 for u, v in zip(phi[r], phi[best]))
     return total / len(sizes)
+
+
+def naive_regulariser_grad(features, boxes, regions, sizes, labels, iou, top, overwrite=False):
+    """The layer's backward: S[r, k] * (phi_r - phi_r*) at each neighbour r, minus their sum at r*, divided by
+    the number of images. Summed over classes (mlkd), or, with ``overwrite``, assigned class after class as
+    the layer does (a later class replaces what an earlier one put in a region)."""
+    phi, s = features.tolist(), regions.tolist()
+    grad = [[0.0] * len(phi[0]) for _ in phi]
+    by_class: dict = {}
+    for k, r, best in regulariser_pairs(boxes, regions, sizes, labels, iou, top):
+        by_class.setdefault((k, best), []).append(r)
+    for (k, best), near in sorted(by_class.items()):
+        parts = {r: [s[r][k] * (u - v) / len(sizes) for u, v in zip(phi[r], phi[best])] for r in near}
+        at_best = [-sum(p[d] for p in parts.values()) for d in range(len(phi[0]))]
+        for r, g in list(parts.items()) + [(best, at_best)]:
+            grad[r] = g if overwrite else [a + b for a, b in zip(grad[r], g)]
+    return torch.tensor(grad, dtype=torch.float64)
 
 
 def naive_forward(model: WSDDN, images, proposals, scores):
@@ -163,10 +188,14 @@ def test_spatial_regulariser_matches_naive_loop(iou, top):
     regions = torch.rand(sum(sizes), K, generator=gen, dtype=torch.float64)
     labels = torch.tensor([[1, 0, 1, -1], [1, 1, 1, 1], [0, 1, 1, 0]], dtype=torch.float64)
     index = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    features.requires_grad_(True)
     got = spatial_regulariser(features, boxes, regions, index, labels, iou, top)
     want = naive_regulariser(features, boxes, regions, sizes, labels, iou, top)
     assert want > 0  # the fixture really has neighbours
-    assert got.item() == pytest.approx(want, rel=1e-12)
+    assert got.item() == pytest.approx(want, rel=1e-12)  # the value the original layer logs
+    got.backward()  # and the layer's gradient, summed over classes
+    want_grad = naive_regulariser_grad(features.detach(), boxes, regions, sizes, labels, iou, top)
+    torch.testing.assert_close(features.grad, want_grad, rtol=1e-12, atol=1e-15)
 
 
 def test_gradcheck_scores_loss_and_regulariser():
@@ -188,9 +217,32 @@ def test_gradcheck_scores_loss_and_regulariser():
     features = torch.randn(10, 4, generator=gen, dtype=torch.float64, requires_grad=True)
     reg = lambda f: spatial_regulariser(f, boxes, regions, index, labels, 0.3, 10)  # noqa: E731
     assert reg(features).item() > 0
-    assert torch.autograd.gradcheck(reg, (features,))
+    # the gradient is that of the S-weighted loss (S constant), not of the logged S^2-weighted value:
+    # gradcheck that loss, written out, then compare the regulariser's gradient with it
+    pairs = regulariser_pairs(boxes, regions, [6, 4], labels, 0.3, 10)
+    s = regions.detach()
+    weighted = lambda f: sum(0.5 * s[r, k] * (f[r] - f[b]).pow(2).sum() for k, r, b in pairs) / 2  # noqa: E731
+    assert torch.autograd.gradcheck(weighted, (features,))
+    want = torch.autograd.grad(weighted(features), features)[0]
+    got = torch.autograd.grad(reg(features), features)[0]
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
     reg(features).backward()
     assert regions.grad is None  # S is a constant weight (the released layer's gradient)
+
+
+def test_regulariser_multi_class_gradient_sums_where_the_original_overwrites():
+    gen = torch.Generator().manual_seed(6)
+    boxes = clustered_boxes(gen, 8)
+    features = torch.randn(8, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    regions = torch.rand(8, K, generator=gen, dtype=torch.float64)
+    index = torch.zeros(8, dtype=torch.long)
+    for labels, same in ((torch.tensor([[1.0, 0, 0, 0]]), True), (torch.tensor([[1.0, 1, 1, 0]]), False)):
+        grad = torch.autograd.grad(spatial_regulariser(features, boxes, regions, index, labels, 0.3, 10), features)[0]
+        args = (features.detach(), boxes, regions, [8], labels, 0.3, 10)
+        torch.testing.assert_close(grad, naive_regulariser_grad(*args), rtol=1e-12, atol=1e-15)
+        original = naive_regulariser_grad(*args, overwrite=True)
+        # one positive class: the original's gradient; several sharing regions: the original keeps the last class
+        assert torch.allclose(grad, original, rtol=1e-12, atol=1e-15) == same
 
 
 def test_flatten_proposals():

@@ -233,8 +233,9 @@ class DataConfig:
     max_proposals: int | None = bounded(None, 1, 100_000)  # use at most this many per image (None = all)
     scales: tuple[int, ...] = bounded((480, 576, 672, 736, 832), *SIZE)  # one drawn per training batch
     test_scale: int = bounded(672, *SIZE)  # single-scale evaluation size
-    resize: Literal["warp", "shorter"] = "warp"  # warp to scale x scale (release) or shorter side = scale (WSDDN)
-    max_size: int | None = bounded(None, *SIZE)  # cap on the longer side with resize=shorter
+    # warp to scale x scale (release), shorter side = scale, or width = scale as the original WSDDN reader does
+    resize: Literal["warp", "shorter", "wsddn"] = "warp"
+    max_size: int | None = bounded(None, *SIZE)  # cap on the longer side with resize=shorter or wsddn
     flip: bool = True  # random horizontal flip in training
     batch_size: int = bounded(1, 1, 4096)  # images per iteration per process
     workers: int = bounded(2, 0, 256)  # DataLoader worker processes

@@ -1,6 +1,7 @@
 """Evaluation of trained models on a dataset, every protocol named (see docs/evaluation.md):
 
-- the teacher: classification metrics of its image scores; VOC07 detection AP at IoU 0.5 and CorLoc of its
+- the teacher: classification metrics of its image scores; VOC detection AP at IoU 0.5 (``voc07`` unless
+  another AP mode is asked for; the report names it in ``ap_variant``) and CorLoc of its
   region scores (with the largest-proposal baseline); test-time views as in :func:`mlkd.inference.predict_teacher`;
 - the student: classification metrics of its probabilities;
 - the teacher's figures (:func:`visualize_teacher`): its top proposals and detections on the first images;
@@ -38,8 +39,10 @@ def largest_proposal_corloc(dataset: MultiLabelDataset, proposals: Sequence[np.n
                   [r.box_labels for r in dataset.records], class_names=dataset.classes)
 
 
-def teacher_report(dataset: MultiLabelDataset, pred: dict[str, Any], detection: bool = True) -> dict[str, Any]:
-    """Every metric of the teacher's predictions ``pred`` (from :func:`predict_teacher`) on ``dataset``."""
+def teacher_report(dataset: MultiLabelDataset, pred: dict[str, Any], detection: bool = True,
+                   detection_mode: str = "voc07") -> dict[str, Any]:
+    """Every metric of the teacher's predictions ``pred`` (from :func:`predict_teacher`) on ``dataset``; detection
+    AP in the AP mode ``detection_mode`` (e.g. ``voc07_devkit`` for the number VOC 2007 papers publish)."""
     labels = dataset.label_matrix()
     report: dict[str, Any] = {"dataset": dataset.identity.to_dict(),
                               "classification": evaluate_all(pred["image_scores"], labels, dataset.classes)}
@@ -50,7 +53,7 @@ def teacher_report(dataset: MultiLabelDataset, pred: dict[str, Any], detection: 
                      for r in dataset.records]
         report["detection"] = detection_ap([d[0] for d in dets], [d[1] for d in dets], [d[2] for d in dets],
                                            [r.boxes for r in dataset.records], [r.box_labels for r in dataset.records],
-                                           difficult, dataset.num_classes, iou=0.5, use_07=True,
+                                           difficult, dataset.num_classes, iou=0.5, mode=detection_mode,
                                            class_names=dataset.classes)
         report["corloc"] = corloc(top_boxes(pred["proposals"], pred["region_scores"]), labels,
                                   [r.boxes for r in dataset.records], [r.box_labels for r in dataset.records],
@@ -64,15 +67,16 @@ def evaluate_teacher_model(model: WSDDN, spec: str, proposals: str | None, class
                            options: dict[str, Any] | None = None, device: torch.device = torch.device("cpu"),
                            max_proposals: int | None = None, workers: int = 0, detection: bool = True,
                            progress: bool = True, checkpoint: str | None = None,
-                           plots: str | Path | None = None) -> dict[str, Any]:
-    """Open ``spec`` with its proposal cache, check its class order against ``classes``, predict and score;
-    ``checkpoint`` is recorded in the report; with ``plots`` the charts and ``index.html`` go to that folder."""
+                           plots: str | Path | None = None, detection_mode: str = "voc07") -> dict[str, Any]:
+    """Open ``spec`` with its proposal cache, check its class order against ``classes``, predict and score
+    (detection AP in ``detection_mode``); ``checkpoint`` is recorded in the report; with ``plots`` the charts and
+    ``index.html`` go to that folder."""
     dataset = open_split(spec, options, proposals)
     check_class_order(classes, dataset.classes, f"dataset {spec}")
     require_proposals(dataset, "evaluating the teacher (--proposals)")
     views = tuple(scales) if scales else (scale,)
     pred = predict_teacher(model, dataset, convention, device, views, flip, max_proposals, workers, progress)
-    report = teacher_report(dataset, pred, detection)
+    report = teacher_report(dataset, pred, detection, detection_mode)
     report["settings"] = {"scales": list(views), "flip": flip, "max_proposals": max_proposals, "nms_iou": NMS_IOU,
                           "input_convention": convention}
     if checkpoint:
@@ -100,12 +104,12 @@ def evaluate_teacher(checkpoint: str, spec: str, proposals: str | None, out: str
 
 
 def summary_line(report: dict[str, Any]) -> str:
-    """mAP, CF1, OF1 (+ detection AP and CorLoc when present), in %."""
+    """mAP, CF1, OF1 (+ detection AP and CorLoc when present), in %, each AP with the name of its variant."""
     c = report["classification"]
-    parts = [f"mAP {100 * c['mAP']['mlic']:.2f}", f"CF1 {100 * c['all_labels']['CF1']:.2f}",
+    parts = [f"mAP[mlic] {100 * c['mAP']['mlic']:.2f}", f"CF1 {100 * c['all_labels']['CF1']:.2f}",
              f"OF1 {100 * c['all_labels']['OF1']:.2f}"]
     if "detection" in report:
-        parts += [f"detAP@0.5 {100 * report['detection']['mAP']:.2f}",
+        parts += [f"detAP@0.5[{report['detection']['ap_variant']}] {100 * report['detection']['mAP']:.2f}",
                   f"CorLoc {100 * report['corloc']['corloc']:.2f} (largest-proposal baseline "
                   f"{100 * report['corloc_largest_proposal']['corloc']:.2f})"]
     return ", ".join(parts)

@@ -13,14 +13,18 @@ from mlkd.metrics import AP_MODES, evaluate_all, format_table, report_to_json
 
 DESCRIPTION = """\
 Score multi-label predictions against labels with every standard protocol, each variant named:
-  mAP in three named AP variants: mlic (non-interpolated, as ML-GCN/ASL; = sklearn), voc07 (11-point),
-  voc_area (VOC2010+ area under the interpolated PR curve); classes with no positives are excluded and listed;
+  mAP in five named AP variants: mlic (non-interpolated; = sklearn, tied scores entering together; = ML-GCN/ASL's
+  sort-based AP when no positive is tied), voc07 (11-point, recall thresholds exactly k/10), voc07_devkit (the
+  official MATLAB devkit's 11-point AP, bit for bit: what VOC 2007 papers publish), voc07_py (the same with the
+  np.arange thresholds of the Python ports, e.g. Fast R-CNN's voc_eval.py), voc_area (VOC2010+ area under the
+  interpolated PR curve); classes with no positives are excluded and listed;
   CP, CR, CF1, OP, OR, OF1 at --threshold, for the top-k labels with p >= threshold, and for plain top-k."""
 
 EPILOG = """\
 examples:
   mlkd metrics --scores scores.npy --targets targets.npy --classes classes.txt
   mlkd metrics --scores scores.npy --targets targets.npy --ap-mode mlic --json report.json
+  mlkd metrics --scores scores.npy --targets targets.npy --ap-mode voc07_devkit   # VOC 2007 papers' mAP
   mlkd metrics --scores logits.npy --targets targets.npy --logits   # raw outputs: sigmoid first
   mlkd metrics --scores scores.npy --targets targets.npy --json > report.json   # JSON only, on stdout"""
 
@@ -122,7 +126,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("metrics", help="mAP (mlic/voc07/voc_area), CP/CR/CF1, OP/OR/OF1 and top-k of saved scores",
+    p = sub.add_parser("metrics", help="mAP (mlic/voc07/voc07_devkit/voc07_py/voc_area), CP/CR/CF1, OP/OR/OF1 and "
+                                       "top-k of saved scores",
                        description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scores", required=True, metavar="S.npy",
                    help="(N, K) float array (.npy), one row per image, one column per class: probabilities in "
@@ -143,7 +148,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="k of the top-k variants: a label is predicted if among the image's k best (default 3)")
     p.add_argument("--ap-mode", choices=("all", *AP_MODES), default="all",
                    help="which AP variant(s) to compute: mlic = non-interpolated (the MLIC papers' mAP), "
-                        "voc07 = 11-point, voc_area = VOC2010+; default all")
+                        "voc07 = 11-point with exact thresholds, voc07_devkit = the MATLAB devkit's 11-point, "
+                        "voc07_py = the Python ports' 11-point, voc_area = VOC2010+; default all")
     p.add_argument("--json", nargs="?", const="-", metavar="OUT",
                    help="write the full report (per-class AP, excluded classes, ...) as JSON to OUT; "
                         "'--json' alone prints only the JSON on stdout instead of the table")

@@ -60,8 +60,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.set_defaults(func=run_train)
 
     e = sub.add_parser("evaluate", help="every multi-label metric of a student checkpoint on a dataset",
-                       description="Evaluate a student: mAP (mlic, voc07, voc_area), CP/CR/CF1/OP/OR/OF1 at 0.5, "
-                                   "top-3 variants; classes without positives are excluded and listed. Prints a "
+                       description="Evaluate a student: mAP (mlic, voc07, voc07_devkit, voc07_py, voc_area), "
+                                   "CP/CR/CF1/OP/OR/OF1 at 0.5, top-3 variants; classes without positives are "
+                                   "excluded and listed. Prints a "
                                    "table; --out writes the JSON report, --scores the (N, K) probabilities.")
     e.add_argument("--checkpoint", required=True, metavar="CKPT", help="student checkpoint (last.pt)")
     add_dataset_options(e)

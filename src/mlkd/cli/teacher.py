@@ -8,6 +8,9 @@ from pathlib import Path
 from mlkd.cli.common import (add_dataset_options, add_device_option, non_negative_int, parse_options, positive_int,
                              resolve_device)
 
+# the VOC rules among mlkd.metrics.AP_MODES (mlic is a classification protocol)
+DETECTION_AP_MODES = ("voc07", "voc07_devkit", "voc07_py", "voc_area")
+
 TRAIN_DESCRIPTION = """\
 Train the WSDDN teacher from image-level labels over cached proposals (docs/method.md). The config file holds
 every knob (mlkd ships teacher_voc07, teacher_coco, teacher_nuswide, teacher_wsddn_voc07, teacher_demo: give
@@ -34,7 +37,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from mlkd.metrics import format_table
 
     kwargs = dict(options=parse_options(args.option), device=resolve_device(args.device), flip=args.flip,
-                  workers=args.workers, detection=not args.no_detection, progress=not args.quiet, plots=args.plots)
+                  workers=args.workers, detection=not args.no_detection, progress=not args.quiet, plots=args.plots,
+                  detection_mode=args.detection_ap)
     if args.scales:
         kwargs["scales"] = args.scales
     if args.max_proposals is not None:
@@ -74,8 +78,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     e = sub.add_parser("evaluate-teacher", help="classification, detection AP and CorLoc of a teacher",
                        description="Evaluate a teacher checkpoint on a dataset: every classification metric of its "
-                                   "image scores; on datasets with boxes, VOC07 detection AP at IoU 0.5 (per-class "
-                                   "NMS 0.4 on region scores) and CorLoc (+ the largest-proposal baseline). "
+                                   "image scores; on datasets with boxes, VOC detection AP at IoU 0.5 (per-class "
+                                   "NMS 0.4 on region scores; --detection-ap names the variant) and CorLoc (+ the "
+                                   "largest-proposal baseline). "
                                    "Single-scale at the training config's test scale unless --scales/--flip.")
     e.add_argument("--checkpoint", required=True, metavar="CKPT", help="teacher checkpoint (last.pt)")
     add_dataset_options(e)
@@ -86,6 +91,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--max-proposals", type=positive_int, metavar="R",
                    help="proposals per image (default: as trained)")
     e.add_argument("--no-detection", action="store_true", help="skip detection AP / CorLoc (faster)")
+    e.add_argument("--detection-ap", choices=DETECTION_AP_MODES, default="voc07",
+                   help="AP variant of detection AP (docs/evaluation.md): voc07 = 11-point with exact k/10 recall "
+                        "thresholds (default), voc07_devkit = the MATLAB devkit's, bit for bit (what VOC 2007 papers "
+                        "publish), voc07_py = Fast R-CNN's voc_eval.py thresholds, voc_area = VOC2010+ area")
     e.add_argument("--out", metavar="JSON", help="write the full report here")
     e.add_argument("--plots", metavar="DIR",
                    help="write charts and an index.html into this folder (created if missing; files of the same "

@@ -11,8 +11,8 @@ from mlkd.data.coco import CocoDataset
 from mlkd.data.custom import ANNOTATION_SUFFIXES, CustomDataset
 from mlkd.data.datalist import DatalistDataset, InMemoryProposals
 from mlkd.data.nuswide import NusWideDataset
-from mlkd.data.transforms import (Compose, MultiScaleCollate, RandomHorizontalFlip, ResizeShorter, Warp,
-                                  rescale_boxes)
+from mlkd.data.transforms import (Compose, MultiScaleCollate, RandomHorizontalFlip, ResizeShorter, ResizeWSDDN,
+                                  Warp, rescale_boxes)
 from mlkd.data.voc import VOC_CLASSES, VOCDataset
 from mlkd.errors import BadInput
 
@@ -87,5 +87,5 @@ __all__ = [
     "DatasetIdentity", "ImageRecord", "MultiLabelDataset", "collate", "check_class_order", "CustomDataset",
     "CocoDataset", "VOCDataset", "VOC_CLASSES", "NusWideDataset", "DatalistDataset", "InMemoryProposals",
     "build_dataset", "parse_spec", "DATASET_FORMS", "Compose", "MultiScaleCollate", "RandomHorizontalFlip",
-    "ResizeShorter", "Warp", "rescale_boxes",
+    "ResizeShorter", "ResizeWSDDN", "Warp", "rescale_boxes",
 ]

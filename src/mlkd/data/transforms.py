@@ -13,6 +13,7 @@ x -> W - x exactly, so flipping twice is the identity and a warp followed by its
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -103,7 +104,7 @@ class Warp:
 
 def shorter_side_size(hw: Sequence[int], size: int, max_size: int | None = None) -> tuple[int, int]:
     """(H, W) after scaling ``hw`` so its shorter side is ``size``, unless the longer side would then
-    exceed ``max_size``, in which case the longer side becomes ``max_size`` (Fast R-CNN / WSDDN rule)."""
+    exceed ``max_size``, in which case the longer side becomes ``max_size`` (Fast R-CNN's rule)."""
     h, w = hw
     scale = size / min(h, w)
     if max_size is not None and max(h, w) * scale > max_size:
@@ -112,7 +113,8 @@ def shorter_side_size(hw: Sequence[int], size: int, max_size: int | None = None)
 
 
 class ResizeShorter:
-    """Aspect-preserving resize (the original WSDDN preset: shorter side in {480, ..., 1200}, longer capped).
+    """Aspect-preserving resize: the shorter side becomes ``size``, the longer one is capped at ``max_size``.
+    (The original WSDDN code sizes its images differently: :class:`ResizeWSDDN`.)
 
     Args:
         size: target length of the shorter side, pixels.
@@ -132,6 +134,53 @@ class ResizeShorter:
 
     def __repr__(self) -> str:
         return f"ResizeShorter(size={self.size}, max_size={self.max_size})"
+
+
+def wsddn_reader_size(hw: Sequence[int], size: int) -> tuple[int, int]:
+    """(H, W) that the original WSDDN code's image reader gives an (H, W) image at scale ``size``.
+
+    ``cnn_wsddn_get_batch.m`` computes the height that would make the *longer* side ``size``,
+    ``floor(min(size/H, size/W) * H)`` (MATLAB doubles), and passes it to MatConvNet's ``vl_imreadjpeg`` as a
+    scalar ``'Resize'``, which sets the *shorter* side to it: both sides are multiplied by ``target / min(H, W)``
+    and rounded (float32 and ``roundf``, half away from zero, in the MatConvNet that WSDDN pins). The net
+    effect is that the **width** becomes ``size``: a landscape image gets its longer side about ``size`` and
+    its shorter side about ``size * H / W``; a portrait image gets its shorter side ``size`` (or ``size - 1``,
+    when the double product falls just below it) and its longer side about ``size * H / W``. The floor of the
+    target height can take up to W / H pixels off a landscape image's width (575 instead of 576 for a
+    375 x 500 VOC image at 576).
+    """
+    h, w = (int(v) for v in hw)
+    target = max(1, math.floor(min(size / h, size / w) * h))  # the reader refuses a size below 1
+    scale = max(np.float32(target) / np.float32(w), np.float32(target) / np.float32(h))  # float32, as the C++
+    return tuple(max(1, math.floor(float(np.float32(n) * scale) + 0.5)) for n in (h, w))  # type: ignore[return-value]
+
+
+class ResizeWSDDN:
+    """Aspect-preserving resize as the original WSDDN code reads its images (:func:`wsddn_reader_size`): the
+    width becomes ``size``, whatever the orientation; ``max_size`` (not in the original, None = no cap) then
+    caps the longer side.
+
+    Args:
+        size: the scale passed to the reader, pixels.
+        max_size: cap on the longer side, or None as in the original. Must be >= ``size``.
+    """
+
+    def __init__(self, size: int, max_size: int | None = None) -> None:
+        if not _is_positive_int(size):
+            raise BadInput(f"ResizeWSDDN size must be a positive int, got {size!r}")
+        if max_size is not None and (not isinstance(max_size, (int, np.integer)) or max_size < size):
+            raise BadInput(f"ResizeWSDDN max_size must be an int >= size ({size}) or None, got {max_size!r}")
+        self.size, self.max_size = int(size), max_size
+
+    def __call__(self, image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
+        old = _check_image(image)
+        hw = wsddn_reader_size(old, self.size)
+        if self.max_size is not None and max(hw) > self.max_size:
+            hw = shorter_side_size(old, self.max_size, self.max_size)  # longer side = max_size
+        return _resize(image, target, hw)
+
+    def __repr__(self) -> str:
+        return f"ResizeWSDDN(size={self.size}, max_size={self.max_size})"
 
 
 class RandomHorizontalFlip:
@@ -208,6 +257,7 @@ class KeepTopProposals:
 RESIZERS: dict[str, Callable[[int, int | None], Transform]] = {
     "warp": lambda scale, max_size: Warp(scale),
     "shorter": lambda scale, max_size: ResizeShorter(scale, max_size),
+    "wsddn": lambda scale, max_size: ResizeWSDDN(scale, max_size),
 }
 
 
@@ -228,10 +278,11 @@ class MultiScaleCollate:
         scales: candidate sizes (pixels), e.g. ``(480, 576, 672, 736, 832)``.
         base: the collate function applied after resizing.
         seed: seed of the scale sequence.
-        resize: ``"warp"`` (square ``scale x scale``, the release) or ``"shorter"`` (shorter side = scale,
-            longer side capped at ``max_size``, the WSDDN preset; batches of mixed aspect then come back as
-            lists from the default ``base``).
-        max_size: cap on the longer side for ``resize="shorter"``.
+        resize: ``"warp"`` (square ``scale x scale``, the release), ``"shorter"`` (shorter side = scale, longer
+            side capped at ``max_size``) or ``"wsddn"`` (as the original WSDDN code reads images: the width
+            becomes the scale, see :func:`wsddn_reader_size`; the WSDDN preset). With the last two, batches of
+            mixed aspect come back as lists from the default ``base``.
+        max_size: cap on the longer side for ``resize="shorter"`` and ``"wsddn"``.
     """
 
     def __init__(self, scales: Sequence[int], base: Callable = collate, seed: int = 0, resize: str = "warp",

@@ -9,16 +9,24 @@ computed in float64; float32 scores give identical results (casting preserves or
 
 AP modes (per class, over that class's ranking of images by score, descending):
 
-- ``"mlic"``: non-interpolated AP as in ML-GCN / ASL: the mean, over positives, of the precision at the
-  positive's rank. It equals ``sklearn.metrics.average_precision_score``, ties included.
+- ``"mlic"``: non-interpolated AP: the mean, over positives, of the precision at the positive's rank
+  (tie groups merged, below). It equals ``sklearn.metrics.average_precision_score``, ties included. It
+  equals ML-GCN's / ASL's sort-based AP when no positive shares its score with another entry of the
+  ranking; with such ties theirs depends on where their sort puts tied items (docs/evaluation.md).
 - ``"voc07"``: PASCAL VOC 2007 11-point AP: mean over t in {0, 0.1, ..., 1} of the highest precision at
-  recall >= t (0 if recall t is never reached). The recall test is exact (integer arithmetic), avoiding
-  the float quirk of ``np.arange(0, 1.1, 0.1)`` in the Python devkit ports.
+  recall >= t (0 if recall t is never reached). The recall test is exact (integer arithmetic): the
+  thresholds are exactly k/10.
+- ``"voc07_devkit"``: the official MATLAB devkit's 11-point AP (``VOCevalcls.m`` / ``VOCevaldet.m``), the
+  variant behind published VOC 2007 numbers: thresholds as MATLAB builds ``0:0.1:1`` (the 4th is
+  0.30000000000000004, not 0.3), float recall ``tp / npos``, tied entries ranked one by one in input order
+  (MATLAB's ``sort`` is stable), and ``ap = ap + p / 11`` accumulated in threshold order.
+- ``"voc07_py"``: the same with the Python ports' thresholds ``np.arange(0., 1.1, 0.1)`` (Fast R-CNN's
+  ``voc_eval.py`` and its descendants), whose 4th, 7th and 8th are above 0.3, 0.6 and 0.7.
 - ``"voc_area"``: VOC 2010+ AP: the area under the monotone (interpolated) precision/recall curve.
 
-Ties: scores that are exactly equal form one threshold step, as in sklearn: precision and recall of every
-entry in a tie group are those at the end of the group, so the result does not depend on input order.
-The same rule is used for detection rankings.
+Ties: except in the two devkit modes, scores that are exactly equal form one threshold step, as in sklearn:
+precision and recall of every entry in a tie group are those at the end of the group, so the result does
+not depend on input order. The same rule is used for detection rankings.
 
 Class averages: a class with no positive (after ignoring) has no AP and no recall; it gets NaN AP, is
 excluded from mAP and from CP/CR, and is listed in ``excluded_classes``. On MS-COCO, VOC and NUS-WIDE
@@ -38,7 +46,15 @@ import torch
 
 from mlkd.errors import BadInput
 
-AP_MODES = ("mlic", "voc07", "voc_area")
+AP_MODES = ("mlic", "voc07", "voc07_devkit", "voc07_py", "voc_area")
+# The 11 recall thresholds of the devkit modes, bit for bit. MATLAB's colon operator builds 0:0.1:1
+# symmetrically: k*0.1 from the start for k < 5, (0 + 1)/2 in the middle, 1 - (10-k)*0.1 from the end;
+# only k = 3 then differs from the double nearest k/10. numpy's arange computes k*0.1 throughout, which
+# also misses at k = 6 and 7. Either way a recall of exactly 3/10 (6/10, 7/10) does not reach that threshold.
+DEVKIT_THRESHOLDS = {
+    "voc07_devkit": np.array([k * 0.1 if k < 5 else 0.5 if k == 5 else 1.0 - (10 - k) * 0.1 for k in range(11)]),
+    "voc07_py": np.arange(0.0, 1.1, 0.1),
+}
 THRESHOLD_KEYS = ("CP", "CR", "CF1", "OP", "OR", "OF1")
 
 
@@ -106,24 +122,29 @@ def _nanmean(x: np.ndarray) -> float:
 
 
 # ---------------------------------------------------------------------------------------- ranking / AP
-def _tp_counts(scores: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Counts at each true positive of each row's ranking, tie groups merged.
+def _tp_counts(scores: np.ndarray, codes: np.ndarray, merge_ties: bool = True
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Counts at each true positive of each row's ranking, tie groups merged unless ``merge_ties`` is False.
 
     ``scores`` ``(C, N)`` rank the entries of each row (descending); ``codes`` ``(C, N)`` int8 mark them
     1 = TP, 0 = FP, -1 = ignored. Returns, for every TP in row-major ranked order, its ``row``, and the
-    numbers of TPs and FPs ranked at or above the end of its tie group (scores >= its score).
+    numbers of TPs and FPs ranked at or above the end of its tie group (scores >= its score). With
+    ``merge_ties=False`` every entry is its own group and tied entries keep their input order (a stable
+    sort, as the devkits' MATLAB ``sort``).
     Only the sort touches all C*N entries; the rest works on the sparse TPs.
     """
     c, n = scores.shape
     if n == 0:
         empty = np.zeros(0, np.int64)
         return empty, empty, empty
-    order = np.argsort(-scores, axis=1)  # the order inside a tie group is irrelevant: groups are merged
+    # merged tie groups make the order inside a group irrelevant; unmerged, the stable order is the ranking
+    order = np.argsort(-scores, axis=1, kind=None if merge_ties else "stable")
     s_sorted = np.take_along_axis(scores, order, axis=1).ravel()
     code_sorted = np.take_along_axis(codes, order, axis=1).ravel()
     boundary = np.ones(c * n, bool)  # True at the last entry of a tie group (and of each row)
-    boundary[:-1] = s_sorted[:-1] != s_sorted[1:]
-    boundary[n - 1 :: n] = True
+    if merge_ties:
+        boundary[:-1] = s_sorted[:-1] != s_sorted[1:]
+        boundary[n - 1 :: n] = True
     ends = np.flatnonzero(boundary)
     pos = np.flatnonzero(code_sorted == 1)  # flat indices, so row by row in ranked order
     ign = np.flatnonzero(code_sorted == -1)
@@ -141,8 +162,7 @@ def _ap_from_counts(row: np.ndarray, tp: np.ndarray, fp: np.ndarray, npos: np.nd
     ``npos`` may exceed the TPs of a row (missed detections count as recall never reached); a row with
     ``npos == 0`` gets NaN.
     """
-    if mode not in AP_MODES:
-        raise BadInput(f"unknown AP mode {mode!r}; choose one of {list(AP_MODES)}")
+    _check_mode(mode)
     prec = tp / (tp + fp)  # at each TP; tp >= 1 there
     starts = np.searchsorted(row, np.arange(len(npos) + 1))
     ap = np.full(len(npos), np.nan)
@@ -156,27 +176,51 @@ def _ap_from_counts(row: np.ndarray, tp: np.ndarray, fp: np.ndarray, npos: np.nd
         interp = np.maximum.accumulate(p[::-1])[::-1]
         if mode == "voc_area":
             ap[r] = interp.sum() / npos[r]
+        elif mode in DEVKIT_THRESHOLDS:
+            ap[r] = _devkit_11_point(interp, tp[starts[r] : starts[r + 1]] / npos[r], DEVKIT_THRESHOLDS[mode])
         else:  # first point with recall >= t/10 is the m-th TP, m = ceil(t * npos / 10), exactly
             m = np.maximum(-(-np.arange(11) * npos[r] // 10), 1)
             ap[r] = np.append(interp, 0.0)[np.minimum(m - 1, len(interp))].mean()
     return ap
 
 
+def _devkit_11_point(interp: np.ndarray, recall: np.ndarray, thresholds: np.ndarray) -> float:
+    """The devkits' loop: ``ap += p / 11`` over ``thresholds``, p the best precision at float recall >= t.
+
+    ``interp`` and ``recall`` ``(T,)`` are the envelope and ``tp / npos`` at each TP, recall nondecreasing,
+    so the best precision at recall >= t is the envelope at the first TP that reaches t.
+    """
+    first = np.searchsorted(recall, thresholds, side="left")  # first TP with recall >= t (T if none)
+    total = 0.0
+    for i in first:  # summed in this order, as the devkits do, so that the float result is theirs too
+        total += (float(interp[i]) if i < len(interp) else 0.0) / 11
+    return total
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in AP_MODES:
+        raise BadInput(f"unknown AP mode {mode!r}; choose one of {list(AP_MODES)}")
+
+
 def _ap_modes(s: np.ndarray, t: np.ndarray, modes: Sequence[str]) -> dict[str, np.ndarray]:
-    """Per-class AP ``(K,)`` for each mode from validated ``s`` ``(N, K)`` and ``t`` ``(N, K)``; sorts once."""
+    """Per-class AP ``(K,)`` for each mode from validated ``s`` ``(N, K)`` and ``t`` ``(N, K)``; sorts once
+    for the modes that merge ties and once for the devkit modes, which rank tied entries in input order."""
     for m in modes:
-        if m not in AP_MODES:
-            raise BadInput(f"unknown AP mode {m!r}; choose one of {list(AP_MODES)}")
-    counts = _tp_counts(np.ascontiguousarray(s.T), np.ascontiguousarray(t.T))
+        _check_mode(m)
     npos = (t == 1).sum(0)
-    return {m: _ap_from_counts(*counts, npos, m) for m in modes}
+    out = {}
+    for merge in {m not in DEVKIT_THRESHOLDS for m in modes}:
+        counts = _tp_counts(np.ascontiguousarray(s.T), np.ascontiguousarray(t.T), merge_ties=merge)
+        out.update({m: _ap_from_counts(*counts, npos, m) for m in modes if (m not in DEVKIT_THRESHOLDS) == merge})
+    return {m: out[m] for m in modes}
 
 
 def average_precision(scores: Any, targets: Any, mode: str = "mlic") -> np.ndarray:
     """Per-class AP ``(K,)`` of ``scores`` ``(N, K)`` against ``targets`` ``(N, K)`` in {1, 0, -1}.
 
-    ``mode`` is ``"mlic"``, ``"voc07"`` or ``"voc_area"`` (see the module docstring). Classes with no
-    positive get NaN; ``mAP = np.nanmean(ap)``. -1 entries are dropped from that class's ranking.
+    ``mode`` is one of :data:`AP_MODES` (see the module docstring). Classes with no positive get NaN;
+    ``mAP = np.nanmean(ap)``. -1 entries are dropped from that class's ranking (the devkits' "difficult"
+    entries count as neither TP nor FP, which gives the same AP).
     """
     s, t = check_scores_targets(scores, targets)
     return _ap_modes(s, t, (mode,))[mode]
@@ -303,7 +347,7 @@ def format_table(report: dict[str, Any], per_class: bool = True) -> str:
     """A readable text table (numbers in %) of an :func:`evaluate_all` report."""
     modes = list(report["mAP"])
     lines = [f"{report['num_images']} images, {report['num_classes']} classes (numbers in %)", ""]
-    lines += [f"mAP [{m}]".ljust(18) + _pct(v) for m, v in report["mAP"].items()]
+    lines += [f"mAP [{m}]".ljust(22) + _pct(v) for m, v in report["mAP"].items()]
     thr, k = report["threshold"], report["k"]
     lines += ["", f"{'labels':<24}" + "".join(f"{key:>8}" for key in THRESHOLD_KEYS)]
     for title, key in ((f"all, p >= {thr:g}", "all_labels"), (f"top-{k}, p >= {thr:g}", "top_k_thresholded"),
@@ -312,10 +356,10 @@ def format_table(report: dict[str, Any], per_class: bool = True) -> str:
     if per_class and modes:
         names = report["class_names"] or [str(i) for i in range(report["num_classes"])]
         width = max(8, *(len(n) for n in names)) + 2
-        lines += ["", "class".ljust(width) + f"{'#pos':>8}" + "".join(f"{m:>10}" for m in modes)]
+        lines += ["", "class".ljust(width) + f"{'#pos':>8}" + "".join(f"{m:>14}" for m in modes)]
         for i, name in enumerate(names):
             row = name.ljust(width) + f"{report['num_positives'][i]:>8}"
-            lines.append(row + "".join(f"{_pct(report['ap'][m][i]):>10}" for m in modes))
+            lines.append(row + "".join(f"{_pct(report['ap'][m][i]):>14}" for m in modes))
     if report["excluded_classes"]:
         ex = ", ".join(f"{e['index']}" + (f" ({e['name']})" if e["name"] else "") for e in report["excluded_classes"])
         lines += ["", f"excluded from mAP and CP/CR (no positives): {ex}"]

@@ -2,7 +2,9 @@
 
 Boxes are (x1, y1, x2, y2) in continuous 0-based pixel coordinates (no devkit "+1"); IoU is
 ``torchvision.ops.box_iou``; a prediction matches a ground-truth box at IoU >= the threshold, as in the
-official MATLAB devkit. Rankings use the same tie rule as :mod:`mlkd.metrics.classification`.
+official MATLAB devkit. Rankings use the same tie rule as :mod:`mlkd.metrics.classification`: tie groups
+merged, except in the devkit AP modes, which rank tied detections one by one in the order of the input
+(image by image, and within an image in the order given), as the devkit's stable sort of its results file.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import torch
 from torchvision.ops import box_iou
 
 from mlkd.errors import BadInput
-from mlkd.metrics.classification import _ap_from_counts, _check_names, _excluded, _nanmean, _to_numpy, _tp_counts
+from mlkd.metrics.classification import (DEVKIT_THRESHOLDS, _ap_from_counts, _check_mode, _check_names, _excluded,
+                                         _nanmean, _to_numpy, _tp_counts)
 
 def _boxes(x: Any, name: str) -> np.ndarray:
     """Validated float64 boxes ``(M, 4)`` (x1, y1, x2, y2); an empty input gives ``(0, 4)``."""
@@ -80,15 +83,19 @@ def _match_image(pb: np.ndarray, ps: np.ndarray, pl: np.ndarray, gb: np.ndarray,
 def detection_ap(pred_boxes: Sequence[Any], pred_scores: Sequence[Any], pred_labels: Sequence[Any],
                  gt_boxes: Sequence[Any], gt_labels: Sequence[Any], gt_difficult: Sequence[Any] | None,
                  num_classes: int, iou: float = 0.5, use_07: bool = True,
-                 class_names: Sequence[str] | None = None) -> dict[str, Any]:
-    """VOC-style detection AP per class at IoU >= ``iou`` (``use_07``: 11-point, else area).
+                 class_names: Sequence[str] | None = None, mode: str | None = None) -> dict[str, Any]:
+    """VOC-style detection AP per class at IoU >= ``iou`` in AP ``mode`` (one of
+    :data:`mlkd.metrics.AP_MODES`; by default ``"voc07"`` if ``use_07`` else ``"voc_area"``).
 
     Per image i: ``pred_boxes[i]`` ``(R_i, 4)``, ``pred_scores[i]`` ``(R_i,)``, ``pred_labels[i]`` ``(R_i,)``;
     ``gt_boxes[i]`` ``(M_i, 4)``, ``gt_labels[i]`` ``(M_i,)``, ``gt_difficult[i]`` ``(M_i,)`` bool (or None
     for none difficult). Boxes (x1, y1, x2, y2), continuous 0-based pixels (no devkit +1). Difficult GTs
     are not counted as positives and a detection matched to one is neither TP nor FP.
-    Returns ``{"ap": (K,) NaN for classes without non-difficult GT, "mAP": float, "excluded_classes"}``.
+    Returns ``{"ap": (K,) NaN for classes without non-difficult GT, "mAP": float, "ap_variant": the mode,
+    "excluded_classes"}``.
     """
+    mode = mode if mode is not None else "voc07" if use_07 else "voc_area"
+    _check_mode(mode)
     if int(num_classes) < 1:
         raise BadInput(f"num_classes must be >= 1, got {num_classes}")
     n = len(pred_boxes)
@@ -115,12 +122,12 @@ def detection_ap(pred_boxes: Sequence[Any], pred_scores: Sequence[Any], pred_lab
     s, lab = np.concatenate(all_s or [np.zeros(0)]), np.concatenate(all_l or [np.zeros(0, np.int64)])
     tp, fp = np.concatenate(all_tp or [np.zeros(0, bool)]), np.concatenate(all_fp or [np.zeros(0, bool)])
     ap = np.full(num_classes, np.nan)
-    mode = "voc07" if use_07 else "voc_area"
+    merge = mode not in DEVKIT_THRESHOLDS
     for c in np.flatnonzero(npos > 0):
         sel = lab == c
         codes = np.where(tp[sel], 1, np.where(fp[sel], 0, -1)).astype(np.int8)[None]
-        ap[c] = _ap_from_counts(*_tp_counts(s[sel][None], codes), npos[c : c + 1], mode)[0]
-    return {"ap": ap, "mAP": _nanmean(ap), "excluded_classes": _excluded(npos == 0, names)}
+        ap[c] = _ap_from_counts(*_tp_counts(s[sel][None], codes, merge), npos[c : c + 1], mode)[0]
+    return {"ap": ap, "mAP": _nanmean(ap), "ap_variant": mode, "excluded_classes": _excluded(npos == 0, names)}
 
 
 def corloc(top_boxes: Any, image_labels: Any, gt_boxes: Sequence[Any], gt_labels: Sequence[Any],

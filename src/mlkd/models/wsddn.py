@@ -11,11 +11,14 @@ For an image with proposals ``b_r`` (r = 1..R) and a K-class problem::
     L_cls   = mean over images of sum_k BCE(clamp(p_k, 1e-4, 1 - 1e-4), y_k)   (y_k = -1 ignored)
 
 Optional spatial regulariser (original WSDDN), for each image and each positive class k: with r* the best
-region of k and N the other regions among k's top ``reg_top`` whose IoU with r* exceeds ``reg_iou``::
+region of k and N the other regions among k's top ``reg_top`` whose IoU with r* exceeds ``reg_iou``, the
+gradient is that of::
 
     L_reg = reg_weight * mean over images of sum_k sum_{r in N} 0.5 * S_{r,k} * ||phi_r - phi_r*||^2
 
-with S treated as a constant (the gradient of the released MatConvNet layer). Several images of different R
+with S treated as a constant (the released MatConvNet layer's backward, summed over classes), while its value
+is the one that layer computes and logs, S squared: ``0.5 * S_{r,k}^2 * ||phi_r - phi_r*||^2``
+(:func:`spatial_regulariser`). Several images of different R
 are processed together: the detection softmax and the sum over regions run per image (segment operations
 over a flat ``(sum R_i, K)`` layout), never over padding.
 """
@@ -63,13 +66,23 @@ def spatial_regulariser(features: Tensor, boxes: Tensor, regions: Tensor, index:
                         iou: float = 0.6, top: int = 10) -> Tensor:
     """The WSDDN spatial regulariser, summed over images' positive classes and averaged over images.
 
+    Its value is what the original MatConvNet layer (``LossTopBoxSmoothProb``) computes and logs, and its
+    gradient is the layer's backward; the two do not belong to one function. For each positive class k
+    (r* its best region, N its neighbours):
+    - value: the layer squares the S-weighted difference, ``0.5 * sum_{r in N} ||S_{r,k} (phi_r - phi_r*)||^2``,
+      and sums it over classes;
+    - gradient: ``S_{r,k} (phi_r - phi_r*)`` at each r in N, minus their sum at r*, the gradient of
+      ``0.5 * sum_{r in N} S_{r,k} ||phi_r - phi_r*||^2`` with S constant. Over classes it is summed here; the
+      layer assigns class after class, so where two positive classes share a region the last one wins.
+    Returned as ``grad_path + (value - grad_path).detach()``: the value of the first, the gradient of the second.
+
     Args:
         features (Tensor[N, D]): region features phi (fc7). boxes (Tensor[N, 4]): their proposals (x1, y1, x2, y2).
         regions (Tensor[N, K]): region scores S (used as constant weights). index (Tensor[N]): image of each row.
         labels (Tensor[B, K]): image labels; only 1 counts as positive.
     """
     weights = regions.detach()
-    total = features.new_zeros(())
+    grad_path, value = features.new_zeros(()), features.new_zeros(())
     for i in range(labels.shape[0]):
         rows = (index == i).nonzero().squeeze(1)
         classes = (labels[i] == 1).nonzero().squeeze(1)
@@ -81,8 +94,9 @@ def spatial_regulariser(features: Tensor, boxes: Tensor, regions: Tensor, index:
         overlap = box_iou(boxes[best], boxes[rows]).gather(1, ranked[1:].T).T  # (T-1, P) IoU with r*
         near = (overlap > iou).to(features.dtype) * scores[1:]
         dist = (features[others] - features[best][None]).pow(2).sum(-1)  # (T-1, P)
-        total = total + 0.5 * (near * dist).sum()
-    return total / labels.shape[0]
+        grad_path = grad_path + 0.5 * (near * dist).sum()
+        value = value + 0.5 * (near * scores[1:] * dist).sum().detach()
+    return (grad_path + (value - grad_path).detach()) / labels.shape[0]
 
 
 class WSDDN(nn.Module):
