@@ -16,7 +16,7 @@ SHIPPED = sorted(CONFIGS.glob("*.yaml"))
 
 
 def test_the_configs_ship_inside_the_package():
-    assert CONFIG_DIR == CONFIGS and len(SHIPPED) == 15
+    assert CONFIG_DIR == CONFIGS and len(SHIPPED) == 19
     assert packaged_configs() == [p.stem for p in SHIPPED]
 
 
@@ -35,10 +35,23 @@ def test_release_values():
     w = load_config(TeacherConfig, CONFIGS / "teacher_wsddn_voc07.yaml")
     assert (w.model.score_scale, w.model.score_bias, w.model.det_temperature, w.model.reg_weight) == (10, 1, 2, 1e-4)
     assert w.data.resize == "wsddn" and w.data.max_size is None and w.data.scales == (480, 576, 688, 864, 1200)
-    s = load_config(StudentConfig, CONFIGS / "student_coco_kd.yaml")
+    s = load_config(StudentConfig, CONFIGS / "student_coco_kd_release.yaml")
     assert s.model.image_size == 224 and s.distill.teacher_scale == 672 and s.distill.feature_layers == ("fc7",)
     assert s.distill.scale_init == 0.2 and s.distill.scale_lr_mult == 10 and s.data.max_proposals == 500
     assert [(x.label_weight, x.soft_weight, x.feature_weight) for x in s.stages] == [(0, 0, 1), (1, 1, 0)]
+    assert (s.distill.feature_norm, s.distill.feature_cache_gb) == ("none", 0)  # the release, exactly
+
+
+@pytest.mark.parametrize("name", ["demo", "coco", "voc07", "nuswide"])
+def test_the_default_recipe_is_one_joint_stage_with_relative_features_over_the_plain_schedule(name):
+    kd = load_config(StudentConfig, CONFIGS / f"student_{name}_kd.yaml")
+    plain = load_config(StudentConfig, CONFIGS / f"student_{name}.yaml")
+    release = load_config(StudentConfig, CONFIGS / f"student_{name}_kd_release.yaml")
+    assert [(x.label_weight, x.soft_weight, x.feature_weight) for x in kd.stages] == [(1, 1, 5)]
+    assert kd.distill.feature_norm == "relative" and release.distill.feature_norm == "none"
+    assert (kd.stages[0].epochs, kd.stages[0].lr_steps) == (plain.stages[0].epochs, plain.stages[0].lr_steps)
+    assert kd.model == plain.model == release.model and kd.data.train == release.data.train
+    assert len(release.stages) == 2 and sum(s.epochs for s in release.stages) >= plain.stages[0].epochs
 
 
 def test_configs_load_by_name_from_any_folder_and_paths_still_work(tmp_path, monkeypatch):

@@ -8,12 +8,14 @@ from mlkd.cli.common import non_negative_int, positive_int, ranged
 
 DESCRIPTION = """\
 The whole system on a generated synthetic dataset, sized for a laptop CPU: data -> selective-search proposals
-(LMDB caches) -> the WSDDN teacher -> the student without distillation -> the student with the release's
-two-stage distillation (--joint: also the joint mode) -> every metric on the held-out split. Prints a table
+(LMDB caches) -> the WSDDN teacher -> the student without distillation -> the student with mlkd's default
+distillation (one joint stage, relative L_f) -> the student with the release's two-stage distillation
+(--joint: also the release's losses in one stage) -> every metric on the held-out split. Prints a table
 like the paper's Table 3 (mAP, CF1, OF1, top-3 CF1/OF1; teacher CorLoc against the largest-proposal
 baseline) and writes the paper's example figure (teacher's top-10 proposals in green; the students' top-3
 labels, blue correct, red wrong) and summary.json into the run folder. --seeds N retrains the teacher and
-students with N seeds on the same data and reports mean ± std and the distillation gain per seed. A rerun
+students with N seeds on the same data and reports mean ± std and each recipe's distillation gain per seed
+(flagging any seed where a distilled student is worse than the one without distillation). A rerun
 reuses finished stages and resumes interrupted ones."""
 
 
@@ -31,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=non_negative_int, default=2, help="processes for proposal generation (default 2)")
     p.add_argument("--look", choices=("shapes", "badges"), default="shapes",
                    help="the synthetic dataset's look (see `mlkd data synth --help`; default shapes)")
-    p.add_argument("--joint", action="store_true", help="also train the joint-mode student (about 2 minutes more)")
+    p.add_argument("--joint", action="store_true", help="also train a student with the release's losses in one joint stage (about 1 minute more per seed)")
     p.add_argument("--configs", metavar="DIR",
                    help="folder with teacher_demo.yaml and student_demo*.yaml (default: the ones shipped with mlkd)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
