@@ -27,17 +27,27 @@ from mlkd.models.backbones import CONVENTIONS, normalize
 from mlkd.models.build import model_from_checkpoint
 from mlkd.models.wsddn import NMS_IOU, class_detections
 from mlkd.proposals.methods import propose, resolve_params
+from mlkd.runtime import StudentRuntime, calibration_batches, checkpoint_calibration
 
 ImageLike = Any  # a path, a PIL image, an (H, W, 3) / (H, W) uint8 array, or a (3, H, W) tensor
 
 
-def load(path: str | Path, device: str | torch.device = "cpu") -> "Classifier | Detector":
-    """A student checkpoint or model folder as a :class:`Classifier`, a teacher's as a :class:`Detector`."""
+def load(path: str | Path, device: str | torch.device = "cpu", precision: str = "fp32",
+         calibration: str | None = None) -> "Classifier | Detector":
+    """A student checkpoint or model folder as a :class:`Classifier`, a teacher's as a :class:`Detector`.
+
+    A classifier runs in ``precision`` (``fp32``, ``bf16`` where the hardware has it natively, ``int8`` on the
+    CPU through onnxruntime: see :mod:`mlkd.runtime`); int8 calibrates on the dataset ``calibration`` (default:
+    the training set the checkpoint records)."""
     ckpt = load_checkpoint(path)
     if ckpt["kind"] not in ("student", "teacher"):
         raise BadInput(f"{path} holds {ckpt['kind']}, not a trained student or teacher")
     model = model_from_checkpoint(ckpt)
-    return (Classifier if ckpt["kind"] == "student" else Detector)(model, ckpt).to(device)
+    if ckpt["kind"] == "teacher":
+        if precision != "fp32" or calibration is not None:
+            raise BadInput("precision and calibration apply to students; a teacher (Detector) runs in fp32")
+        return Detector(model, ckpt).to(device)
+    return Classifier(model, ckpt, precision, calibration).to(device)
 
 
 def to_rgb(image: ImageLike) -> np.ndarray:
@@ -112,7 +122,27 @@ class _Loaded:
 
 
 class Classifier(_Loaded):
-    """A trained student: multi-label probabilities of images (sigmoid of its logits)."""
+    """A trained student: multi-label probabilities of images (sigmoid of its logits), in ``precision``."""
+
+    def __init__(self, model: torch.nn.Module, ckpt: dict[str, Any], precision: str = "fp32",
+                 calibration: str | None = None) -> None:
+        super().__init__(model, ckpt)
+        self.precision, self._ckpt, self._calibration = precision, ckpt, calibration
+        self._runtime = self._build(torch.device("cpu"))
+
+    def _build(self, device: torch.device) -> StudentRuntime:
+        batches = None
+        if self.precision == "int8":
+            spec, options = checkpoint_calibration(self._ckpt, self._calibration)
+            batches = calibration_batches(spec, options, self.image_size, self.input_convention)
+        return StudentRuntime(self.model, self.precision, device, self.image_size, batches)
+
+    def to(self, device: str | torch.device) -> "Classifier":
+        """Move the model to ``device`` (e.g. "cuda"); returns self."""
+        if torch.device(device) != self.device:
+            super().to(device)
+            self._runtime = self._build(self.device)
+        return self
 
     @torch.no_grad()
     def probabilities(self, images: ImageLike | Sequence[ImageLike], batch_size: int = 32) -> np.ndarray:
@@ -124,7 +154,7 @@ class Classifier(_Loaded):
         out = []
         for start in range(0, len(items), batch_size):
             x = torch.stack([self._warped(to_rgb(im)) for im in items[start:start + batch_size]])
-            logits = self.model(normalize(x.to(self.device), self.input_convention)).float()
+            logits = self._runtime(normalize(x.to(self.device), self.input_convention))
             _check_finite(logits, items, start, self.classes)
             out.append(torch.sigmoid(logits).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)

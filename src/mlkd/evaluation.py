@@ -26,6 +26,7 @@ from mlkd.metrics import corloc, detection_ap, evaluate_all, report_to_json
 from mlkd.models.build import model_from_checkpoint
 from mlkd.models.wsddn import NMS_IOU, WSDDN, class_detections, top_boxes
 from mlkd.proposals.attach import open_split, require_proposals
+from mlkd.runtime import StudentRuntime, calibration_batches, checkpoint_calibration
 from mlkd.viz import detections_figure, save_rgb, teacher_figure
 
 
@@ -138,17 +139,25 @@ def evaluate_student_model(model: torch.nn.Module, spec: str, classes: Sequence[
 
 def evaluate_student(checkpoint: str, spec: str, out: str | None = None, options: dict[str, Any] | None = None,
                      device: torch.device = torch.device("cpu"), workers: int = 0, progress: bool = True,
-                     scores_out: str | None = None, plots: str | Path | None = None) -> dict[str, Any]:
+                     scores_out: str | None = None, plots: str | Path | None = None, precision: str = "fp32",
+                     calibration: str | None = None) -> dict[str, Any]:
     """A student checkpoint on a dataset (``mlkd evaluate``); JSON report to ``out``, scores to ``scores_out``,
-    charts, galleries and ``index.html`` to the folder ``plots``."""
+    charts, galleries and ``index.html`` to the folder ``plots``. The student runs in ``precision``
+    (:mod:`mlkd.runtime`; int8 calibrates on ``calibration``, default the checkpoint's training set)."""
     _check_output(out, "report")
     _check_output(scores_out, "scores")
     check_plots_folder(plots)
     ckpt = load_checkpoint(checkpoint, "student")
-    model = model_from_checkpoint(ckpt).to(device)
-    report = evaluate_student_model(model, spec, ckpt["classes"], ckpt["input_convention"],
-                                    ckpt["inference"]["image_size"], options, device, workers, progress,
-                                    str(checkpoint), plots)
+    size, convention = ckpt["inference"]["image_size"], ckpt["input_convention"]
+    batches = None
+    if precision == "int8":
+        batches = calibration_batches(*checkpoint_calibration(ckpt, calibration), size, convention)
+    elif calibration is not None:
+        raise BadInput("--calibration applies to --precision int8")
+    runtime = StudentRuntime(model_from_checkpoint(ckpt), precision, device, size, batches)
+    report = evaluate_student_model(runtime, spec, ckpt["classes"], convention, size, options, device, workers,
+                                    progress, str(checkpoint), plots)
+    report["precision"] = precision
     scores = report.pop("scores")
     if scores_out:  # through a file object: np.save would append ".npy" to a path that lacks it
         write_atomically(scores_out, lambda f: np.save(f, scores), "scores")

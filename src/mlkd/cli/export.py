@@ -34,7 +34,9 @@ Otherwise the command fails (exit 1) and leaves the files for inspection.
 
   student, caffe  student.prototxt + student.caffemodel: conv1_1 ... pool5, fc6, fc7, <classifier>, prob
                   (Sigmoid); VGG-head students only
-  student, onnx   student.onnx: input `images` (N, 3, S, S), outputs `logits`, `probabilities` (N, K)
+  student, onnx   student.onnx: input `images` (N, 3, S, S), outputs `logits`, `probabilities` (N, K);
+                  --int8 adds student_int8.onnx, its probabilities within 0.1 of PyTorch's on the calibration
+                  images
   teacher, caffe  teacher.prototxt + teacher.caffemodel: the release's teacher network without its RoI
                   pooling (an input `roi_pooling`); also checks the weights round trip through import-caffe
 
@@ -63,7 +65,8 @@ def run_export(args: argparse.Namespace) -> int:
     from mlkd.export.exporter import export_checkpoint
 
     info, checks = export_checkpoint(args.checkpoint, args.format, args.out, args.classifier_name, args.opset,
-                                     args.tolerance, args.image, args.image_size, args.regions)
+                                     args.tolerance, args.image, args.image_size, args.regions, args.int8,
+                                     args.calibration)
     runtime = info["verification"]["runtime"]
     extra = "README.md" if args.format == "safetensors" else "export.json, README.md"
     print(f"{info['kind']} exported as {args.format} to {args.out}: {', '.join(info['files'].values())}, {extra}")
@@ -129,6 +132,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also verify on this image file (warped and normalised like the model's input); repeatable")
     e.add_argument("--image-size", type=positive_int, metavar="S",
                    help="teacher: the input size of the deploy prototxt (default: the checkpoint's test_scale)")
+    e.add_argument("--int8", action="store_true",
+                   help="onnx, student: also write student_int8.onnx (onnxruntime static int8, calibrated on training "
+                        "images; the fastest CPU precision, approximate: see the README's benchmark table)")
+    e.add_argument("--calibration", metavar="SPEC",
+                   help="--int8: the training images to calibrate on (default: the training set the checkpoint "
+                        "records)")
     e.add_argument("--regions", type=positive_int, metavar="R",
                    help="teacher: proposals per image baked into the prototxt (default: data.max_proposals, else "
                         "500 as in the release)")

@@ -10,7 +10,7 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
-from mlkd.cli.common import add_device_option, positive_int, resolve_device
+from mlkd.cli.common import add_device_option, add_precision_options, positive_int, resolve_device
 from mlkd.errors import BadInput, NotFound
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.json and Path(args.json).is_dir():  # before the work, not after it
         raise BadInput(f"--json {args.json} is a folder; give a file path, e.g. {Path(args.json) / 'predictions.json'}")
-    clf = mlkd.load(args.checkpoint, resolve_device(args.device))
+    clf = mlkd.load(args.checkpoint, resolve_device(args.device), args.precision, args.calibration)
     if not isinstance(clf, mlkd.Classifier):
         raise BadInput(f"{args.checkpoint} is a teacher; `mlkd predict` classifies with a student")
     limits = read_thresholds(args.thresholds, clf.classes)
@@ -162,5 +162,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=positive_int, default=16, metavar="B",
                    help="images per forward pass (default 16)")
     add_device_option(p)
+    add_precision_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)

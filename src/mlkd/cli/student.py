@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mlkd.cli.common import add_dataset_options, add_device_option, non_negative_int, parse_options, resolve_device
+from mlkd.cli.common import (add_dataset_options, add_device_option, add_precision_options, non_negative_int,
+                              parse_options, resolve_device)
 
 TRAIN_DESCRIPTION = """\
 Train the student classifier, without distillation (one stage with L_p) or distilling a trained teacher
@@ -36,7 +37,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from mlkd.metrics import format_table
 
     report = evaluate_student(args.checkpoint, args.dataset, args.out, parse_options(args.option),
-                              resolve_device(args.device), args.workers, not args.quiet, args.scores, args.plots)
+                              resolve_device(args.device), args.workers, not args.quiet, args.scores, args.plots,
+                              args.precision, args.calibration)
     print(format_table(report["classification"], per_class=not args.summary))
     index = Path(args.plots) / "index.html" if args.plots else None
     for path, what in ((args.out, "report"), (args.scores, "scores"), (index, "plots")):
@@ -74,5 +76,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--workers", type=non_negative_int, default=2,
                    help="DataLoader workers (default 2; 0 = load in this process)")
     add_device_option(e)
+    add_precision_options(e)
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=run_evaluate)

@@ -5,7 +5,8 @@ is done (Caffe and ONNX by another runtime, the model folder by reading it back)
   the classifier ``fc8`` or ``--classifier-name``, a Sigmoid ``prob``), checked with OpenCV's DNN module. Only the
   VGG head is expressible with the VGG converter (:mod:`mlkd.export.caffe.vgg`); ResNet students are refused.
 - Student, ``onnx``: ``images`` -> ``logits``, ``probabilities`` (see :mod:`mlkd.export.onnx`), checked with
-  onnxruntime.
+  onnxruntime; with ``--int8`` also ``student_int8.onnx`` (:mod:`mlkd.export.quantize`), calibrated on training
+  images and held to :data:`~mlkd.export.quantize.INT8_TOLERANCE` of the float32 probabilities.
 - Teacher, ``caffe``: every layer of the release's teacher network but the RoI generation and pooling (see
   :mod:`mlkd.export.caffe.wsddn`), checked with OpenCV on regions pooled by PyTorch, plus a weight round trip
   through the importer.
@@ -20,18 +21,20 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
 from mlkd.checkpoint import CONFIG, WEIGHTS, load_checkpoint, read_model_dir, write_model_dir
 from mlkd.errors import BadInput
 from mlkd.export.onnx import check_opset, export_onnx, run_onnx, runtime_name
+from mlkd.export.quantize import INT8_TOLERANCE, deploy_model, quantize_student
 from mlkd.export.verify import Check, compare, describe_input, random_boxes, require, sample_inputs
-from mlkd.export.vgg_view import VggDeployView
 from mlkd.models.build import model_from_checkpoint
 from mlkd.optional import optional_import
+from mlkd.runtime import calibration_batches, checkpoint_calibration
 from mlkd.version import __version__
 
 FORMATS = ("caffe", "onnx", "safetensors")
@@ -39,18 +42,33 @@ FORMATS = ("caffe", "onnx", "safetensors")
 
 # -- student ----------------------------------------------------------------------------------------
 def export_student_onnx(student: nn.Module, out: Path, image_size: int, opset: int, tolerance: float,
-                        x: torch.Tensor) -> dict[str, Any]:
-    """Write ``student.onnx`` and check it with onnxruntime (on a batch other than the traced one)."""
-    model = VggDeployView(student, image_size).eval() if student.head == "vgg" else student
+                        x: torch.Tensor, int8_calibration: Iterable[np.ndarray] | None = None) -> dict[str, Any]:
+    """Write ``student.onnx`` and check it with onnxruntime (on a batch other than the traced one); with
+    ``int8_calibration`` (normalised batches of training images) also ``student_int8.onnx``, whose
+    probabilities must stay within :data:`INT8_TOLERANCE` of PyTorch's on the calibration images."""
     path = out / "student.onnx"
-    export_onnx(model, path, image_size, opset)
+    export_onnx(deploy_model(student, image_size), path, image_size, opset)
     got = run_onnx(path, x)
     with torch.no_grad():
         ref = student(x)
     scale = float(ref.abs().max())
     checks = [compare("logits", got["logits"], ref, tolerance),
               compare("probabilities", got["probabilities"], torch.sigmoid(ref), tolerance, scale)]
-    return {"files": {"onnx": path.name}, "opset": opset, "inputs": ["images"], "checks": checks, "notes": [],
+    files, notes = {"onnx": path.name}, []
+    if int8_calibration is not None:
+        batches = list(int8_calibration)
+        int8 = quantize_student(student, image_size, iter(batches), out / "student_int8.onnx", opset)
+        images = torch.from_numpy(np.concatenate(batches))
+        with torch.no_grad():
+            probs = torch.sigmoid(student(images))
+        got8 = run_onnx(int8, images)["probabilities"]
+        checks.append(Check("int8 probabilities", float(np.abs(got8 - probs.numpy()).max()), INT8_TOLERANCE,
+                            f"max |int8 - float32 PyTorch| on the {len(images)} calibration images"))
+        files["onnx_int8"] = int8.name
+        notes.append(f"student_int8.onnx: int8 weights (per channel) and activations (ranges from {len(images)} "
+                     "training images), onnxruntime QOperator form; approximate by design: judge it by its held-out "
+                     "mAP (mlkd evaluate --precision int8)")
+    return {"files": files, "opset": opset, "inputs": ["images"], "checks": checks, "notes": notes,
             "runtime": runtime_name(),
             "outputs": {"logits": "logits z (N, K), classes in the order of `classes`",
                         "probabilities": "sigmoid(z) (N, K): independent per-class probabilities (multi-label)"}}
@@ -111,7 +129,8 @@ def _prepare_dir(out: Path, fmt: str) -> None:
 
 def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, classifier: str | None = None,
                       opset: int = 17, tolerance: float = 1e-4, images: Sequence[str | Path] = (),
-                      image_size: int | None = None, regions: int | None = None) -> tuple[dict[str, Any], list[Check]]:
+                      image_size: int | None = None, regions: int | None = None, int8: bool = False,
+                      calibration: str | None = None) -> tuple[dict[str, Any], list[Check]]:
     """Export and verify (see the module docstring). Returns the export record (``export.json``) and the checks;
     raises ValueError when the verification fails (after writing the record, whose ``verification.passed`` is
     then false)."""
@@ -123,6 +142,8 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, classif
         check_opset(opset)
     ckpt = load_checkpoint(checkpoint)
     kind, out = ckpt["kind"], Path(out)
+    if (int8 or calibration is not None) and (fmt != "onnx" or kind != "student"):
+        raise BadInput("--int8 (and --calibration) apply to students exported with --format onnx")
     if kind not in ("teacher", "student"):
         raise BadInput(f"{checkpoint} holds {kind}, not a trained teacher or student")
     if fmt == "safetensors":
@@ -151,7 +172,12 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, classif
         if classifier is not None:
             raise BadInput("--classifier-name names the Caffe classifier layer; ONNX outputs are `logits` and "
                              "`probabilities`")
-        part = export_student_onnx(model, out, size, opset, tolerance, x)
+        batches = None
+        if int8:
+            batches = calibration_batches(*checkpoint_calibration(ckpt, calibration), size, ckpt["input_convention"])
+        elif calibration is not None:
+            raise BadInput("--calibration applies to --int8")
+        part = export_student_onnx(model, out, size, opset, tolerance, x, batches)
     info, checks = _export_info(ckpt, str(checkpoint), fmt, part, size, names[:1] if kind == "teacher" else names,
                                 tolerance)
     (out / "export.json").write_text(json.dumps(info, indent=2) + "\n")

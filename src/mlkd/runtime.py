@@ -1,0 +1,121 @@
+"""The deployed student, run in the precision asked for, as fast as this machine allows.
+
+``StudentRuntime(model, precision, device)`` is called like the model: normalised images ``(B, 3, S, S)`` ->
+logits ``(B, K)`` float32.
+
+- ``fp32``: PyTorch float32; on the CPU in the channels_last memory format (oneDNN's convolutions run faster
+  on it; the result equals the default layout's up to float rounding).
+- ``bf16``: autocast bfloat16 and channels_last, only where the hardware computes bf16 natively
+  (:func:`mlkd.device.native_bf16`); elsewhere it would be ~20x slower and is refused.
+- ``int8``: onnxruntime on the CPU with the statically quantised model of :mod:`mlkd.export.quantize`
+  (activation ranges from calibration images: the model's training images by default). Needs ``[export]``.
+
+The mAP cost of each precision on the demo's held-out split and its speed are in the README (benchmarks).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from mlkd.data.transforms import Warp
+from mlkd.device import resolve_amp
+from mlkd.errors import BadInput, MlkdError
+from mlkd.models.backbones import normalize
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "bf16", "int8")
+CALIBRATION_IMAGES = 64
+
+
+class StudentRuntime:
+    """``runtime(images) -> logits``; see the module docstring for what each precision does."""
+
+    def __init__(self, model: nn.Module, precision: str = "fp32", device: torch.device | str = "cpu",
+                 image_size: int | None = None, calibration: Iterator[np.ndarray] | None = None) -> None:
+        if precision not in PRECISIONS:
+            raise BadInput(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+        self.precision, self.device = precision, torch.device(device)
+        self.model = model.eval().to(self.device)
+        self.session = None
+        if precision == "bf16":
+            resolve_amp("bf16", self.device)  # refuses a CPU without native bf16, saying why
+        if precision == "int8":
+            if self.device.type != "cpu":
+                raise BadInput("precision int8 runs on the CPU (onnxruntime); use fp32 or bf16 on a GPU")
+            if image_size is None or calibration is None:
+                raise BadInput("precision int8 needs the image size and calibration images")
+            self.session = _int8_session(self.model, image_size, calibration)
+        elif self.device.type == "cpu":
+            self.model.to(memory_format=torch.channels_last)
+
+    def eval(self) -> "StudentRuntime":
+        return self
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if self.session is not None:
+            logits = self.session.run(["logits"], {"images": images.cpu().numpy().astype(np.float32)})[0]
+            return torch.from_numpy(logits)
+        x = images.to(self.device)
+        if self.device.type == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.precision == "bf16":
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                return self.model(x).float()
+        return self.model(x).float()
+
+
+def _int8_session(model: nn.Module, image_size: int, calibration: Iterator[np.ndarray]):
+    from mlkd.export.quantize import quantize_student, session
+
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="mlkd_int8_") as tmp:
+        path = quantize_student(model, image_size, calibration, Path(tmp) / "student_int8.onnx")
+        out = session(path, torch.get_num_threads())
+    logger.info(f"int8 model quantised and loaded in {time.perf_counter() - t0:.1f} s")
+    return out
+
+
+def calibration_batches(spec: str, options: dict[str, Any] | None, image_size: int, convention: str,
+                        count: int = CALIBRATION_IMAGES, batch_size: int = 16) -> Iterator[np.ndarray]:
+    """Normalised float32 batches of ``count`` images spread evenly over the dataset ``spec`` (in its order),
+    warped to ``image_size``: what int8 quantisation measures activation ranges on."""
+    from mlkd.data import build_dataset  # the dataset readers are only needed for int8
+
+    dataset = build_dataset(spec, **(options or {}))
+    if len(dataset) == 0:
+        raise BadInput(f"calibration dataset {spec} has no images")
+    picks = np.unique(np.linspace(0, len(dataset) - 1, min(count, len(dataset))).round().astype(int))
+    view = dataset.view(transform=Warp(image_size), indices=picks.tolist())
+    for start in range(0, len(view), batch_size):
+        images = torch.stack([view[i][0] for i in range(start, min(start + batch_size, len(view)))])
+        yield normalize(images, convention).numpy()
+
+
+def checkpoint_calibration(ckpt: dict[str, Any], given: str | None) -> tuple[str, dict[str, Any] | None]:
+    """The dataset to calibrate int8 on: ``given``, else the training set recorded in the checkpoint's config.
+    An error says how to give one when neither is usable."""
+    if given:
+        return given, None
+    data = (ckpt.get("config") or {}).get("data") or {}
+    spec = data.get("train")
+    if not spec:
+        raise BadInput("precision int8 needs calibration images and the checkpoint records no training set: give "
+                       "--calibration SPEC (a dataset of training images, e.g. path/to/train.jsonl)")
+    try:
+        from mlkd.data import build_dataset
+
+        build_dataset(spec, **(data.get("options") or {}))
+    except MlkdError as e:
+        raise BadInput(f"precision int8 calibrates on the model's training set {spec}, which cannot be opened "
+                       f"here ({e}); give --calibration SPEC (a dataset of training images)") from None
+    return spec, data.get("options")
