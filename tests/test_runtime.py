@@ -20,9 +20,11 @@ from mlkd.data.transforms import Warp
 from mlkd.models.backbones import normalize
 from mlkd.models.build import model_from_checkpoint
 from mlkd.proposals.attach import open_split
+from mlkd import runtime as runtime_module
 from mlkd.runtime import StudentRuntime, calibration_batches
 
 pytest.importorskip("onnxruntime")
+real_timing = runtime_module._channels_last_is_faster
 
 
 def batch(trained, size=48):
@@ -32,14 +34,18 @@ def batch(trained, size=48):
     return normalize(images, "torchvision")
 
 
-def test_fp32_runtime_equals_the_eager_model(trained):
+def test_fp32_runtime_equals_the_eager_model(trained, monkeypatch):
     ckpt = load_checkpoint(trained.student)
     eager = model_from_checkpoint(ckpt).eval()
     x = batch(trained)
     with torch.no_grad():
         ref = eager(x)
-    got = StudentRuntime(model_from_checkpoint(ckpt), "fp32")(x)
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    for faster in (True, False):  # either memory layout the timing picks gives the same logits
+        monkeypatch.setattr(runtime_module, "_channels_last_is_faster", lambda *a, faster=faster: faster)
+        runtime = StudentRuntime(model_from_checkpoint(ckpt), "fp32", "cpu", 48)
+        assert runtime.channels_last == faster
+        torch.testing.assert_close(runtime(x), ref, rtol=1e-5, atol=1e-5)
+    assert isinstance(real_timing(model_from_checkpoint(ckpt).eval(), 48, False), bool)
 
 
 def test_bf16_runs_where_native_and_is_refused_elsewhere(trained, monkeypatch):
