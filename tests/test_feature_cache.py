@@ -4,6 +4,7 @@ on the fly (up to float16), with and without top_k, and a run that reads them tr
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -13,7 +14,8 @@ from mlkd.config import load_config
 from mlkd.data.base import collate
 from mlkd.data.loader import make_loader
 from mlkd.data.transforms import Compose, KeepTopProposals, TeacherStudentViews
-from mlkd.distill import teacher_features_store, teacher_region_targets
+from mlkd.distill import (TEACHER_BATCH, FeatureCacheSpec, compute_teacher_targets, teacher_caches,
+                          teacher_features_store, teacher_region_targets)
 from mlkd.distributed import DistInfo
 from mlkd.models.backbones import normalize
 from mlkd.models.build import model_from_checkpoint
@@ -64,3 +66,34 @@ def test_a_run_reading_the_cache_trains_like_one_running_the_teacher(trained, tm
     assert losses[0] == pytest.approx(losses[1], rel=2e-3)  # float16 targets: the same loss at every step
     for key, value in live["model"].items():  # and the same weights after the epoch, within float16 noise
         assert torch.allclose(cached["model"][key], value, rtol=1e-2, atol=2e-3), key
+
+
+def test_targets_and_features_come_from_one_teacher_pass(trained, tmp_path):
+    """Both caches at once run the teacher's backbone once per batch of views, and equal the caches computed
+    one at a time."""
+    ckpt = load_checkpoint(trained.teacher, "teacher")
+    teacher = model_from_checkpoint(ckpt)
+    dataset = open_split(str(trained.data.train), proposals=str(trained.data.train_proposals))
+    calls = []
+    teacher.backbone.register_forward_hook(lambda *a: calls.append(1))
+    spec = FeatureCacheSpec(("fc7",), None, 1.0)
+    soft, store = teacher_caches(teacher, "torchvision", str(trained.teacher), dataset, 80, tmp_path / "both",
+                                 DistInfo(), 30, True, spec, progress=False)
+    assert len(calls) == 2 * math.ceil(len(dataset) / TEACHER_BATCH)  # unflipped and flipped views, once each
+    alone = compute_teacher_targets(teacher, "torchvision", str(trained.teacher), dataset, 80, tmp_path / "one",
+                                    DistInfo(), 30, progress=False)
+    other = teacher_features_store(teacher, "torchvision", str(trained.teacher), dataset, 80, tmp_path / "two",
+                                   DistInfo(), 30, ("fc7",), None, 1.0, progress=False)
+    try:
+        for r in dataset.records:
+            torch.testing.assert_close(soft.probs[r.image_id], alone.probs[r.image_id], rtol=0, atol=0)
+            for flip in (False, True):
+                a, b = store.get(r.image_id, flip), other.get(r.image_id, flip)
+                assert (a[0] == b[0]).all() and (a[1]["fc7"] == b[1]["fc7"]).all()
+        calls.clear()  # a second call finds both caches current and runs nothing
+        teacher_caches(teacher, "torchvision", str(trained.teacher), dataset, 80, tmp_path / "both", DistInfo(), 30,
+                       True, spec, progress=False)[1].close()
+        assert calls == []
+    finally:
+        store.close()
+        other.close()

@@ -13,6 +13,7 @@ import torch
 
 import mlkd
 from mlkd import device as dev
+from mlkd import runtime as runtime_module
 from mlkd.checkpoint import load_checkpoint, save_checkpoint
 from mlkd.cli import main
 from mlkd.data.base import read_image
@@ -20,10 +21,8 @@ from mlkd.data.transforms import Warp
 from mlkd.models.backbones import normalize
 from mlkd.models.build import model_from_checkpoint
 from mlkd.proposals.attach import open_split
-from mlkd import runtime as runtime_module
 from mlkd.runtime import StudentRuntime, calibration_batches
 
-pytest.importorskip("onnxruntime")
 real_timing = runtime_module._channels_last_is_faster
 
 

@@ -23,6 +23,7 @@ never reaches the teacher. Region features too large to store are computed on th
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -82,30 +83,47 @@ def soft_label_loss(logits: Tensor, scale: Tensor, teacher_probs: Tensor) -> Ten
 
 
 @torch.no_grad()
+def teacher_outputs(teacher: WSDDN, images: Tensor, proposals: Sequence[Tensor], scores: Sequence[Tensor] | None,
+                    soft: bool = True, layers: Sequence[str] | None = None, top_k: int | None = None,
+                    temperature: float = TEACHER_TEMPERATURE
+                    ) -> tuple[Tensor | None, dict[str, Tensor] | None, Tensor | None]:
+    """One forward of the frozen teacher on a batch, giving what distillation needs of it:
+
+    - with ``soft``: its image scores ``(B, K)`` with both streams' logits divided by ``temperature``;
+    - with ``layers``: its region features ``{layer: (N', D)}`` and their rows among the batch's flattened
+      proposals (None: all of them; with ``top_k``, each image's ``top_k`` regions by objectness s').
+    """
+    boxes, flat_scores, index = flatten_proposals(proposals, scores)
+    target = teacher.region_layers(teacher.backbone(images), boxes, flat_scores, index)
+    cls_logits, det_logits = teacher.forward_streams(teacher.drop(target["fc7"]))
+    probs = feats = keep = None
+    if soft:
+        _, probs = wsddn_scores(cls_logits.float(), det_logits.float(), index, len(proposals), temperature,
+                                temperature)
+        probs = probs.clamp(0.0, 1.0)
+    if layers:
+        feats = {k: target[k] for k in layers}
+        if top_k is not None:
+            regions, _ = wsddn_scores(cls_logits, det_logits, index, len(proposals), teacher.cls_temperature,
+                                      teacher.det_temperature)
+            keep = top_regions(regions.sum(1), index, len(proposals), top_k)  # s' = sum_k S
+            feats = {k: v[keep] for k, v in feats.items()}
+    return probs, feats, keep
+
+
 def teacher_image_probs(teacher: WSDDN, images: Tensor, proposals: Sequence[Tensor],
                         scores: Sequence[Tensor] | None, temperature: float = TEACHER_TEMPERATURE) -> Tensor:
     """The teacher's image scores ``(B, K)`` with both streams' logits divided by ``temperature``."""
-    boxes, flat_scores, index = flatten_proposals(proposals, scores)
-    features = teacher.forward_regions(teacher.backbone(images), boxes, flat_scores, index)
-    cls_logits, det_logits = teacher.forward_streams(features)
-    _, probs = wsddn_scores(cls_logits.float(), det_logits.float(), index, images.shape[0], temperature, temperature)
-    return probs.clamp(0.0, 1.0)
+    return teacher_outputs(teacher, images, proposals, scores, temperature=temperature)[0]
 
 
-@torch.no_grad()
 def teacher_region_targets(teacher: WSDDN, images: Tensor, proposals: Sequence[Tensor],
                            scores: Sequence[Tensor] | None, layers: Sequence[str] = ("fc7",),
                            top_k: int | None = None) -> tuple[dict[str, Tensor], Tensor | None]:
     """The teacher's region features ``{layer: (N', D)}`` of a batch and their rows among its flattened
     proposals (None: all of them; with ``top_k``, each image's ``top_k`` regions by objectness s')."""
-    boxes, flat_scores, index = flatten_proposals(proposals, scores)
-    target = teacher.region_layers(teacher.backbone(images), boxes, flat_scores, index)
-    if top_k is None:
-        return {k: target[k] for k in layers}, None
-    regions, _ = wsddn_scores(*teacher.forward_streams(target["fc7"]), index, len(proposals),
-                              teacher.cls_temperature, teacher.det_temperature)
-    keep = top_regions(regions.sum(1), index, len(proposals), top_k)  # s' = sum_k S
-    return {k: target[k][keep] for k in layers}, keep
+    _, feats, keep = teacher_outputs(teacher, images, proposals, scores, soft=False, layers=layers, top_k=top_k)
+    return feats, keep
 
 
 def top_regions(objectness: Tensor, index: Tensor, num_images: int, k: int) -> Tensor:
@@ -176,14 +194,15 @@ class StudentObjective(nn.Module):
         losses = {}
         if w["label"]:
             losses["loss_label"] = w["label"] * label_loss(logits, labels)
+        live_soft, live_features = w["soft"] and teacher_probs is None, w["feature"] and teacher_features is None
+        if live_soft or live_features:  # one teacher forward for whatever is not cached
+            probs, feats, keep = teacher_outputs(self.teacher, teacher_images, proposals, proposal_scores, live_soft,
+                                                 self.feature_layers if live_features else None, self.top_k)
+            teacher_probs = probs if live_soft else teacher_probs
+            teacher_features = (feats, keep) if live_features else teacher_features
         if w["soft"]:
-            if teacher_probs is None:
-                teacher_probs = teacher_image_probs(self.teacher, teacher_images, proposals, proposal_scores)
             losses["loss_soft"] = w["soft"] * soft_label_loss(logits, self.scale, teacher_probs)
         if w["feature"]:
-            if teacher_features is None:
-                teacher_features = teacher_region_targets(self.teacher, teacher_images, proposals, proposal_scores,
-                                                          self.feature_layers, self.top_k)
             losses["loss_feature"] = w["feature"] * self._feature_loss(fmap, student_proposals, *teacher_features)
         return losses
 
@@ -232,45 +251,6 @@ def _teacher_passes(teacher: WSDDN, convention: str, dataset: MultiLabelDataset,
             yield flipped, targets, teacher_inputs(images, targets, device, convention, with_labels=False)
 
 
-@torch.no_grad()
-def compute_teacher_targets(teacher: WSDDN, convention: str, teacher_path: str, dataset: MultiLabelDataset,
-                            scale: int, out: Path, info: DistInfo, max_proposals: int | None = None,
-                            progress: bool = True, workers: int = 0) -> TeacherTargets:
-    """The teacher's image scores (T = 0.5) of every (image, flip) of ``dataset``.
-
-    Cached in ``out/teacher_targets.pt``, keyed by a fingerprint of the teacher checkpoint file, its scale, the
-    dataset identity and the proposals: a run resumed with the same inputs reuses the file. Under ``torchrun``
-    each rank computes its share, every rank gets them all, rank 0 writes the file (atomically).
-    """
-    path = out / "teacher_targets.pt"
-    key = _fingerprint(teacher_path, scale, dataset, max_proposals)
-    saved = None
-    if info.is_main and path.is_file():
-        saved = torch.load(path, weights_only=True)
-        saved = saved if saved.get("key") == key else None
-    if not broadcast(saved is not None, info):
-        if dataset.proposals is None:
-            raise BadInput("soft targets need the training split's proposals: set data.train_proposals")
-        teacher.eval()
-        rows: dict[str, list[torch.Tensor | None]] = {}
-        bar = tqdm(total=2 * len(shard(len(dataset), info)), desc="teacher targets", unit="view",
-                   disable=not progress or not info.is_main)
-        for flipped, targets, x in _teacher_passes(teacher, convention, dataset, scale, max_proposals, info, workers):
-            probs = teacher_image_probs(teacher, x["images"], x["proposals"], x["proposal_scores"]).cpu()
-            for t, p in zip(targets, probs):
-                rows.setdefault(t["image_id"], [None, None])[int(flipped)] = p
-            bar.update(len(targets))
-        bar.close()
-        merged = {k: v for part in all_gather(rows, info) for k, v in part.items()}
-        saved = {"key": key, "probs": {r.image_id: torch.stack(merged[r.image_id]) for r in dataset.records}}
-        if info.is_main:
-            write_atomically(path, lambda f: torch.save(saved, f), "teacher targets")  # never half-written
-    else:
-        saved = broadcast(saved, info)
-    return TeacherTargets(saved["probs"])
-
-
-# -- stage 1's teacher region features, computed once -----------------------------------------------------------
 def _per_image(feats: dict[str, Tensor], keep: Tensor | None, sizes: list[int]):
     """Split a batch's region features (rows ``keep`` of its flattened proposals, all when None) per image:
     ``(positions among that image's proposals, {layer: (R', D)})``."""
@@ -284,45 +264,117 @@ def _per_image(feats: dict[str, Tensor], keep: Tensor | None, sizes: list[int]):
         yield (rows[sel] - int(starts[i])).numpy(), {k: v[sel].numpy() for k, v in host.items()}
 
 
+@dataclasses.dataclass
+class FeatureCacheSpec:
+    """What stage 1's region-feature store holds: ``layers``, each image's ``top_k`` regions (None: all), and
+    the most disk it may take (larger sets run the teacher on the fly)."""
+
+    layers: Sequence[str]
+    top_k: int | None
+    max_gb: float
+
+
+def teacher_caches(teacher: WSDDN, convention: str, teacher_path: str, dataset: MultiLabelDataset, scale: int,
+                   out: Path, info: DistInfo, max_proposals: int | None, soft: bool,
+                   features: FeatureCacheSpec | None, progress: bool = True,
+                   workers: int = 0) -> tuple[TeacherTargets | None, TeacherFeatures | None]:
+    """The teacher's stage-2 targets (``soft``) and stage-1 region features (``features``) of every (image,
+    flip) of ``dataset``, from their caches in ``out`` when those are current, else computed in ONE pass of the
+    frozen teacher over the views (its backbone runs once per view for both).
+
+    - Targets: image scores at T = 0.5, in ``out/teacher_targets.pt`` (written atomically by rank 0).
+    - Features: float16, in ``out/teacher_features`` (:mod:`mlkd.feature_cache`), or None when they would take
+      more than ``features.max_gb`` (stage 1 then runs the teacher on the fly); the size is logged first.
+
+    Both are keyed by a fingerprint of the teacher checkpoint file, its scale, the dataset identity and the
+    proposals, so a resumed run with the same inputs reuses them. Under ``torchrun`` each rank computes every
+    ``world_size``-th image: targets are gathered on every rank, features go to one store shard per rank.
+    """
+    if dataset.proposals is None:
+        raise BadInput("the teacher's targets need the training split's proposals: set data.train_proposals")
+    key = _fingerprint(teacher_path, scale, dataset, max_proposals)
+    saved = None
+    t_path = out / "teacher_targets.pt"
+    if soft and info.is_main and t_path.is_file():
+        saved = torch.load(t_path, weights_only=True)
+        saved = saved if saved.get("key") == key else None
+    need_soft = soft and not broadcast(saved is not None, info)
+    root, widths, f_key, need_features = out / "teacher_features", {}, None, False
+    if features is not None:
+        widths = {layer: teacher.fc7.out_features for layer in features.layers}
+        per_image = features.top_k or max_proposals or round(np.mean([len(dataset.proposals.get(r.image_id)[0])
+                                                                      for r in dataset.records[:64]]))
+        size = estimate_bytes(len(dataset), per_image, widths)
+        if size > features.max_gb * 2**30:
+            logger.info(f"teacher region features would take {size / 2**30:.1f} GB (> distill.feature_cache_gb "
+                        f"{features.max_gb:g}): stage 1 runs the teacher on the fly")
+            features = None
+        else:
+            f_key = {**key, "layers": list(features.layers), "top_k": features.top_k, "format": 2}
+            need_features = not broadcast(info.is_main and feature_cache.is_current(root, f_key), info)
+            if need_features:
+                logger.info(f"teacher region features: about {size / 2**20:.0f} MB in {root} "
+                            f"(float16, {len(dataset)} images x 2 flips)")
+    rows: dict[str, list[Tensor | None]] = {}
+    if need_soft or need_features:
+        teacher.eval()
+        what = " and ".join(n for n, on in (("targets", need_soft), ("features", need_features)) if on)
+        bar = tqdm(total=2 * len(shard(len(dataset), info)), desc=f"teacher {what}", unit="view",
+                   disable=not progress or not info.is_main)
+
+        def views():
+            for flipped, targets, x in _teacher_passes(teacher, convention, dataset, scale, max_proposals, info,
+                                                       workers):
+                probs, feats, keep = teacher_outputs(teacher, x["images"], x["proposals"], x["proposal_scores"],
+                                                     need_soft, features.layers if need_features else None,
+                                                     features.top_k if need_features else None)
+                if probs is not None:
+                    for t, p in zip(targets, probs.cpu()):
+                        rows.setdefault(t["image_id"], [None, None])[int(flipped)] = p
+                bar.update(len(targets))
+                if feats is not None:
+                    for t, (positions, f) in zip(targets, _per_image(feats, keep, [len(p) for p in x["proposals"]])):
+                        yield t["image_id"], flipped, positions, f
+
+        if need_features:
+            if info.is_main:
+                feature_cache.clear(root)
+            barrier(info)
+            feature_cache.write_shard(root / f"shard{info.rank}", widths, views(), 2 * len(shard(len(dataset), info)),
+                                      progress=False)
+        else:
+            for _ in views():
+                pass
+        bar.close()
+    if need_soft:
+        merged = {k: v for part in all_gather(rows, info) for k, v in part.items()}
+        saved = {"key": key, "probs": {r.image_id: torch.stack(merged[r.image_id]) for r in dataset.records}}
+        if info.is_main:
+            write_atomically(t_path, lambda f: torch.save(saved, f), "teacher targets")  # never half-written
+    elif soft:
+        saved = broadcast(saved, info)
+    if need_features:
+        barrier(info)
+        if info.is_main:
+            feature_cache.finish(root, f_key, [f"shard{r}" for r in range(info.world_size)])
+        barrier(info)
+    return (TeacherTargets(saved["probs"]) if soft else None,
+            TeacherFeatures(root, widths) if features is not None else None)
+
+
+def compute_teacher_targets(teacher: WSDDN, convention: str, teacher_path: str, dataset: MultiLabelDataset,
+                            scale: int, out: Path, info: DistInfo, max_proposals: int | None = None,
+                            progress: bool = True, workers: int = 0) -> TeacherTargets:
+    """The teacher's image scores (T = 0.5) of every (image, flip) of ``dataset``: :func:`teacher_caches`."""
+    return teacher_caches(teacher, convention, teacher_path, dataset, scale, out, info, max_proposals, True, None,
+                          progress, workers)[0]
+
+
 def teacher_features_store(teacher: WSDDN, convention: str, teacher_path: str, dataset: MultiLabelDataset,
                            scale: int, out: Path, info: DistInfo, max_proposals: int | None,
                            layers: Sequence[str], top_k: int | None, max_gb: float,
                            progress: bool = True, workers: int = 0) -> TeacherFeatures | None:
-    """The teacher's region features of every (image, flip), in ``out/teacher_features`` (float16), or None
-    when they would take more than ``max_gb`` (stage 1 then runs the teacher on the fly). The size is logged
-    before anything is computed; under ``torchrun`` each rank writes its share to its own shard."""
-    widths = {layer: teacher.fc7.out_features for layer in layers}
-    per_image = top_k or max_proposals or round(np.mean([len(dataset.proposals.get(r.image_id)[0])
-                                                         for r in dataset.records[:64]]))
-    size = estimate_bytes(len(dataset), per_image, widths)
-    if size > max_gb * 2**30:
-        logger.info(f"teacher region features would take {size / 2**30:.1f} GB (> distill.feature_cache_gb "
-                    f"{max_gb:g}): stage 1 runs the teacher on the fly")
-        return None
-    root = out / "teacher_features"
-    key = {**_fingerprint(teacher_path, scale, dataset, max_proposals), "layers": list(layers), "top_k": top_k,
-           "format": 2}
-    if broadcast(info.is_main and feature_cache.is_current(root, key), info):
-        return TeacherFeatures(root, widths)
-    logger.info(f"teacher region features: about {size / 2**20:.0f} MB in {root} "
-                f"(float16, {len(dataset)} images x 2 flips)")
-    teacher.eval()
-
-    @torch.no_grad()
-    def views():
-        for flipped, targets, x in _teacher_passes(teacher, convention, dataset, scale, max_proposals, info, workers):
-            feats, keep = teacher_region_targets(teacher, x["images"], x["proposals"], x["proposal_scores"], layers,
-                                                 top_k)
-            for t, (rows, f) in zip(targets, _per_image(feats, keep, [len(p) for p in x["proposals"]])):
-                yield t["image_id"], flipped, rows, f
-
-    if info.is_main:
-        feature_cache.clear(root)
-    barrier(info)
-    feature_cache.write_shard(root / f"shard{info.rank}", widths, views(), 2 * len(shard(len(dataset), info)),
-                              progress and info.is_main)
-    barrier(info)
-    if info.is_main:
-        feature_cache.finish(root, key, [f"shard{r}" for r in range(info.world_size)])
-    barrier(info)
-    return TeacherFeatures(root, widths)
+    """The teacher's region features of every (image, flip), or None when they would take more than ``max_gb``:
+    :func:`teacher_caches`."""
+    return teacher_caches(teacher, convention, teacher_path, dataset, scale, out, info, max_proposals, False,
+                          FeatureCacheSpec(layers, top_k, max_gb), progress, workers)[1]

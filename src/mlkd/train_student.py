@@ -25,7 +25,7 @@ from mlkd.config import SIZE, DataConfig, OptimConfig, RunConfig, bounded, to_di
 from mlkd.data.base import MultiLabelDataset, check_class_order, collate
 from mlkd.data.loader import make_loader
 from mlkd.data.transforms import Compose, KeepTopProposals, RandomHorizontalFlip, TeacherStudentViews, Warp
-from mlkd.distill import StudentObjective, TeacherTargets, compute_teacher_targets, teacher_features_store
+from mlkd.distill import FeatureCacheSpec, StudentObjective, TeacherTargets, teacher_caches
 from mlkd.distributed import DistInfo, broadcast
 from mlkd.engine import Stage, StageParts, build_optimizer, launch, param_groups, run_stages
 from mlkd.errors import BadInput, NotFound
@@ -169,14 +169,13 @@ def _load_teacher(cfg: StudentConfig, dataset: MultiLabelDataset, out: Path, inf
     check_class_order(ckpt["classes"], dataset.classes, f"teacher {cfg.distill.teacher} vs the training set")
     model = model_from_checkpoint(ckpt).to(info.device)
     scale = cfg.distill.teacher_scale or ckpt["inference"]["image_size"]
-    soft, features, d = None, None, cfg.distill
-    if d.cache_soft_targets and any(s.soft_weight for s in cfg.stages):
-        soft = compute_teacher_targets(model, ckpt["input_convention"], d.teacher, dataset, scale, out, info,
-                                       cfg.data.max_proposals, progress=cfg.run.progress, workers=cfg.data.workers)
-    if d.feature_cache_gb > 0 and any(s.feature_weight for s in cfg.stages):
-        features = teacher_features_store(model, ckpt["input_convention"], d.teacher, dataset, scale, out, info,
-                                          cfg.data.max_proposals, d.feature_layers, d.top_k, d.feature_cache_gb,
-                                          progress=cfg.run.progress, workers=cfg.data.workers)
+    d = cfg.distill
+    soft = d.cache_soft_targets and any(s.soft_weight for s in cfg.stages)
+    wanted = FeatureCacheSpec(d.feature_layers, d.top_k, d.feature_cache_gb) \
+        if d.feature_cache_gb > 0 and any(s.feature_weight for s in cfg.stages) else None
+    soft, features = (teacher_caches(model, ckpt["input_convention"], d.teacher, dataset, scale, out, info,
+                                     cfg.data.max_proposals, soft, wanted, cfg.run.progress, cfg.data.workers)
+                      if soft or wanted else (None, None))
     return _Teacher(model, ckpt["input_convention"], scale, soft, features)
 
 
