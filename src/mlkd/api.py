@@ -128,7 +128,7 @@ class Classifier(_Loaded):
                  calibration: str | None = None) -> None:
         super().__init__(model, ckpt)
         self.precision, self._ckpt, self._calibration = precision, ckpt, calibration
-        self._runtime = self._build(torch.device("cpu"))
+        self._runtime: StudentRuntime | None = self._build(torch.device("cpu"))
 
     def _build(self, device: torch.device) -> StudentRuntime:
         batches = None
@@ -154,6 +154,8 @@ class Classifier(_Loaded):
         out = []
         for start in range(0, len(items), batch_size):
             x = torch.stack([self._warped(to_rgb(im)) for im in items[start:start + batch_size]])
+            if self._runtime is None or self._runtime.model is not self.model:  # ``model`` was replaced
+                self._runtime = self._build(self.device)
             logits = self._runtime(normalize(x.to(self.device), self.input_convention))
             _check_finite(logits, items, start, self.classes)
             out.append(torch.sigmoid(logits).cpu().numpy())
