@@ -124,7 +124,7 @@ print("ADDED", " ".join(added))
     forbidden = ("mlkd.engine", "mlkd.distributed", "mlkd.train_teacher", "mlkd.train_student", "mlkd.distill",
                  "mlkd.evaluation", "mlkd.demo", "mlkd.proposals.cache", "mlkd.proposals.generate",
                  "mlkd.proposals.convert", "lmdb", "scipy", "matplotlib", "torch.nn.parallel.distributed",
-                 "tensorboard", "onnx", "onnxruntime")
+                 "tensorboard", "onnx", "onnxruntime", "timm", "huggingface_hub")
     loaded = [m for m in added if m.startswith(forbidden)]
     assert not loaded, loaded
     assert "mlkd.api" in added and "mlkd.models.build" in added  # the check is not vacuous

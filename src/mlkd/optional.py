@@ -8,7 +8,8 @@ from types import ModuleType
 
 from mlkd.errors import MlkdError
 
-EXTRAS = {"caffe": "protobuf", "mat": "scipy", "export": "onnx and onnxruntime", "tensorboard": "tensorboard"}
+EXTRAS = {"caffe": "protobuf", "mat": "scipy", "export": "onnx and onnxruntime", "tensorboard": "tensorboard",
+          "timm": "timm"}
 
 
 class MissingExtra(MlkdError, ImportError):

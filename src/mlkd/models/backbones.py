@@ -9,8 +9,10 @@ A backbone is an ``nn.Module`` mapping normalised images ``(B, 3, H, W)`` to a f
 - ``tiny``: a VGG-style stack for tests and the demo, ``len(channels)`` blocks of ``convs_per_block`` 3x3
   conv + ReLU with a 2x2 max pool between blocks (stride ``2 ** (len(channels) - 1)``).
 - ``resnet50`` / ``resnet101``: torchvision ResNets up to layer4 (stride 32), for students.
+- ``timm/<name>``: any timm model's last feature map (:mod:`mlkd.models.timm_backbone`, the ``[timm]`` extra).
 
-Weights are never downloaded: ``weights`` is a path to a local file (see :func:`load_imagenet_weights`).
+Weights are never downloaded: ``weights`` is a local file (see :func:`load_imagenet_weights`) or a file found in
+torchvision's / timm's local caches (:mod:`mlkd.models.weights`).
 """
 
 from __future__ import annotations
@@ -26,11 +28,29 @@ from mlkd.errors import BadInput, NotFound
 
 # Input conventions (docs/conventions.md): how uint8 RGB images become network input.
 #  caffe: BGR, 0-255, minus the per-channel mean (B, G, R order), no std (the release's VGG16 caffemodel)
-#  torchvision: RGB, 0-1, ImageNet mean/std (torchvision's pretrained weights)
+#  torchvision: RGB, 0-1, ImageNet mean/std (torchvision's pretrained weights, most of timm's)
+#  inception, clip, unit: RGB, 0-1, the other mean/std pairs timm's pretrained weights use (ViTs, BEiT, CLIP
+#  towers, MobileCLIP); see convention_of
 CONVENTIONS = {
     "caffe": {"bgr": True, "scale": 1.0, "mean": (103.52, 116.28, 123.675), "std": (1.0, 1.0, 1.0)},
     "torchvision": {"bgr": False, "scale": 1 / 255, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)},
+    "inception": {"bgr": False, "scale": 1 / 255, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)},
+    "clip": {"bgr": False, "scale": 1 / 255, "mean": (0.48145466, 0.4578275, 0.40821073),
+             "std": (0.26862954, 0.26130258, 0.27577711)},
+    "unit": {"bgr": False, "scale": 1 / 255, "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)},
 }
+
+
+def convention_of(mean: Sequence[float], std: Sequence[float]) -> str | None:
+    """The named convention of RGB 0-1 input normalised by ``mean`` / ``std`` (what timm's and torchvision's
+    pretrained configs give), or None when no named convention has these values."""
+    given = (*mean, *std)
+    for name, c in CONVENTIONS.items():
+        ref = (*c["mean"], *c["std"])
+        if not c["bgr"] and c["scale"] == 1 / 255 and len(given) == len(ref) and \
+                all(abs(a - b) < 1e-6 for a, b in zip(given, ref)):
+            return name
+    return None
 
 
 def normalize(images: torch.Tensor, convention: str) -> torch.Tensor:
@@ -132,9 +152,10 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
 
 
 def build_backbone(name: str, **kwargs) -> nn.Module:
-    """A backbone by name (``vgg16``, ``tiny``, ``resnet50``, ``resnet101``); ``kwargs`` for ``tiny``."""
+    """A backbone by name (``vgg16``, ``tiny``, ``resnet50``, ``resnet101``); ``kwargs`` for ``tiny``. timm
+    backbones (``timm/<name>``) are built by :func:`mlkd.models.timm_backbone.timm_backbone`."""
     if name not in BACKBONES:
-        raise BadInput(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
+        raise BadInput(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)} or timm/<timm model name>")
     return BACKBONES[name](**kwargs)
 
 

@@ -10,8 +10,10 @@ import dataclasses
 from typing import Literal
 
 from mlkd.config import SIZE, bounded
+from mlkd.errors import BadInput
+from mlkd.models.timm_backbone import PREFIX as TIMM
 
-
+BACKBONES = ("vgg16", "resnet50", "resnet101", "tiny")  # the student's own (mlkd.models.backbones)
 CHANNELS = (1, 65_536)  # feature widths: 0 leaves no layer, more is a typo that would exhaust memory
 
 
@@ -22,7 +24,8 @@ class TeacherModelConfig:
     backbone: Literal["vgg16", "tiny"] = "vgg16"
     tiny_channels: tuple[int, ...] = bounded((16, 32, 64, 64), *CHANNELS)  # backbone=tiny only
     tiny_convs_per_block: int = bounded(1, 1, 16)  # backbone=tiny only
-    weights: str | None = None  # local ImageNet VGG16 file (torchvision layout, or an `mlkd import-caffe` output)
+    weights: str | None = None  # ImageNet VGG16: a local file (torchvision layout, or an `mlkd import-caffe` output)
+    #   or torchvision:IMAGENET1K_V1 from the torch hub cache (mlkd.models.weights)
     input_convention: Literal["caffe", "torchvision"] = "caffe"  # must match the weights
     hidden: int = bounded(4096, *CHANNELS)
     roi_size: int = bounded(7, 1, 64)
@@ -43,14 +46,21 @@ class TeacherModelConfig:
 class StudentModelConfig:
     """The student classifier (see :class:`mlkd.models.student.Student`)."""
 
-    backbone: Literal["vgg16", "resnet50", "resnet101", "tiny"] = "vgg16"
+    backbone: str = "vgg16"  # one of BACKBONES, or timm/<timm model name> (the [timm] extra), e.g. timm/convnext_tiny
     tiny_channels: tuple[int, ...] = bounded((16, 32, 64, 64), *CHANNELS)
     tiny_convs_per_block: int = bounded(1, 1, 16)
-    weights: str | None = None  # local ImageNet weights (torchvision layout or an `mlkd import-caffe` output)
-    input_convention: Literal["caffe", "torchvision"] = "caffe"
+    weights: str | None = None  # a local file, torchvision:<WEIGHTS> or timm:<arch>.<tag> (mlkd.models.weights)
+    input_convention: Literal["caffe", "torchvision", "inception", "clip", "unit"] = "caffe"  # must match the weights
     hidden: int = bounded(4096, *CHANNELS)  # fc6/fc7 width (VGG) or the adapter's (ResNet): = the teacher's for L_f
     roi_size: int = bounded(7, 1, 64)
     dropout: float = bounded(0.5, 0, 1)
     image_size: int = bounded(224, *SIZE)  # the student's input: images are warped to image_size x image_size
     distinct_rois: bool = True  # region path: pool and run fc6/fc7 once per distinct rounded region
     freeze: tuple[str, ...] = ()  # backbone blocks whose weights stay fixed (VGG-style backbones: conv1 .. conv5)
+
+    def validate(self) -> None:
+        """The backbone's name: one mlkd builds, or ``timm/<name>`` (that timm knows the name is checked when the
+        model is built, which imports timm)."""
+        if self.backbone not in BACKBONES and not (self.backbone.startswith(TIMM) and len(self.backbone) > len(TIMM)):
+            raise BadInput(f"model.backbone: {self.backbone!r} is not one of {list(BACKBONES)} or {TIMM}<timm model "
+                           "name> (e.g. timm/convnext_tiny)")

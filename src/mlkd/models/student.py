@@ -11,7 +11,8 @@ RoI pooling), so stage-1 distillation shapes the same layers that classify.
 ResNet students (``resnet50``/``resnet101``; no fc6/fc7 in the network) use an equivalent head: image path
 layer4 -> global average pool -> fc (K); region path RoIAlign(layer4, 7x7, 1/32) -> average pool ->
 ``adapter`` (a linear map 2048 -> the teacher's feature width, as FitNets' regressor), trained by L_f and
-dropped at test time.
+dropped at test time. Students on timm backbones (``timm/<name>``: ConvNeXt, EfficientNet, ViT patch-token maps,
+...) use this same pooled head on their last feature map (C channels, stride s: 1/s for the RoIAlign).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ class Student(nn.Module):
     Args:
         backbone: feature extractor with ``out_channels`` and ``stride`` (VGG: without pool5).
         num_classes: K.
-        head: ``"vgg"`` (pool5 + fc6/fc7 shared by both paths) or ``"resnet"`` (avgpool + fc; adapter for regions).
+        head: ``"vgg"`` (pool5 + fc6/fc7 shared by both paths) or ``"resnet"`` (avgpool + fc; adapter for regions;
+            every non-VGG backbone).
         hidden: fc6/fc7 width (VGG head); for the ResNet head, the adapter's output width.
         roi_size: pool5 grid and RoI pooling size (VGG head).
         dropout: after fc6 and fc7 in the image path (VGG head).
