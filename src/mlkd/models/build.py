@@ -3,7 +3,6 @@ rebuilt from a checkpoint alone (:func:`model_from_checkpoint`)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -14,6 +13,7 @@ from mlkd.models.backbones import build_backbone, freeze, load_imagenet_weights
 from mlkd.models.configs import StudentModelConfig, TeacherModelConfig
 from mlkd.models.student import Student
 from mlkd.models.timm_backbone import is_timm, timm_backbone
+from mlkd.models.weights import resolve_weights
 from mlkd.models.wsddn import WSDDN
 
 # torchvision VGG16 state-dict prefixes -> teacher / student prefixes (the 1000-way classifier.6 is not used)
@@ -35,7 +35,8 @@ def build_teacher(cfg: TeacherModelConfig, num_classes: int) -> WSDDN:
     if cfg.weights:
         if cfg.backbone != "vgg16":
             raise BadInput(f"model.weights are ImageNet VGG16 weights; model.backbone is {cfg.backbone!r}")
-        load_imagenet_weights(model, cfg.weights, VGG16_IMAGENET, cfg.input_convention)
+        weights = resolve_weights(cfg.weights, cfg.backbone, cfg.input_convention)
+        load_imagenet_weights(model, weights.path, VGG16_IMAGENET, cfg.input_convention)
     freeze(model.backbone, cfg.freeze)
     return model
 
@@ -45,16 +46,17 @@ def build_student(cfg: StudentModelConfig, num_classes: int) -> Student:
     VGG-style backbones get the VGG head, the others (torchvision ResNets, timm models) the pooled ``resnet`` head."""
     if cfg.weights and cfg.backbone == "tiny":
         raise BadInput("model.weights are ImageNet weights; the tiny backbone has none")
+    weights = resolve_weights(cfg.weights, cfg.backbone, cfg.input_convention) if cfg.weights else None
     if is_timm(cfg.backbone):  # timm loads its own weights (it adapts them: position embeddings, ...)
-        backbone = timm_backbone(cfg.backbone, cfg.image_size, Path(cfg.weights) if cfg.weights else None)
+        backbone = timm_backbone(cfg.backbone, cfg.image_size, weights and weights.path, weights and weights.tag)
     else:
         backbone = build_backbone(cfg.backbone, channels=cfg.tiny_channels, convs_per_block=cfg.tiny_convs_per_block)
     head = "vgg" if cfg.backbone in ("vgg16", "tiny") else "resnet"
     model = Student(backbone, num_classes, head=head, hidden=cfg.hidden, roi_size=cfg.roi_size, dropout=cfg.dropout,
                     distinct_rois=cfg.distinct_rois)
-    if cfg.weights and not is_timm(cfg.backbone):
+    if weights is not None and not is_timm(cfg.backbone):
         mapping = VGG16_IMAGENET if head == "vgg" else RESNET_IMAGENET
-        load_imagenet_weights(model, cfg.weights, mapping, cfg.input_convention)
+        load_imagenet_weights(model, weights.path, mapping, cfg.input_convention)
     freeze(model.backbone, cfg.freeze)
     return model
 
