@@ -1,12 +1,13 @@
-"""Students on timm backbones (``model.backbone: timm/<name>``): one distillation stage each for a ResNet-50 and a
-ConvNeXt-T from timm (random weights, 64 px) taught by the session's tiny teacher; a ViT's patch tokens as a map;
-the input convention through the checkpoint, `mlkd.load` and the ONNX export; clear errors for bad names and a
-missing extra."""
+"""Students on timm backbones (``model.backbone: timm/<name>``): one distillation stage (L_p + L_p' + L_f) each
+for a ResNet-50 and a ConvNeXt-T from timm (random weights, 64 px) taught by the session's tiny teacher; a ViT's
+patch tokens as a map; the input convention through the checkpoint, `mlkd.load` and the ONNX export (verified by
+onnxruntime, also for the distilled ConvNeXt); clear errors for bad names and a missing extra."""
 
 from __future__ import annotations
 
 import json
 import sys
+import typing
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from mlkd.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from mlkd.cli import main
 from mlkd.config import load_config, to_dict
 from mlkd.errors import BadInput
+from mlkd.models.backbones import CONVENTIONS, convention_of
 from mlkd.models.build import build_student, model_from_checkpoint
 from mlkd.models.configs import StudentModelConfig
 from mlkd.optional import MissingExtra
@@ -28,8 +30,8 @@ CLASSES = ["a", "b", "c"]
 
 @pytest.fixture(scope="module")
 def kd_runs(trained, tmp_path_factory):
-    """``{name: last.pt}`` of a timm student trained for one joint stage with L_f (feature_weight 1) against the
-    session's teacher (hidden 32, so the student's adapter has width 32)."""
+    """``{name: last.pt}`` of a timm student trained for one joint distillation stage (L_p + L_p' + L_f, as the
+    default recipe) against the session's teacher (hidden 32, so the student's adapter has width 32)."""
     root, data = tmp_path_factory.mktemp("timm_kd"), trained.data
     runs = {}
     for name in ("resnet50", "convnext_tiny"):
@@ -39,7 +41,7 @@ def kd_runs(trained, tmp_path_factory):
                 "data.max_proposals": 10, "optim.optimizer": "adamw", "optim.lr": 0.001, "run.progress": "false",
                 "run.device": "cpu", "run.amp": "none", "run.out": root / name, "distill.teacher": trained.teacher,
                 "distill.baseline": "null",
-                "stages": "[{name: kd, epochs: 1, label_weight: 1, feature_weight: 1}]"}
+                "stages": "[{name: kd, epochs: 1, label_weight: 1, soft_weight: 1, feature_weight: 1}]"}
         runs[name] = train_student(load_config(StudentConfig, None, [f"{k}={v}" for k, v in sets.items()]))
     return runs
 
@@ -49,7 +51,8 @@ def test_timm_student_distils_one_stage_and_rebuilds_from_its_checkpoint(kd_runs
     ckpt = load_checkpoint(kd_runs[name], "student")
     records = [json.loads(line) for line in (kd_runs[name].parent / "log.jsonl").read_text().splitlines()]
     (epoch,) = [r for r in records if r["type"] == "epoch"]
-    assert epoch["stage"] == "kd" and epoch["train_loss_feature"] > 0 and epoch["train_loss_label"] > 0
+    assert epoch["stage"] == "kd"
+    assert epoch["train_loss_label"] > 0 and epoch["train_loss_soft"] > 0 and epoch["train_loss_feature"] > 0
     assert ckpt["input_convention"] == "torchvision" and ckpt["model_config"]["backbone"] == f"timm/{name}"
     model = model_from_checkpoint(ckpt)  # from the checkpoint alone
     assert all(torch.equal(v, ckpt["model"][k]) for k, v in model.state_dict().items())
@@ -107,7 +110,8 @@ def test_distilled_convnext_student_exports_to_onnx_verified(kd_runs, tmp_path, 
 
 
 def test_bad_backbone_names_are_clear_errors():
-    with pytest.raises(BadInput, match=r"model.backbone: 'timm/nonexistent_model' names no model of timm .*list the names with python -c \"import timm; "
+    with pytest.raises(BadInput, match=r"model.backbone: 'timm/nonexistent_model' names no model of timm .*"
+                                       r"list the names with python -c \"import timm; "
                                        r"print\(timm.list_models\('\*convnext\*'\)\)\""):
         build_student(StudentModelConfig(backbone="timm/nonexistent_model"), 3)
     with pytest.raises(BadInput, match=r"closest: \['convnext_tiny'"):
@@ -122,3 +126,14 @@ def test_a_missing_timm_extra_is_an_error_naming_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "timm", None)  # as if timm were not installed
     with pytest.raises(MissingExtra, match=r"model.backbone timm/<name> needs timm: pip install 'mlkd\[timm\]'"):
         build_student(StudentModelConfig(backbone="timm/resnet50", input_convention="torchvision"), 3)
+
+
+def test_every_named_convention_is_a_student_config_value_and_timm_values_map_to_names():
+    allowed = typing.get_args(typing.get_type_hints(StudentModelConfig)["input_convention"])
+    assert set(allowed) == set(CONVENTIONS)
+    assert convention_of((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) == "torchvision"
+    assert convention_of((0.5,) * 3, (0.5,) * 3) == "inception"
+    assert convention_of((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)) == "clip"
+    assert convention_of((0.0,) * 3, (1.0,) * 3) == "unit"
+    assert convention_of((0.485, 0.456, 0.406), (0.5,) * 3) is None  # a mean of one name, the std of another
+    assert convention_of((124 / 255, 117 / 255, 104 / 255), (1 / (0.0167 * 255),) * 3) is None  # DPN's: no name

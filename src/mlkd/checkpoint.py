@@ -11,7 +11,8 @@ file never runs code), format version 2::
     model           the state dict
     model_config    the model's config dict (TeacherModelConfig / StudentModelConfig); None for imagenet_weights
     classes         class names in output order
-    input_convention  "caffe" | "torchvision": what input the weights expect
+    input_convention  a name of mlkd.models.backbones.CONVENTIONS ("caffe", "torchvision", ...): the input the
+                    weights expect
     inference       {"image_size": S, "max_proposals": R or None, "proposals": {"method", "params"} or None}: how
                     to feed the model at test time (a teacher records how its training proposals were made)
     dataset         identity of the training split (DatasetIdentity.to_dict()), or None
