@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_data.py
 	$(BIN)/python benchmarks/bench_teacher.py
 	$(BIN)/python benchmarks/bench_student.py
+	$(BIN)/python benchmarks/bench_backbones.py
 
 clean:
 	rm -rf $(VENV) runs build dist src/*.egg-info

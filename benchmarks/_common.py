@@ -22,10 +22,23 @@ PROPOSAL_METHODS = {"selective_search": {"mode": "fast", "max_proposals": None},
                     "edge_boxes": {"max_boxes": 2000, "max_proposals": None}}
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo, where platform.processor() is often empty), else what
+    :mod:`platform` says."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine(device: torch.device) -> dict[str, Any]:
     """The figures every benchmark prints and writes beside its numbers."""
     info = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": native_bf16(device),
-            "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "cpu": cpu_model(), "cpus": os.cpu_count(),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "device": str(device)}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
