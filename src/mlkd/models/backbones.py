@@ -10,6 +10,8 @@ A backbone is an ``nn.Module`` mapping normalised images ``(B, 3, H, W)`` to a f
   conv + ReLU with a 2x2 max pool between blocks (stride ``2 ** (len(channels) - 1)``).
 - ``resnet50`` / ``resnet101``: torchvision ResNets up to layer4 (stride 32), for students.
 - ``timm/<name>``: any timm model's last feature map (:mod:`mlkd.models.timm_backbone`, the ``[timm]`` extra).
+- ``resnet50_c4`` (teacher only, :func:`resnet50_c4`): Faster R-CNN's "C4" split of torchvision's ResNet-50 with
+  frozen BatchNorm: stem .. layer3 as the backbone (stride 16, 1024 channels), layer4 as the region head.
 
 Weights are never downloaded: ``weights`` is a local file (see :func:`load_imagenet_weights`) or a file found in
 torchvision's / timm's local caches (:mod:`mlkd.models.weights`).
@@ -23,6 +25,7 @@ from typing import Callable, Sequence
 import torch
 import torchvision
 from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
 
 from mlkd.errors import BadInput, NotFound
 
@@ -103,7 +106,8 @@ def conv_blocks(backbone: nn.Module) -> dict[str, list[nn.Module]]:
     """The layers of a VGG-style backbone by block: ``conv1`` = everything before the first max pool, ``conv2``
     up to the second, ... (VGG16: conv1_1..conv1_2, conv2_1..conv2_2, ..., conv5_1..conv5_3)."""
     if not isinstance(backbone, ConvBackbone):
-        raise BadInput(f"model.freeze names blocks of a VGG-style backbone (vgg16, tiny), not {type(backbone).__name__}")
+        raise BadInput(f"model.freeze names blocks of a VGG-style backbone (vgg16, tiny) or stages of resnet50_c4, "
+                       f"not of {type(backbone).__name__}")
     blocks: dict[str, list[nn.Module]] = {"conv1": []}
     for layer in backbone.features:
         if isinstance(layer, nn.MaxPool2d):
@@ -114,12 +118,12 @@ def conv_blocks(backbone: nn.Module) -> dict[str, list[nn.Module]]:
 
 
 def freeze(backbone: nn.Module, names: Sequence[str]) -> None:
-    """Fix the weights of the named blocks (:func:`conv_blocks`): no gradient, never updated. Freezing a prefix
-    (conv1, conv2 as in Fast R-CNN's VGG16 recipe) also saves the backward pass through those blocks, since
-    nothing below them needs a gradient."""
+    """Fix the weights of the named blocks (:func:`conv_blocks`; resnet50_c4: :meth:`ResNetC4.stages`): no gradient,
+    never updated. Freezing a prefix (conv1, conv2 as in Fast R-CNN's VGG16 recipe; stem, layer1 as in Faster
+    R-CNN C4's) also saves the backward pass through those blocks, since nothing below them needs a gradient."""
     if not names:
         return
-    blocks = conv_blocks(backbone)
+    blocks = backbone.stages() if isinstance(backbone, ResNetC4) else conv_blocks(backbone)
     unknown = sorted(set(names) - set(blocks))
     if unknown:
         raise BadInput(f"model.freeze: unknown block(s) {unknown}; this backbone has {list(blocks)}")
@@ -141,6 +145,49 @@ class ResNetBackbone(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))  # (B, 2048, H / 32, W / 32)
+
+
+class ResNetC4(nn.Module):
+    """Faster R-CNN's "C4" backbone: torchvision ResNet-50 stem .. layer3 (stride 16, 1024 channels), module names
+    torchvision's. Its BatchNorm layers are :class:`torchvision.ops.FrozenBatchNorm2d`: the ImageNet statistics
+    and affine are buffers, never trained, and the same in train and eval mode (as in Detectron's C4 recipe,
+    where a batch of 1-2 images could not estimate statistics)."""
+
+    def __init__(self, net: torchvision.models.ResNet) -> None:
+        super().__init__()
+        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+        self.layer1, self.layer2, self.layer3 = net.layer1, net.layer2, net.layer3
+        self.out_channels, self.stride = 1024, 16
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer3(self.layer2(self.layer1(x)))  # (B, 1024, H / 16, W / 16)
+
+    def stages(self) -> dict[str, list[nn.Module]]:
+        """What ``model.freeze`` names: ``stem`` (conv1 + bn1), ``layer1`` .. ``layer3`` (Detectron's res2..res4)."""
+        return {"stem": [self.conv1, self.bn1], "layer1": [self.layer1], "layer2": [self.layer2],
+                "layer3": [self.layer3]}
+
+
+class Res5Head(nn.Module):
+    """Faster R-CNN C4's region head: ResNet-50 ``layer4`` (Detectron's res5; stride 2 in its first block) on pooled
+    regions ``(N, 1024, s, s)``, then the mean over space: region features ``(N, 2048)``, >= 0 (layer4 ends in a
+    ReLU)."""
+
+    def __init__(self, layer4: nn.Sequential) -> None:
+        super().__init__()
+        self.layer4 = layer4
+        self.out_features = 2048
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer4(x).mean((2, 3))  # (N, 1024, s, s) -> (N, 2048, ceil(s / 2), ceil(s / 2)) -> (N, 2048)
+
+
+def resnet50_c4() -> tuple[ResNetC4, Res5Head]:
+    """torchvision's ResNet-50 with frozen BatchNorm, split as Faster R-CNN C4 splits it: the backbone (stem ..
+    layer3) and the region head (layer4 + average pool). Its 1000-way ``fc`` is dropped."""
+    net = torchvision.models.resnet50(norm_layer=FrozenBatchNorm2d)
+    return ResNetC4(net), Res5Head(net.layer4)
 
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
@@ -199,6 +246,8 @@ def load_imagenet_weights(model: nn.Module, path: str | Path, mapping: dict[str,
         for old, new in mapping.items():
             if key.startswith(old):
                 target = new + key[len(old):]
+                if target not in own and key.endswith("num_batches_tracked"):
+                    continue  # BatchNorm's update counter: frozen BatchNorm has none, and nothing reads it
                 if target not in own:
                     problems.append(f"{key} -> {target}: not a parameter of the model")
                 elif own[target].shape != value.shape:

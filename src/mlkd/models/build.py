@@ -9,7 +9,7 @@ from torch import nn
 
 from mlkd.config import from_dict
 from mlkd.errors import BadInput
-from mlkd.models.backbones import build_backbone, freeze, load_imagenet_weights
+from mlkd.models.backbones import build_backbone, freeze, load_imagenet_weights, resnet50_c4
 from mlkd.models.configs import StudentModelConfig, TeacherModelConfig
 from mlkd.models.student import Student
 from mlkd.models.timm_backbone import is_timm, timm_backbone
@@ -21,22 +21,37 @@ VGG16_IMAGENET = {"features.": "backbone.features.", "classifier.0.": "fc6.", "c
 # torchvision ResNet prefixes -> student prefixes (the 1000-way fc is not used)
 RESNET_IMAGENET = {"conv1.": "backbone.conv1.", "bn1.": "backbone.bn1.", **{
     f"layer{i}.": f"backbone.layer{i}." for i in range(1, 5)}}
+# torchvision ResNet-50 prefixes -> the resnet50_c4 teacher's: layer4 is its region head (the fc is not used)
+RESNET50_C4_IMAGENET = {**{k: v for k, v in RESNET_IMAGENET.items() if k != "layer4."}, "layer4.": "head.layer4."}
 
 MODEL_CONFIGS = {"teacher": TeacherModelConfig, "student": StudentModelConfig}
 
 
 def build_teacher(cfg: TeacherModelConfig, num_classes: int) -> WSDDN:
-    """A WSDDN from its config; ImageNet weights (backbone, fc6, fc7) from ``cfg.weights`` when given."""
-    backbone = build_backbone(cfg.backbone, channels=cfg.tiny_channels, convs_per_block=cfg.tiny_convs_per_block)
+    """A WSDDN from its config; ImageNet weights (VGG16: backbone, fc6, fc7; resnet50_c4: backbone and the layer4
+    region head) from ``cfg.weights`` when given."""
+    if cfg.backbone == "resnet50_c4":
+        backbone, head = resnet50_c4()
+    else:
+        backbone = build_backbone(cfg.backbone, channels=cfg.tiny_channels, convs_per_block=cfg.tiny_convs_per_block)
+        head = None
     model = WSDDN(backbone, num_classes, hidden=cfg.hidden, roi_size=cfg.roi_size, roi_op=cfg.roi_op,
                   dropout=cfg.dropout, score_scale=cfg.score_scale, score_bias=cfg.score_bias,
                   cls_temperature=cfg.cls_temperature, det_temperature=cfg.det_temperature,
-                  reg_weight=cfg.reg_weight, reg_iou=cfg.reg_iou, reg_top=cfg.reg_top, distinct_rois=cfg.distinct_rois)
+                  reg_weight=cfg.reg_weight, reg_iou=cfg.reg_iou, reg_top=cfg.reg_top, distinct_rois=cfg.distinct_rois,
+                  head=head)
     if cfg.weights:
-        if cfg.backbone != "vgg16":
-            raise BadInput(f"model.weights are ImageNet VGG16 weights; model.backbone is {cfg.backbone!r}")
-        weights = resolve_weights(cfg.weights, cfg.backbone, cfg.input_convention)
-        load_imagenet_weights(model, weights.path, VGG16_IMAGENET, cfg.input_convention)
+        if cfg.backbone == "tiny":
+            raise BadInput("model.weights are ImageNet weights (VGG16, or ResNet-50 for resnet50_c4); the tiny "
+                           "backbone has none")
+        if head is not None and cfg.input_convention != "torchvision":
+            raise BadInput(f"model.weights of a resnet50_c4 teacher are torchvision's ImageNet ResNet-50, which reads "
+                           f"RGB images scaled to 0-1 and normalised by ImageNet mean/std: model.input_convention "
+                           f"must be 'torchvision', got {cfg.input_convention!r}")
+        # resnet50_c4 takes ResNet-50's weights: torchvision:<WEIGHTS> names a member of ResNet50_Weights
+        weights = resolve_weights(cfg.weights, "vgg16" if head is None else "resnet50", cfg.input_convention)
+        mapping = VGG16_IMAGENET if head is None else RESNET50_C4_IMAGENET
+        load_imagenet_weights(model, weights.path, mapping, cfg.input_convention)
     freeze(model.backbone, cfg.freeze)
     return model
 

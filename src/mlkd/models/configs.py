@@ -21,13 +21,16 @@ CHANNELS = (1, 65_536)  # feature widths: 0 leaves no layer, more is a typo that
 class TeacherModelConfig:
     """The WSDDN teacher (see :class:`mlkd.models.wsddn.WSDDN` for each knob)."""
 
-    backbone: Literal["vgg16", "tiny"] = "vgg16"
+    # resnet50_c4: Faster R-CNN C4 (ResNet-50 stem..layer3, frozen BatchNorm; layer4 + average pool as region head)
+    backbone: Literal["vgg16", "tiny", "resnet50_c4"] = "vgg16"
     tiny_channels: tuple[int, ...] = bounded((16, 32, 64, 64), *CHANNELS)  # backbone=tiny only
     tiny_convs_per_block: int = bounded(1, 1, 16)  # backbone=tiny only
-    weights: str | None = None  # ImageNet VGG16: a local file (torchvision layout, or an `mlkd import-caffe` output)
-    #   or torchvision:IMAGENET1K_V1 from the torch hub cache (mlkd.models.weights)
+    # ImageNet weights: VGG16 (a local file in torchvision layout or an `mlkd import-caffe` output) or, for
+    # resnet50_c4, ResNet-50 (a local torchvision state dict); or torchvision:IMAGENET1K_V1 from the torch hub cache
+    # (mlkd.models.weights)
+    weights: str | None = None
     input_convention: Literal["caffe", "torchvision"] = "caffe"  # must match the weights
-    hidden: int = bounded(4096, *CHANNELS)
+    hidden: int = bounded(4096, *CHANNELS)  # region feature width: fc6/fc7's (VGG16 4096); resnet50_c4: 2048
     roi_size: int = bounded(7, 1, 64)
     roi_op: Literal["roi_pool", "roi_align"] = "roi_pool"
     dropout: float = bounded(0.5, 0, 1)
@@ -38,8 +41,12 @@ class TeacherModelConfig:
     reg_weight: float = bounded(0.0, 0, None)
     reg_iou: float = bounded(0.6, 0, 1)
     reg_top: int = bounded(10, 2, 10_000)
-    distinct_rois: bool = True  # pool and run fc6 once per distinct rounded region (equal to 1e-7; False: all)
-    freeze: tuple[str, ...] = ()  # backbone blocks whose weights stay fixed, e.g. [conv1, conv2] (Fast R-CNN's recipe)
+    # pool and run fc6 once per distinct rounded region (equal to 1e-7; False: all); resnet50_c4: its layer4 head
+    # once per region of equal rounded cells and equal score factor, with roi_pool only (roi_align: every region)
+    distinct_rois: bool = True
+    # backbone blocks whose weights stay fixed: VGG [conv1, conv2] (Fast R-CNN's recipe); resnet50_c4 stages
+    # stem, layer1 .. layer3 ([stem, layer1] is Faster R-CNN C4's)
+    freeze: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass

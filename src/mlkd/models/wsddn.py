@@ -10,6 +10,9 @@ For an image with proposals ``b_r`` (r = 1..R) and a K-class problem::
     s'_r    = sum_k S_{r,k}                                                          objectness (mlkd's choice)
     L_cls   = mean over images of sum_k BCE(clamp(p_k, 1e-4, 1 - 1e-4), y_k)   (y_k = -1 ignored)
 
+The region head is fc6/fc7 (the release's VGG16) or a given module: Faster R-CNN C4's ``layer4`` + average pool
+(:class:`mlkd.models.backbones.Res5Head`) gives ``phi_r = mean(layer4(RoIAlign(layer3(x), b_r) * factor_r))``.
+
 Optional spatial regulariser (original WSDDN), for each image and each positive class k: with r* the best
 region of k and N the other regions among k's top ``reg_top`` whose IoU with r* exceeds ``reg_iou``, the
 gradient is that of::
@@ -100,12 +103,12 @@ def spatial_regulariser(features: Tensor, boxes: Tensor, regions: Tensor, index:
 
 
 class WSDDN(nn.Module):
-    """Backbone + RoI pooling + fc6/fc7 + two K-way streams (fc8_c, fc8_d).
+    """Backbone + RoI pooling + region head (fc6/fc7, or ``head``) + two K-way streams (fc8_c, fc8_d).
 
     Args:
         backbone: a module with ``out_channels`` and ``stride`` (see :mod:`mlkd.models.backbones`).
         num_classes: K.
-        hidden: width of fc6/fc7 (4096 for VGG16).
+        hidden: width of the region features the streams read: fc6/fc7's (4096 for VGG16), or ``head``'s.
         roi_size: RoI pooling output (7 for VGG16's fc6); roi_op: ``"roi_pool"`` (Fast R-CNN, the release)
             or ``"roi_align"``.
         dropout: after fc6 and fc7 (0.5).
@@ -115,23 +118,32 @@ class WSDDN(nn.Module):
         reg_weight, reg_iou, reg_top: spatial regulariser (off when ``reg_weight == 0``).
         distinct_rois: compute RoI pooling and fc6's product once per distinct rounded region (see
             :meth:`region_layers`); False runs every proposal through them.
+        head: None for fc6/fc7 (the release), or a module with ``out_features`` mapping pooled regions
+            ``(N, C, roi_size, roi_size)`` to features ``(N, hidden)`` (Faster R-CNN C4:
+            :class:`~mlkd.models.backbones.Res5Head`).
     """
 
     def __init__(self, backbone: nn.Module, num_classes: int, hidden: int = 4096, roi_size: int = 7,
                  roi_op: str = "roi_pool", dropout: float = 0.5, score_scale: float = 1.0, score_bias: float = 0.0,
                  cls_temperature: float = 1.0, det_temperature: float = 1.0, reg_weight: float = 0.0,
-                 reg_iou: float = 0.6, reg_top: int = 10, distinct_rois: bool = True) -> None:
+                 reg_iou: float = 0.6, reg_top: int = 10, distinct_rois: bool = True,
+                 head: nn.Module | None = None) -> None:
         super().__init__()
         if roi_op not in ("roi_pool", "roi_align"):
             raise BadInput(f"roi_op must be 'roi_pool' or 'roi_align', got {roi_op!r}")
         self.backbone = backbone
         self.roi_op, self.roi_size = roi_op, roi_size
-        self.fc6 = nn.Linear(backbone.out_channels * roi_size * roi_size, hidden)
-        self.fc7 = nn.Linear(hidden, hidden)
+        if head is None:
+            self.fc6 = nn.Linear(backbone.out_channels * roi_size * roi_size, hidden)
+            self.fc7 = nn.Linear(hidden, hidden)
+        elif head.out_features != hidden:
+            raise BadInput(f"hidden (model.hidden) is the width of the region features: {head.out_features} for a "
+                           f"{type(head).__name__} region head, got {hidden} (set model.hidden: {head.out_features})")
+        self.head = head
         self.drop = nn.Dropout(dropout)
         self.fc8_c = nn.Linear(hidden, num_classes)
         self.fc8_d = nn.Linear(hidden, num_classes)
-        for layer in (self.fc6, self.fc7, self.fc8_c, self.fc8_d):
+        for layer in ((self.fc6, self.fc7) if head is None else ()) + (self.fc8_c, self.fc8_d):
             caffe_xavier_(layer)
         self.score_scale, self.score_bias = score_scale, score_bias
         self.cls_temperature, self.det_temperature = cls_temperature, det_temperature
@@ -142,19 +154,34 @@ class WSDDN(nn.Module):
     def num_classes(self) -> int:
         return self.fc8_c.out_features
 
+    @property
+    def feature_width(self) -> int:
+        """Width D of the region features phi that the streams read (``hidden``)."""
+        return self.fc8_c.in_features
+
+    @property
+    def region_layer_names(self) -> tuple[str, ...]:
+        """The keys of :meth:`region_layers`: ``fc6``, ``fc7`` for the fc head; only ``fc7`` for a ``head``."""
+        return ("fc6", "fc7") if self.head is None else ("fc7",)
+
     def pool(self, fmap: Tensor, boxes: Tensor, index: Tensor) -> Tensor:
         """RoI features ``(N, C, s, s)`` of ``boxes (N, 4)`` (image pixels) on ``fmap (B, C, h, w)``."""
         return pool_regions(fmap, boxes, index, self.roi_size, self.backbone.stride, self.roi_op)
 
     def region_layers(self, fmap: Tensor, boxes: Tensor, scores: Tensor, index: Tensor) -> dict[str, Tensor]:
-        """fc6 and fc7 region features ``(N, hidden)`` after ReLU (fc7's input is the dropped-out fc6).
+        """Region features ``(N, hidden)`` by layer: ``fc6`` and ``fc7`` after ReLU (fc7's input is the dropped-out
+        fc6); with a ``head``, only ``fc7``, the head's output. ``fc7`` always names the features the streams read
+        (before dropout), which is what distillation's L_f matches by default.
 
         With ``distinct_rois`` (and RoI max pooling), boxes that round to the same feature-map cells are pooled
         and multiplied by fc6's weight once: since fc6 is linear, ``fc6(c_r * x) = c_r * (W x) + b`` for each
         proposal's score factor ``c_r``, and the gradient flows back through the same index. Equal to the
-        per-region computation up to float rounding (about 1e-7 relative).
+        per-region computation up to float rounding (about 1e-7 relative). A ``head`` is not linear: see
+        :meth:`head_features`.
         """
         factor = (self.score_scale * scores + self.score_bias)[:, None]  # (N, 1): the proposal score scaling
+        if self.head is not None:
+            return {"fc7": self.head_features(fmap, boxes, factor, index)}
         if self.distinct_rois and self.roi_op == "roi_pool":
             cells = roi_pool_cells(boxes, index, self.backbone.stride, torch.promote_types(fmap.dtype, torch.float32))
             first, inverse = distinct_rows(cells)
@@ -166,8 +193,26 @@ class WSDDN(nn.Module):
             fc6 = F.relu(self.fc6((pooled * factor.to(pooled.dtype)[:, :, None, None]).flatten(1)))
         return {"fc6": fc6, "fc7": F.relu(self.fc7(self.drop(fc6)))}
 
+    def head_features(self, fmap: Tensor, boxes: Tensor, factor: Tensor, index: Tensor) -> Tensor:
+        """``head(RoIPool(fmap, b_r) * c_r)`` ``(N, hidden)`` for score factors ``factor (N, 1)``.
+
+        The head is not linear (ReLUs, biases), so ``c_r`` cannot be applied after it as after fc6. With
+        ``distinct_rois`` and RoI max pooling, regions whose rounded cells AND factors are equal have equal inputs:
+        the head runs once per such group (proposal scores that all differ leave nothing to share). RoIAlign
+        samples each exact box, so every region runs. Proposal scores are inputs, never trained: in a shared group
+        only the first region's score would receive a gradient.
+        """
+        if self.distinct_rois and self.roi_op == "roi_pool":
+            cells = roi_pool_cells(boxes, index, self.backbone.stride, torch.promote_types(fmap.dtype, torch.float32))
+            bits = factor.to(torch.float64).contiguous().view(torch.int64)  # (N, 1): equal factors, equal bits
+            first, inverse = distinct_rows(torch.cat([cells, bits], 1))
+            pooled = self.pool(fmap, boxes[first], index[first])  # (U, C, s, s)
+            return self.head(pooled * factor[first].to(pooled.dtype)[:, :, None, None])[inverse]
+        pooled = self.pool(fmap, boxes, index)  # (N, C, s, s)
+        return self.head(pooled * factor.to(pooled.dtype)[:, :, None, None])
+
     def forward_regions(self, fmap: Tensor, boxes: Tensor, scores: Tensor, index: Tensor) -> Tensor:
-        """Region features phi ``(N, hidden)`` (fc7 after ReLU and dropout)."""
+        """Region features phi ``(N, hidden)`` (fc7 or the head's output, after dropout)."""
         return self.drop(self.region_layers(fmap, boxes, scores, index)["fc7"])
 
     def forward_streams(self, features: Tensor) -> tuple[Tensor, Tensor]:
