@@ -9,7 +9,8 @@ region r of image b, N_R = sum over images of their regions):
   with p^T the teacher's image score computed with both streams' logits x 2 (T = 0.5) and ``a`` the
   learnable per-class scale (init 0.2, i.e. T = 5; lr x 10, no weight decay)
 - ``L_f``  = sum_layers sum_(b,r) ||F_T(b, r) - F_S(b, r)||^2 / (2 N_R)     (region features, e.g. fc7)
-  = the paper's sum ||F_T - F_S||^2 / (2 N R) when every image has R regions.
+  = the paper's sum ||F_T - F_S||^2 / (2 N R) when every image has R regions. ``fc7`` is the teacher's region
+  feature that its streams read: VGG16's fc7, or a resnet50_c4 teacher's layer4 + average pool (which has no fc6).
 
 Stage 1 of the release trains with L_f, stage 2 with L_p + L_p'; a joint mode weights all three; a student
 without distillation trains with L_p alone.
@@ -73,6 +74,15 @@ def feature_loss(student: Tensor, teacher: Tensor, norm: str = "none") -> Tensor
     elif norm != "none":
         raise BadInput(f"feature norm must be 'none', 'relative' or 'l2', got {norm!r}")
     return (teacher - student).pow(2).sum() / (2 * max(student.shape[0], 1))
+
+
+def check_feature_layers(teacher: WSDDN, layers: Sequence[str]) -> None:
+    """Refuse feature layers the teacher does not have (a resnet50_c4 teacher has no fc6)."""
+    missing = [layer for layer in layers if layer not in teacher.region_layer_names]
+    if missing:
+        raise BadInput(f"distill.feature_layers {list(layers)}: the teacher has no {missing} region features, only "
+                       f"{list(teacher.region_layer_names)} (a resnet50_c4 teacher's region head is layer4 + average "
+                       "pool, whose output is its fc7; fc6 exists in the VGG-style fc6/fc7 head only)")
 
 
 def soft_label_loss(logits: Tensor, scale: Tensor, teacher_probs: Tensor) -> Tensor:
@@ -142,7 +152,8 @@ class StudentObjective(nn.Module):
         student, teacher: the models (the teacher is frozen here and stays so); ``teacher=None`` for a stage
             that learns from labels only (then only ``label_weight`` may be set).
         label_weight, soft_weight, feature_weight: weights of L_p, L_p', L_f (0 = not computed).
-        feature_layers: region layers matched by L_f (``("fc7",)`` in the release; add ``"fc6"`` for both).
+        feature_layers: region layers matched by L_f (``("fc7",)`` in the release; add ``"fc6"`` for both, with a
+            VGG-style teacher: see :func:`check_feature_layers`).
         top_k: use only each image's ``top_k`` proposals by the teacher's objectness s' for L_f (None = all).
         scale_init: initial value of the learnable per-class scale a of L_p'.
         feature_norm: ``"none"`` (the release), ``"relative"`` or ``"l2"``: see :func:`feature_loss`.
@@ -157,6 +168,8 @@ class StudentObjective(nn.Module):
         self.student = student
         self.teacher = teacher
         if teacher is not None:
+            if feature_weight:
+                check_feature_layers(teacher, feature_layers)
             teacher.eval()
             teacher.requires_grad_(False)  # frozen: it only provides targets, nothing may update it
             self.scale = nn.Parameter(torch.full((student.num_classes,), float(scale_init)))  # a of L_p'
@@ -301,7 +314,8 @@ def teacher_caches(teacher: WSDDN, convention: str, teacher_path: str, dataset: 
     need_soft = soft and not broadcast(saved is not None, info)
     root, widths, f_key, need_features = out / "teacher_features", {}, None, False
     if features is not None:
-        widths = {layer: teacher.fc7.out_features for layer in features.layers}
+        check_feature_layers(teacher, features.layers)
+        widths = {layer: teacher.feature_width for layer in features.layers}
         per_image = features.top_k or max_proposals or round(np.mean([len(dataset.proposals.get(r.image_id)[0])
                                                                       for r in dataset.records[:64]]))
         size = estimate_bytes(len(dataset), per_image, widths)

@@ -25,7 +25,7 @@ from mlkd.config import SIZE, DataConfig, OptimConfig, RunConfig, bounded, to_di
 from mlkd.data.base import MultiLabelDataset, check_class_order, collate
 from mlkd.data.loader import make_loader
 from mlkd.data.transforms import Compose, KeepTopProposals, RandomHorizontalFlip, TeacherStudentViews, Warp
-from mlkd.distill import FeatureCacheSpec, StudentObjective, TeacherTargets, teacher_caches
+from mlkd.distill import FeatureCacheSpec, StudentObjective, TeacherTargets, check_feature_layers, teacher_caches
 from mlkd.distributed import DistInfo, broadcast
 from mlkd.engine import Stage, StageParts, build_optimizer, launch, param_groups, run_stages
 from mlkd.errors import BadInput, NotFound
@@ -57,7 +57,9 @@ class StageConfig:
 class DistillConfig:
     teacher: str | None = None  # teacher checkpoint; needed by stages with soft_weight or feature_weight
     teacher_scale: int | None = bounded(None, *SIZE)  # the teacher's input size (None = its checkpoint's test scale)
-    feature_layers: tuple[Literal["fc6", "fc7"], ...] = ("fc7",)  # region layers matched by L_f
+    # region layers matched by L_f: fc7 = the teacher's region feature its streams read (resnet50_c4: layer4 +
+    # average pool); fc6 for VGG-style teachers only
+    feature_layers: tuple[Literal["fc6", "fc7"], ...] = ("fc7",)
     # L_f's scale: none (the release: the teacher's), relative (error / the teacher's energy), l2 (directions)
     feature_norm: Literal["none", "relative", "l2"] = "none"
     top_k: int | None = bounded(None, 1, 100_000)  # L_f on each image's top-k proposals by objectness (None = all)
@@ -170,6 +172,8 @@ def _load_teacher(cfg: StudentConfig, dataset: MultiLabelDataset, out: Path, inf
     model = model_from_checkpoint(ckpt).to(info.device)
     scale = cfg.distill.teacher_scale or ckpt["inference"]["image_size"]
     d = cfg.distill
+    if any(s.feature_weight for s in cfg.stages):  # before hours of cached targets, not after
+        check_feature_layers(model, d.feature_layers)
     soft = d.cache_soft_targets and any(s.soft_weight for s in cfg.stages)
     wanted = FeatureCacheSpec(d.feature_layers, d.top_k, d.feature_cache_gb) \
         if d.feature_cache_gb > 0 and any(s.feature_weight for s in cfg.stages) else None

@@ -9,7 +9,7 @@ is done (Caffe and ONNX by another runtime, the model folder by reading it back)
   images and held to :data:`~mlkd.export.quantize.INT8_TOLERANCE` of the float32 probabilities.
 - Teacher, ``caffe``: every layer of the release's teacher network but the RoI generation and pooling (see
   :mod:`mlkd.export.caffe.wsddn`), checked with OpenCV on regions pooled by PyTorch, plus a weight round trip
-  through the importer.
+  through the importer. VGG-style teachers (fc6/fc7 head) only: a resnet50_c4 teacher is refused.
 - Teacher or student, ``safetensors``: the folder :func:`mlkd.load` reads (:func:`mlkd.checkpoint.write_model_dir`).
 
 Each Caffe / ONNX export writes ``export.json`` (machine-readable) and ``README.md`` beside the model files: the input
@@ -155,6 +155,11 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, classif
             raise BadInput("a teacher exports to --format caffe or safetensors only (ONNX would need RoI pooling "
                              "and per-image softmax over a variable number of regions), without --classifier-name")
         model, size = model_from_checkpoint(ckpt), image_size or ckpt["inference"]["image_size"]
+        if model.head is not None:
+            raise BadInput(f"{checkpoint} is a {ckpt['model_config']['backbone']} teacher: mlkd's Caffe export writes "
+                           "the release's VGG-style teacher (conv layers, fc6, fc7, fc8_c, fc8_d) and has no converter "
+                           "for ResNet blocks, frozen BatchNorm or a layer4 region head; export it with --format "
+                           "safetensors (mlkd.load reads that folder)")
         regions = regions or ckpt["inference"]["max_proposals"] or 500
     else:
         size = ckpt["inference"]["image_size"]
