@@ -1,6 +1,7 @@
 """A resnet50_c4 teacher through the whole system on the synthetic fixture: one training epoch (frozen stages and
 BatchNorm unchanged by it), evaluation, a student distilled from it (L_f on its 2048-d region features), the
-checkpoint -> model round trip, mlkd.load, the safetensors model folder, and the refusals (Caffe export, fc6).
+checkpoint -> model round trip, mlkd.load, the safetensors model folder, a narrower student through a feature
+adapter, and the refusals (Caffe export, fc6, unequal widths without an adapter).
 
 Random ImageNet-free weights, roi_size 4 and one batch of the 12 training images per epoch keep it to seconds."""
 
@@ -76,6 +77,26 @@ def test_a_student_distils_its_2048_wide_region_features(c4_teacher, teacher_dat
                                        r"features, only \['fc7'\] \(a resnet50_c4 teacher's region head is layer4"):
         train_student(load_config(StudentConfig, None, student_sets(
             teacher_data, teacher, tmp_path / "fc6", **{"distill.feature_layers": "[fc6, fc7]"})))
+
+
+def test_a_narrower_student_distils_through_a_feature_adapter_and_is_refused_without_one(c4_teacher, teacher_data,
+                                                                                          tmp_path):
+    """The tiny student's own 32-wide fc7 (as a VGG16 student keeps its ImageNet 4096-wide fc7) against the teacher's
+    2048-d features: refused before training without distill.feature_adapter, trained through the adapter with it;
+    the adapter is saved with the objective's parameters to resume, not with the student."""
+    _, teacher = c4_teacher
+    narrow = {"model.hidden": 32}
+    with pytest.raises(BadInput, match=r"the student's region features are 32 wide \(model.hidden\), the teacher's "
+                                       r"2048: .*distill.feature_adapter: true"):
+        train_student(load_config(StudentConfig, None, student_sets(teacher_data, teacher, tmp_path / "no", **narrow)))
+    out = tmp_path / "adapter"
+    path = train_student(load_config(StudentConfig, None, student_sets(
+        teacher_data, teacher, out, **narrow, **{"distill.feature_adapter": "true"})))
+    epoch = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if r["type"] == "epoch"][-1]
+    assert np.isfinite(epoch["train_loss_feature"]) and epoch["train_loss_feature"] > 0
+    ckpt = load_checkpoint(path, "student")
+    assert ckpt["train_state"]["extra"]["adapter.fc7.weight"].shape == (2048, 32)
+    assert not any("adapter" in k for k in ckpt["model"]) and ckpt["model"]["fc7.weight"].shape == (32, 32)
 
 
 def test_load_detect_safetensors_folder_and_caffe_refused(c4_teacher, teacher_data, tmp_path):

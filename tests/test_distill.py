@@ -175,6 +175,36 @@ def test_distiller_top_k_uses_only_the_best_regions():
     assert got.item() == pytest.approx(want.item(), rel=1e-6)  # L_f is summed in float32
 
 
+def test_a_feature_adapter_maps_the_students_width_to_the_teachers_and_is_trained_by_l_f_only():
+    """A 12-wide student and a 16-wide teacher: refused without the adapter, and with it L_f is the loss of
+    adapter(F_S) against F_T by hand; the adapter gets a gradient, is saved as an extra parameter, the teacher none."""
+    teacher, student = make_teacher(16), make_student(12)
+    with pytest.raises(ValueError, match=r"the student's region features are 12 wide \(model.hidden\), the "
+                                         r"teacher's 16: .*set model.hidden: 16, or distill.feature_adapter: true"):
+        StudentObjective(student, teacher, 0, 0, 1)
+    StudentObjective(student, teacher, 1, 1, 0)  # no L_f: the widths do not matter
+    model = StudentObjective(student, teacher, 0, 0, 1, feature_norm="relative", feature_adapter=True).double()
+    assert (model.adapter["fc7"].in_features, model.adapter["fc7"].out_features) == (12, 16)
+    assert set(model.extra_parameters()) == {"scale", "adapter.fc7.weight", "adapter.fc7.bias"}
+    gen = torch.Generator().manual_seed(6)
+    proposals = [random_boxes(5, 64, gen), random_boxes(3, 64, gen)]
+    kw = dict(images=torch.randn(2, 3, 32, 32, generator=gen, dtype=torch.float64), labels=torch.zeros(2, K),
+              teacher_images=torch.randn(2, 3, 64, 64, generator=gen, dtype=torch.float64), proposals=proposals,
+              proposal_scores=None, student_proposals=[b / 2 for b in proposals])
+    got = model.train()(**kw)["loss_feature"]
+    with torch.no_grad():  # by hand: every region's teacher fc7 against the adapted student fc7
+        idx = torch.tensor([0] * 5 + [1] * 3)
+        boxes = torch.cat(proposals)
+        t = teacher.region_layers(teacher.backbone(kw["teacher_images"]), boxes, torch.ones(8, dtype=torch.float64),
+                                  idx)["fc7"]
+        s = model.adapter["fc7"](student.forward_regions(student.backbone(kw["images"]), boxes / 2, idx)["fc7"])
+        want = (t - s).pow(2).sum() / t.pow(2).sum()
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    got.backward()
+    assert model.adapter["fc7"].weight.grad.abs().sum() > 0 and student.fc7.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.parameters())
+
+
 def test_zero_proposals_in_a_distillation_batch_is_a_clear_error():
     model = StudentObjective(make_student(), make_teacher(), 0, 0, 1).double()
     with pytest.raises(ValueError, match="image 0 of the batch has zero proposals"):

@@ -11,6 +11,8 @@ region r of image b, N_R = sum over images of their regions):
 - ``L_f``  = sum_layers sum_(b,r) ||F_T(b, r) - F_S(b, r)||^2 / (2 N_R)     (region features, e.g. fc7)
   = the paper's sum ||F_T - F_S||^2 / (2 N R) when every image has R regions. ``fc7`` is the teacher's region
   feature that its streams read: VGG16's fc7, or a resnet50_c4 teacher's layer4 + average pool (which has no fc6).
+  With a feature adapter, F_S is first mapped linearly to the teacher's width (a VGG16 student's 4096-d fc7 to a
+  resnet50_c4 teacher's 2048).
 
 Stage 1 of the release trains with L_f, stage 2 with L_p + L_p'; a joint mode weights all three; a student
 without distillation trains with L_p alone.
@@ -45,7 +47,7 @@ from mlkd.errors import BadInput
 from mlkd.feature_cache import TeacherFeatures, estimate_bytes
 from mlkd.inference import teacher_view
 from mlkd.models.inputs import teacher_inputs
-from mlkd.models.ops import flatten_proposals
+from mlkd.models.ops import caffe_xavier_, flatten_proposals
 from mlkd.models.student import Student, label_loss
 from mlkd.models.wsddn import WSDDN, wsddn_scores
 
@@ -66,7 +68,8 @@ def feature_loss(student: Tensor, teacher: Tensor, norm: str = "none") -> Tensor
     """
     if student.shape != teacher.shape:
         raise BadInput(f"student region features {tuple(student.shape)} and teacher's {tuple(teacher.shape)} "
-                       "differ: the student's fc6/fc7 (or adapter) width must equal the teacher's")
+                       "differ: the student's fc6/fc7 (or adapter) width must equal the teacher's, or pass through "
+                       "a feature adapter (distill.feature_adapter)")
     if norm == "relative":
         return (teacher - student).pow(2).sum() / teacher.pow(2).sum().clamp(min=1e-12)
     if norm == "l2":
@@ -83,6 +86,16 @@ def check_feature_layers(teacher: WSDDN, layers: Sequence[str]) -> None:
         raise BadInput(f"distill.feature_layers {list(layers)}: the teacher has no {missing} region features, only "
                        f"{list(teacher.region_layer_names)} (a resnet50_c4 teacher's region head is layer4 + average "
                        "pool, whose output is its fc7; fc6 exists in the VGG-style fc6/fc7 head only)")
+
+
+def check_feature_width(student_width: int, teacher: WSDDN, adapter: bool) -> None:
+    """Refuse an L_f between region features of different widths unless a feature adapter maps one to the other."""
+    if not adapter and student_width != teacher.feature_width:
+        raise BadInput(f"the student's region features are {student_width} wide (model.hidden), the teacher's "
+                       f"{teacher.feature_width}: L_f compares them directly, so set model.hidden: "
+                       f"{teacher.feature_width}, or distill.feature_adapter: true (a linear map from the student's "
+                       "width to the teacher's, trained by L_f only, e.g. a VGG16 student with ImageNet fc6/fc7 and "
+                       "a resnet50_c4 teacher)")
 
 
 def soft_label_loss(logits: Tensor, scale: Tensor, teacher_probs: Tensor) -> Tensor:
@@ -157,19 +170,29 @@ class StudentObjective(nn.Module):
         top_k: use only each image's ``top_k`` proposals by the teacher's objectness s' for L_f (None = all).
         scale_init: initial value of the learnable per-class scale a of L_p'.
         feature_norm: ``"none"`` (the release), ``"relative"`` or ``"l2"``: see :func:`feature_loss`.
+        feature_adapter: match ``adapter[layer](F_S)`` to F_T in L_f, ``adapter`` a linear map per layer from the
+            student's region width to the teacher's (FitNets' regressor; Caffe "xavier" init), trained by L_f only
+            and not part of the student. False (the release) compares F_S itself, which needs equal widths.
     """
 
     def __init__(self, student: Student, teacher: WSDDN | None, label_weight: float = 1.0, soft_weight: float = 0.0,
                  feature_weight: float = 0.0, feature_layers: Sequence[str] = ("fc7",), top_k: int | None = None,
-                 scale_init: float = 0.2, feature_norm: str = "none") -> None:
+                 scale_init: float = 0.2, feature_norm: str = "none", feature_adapter: bool = False) -> None:
         super().__init__()
         if teacher is None and (soft_weight or feature_weight):
             raise BadInput("soft_weight and feature_weight distil from a teacher: give the teacher")
         self.student = student
         self.teacher = teacher
+        self.adapter = None
         if teacher is not None:
             if feature_weight:
                 check_feature_layers(teacher, feature_layers)
+                check_feature_width(student.region_width, teacher, feature_adapter)
+                if feature_adapter:
+                    self.adapter = nn.ModuleDict({layer: nn.Linear(student.region_width, teacher.feature_width)
+                                                  for layer in feature_layers})
+                    for layer in self.adapter.values():
+                        caffe_xavier_(layer)
             teacher.eval()
             teacher.requires_grad_(False)  # frozen: it only provides targets, nothing may update it
             self.scale = nn.Parameter(torch.full((student.num_classes,), float(scale_init)))  # a of L_p'
@@ -183,8 +206,12 @@ class StudentObjective(nn.Module):
         return self
 
     def extra_parameters(self) -> dict[str, nn.Parameter]:
-        """Parameters of the objective that are not the student's (saved to resume): the scale a of L_p'."""
-        return {"scale": self.scale} if self.teacher is not None else {}
+        """Parameters of the objective that are not the student's (saved to resume): the scale a of L_p' and the
+        feature adapter's weights."""
+        extra = {"scale": self.scale} if self.teacher is not None else {}
+        if self.adapter is not None:
+            extra.update({f"adapter.{name}": p for name, p in self.adapter.named_parameters()})
+        return extra
 
     def forward(self, images: Tensor, labels: Tensor, teacher_images: Tensor | None = None,
                 proposals: Sequence[Tensor] | None = None, proposal_scores: Sequence[Tensor] | None = None,
@@ -225,6 +252,8 @@ class StudentObjective(nn.Module):
         if rows is not None:
             s_boxes, s_index = s_boxes[rows], s_index[rows]
         feats = self.student.forward_regions(fmap, s_boxes, s_index, self.feature_layers)
+        if self.adapter is not None:
+            feats = {layer: self.adapter[layer](f) for layer, f in feats.items()}
         return sum(feature_loss(feats[layer].float(), target[layer].float(), self.feature_norm)
                    for layer in self.feature_layers)
 

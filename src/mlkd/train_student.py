@@ -25,7 +25,8 @@ from mlkd.config import SIZE, DataConfig, OptimConfig, RunConfig, bounded, to_di
 from mlkd.data.base import MultiLabelDataset, check_class_order, collate
 from mlkd.data.loader import make_loader
 from mlkd.data.transforms import Compose, KeepTopProposals, RandomHorizontalFlip, TeacherStudentViews, Warp
-from mlkd.distill import FeatureCacheSpec, StudentObjective, TeacherTargets, check_feature_layers, teacher_caches
+from mlkd.distill import (FeatureCacheSpec, StudentObjective, TeacherTargets, check_feature_layers,
+                          check_feature_width, teacher_caches)
 from mlkd.distributed import DistInfo, broadcast
 from mlkd.engine import Stage, StageParts, build_optimizer, launch, param_groups, run_stages
 from mlkd.errors import BadInput, NotFound
@@ -60,6 +61,9 @@ class DistillConfig:
     # region layers matched by L_f: fc7 = the teacher's region feature its streams read (resnet50_c4: layer4 +
     # average pool); fc6 for VGG-style teachers only
     feature_layers: tuple[Literal["fc6", "fc7"], ...] = ("fc7",)
+    # L_f through a linear map from the student's region width (model.hidden) to the teacher's, trained by L_f only
+    # (not part of the student); needed when they differ, e.g. a VGG16 student (4096) and a resnet50_c4 teacher (2048)
+    feature_adapter: bool = False
     # L_f's scale: none (the release: the teacher's), relative (error / the teacher's energy), l2 (directions)
     feature_norm: Literal["none", "relative", "l2"] = "none"
     top_k: int | None = bounded(None, 1, 100_000)  # L_f on each image's top-k proposals by objectness (None = all)
@@ -174,6 +178,7 @@ def _load_teacher(cfg: StudentConfig, dataset: MultiLabelDataset, out: Path, inf
     d = cfg.distill
     if any(s.feature_weight for s in cfg.stages):  # before hours of cached targets, not after
         check_feature_layers(model, d.feature_layers)
+        check_feature_width(cfg.model.hidden, model, d.feature_adapter)
     soft = d.cache_soft_targets and any(s.soft_weight for s in cfg.stages)
     wanted = FeatureCacheSpec(d.feature_layers, d.top_k, d.feature_cache_gb) \
         if d.feature_cache_gb > 0 and any(s.feature_weight for s in cfg.stages) else None
@@ -200,7 +205,7 @@ def _stage_parts(cfg: StudentConfig, stage: StageConfig, student: Student, teach
     d = cfg.distill
     objective = StudentObjective(student, teacher.model if distils else None, stage.label_weight, stage.soft_weight,
                                  stage.feature_weight, d.feature_layers, d.top_k, d.scale_init,
-                                 d.feature_norm).to(info.device)
+                                 d.feature_norm, d.feature_adapter).to(info.device)
     lr = stage.lr or cfg.optim.lr
     groups = param_groups(objective, lr, cfg.optim.weight_decay, cfg.optim.bias_lr_mult, cfg.optim.bias_decay,
                           lr_mults={"scale": d.scale_lr_mult}, no_decay=("scale",))

@@ -67,6 +67,11 @@ class Student(nn.Module):
     def num_classes(self) -> int:
         return (self.fc8 if self.head == "vgg" else self.fc).out_features
 
+    @property
+    def region_width(self) -> int:
+        """Width of the region features :meth:`forward_regions` returns (``hidden``: fc6/fc7's, or the adapter's)."""
+        return (self.fc7 if self.head == "vgg" else self.adapter).out_features
+
     def forward_logits(self, fmap: Tensor) -> Tensor:
         """Image logits ``(B, K)`` from the backbone map ``(B, C, h, w)``."""
         if self.head == "resnet":
