@@ -3,11 +3,13 @@ values are what docs/method.md states."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from mlkd.config import CONFIG_DIR, load_config, packaged_configs, resolve_config
+from mlkd.models.build import build_teacher
 from mlkd.train_student import StudentConfig
 from mlkd.train_teacher import TeacherConfig
 
@@ -16,7 +18,7 @@ SHIPPED = sorted(CONFIGS.glob("*.yaml"))
 
 
 def test_the_configs_ship_inside_the_package():
-    assert CONFIG_DIR == CONFIGS and len(SHIPPED) == 19
+    assert CONFIG_DIR == CONFIGS and len(SHIPPED) == 21
     assert packaged_configs() == [p.stem for p in SHIPPED]
 
 
@@ -52,6 +54,23 @@ def test_the_default_recipe_is_one_joint_stage_with_relative_features_over_the_p
     assert (kd.stages[0].epochs, kd.stages[0].lr_steps) == (plain.stages[0].epochs, plain.stages[0].lr_steps)
     assert kd.model == plain.model == release.model and kd.data.train == release.data.train
     assert len(release.stages) == 2 and sum(s.epochs for s in release.stages) >= plain.stages[0].epochs
+
+
+def test_the_resnet50_c4_teacher_and_the_default_recipe_student_distilled_from_it():
+    t = load_config(TeacherConfig, CONFIGS / "teacher_coco_r50c4.yaml")
+    vgg = load_config(TeacherConfig, CONFIGS / "teacher_coco.yaml")
+    assert (t.model.backbone, t.model.input_convention, t.model.hidden, t.model.roi_size, t.model.roi_op) == \
+        ("resnet50_c4", "torchvision", 2048, 14, "roi_align")
+    assert t.model.freeze == ("stem", "layer1") and t.model.weights == "weights/resnet50_torchvision.pt"
+    assert (t.data, t.optim) == (vgg.data, vgg.optim) and t.run.out != vgg.run.out
+    teacher = build_teacher(dataclasses.replace(t.model, weights=None), 80)  # the config builds (random weights)
+    assert teacher.feature_width == 2048 and teacher.roi_size == 14 and teacher.backbone.stride == 16
+    s = load_config(StudentConfig, CONFIGS / "student_coco_kd_r50c4.yaml")
+    kd = load_config(StudentConfig, CONFIGS / "student_coco_kd.yaml")
+    assert s.distill.teacher == t.run.out + "/last.pt" and s.distill.feature_adapter and not kd.distill.feature_adapter
+    assert (s.model, s.data, s.stages, s.optim) == (kd.model, kd.data, kd.stages, kd.optim)
+    assert dataclasses.replace(s.distill, teacher=kd.distill.teacher, feature_adapter=False) == kd.distill
+    assert s.model.hidden == 4096 != t.model.hidden  # the VGG16 student keeps its ImageNet fc7: the adapter bridges
 
 
 def test_configs_load_by_name_from_any_folder_and_paths_still_work(tmp_path, monkeypatch):

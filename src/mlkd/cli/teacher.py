@@ -13,9 +13,9 @@ DETECTION_AP_MODES = ("voc07", "voc07_devkit", "voc07_py", "voc_area")
 
 TRAIN_DESCRIPTION = """\
 Train the WSDDN teacher from image-level labels over cached proposals (docs/method.md). The config file holds
-every knob (mlkd ships teacher_voc07, teacher_coco, teacher_nuswide, teacher_wsddn_voc07, teacher_demo: give
-the name or a file); --set overrides single keys. The run folder (run.out) receives
-config.yaml, log.jsonl, curves.png and last.pt (written atomically after every epoch).
+every knob (mlkd ships teacher_voc07, teacher_coco, teacher_coco_r50c4 (ResNet-50 C4), teacher_nuswide,
+teacher_wsddn_voc07, teacher_demo: give the name or a file); --set overrides single keys. The run folder
+(run.out) receives config.yaml, log.jsonl, curves.png and last.pt (written atomically after every epoch).
 
 Several GPUs or nodes: launch the same command with torchrun, e.g.
   torchrun --nproc_per_node 8 -m mlkd train-teacher --config teacher_coco
