@@ -193,9 +193,10 @@ def test_frozen_batchnorm_and_stages_stay_fixed_after_a_step():
     assert any(k.startswith("head.layer4.") for k in trained)
 
 
-def test_imagenet_weights_from_a_torchvision_resnet50_file(tmp_path):
+def test_imagenet_weights_from_a_torchvision_resnet50_file(tmp_path, monkeypatch):
     """A torchvision ResNet-50 state dict (its BatchNorm counters and 1000-way fc included) fills the backbone and
-    the layer4 head; frozen BatchNorm then computes what the network computes in eval mode."""
+    the layer4 head, from a file or as torchvision:IMAGENET1K_V1 from the torch hub cache; frozen BatchNorm then
+    computes what the network computes in eval mode."""
     torch.manual_seed(1)
     net = torchvision.models.resnet50()
     for m in net.modules():
@@ -211,6 +212,13 @@ def test_imagenet_weights_from_a_torchvision_resnet50_file(tmp_path):
         stem = net.maxpool(net.relu(net.bn1(net.conv1(x))))
         torch.testing.assert_close(model.backbone(x), net.layer3(net.layer2(net.layer1(stem))), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(model.head(pooled), net.layer4(pooled).mean((2, 3)), rtol=1e-4, atol=1e-5)
+    hub = tmp_path / "torch" / "hub" / "checkpoints"  # where torchvision downloads ResNet50_Weights.IMAGENET1K_V1
+    hub.mkdir(parents=True)
+    path = path.rename(hub / "resnet50-0676ba61.pth")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.delenv("MLKD_DOWNLOAD_WEIGHTS", raising=False)
+    cached = build_teacher(TeacherModelConfig(**C4, weights="torchvision:IMAGENET1K_V1"), K).state_dict()
+    assert all(torch.equal(v, cached[k]) for k, v in model.state_dict().items() if not k.startswith("fc8_"))
     with pytest.raises(ValueError, match=r"model.input_convention must be 'torchvision', got 'caffe'"):
         build_teacher(TeacherModelConfig(**{**C4, "input_convention": "caffe"}, weights=str(path)), K)
     with pytest.raises(ValueError, match="the tiny backbone has none"):

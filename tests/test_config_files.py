@@ -61,7 +61,7 @@ def test_the_resnet50_c4_teacher_and_the_default_recipe_student_distilled_from_i
     vgg = load_config(TeacherConfig, CONFIGS / "teacher_coco.yaml")
     assert (t.model.backbone, t.model.input_convention, t.model.hidden, t.model.roi_size, t.model.roi_op) == \
         ("resnet50_c4", "torchvision", 2048, 14, "roi_align")
-    assert t.model.freeze == ("stem", "layer1") and t.model.weights == "weights/resnet50_torchvision.pt"
+    assert t.model.freeze == ("stem", "layer1") and t.model.weights == "torchvision:IMAGENET1K_V1"
     assert (t.data, t.optim) == (vgg.data, vgg.optim) and t.run.out != vgg.run.out
     teacher = build_teacher(dataclasses.replace(t.model, weights=None), 80)  # the config builds (random weights)
     assert teacher.feature_width == 2048 and teacher.roi_size == 14 and teacher.backbone.stride == 16
