@@ -107,7 +107,8 @@ def test_load_detect_safetensors_folder_and_caffe_refused(c4_teacher, teacher_da
     image = next((teacher_data.train.parent / "images" / "val").iterdir())
     boxes = np.array([[2.0, 3, 40, 50], [10, 10, 70, 60], [0, 0, 79, 79]], np.float32)
     found = [mlkd.load(p).detect(image, proposals=boxes) for p in (path, folder)]
-    assert isinstance(mlkd.load(folder), mlkd.Detector) and found[0]["region_scores"].shape == (3, 10)  # 10 synthetic classes
+    assert isinstance(mlkd.load(folder), mlkd.Detector)
+    assert found[0]["region_scores"].shape == (3, 10)  # the synthetic dataset's 10 classes
     np.testing.assert_array_equal(found[0]["region_scores"], found[1]["region_scores"])
     with pytest.raises(BadInput, match=r"is a resnet50_c4 teacher: mlkd's Caffe export writes the release's VGG-style "
                                        r"teacher .* export it with --format safetensors"):
