@@ -45,7 +45,7 @@ def test_unknown_keys_name_the_key_and_the_valid_ones(data, bad, valid):
     ("data", "max_proposals", "many", "data.max_proposals: expected int, got 'many' (str)"),
     ("data", "options", 3, "data.options: expected a mapping, got 3"),
     ("data", "flip", "yes please", "data.flip: expected bool, got 'yes please' (str)"),
-    ("model", "backbone", "resnet", "model.backbone: 'resnet' is not one of ['vgg16', 'tiny']"),
+    ("model", "backbone", "resnet", "model.backbone: 'resnet' is not one of ['vgg16', 'tiny', 'resnet50_c4']"),
     ("run", "amp", "fp8", "run.amp: 'fp8' is not one of ['auto', 'none', 'bf16', 'fp16']"),
     ("optim", "clip_grad", "x", "optim.clip_grad: expected float, got 'x' (str)"),
 ])
