@@ -21,7 +21,8 @@ from mlkd.data.transforms import Warp
 from mlkd.models.backbones import normalize
 from mlkd.models.build import model_from_checkpoint
 from mlkd.proposals.attach import open_split
-from mlkd.runtime import StudentRuntime, calibration_batches
+from mlkd.export.quantize import calibration_batches
+from mlkd.runtime import StudentRuntime
 
 real_timing = runtime_module._channels_last_is_faster
 

@@ -27,7 +27,8 @@ from mlkd.models.backbones import CONVENTIONS, normalize
 from mlkd.models.build import model_from_checkpoint
 from mlkd.models.wsddn import NMS_IOU, class_detections
 from mlkd.proposals.methods import propose, resolve_params
-from mlkd.runtime import StudentRuntime, calibration_batches, checkpoint_calibration
+from mlkd.export.quantize import calibration_batches, checkpoint_calibration
+from mlkd.runtime import StudentRuntime
 
 ImageLike = Any  # a path, a PIL image, an (H, W, 3) / (H, W) uint8 array, or a (3, H, W) tensor
 

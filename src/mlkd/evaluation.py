@@ -26,7 +26,8 @@ from mlkd.metrics import corloc, detection_ap, evaluate_all, report_to_json
 from mlkd.models.build import model_from_checkpoint
 from mlkd.models.wsddn import NMS_IOU, WSDDN, class_detections, top_boxes
 from mlkd.proposals.attach import open_split, require_proposals
-from mlkd.runtime import StudentRuntime, calibration_batches, checkpoint_calibration
+from mlkd.export.quantize import calibration_batches, checkpoint_calibration
+from mlkd.runtime import StudentRuntime
 from mlkd.viz import detections_figure, save_rgb, teacher_figure
 
 

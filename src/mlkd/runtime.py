@@ -20,21 +20,18 @@ import logging
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
-from mlkd.data.transforms import Warp
 from mlkd.device import resolve_amp
-from mlkd.errors import BadInput, MlkdError
-from mlkd.models.backbones import normalize
+from mlkd.errors import BadInput
 
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16", "int8")
-CALIBRATION_IMAGES = 64
 
 
 class StudentRuntime:
@@ -108,39 +105,3 @@ def _int8_session(model: nn.Module, image_size: int, calibration: Iterator[np.nd
         out = session(path, torch.get_num_threads())
     logger.info(f"int8 model quantised and loaded in {time.perf_counter() - t0:.1f} s")
     return out
-
-
-def calibration_batches(spec: str, options: dict[str, Any] | None, image_size: int, convention: str,
-                        count: int = CALIBRATION_IMAGES, batch_size: int = 16) -> Iterator[np.ndarray]:
-    """Normalised float32 batches of ``count`` images spread evenly over the dataset ``spec`` (in its order),
-    warped to ``image_size``: what int8 quantisation measures activation ranges on."""
-    from mlkd.data import build_dataset  # the dataset readers are only needed for int8
-
-    dataset = build_dataset(spec, **(options or {}))
-    if len(dataset) == 0:
-        raise BadInput(f"calibration dataset {spec} has no images")
-    picks = np.unique(np.linspace(0, len(dataset) - 1, min(count, len(dataset))).round().astype(int))
-    view = dataset.view(transform=Warp(image_size), indices=picks.tolist())
-    for start in range(0, len(view), batch_size):
-        images = torch.stack([view[i][0] for i in range(start, min(start + batch_size, len(view)))])
-        yield normalize(images, convention).numpy()
-
-
-def checkpoint_calibration(ckpt: dict[str, Any], given: str | None) -> tuple[str, dict[str, Any] | None]:
-    """The dataset to calibrate int8 on: ``given``, else the training set recorded in the checkpoint's config.
-    An error says how to give one when neither is usable."""
-    if given:
-        return given, None
-    data = (ckpt.get("config") or {}).get("data") or {}
-    spec = data.get("train")
-    if not spec:
-        raise BadInput("precision int8 needs calibration images and the checkpoint records no training set: give "
-                       "--calibration SPEC (a dataset of training images, e.g. path/to/train.jsonl)")
-    try:
-        from mlkd.data import build_dataset
-
-        build_dataset(spec, **(data.get("options") or {}))
-    except MlkdError as e:
-        raise BadInput(f"precision int8 calibrates on the model's training set {spec}, which cannot be opened "
-                       f"here ({e}); give --calibration SPEC (a dataset of training images)") from None
-    return spec, data.get("options")

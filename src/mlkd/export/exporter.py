@@ -34,7 +34,7 @@ from mlkd.export.quantize import INT8_TOLERANCE, deploy_model, quantize_student
 from mlkd.export.verify import Check, compare, describe_input, random_boxes, require, sample_inputs
 from mlkd.models.build import model_from_checkpoint
 from mlkd.optional import optional_import
-from mlkd.runtime import calibration_batches, checkpoint_calibration
+from mlkd.export.quantize import calibration_batches, checkpoint_calibration
 from mlkd.version import __version__
 
 FORMATS = ("caffe", "onnx", "safetensors")

@@ -16,13 +16,18 @@ from __future__ import annotations
 import logging
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
+import torch
 from torch import nn
 
+from mlkd.data import build_dataset
+from mlkd.data.transforms import Warp
+from mlkd.errors import BadInput, MlkdError
 from mlkd.export.onnx import DEFAULT_OPSET, INPUT, export_onnx
 from mlkd.export.vgg_view import VggDeployView
+from mlkd.models.backbones import normalize
 from mlkd.optional import optional_import
 
 logger = logging.getLogger(__name__)
@@ -91,3 +96,38 @@ def batched(arrays: Iterable[np.ndarray], batch_size: int) -> Iterator[np.ndarra
             pending = []
     if pending:
         yield np.stack(pending)
+
+
+CALIBRATION_IMAGES = 64  # images int8 calibration measures activation ranges on
+
+
+def calibration_batches(spec: str, options: dict[str, Any] | None, image_size: int, convention: str,
+                        count: int = CALIBRATION_IMAGES, batch_size: int = 16) -> Iterator[np.ndarray]:
+    """Normalised float32 batches of ``count`` images spread evenly over the dataset ``spec`` (in its order),
+    warped to ``image_size``: what int8 quantisation measures activation ranges on."""
+    dataset = build_dataset(spec, **(options or {}))
+    if len(dataset) == 0:
+        raise BadInput(f"calibration dataset {spec} has no images")
+    picks = np.unique(np.linspace(0, len(dataset) - 1, min(count, len(dataset))).round().astype(int))
+    view = dataset.view(transform=Warp(image_size), indices=picks.tolist())
+    for start in range(0, len(view), batch_size):
+        images = torch.stack([view[i][0] for i in range(start, min(start + batch_size, len(view)))])
+        yield normalize(images, convention).numpy()
+
+
+def checkpoint_calibration(ckpt: dict[str, Any], given: str | None) -> tuple[str, dict[str, Any] | None]:
+    """The dataset to calibrate int8 on: ``given``, else the training set recorded in the checkpoint's config.
+    An error says how to give one when neither is usable."""
+    if given:
+        return given, None
+    data = (ckpt.get("config") or {}).get("data") or {}
+    spec = data.get("train")
+    if not spec:
+        raise BadInput("precision int8 needs calibration images and the checkpoint records no training set: give "
+                       "--calibration SPEC (a dataset of training images, e.g. path/to/train.jsonl)")
+    try:
+        build_dataset(spec, **(data.get("options") or {}))
+    except MlkdError as e:
+        raise BadInput(f"precision int8 calibrates on the model's training set {spec}, which cannot be opened "
+                       f"here ({e}); give --calibration SPEC (a dataset of training images)") from None
+    return spec, data.get("options")
