@@ -34,6 +34,10 @@ logger = logging.getLogger(__name__)
 
 # the largest |int8 - float32| probability an exported int8 model may give on its calibration images
 INT8_TOLERANCE = 0.1
+# what is quantised: the convolutions (and the max pools between them, which then stay in int8). The fully
+# connected layers stay float32: on the demo's distilled student, quantising them too cost 0.36 held-out mAP
+# where the convolutions alone cost 0.01, and at 224 they are under 1 % of VGG16's multiply-adds.
+INT8_OPS = ("Conv", "MaxPool")
 
 
 def has_vnni() -> bool:
@@ -72,7 +76,8 @@ def quantize_student(student: nn.Module, image_size: int, calibration: Iterable[
                                      per_channel=True, reduce_range=not vnni,
                                      activation_type=quantization.QuantType.QUInt8,
                                      weight_type=quantization.QuantType.QInt8,
-                                     calibrate_method=quantization.CalibrationMethod.MinMax)
+                                     calibrate_method=quantization.CalibrationMethod.MinMax,
+                                     op_types_to_quantize=list(INT8_OPS))
     logger.debug(f"int8 model written to {out} (weights per channel{'' if vnni else ', 7-bit: no VNNI on this CPU'})")
     return out
 
