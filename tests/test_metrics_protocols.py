@@ -14,6 +14,7 @@ import pytest
 
 from mlkd.metrics import average_precision, detection_ap
 from mlkd.metrics.classification import DEVKIT_THRESHOLDS
+from test_metrics import random_problem
 
 # MATLAB's 0:0.1:1 as the devkit's `for t=0:0.1:1` iterates it: the colon operator builds the first half
 # forward (k * 0.1), the middle as (0 + 1) / 2 and the second half backward (1 - (10 - k) * 0.1), so only
@@ -94,17 +95,6 @@ def sort_based_ap(scores: np.ndarray, targets: np.ndarray, order: np.ndarray) ->
     return sum(precisions) / hits
 
 
-def cls_problem(seed: int, n: int = 60, k: int = 6, ties: bool = False, ignore: float = 0.0):
-    rng = np.random.default_rng(seed)
-    t = (rng.random((n, k)) < 0.3).astype(np.int8)
-    s = rng.random((n, k)) + 0.4 * t
-    if ties:
-        s = np.round(s, 1)
-    if ignore:
-        t[rng.random((n, k)) < ignore] = -1
-    return s, t
-
-
 # ------------------------------------------------------------------------------------------ classification
 def test_thresholds_are_the_devkits():
     assert DEVKIT_THRESHOLDS["voc07_devkit"].tolist() == MATLAB_THRESHOLDS
@@ -117,7 +107,7 @@ def test_thresholds_are_the_devkits():
 @pytest.mark.parametrize("mode", ["voc07_devkit", "voc07_py"])
 @pytest.mark.parametrize("seed, ties, ignore", [(0, False, 0.0), (1, True, 0.0), (2, True, 0.2), (3, False, 0.1)])
 def test_devkit_modes_equal_the_devkit_loop_bit_for_bit(mode, seed, ties, ignore):
-    s, t = cls_problem(seed, ties=ties, ignore=ignore)
+    s, t = random_problem(k=6, seed=seed, ties=ties, ignore=ignore)
     got = average_precision(s, t, mode)
     want = [devkit_cls_ap(s[:, j], t[:, j], THRESHOLDS[mode]) for j in range(t.shape[1])]
     np.testing.assert_array_equal(got, want)  # same float operations in the same order: equal, not close
@@ -156,7 +146,7 @@ def test_devkit_modes_rank_ties_in_input_order_the_others_do_not():
 
 
 def test_devkit_difficult_equals_ignore():
-    s, t = cls_problem(4, ties=True, ignore=0.25)
+    s, t = random_problem(k=6, seed=4, ties=True, ignore=0.25)
     for mode in ("voc07_devkit", "voc07_py"):
         for j in range(t.shape[1]):
             keep = t[:, j] != -1
@@ -210,7 +200,7 @@ def test_detection_ap_names_its_variant():
 
 # ------------------------------------------------------------------------------------- mlic vs ML-GCN / ASL
 def test_mlic_equals_sort_based_ap_without_ties():
-    s, t = cls_problem(5, ignore=0.1)
+    s, t = random_problem(k=6, seed=5, ignore=0.1)
     assert len(np.unique(s)) == s.size  # no ties at all
     for j in range(t.shape[1]):
         order = np.argsort(-s[:, j], kind="stable")

@@ -41,9 +41,16 @@ def native_bf16(device: torch.device) -> bool:
         check = getattr(torch.cpu, probe, None)
         if check is not None and check():
             return True
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none, e.g. macOS)."""
     cpuinfo = Path("/proc/cpuinfo")
-    flags = cpuinfo.read_text() if cpuinfo.is_file() else ""
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    if not cpuinfo.is_file():
+        return set()
+    return {flag for line in cpuinfo.read_text().splitlines() if line.startswith("flags")
+            for flag in line.split(":", 1)[1].split()}
 
 
 def resolve_amp(amp: str, device: torch.device) -> str:

@@ -24,6 +24,7 @@ from torch import nn
 
 from mlkd.data import build_dataset
 from mlkd.data.transforms import Warp
+from mlkd.device import cpu_flags
 from mlkd.errors import BadInput, MlkdError
 from mlkd.export.onnx import DEFAULT_OPSET, INPUT, export_onnx
 from mlkd.export.vgg_view import VggDeployView
@@ -42,8 +43,7 @@ INT8_OPS = ("Conv", "MaxPool")
 
 def has_vnni() -> bool:
     """Whether the CPU has the int8 dot-product instructions (AVX512-VNNI or AVX-VNNI)."""
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    return "avx512_vnni" in flags or "avx_vnni" in flags
+    return bool(cpu_flags() & {"avx512_vnni", "avx_vnni"})
 
 
 def deploy_model(student: nn.Module, image_size: int) -> nn.Module:
