@@ -9,8 +9,15 @@ peak resident set above the set-up; CUDA: ``max_memory_allocated``).
 - ``reference``: the per-region path, what a straightforward PyTorch WSDDN costs: one ``roi_pool`` over all R
   boxes, the proposal-score scaling, fc6 and fc7 on all R rows, the two softmaxes, the loss. Written here from
   the model's own layers, independently of mlkd's forward.
-- ``mlkd``: ``model(images, proposals, scores, labels)`` with ``model.distinct_rois`` (RoI pooling and fc6's
-  product once per distinct rounded region) and, with ``--freeze``, fixed backbone blocks (``model.freeze``).
+  Its backbone is the plain layer stack, its optimizer ``torch.optim.SGD`` as PyTorch builds it by default, its
+  process's allocator glibc's default.
+- ``mlkd``: what ``mlkd train-teacher`` runs: ``model(images, proposals, scores, labels)`` with
+  ``model.distinct_rois`` (RoI pooling and fc6's product once per distinct rounded region), conv1-conv2 in
+  channels_last on the CPU (``ConvBackbone``), mlkd's optimizer (``engine.build_optimizer``: fused SGD over
+  Caffe-style groups) and the command line's allocator setting (``device.keep_freed_memory``); with
+  ``--freeze``, also fixed backbone blocks (``model.freeze``).
+- ``mlkd distinct only``: the distinct-RoI forward alone, with the reference's layout, optimizer and allocator,
+  so that the table shows what each part is worth.
 
 Before timing, both paths' image scores (eval mode) and losses (train mode, same dropout masks) are compared
 on the same input; the largest image-score difference is reported. bf16 autocast is timed only where the
@@ -37,6 +44,8 @@ import torch.nn.functional as F
 from torchvision.ops import roi_pool
 
 from _common import PROPOSAL_METHODS, describe, emit_json, machine, synthetic_proposals, timed, warp_boxes
+from mlkd.device import keep_freed_memory
+from mlkd.engine import build_optimizer, param_groups
 from mlkd.models.build import build_teacher
 from mlkd.models.configs import TeacherModelConfig
 from mlkd.models.ops import roi_pool_cells
@@ -49,7 +58,7 @@ STUDENT_SIZE = 224
 
 def reference_scores(model: WSDDN, images: torch.Tensor, boxes: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     """Image scores ``(K,)`` of one image, every region computed on its own row."""
-    fmap = model.backbone(images)
+    fmap = model.backbone.features(images)  # the plain stack, one layout
     rois = torch.cat([boxes.new_zeros(len(boxes), 1), boxes], 1).float()
     pooled = roi_pool(fmap.float(), rois, model.roi_size, 1.0 / model.backbone.stride).to(fmap.dtype)
     x = (pooled * (model.score_scale * scores + model.score_bias)[:, None, None, None].to(fmap.dtype)).flatten(1)
@@ -80,7 +89,7 @@ def setup(size: int, boxes: np.ndarray, device: torch.device, freeze: tuple[str,
 
 def loss_of(impl: str, model: WSDDN, inputs) -> torch.Tensor:
     images, boxes, scores, labels = inputs
-    if impl == "mlkd":
+    if impl != "reference":
         return sum(model(images, [boxes], [scores], labels).values())
     return reference_loss(model, images, boxes, scores, labels)
 
@@ -117,8 +126,13 @@ def worker(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     freeze = tuple(args.freeze) if args.impl == "mlkd" else ()
     model, inputs = setup(args.size, np.load(args.boxes), device, freeze)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-6, momentum=0.9,
-                                weight_decay=5e-4)
+    if args.impl == "mlkd":  # as `mlkd train-teacher` runs it
+        keep_freed_memory()
+        optimizer = build_optimizer(param_groups(model, 1e-6, 5e-4), "sgd", 1e-6, 0.9)
+    else:
+        model.backbone.layout_switch = None  # one layout throughout (the reference reads .features anyway)
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-6, momentum=0.9,
+                                    weight_decay=5e-4)
     on = args.precision == "bf16"
 
     def step() -> None:
@@ -190,7 +204,7 @@ def main() -> None:
     parser.add_argument("--fraction-images", type=int, default=8, help="images for the distinct fractions (8)")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object (last line)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--impl", choices=("mlkd", "reference"), help=argparse.SUPPRESS)
+    parser.add_argument("--impl", choices=("mlkd", "mlkd-distinct", "reference"), help=argparse.SUPPRESS)
     parser.add_argument("--precision", choices=("fp32", "bf16"), help=argparse.SUPPRESS)
     parser.add_argument("--boxes", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -211,7 +225,7 @@ def main() -> None:
         print(f"  {method:<17} {row['boxes_per_image']:.0f} boxes/image  {cells}")
     print(f"VGG16 WSDDN step, one {args.size}x{args.size} image, {NUM_CLASSES} classes, SGD; median of "
           f"{args.repeats} after {args.warmup} warm-up; time ratio to the float32 per-region reference")
-    print(f"{'R':>5} {'distinct':>8} {'path':>24} {'s/step':>8} {'peak MiB':>14} {'ratio':>7}")
+    print(f"{'R':>5} {'distinct':>8} {'path':>28} {'s/step':>8} {'peak MiB':>14} {'ratio':>7}")
     with tempfile.TemporaryDirectory() as tmp:
         for r in args.proposals:
             boxes = step_boxes(r, args.size)
@@ -223,7 +237,7 @@ def main() -> None:
             if not check["loss_rel_diff"] < 1e-4:
                 raise AssertionError(f"mlkd and reference losses differ (relative {check['loss_rel_diff']:.1e})")
             figures[f"max_abs_diff_image_scores_r{r}"] = check["max_abs_diff_image_scores"]
-            cases = [("reference", "fp32", []), ("mlkd", "fp32", [])]
+            cases = [("reference", "fp32", []), ("mlkd-distinct", "fp32", []), ("mlkd", "fp32", [])]
             if args.freeze:
                 cases.append(("mlkd", "fp32", args.freeze))
             if fast16:
@@ -235,12 +249,15 @@ def main() -> None:
                 x = run_config(args, impl, precision, boxes_file, freeze)
                 base = base or x["seconds"]
                 ratio = x["seconds"] / base
-                label = f"{impl} {precision}" + (f" freeze {'+'.join(freeze)}" if freeze else "")
+                label = {"mlkd-distinct": "mlkd distinct only"}.get(impl, impl) + f" {precision}" + \
+                    (f" freeze {'+'.join(freeze)}" if freeze else "")
                 mem = f"{x['peak_mib']:.0f}" + (f" ({x['setup_mib']:.0f})" if x["setup_mib"] else "")
-                print(f"{r:>5} {distinct:>8.2f} {label:>24} {x['seconds']:>8.3f} {mem:>14} {ratio:>6.2f}x", flush=True)
+                print(f"{r:>5} {distinct:>8.2f} {label:>28} {x['seconds']:>8.3f} {mem:>14} {ratio:>6.2f}x", flush=True)
                 if impl == "mlkd":
                     key = f"step_ratio_{precision}_r{r}" + ("_freeze" if freeze else "")
                     figures[key] = ratio
+                elif impl == "mlkd-distinct":
+                    figures[f"step_ratio_distinct_only_r{r}"] = ratio
             figures[f"distinct_fraction_r{r}"] = distinct
             if not fast16:
                 print(f"{r:>5}          mlkd bf16: skipped, no native bf16 on this CPU")

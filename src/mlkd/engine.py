@@ -151,12 +151,34 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, bias_lr_mult:
 
 
 def build_optimizer(groups: list[dict[str, Any]], name: str, lr: float, momentum: float = 0.9) -> torch.optim.Optimizer:
-    """SGD with momentum (the release's solver) or AdamW over :func:`param_groups` (each group has its lr/decay)."""
+    """SGD with momentum (the release's solver) or AdamW over :func:`param_groups` (each group has its lr/decay).
+
+    Both use PyTorch's fused kernel where every parameter allows it (floating point, on the CPU or CUDA): one
+    pass over each parameter instead of a temporary per term. The updates equal the per-parameter loop's up to
+    the last bit of an occasional element (a multiply-add rounded once); on VGG16 the CPU step drops from about 0.2 s to 0.03 s (most of it the temporaries of fc6's 103 M
+    weights: ``benchmarks/bench_teacher.py``).
+    """
+    if name not in ("sgd", "adamw"):
+        raise BadInput(f"unknown optimizer {name!r}; choose 'sgd' or 'adamw'")
+    fused = _fusable(groups)
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr)
-    raise BadInput(f"unknown optimizer {name!r}; choose 'sgd' or 'adamw'")
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, fused=fused)
+    return torch.optim.AdamW(groups, lr=lr, fused=fused)
+
+
+def _fusable(groups: list[dict[str, Any]]) -> bool | None:
+    params = [p for g in groups for p in g["params"]]
+    ok = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return True if ok else None  # None: PyTorch's own choice (foreach on CUDA, the loop elsewhere)
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load an optimizer's state dict, keeping the kernel choice of the optimizer as built (a checkpoint stores
+    ``fused`` / ``foreach`` per group; one written before mlkd fused its optimizers would turn fusing off)."""
+    kernels = [{k: g.get(k) for k in ("fused", "foreach")} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, kernel in zip(optimizer.param_groups, kernels):
+        group.update(kernel)
 
 
 def seed_epoch(seed: int, epoch: int, rank: int = 0) -> None:
@@ -247,7 +269,7 @@ def run_stages(stages: list[Stage], cfg: Any, info: DistInfo, out: Path, log: Ru
         parts = stage.build()
         start = 0
         if state is not None and index == state["stage"]:
-            parts.optimizer.load_state_dict(state["optimizer"])
+            restore_optimizer(parts.optimizer, state["optimizer"])
             parts.scheduler.load_state_dict(state["scheduler"])
             for name, p in parts.extra.items():
                 p.data.copy_(state["extra"][name])

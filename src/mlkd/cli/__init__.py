@@ -12,6 +12,7 @@ import sys
 
 from mlkd.version import __version__
 from mlkd.cli import data, demo, export, metrics, predict, proposals, student, teacher
+from mlkd.device import keep_freed_memory
 from mlkd.errors import MlkdError
 
 COMMANDS = (demo, data, proposals, teacher, student, predict, metrics, export)
@@ -77,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
+    keep_freed_memory()  # large CPU tensors are reused instead of faulted in again every step
     try:
         return int(args.func(args) or 0)
     except MlkdError as e:  # what the user gave mlkd is refused: say why in one line (bugs keep their traceback)
