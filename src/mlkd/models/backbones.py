@@ -109,7 +109,13 @@ def vgg16() -> ConvBackbone:
 
 
 def tiny(channels: Sequence[int] = (16, 32, 64, 64), convs_per_block: int = 1) -> ConvBackbone:
-    """A small VGG-style backbone: stride ``2 ** (len(channels) - 1)``, ``channels[-1]`` output channels."""
+    """A small VGG-style backbone: stride ``2 ** (len(channels) - 1)``, ``channels[-1]`` output channels.
+
+    It trains from scratch, so its convolutions start as torchvision's VGG does: He-normal weights (fan out,
+    ReLU gain) and zero biases. PyTorch's default initialisation shrinks the variance about 6x per layer; the
+    demo's WSDDN teacher then sat at the class prior for epochs (on the badges look, seed 0 never left it in 16
+    epochs: held-out mAP 21.5, where He init gives 99.2; over both looks and 3 seeds each, 83.9 -> 95.9 mean).
+    """
     if not channels or any(c < 1 for c in channels) or convs_per_block < 1:
         raise BadInput(f"tiny backbone needs positive channels and convs_per_block, got {channels}, "
                          f"{convs_per_block}")
@@ -119,7 +125,10 @@ def tiny(channels: Sequence[int] = (16, 32, 64, 64), convs_per_block: int = 1) -
         if block:
             layers.append(nn.MaxPool2d(2, 2))
         for _ in range(convs_per_block):
-            layers += [nn.Conv2d(in_ch, out_ch, 3, padding=1), nn.ReLU(inplace=True)]
+            conv = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(conv.bias)
+            layers += [conv, nn.ReLU(inplace=True)]
             in_ch = out_ch
     return ConvBackbone(nn.Sequential(*layers), channels[-1], 2 ** (len(channels) - 1))
 
