@@ -56,8 +56,11 @@ def test_predict_returns_mappings_best_first_filtered_by_top_k_and_thresholds(tr
     paths = val_images(trained)
     probs = clf.probabilities(paths)
     one = clf.predict(paths[0])
-    assert isinstance(one, dict) and list(one) == [clf.classes[c] for c in np.argsort(-probs[0], kind="stable")]
+    # every class with its probability, best first (near-equal probabilities may swap between a batch of one and
+    # a batch of many, so the order is checked on the returned values, the values against the batch)
+    assert isinstance(one, dict) and sorted(one) == sorted(clf.classes)
     assert list(one.values()) == sorted(one.values(), reverse=True)
+    np.testing.assert_allclose([one[c] for c in clf.classes], probs[0], rtol=1e-5, atol=1e-6)
     many = clf.predict(paths, top_k=2)
     assert isinstance(many, list) and len(many) == len(paths) and all(len(m) == 2 for m in many)
     cut = float(np.median(probs))
