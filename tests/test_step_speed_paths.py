@@ -83,7 +83,13 @@ def test_vgg16_mixed_layout_equals_one_layout(batch, size):
     plain.load_state_dict(mixed.state_dict())
     assert mixed.layout_switch == 9  # conv1_1 .. relu2_2 channels_last, pool2 onwards the default layout
     x = torch.randn(batch, 3, size, size)
+    seen = {}  # the layout each layer hands on: conv1_1 .. relu2_2 channels_last, pool2 the default layout
+    for i in (0, 8, 9):
+        mixed.features[i].register_forward_hook(lambda m, args, out, i=i: seen.setdefault(i, out))
     y_mixed, y_plain = mixed(x), plain(x)
+    assert seen[0].is_contiguous(memory_format=torch.channels_last) and not seen[0].is_contiguous()
+    assert seen[8].is_contiguous(memory_format=torch.channels_last) and not seen[8].is_contiguous()
+    assert seen[9].is_contiguous()
     assert y_mixed.is_contiguous() and y_mixed.shape == (batch, 512, size // 16, size // 16)
     torch.testing.assert_close(y_mixed, y_plain, rtol=1e-5, atol=1e-5)
     g = torch.randn_like(y_plain)

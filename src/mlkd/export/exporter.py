@@ -30,11 +30,11 @@ from torch import nn
 from mlkd.checkpoint import CONFIG, WEIGHTS, load_checkpoint, read_model_dir, write_model_dir
 from mlkd.errors import BadInput
 from mlkd.export.onnx import check_opset, export_onnx, run_onnx, runtime_name
-from mlkd.export.quantize import INT8_TOLERANCE, deploy_model, quantize_student
+from mlkd.export.quantize import (INT8_TOLERANCE, calibration_batches, checkpoint_calibration, deploy_model,
+                                  quantize_student)
 from mlkd.export.verify import Check, compare, describe_input, random_boxes, require, sample_inputs
 from mlkd.models.build import model_from_checkpoint
 from mlkd.optional import optional_import
-from mlkd.export.quantize import calibration_batches, checkpoint_calibration
 from mlkd.version import __version__
 
 FORMATS = ("caffe", "onnx", "safetensors")

@@ -95,6 +95,15 @@ def roi_pool_cells(boxes: Tensor, index: Tensor, stride: int, dtype: torch.dtype
     return torch.cat([index[:, None], rounded.long()], dim=1)
 
 
+def distinct_regions(boxes: Tensor, index: Tensor, stride: int, fmap_dtype: torch.dtype,
+                     extra: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(first, inverse)`` (:func:`distinct_rows`) over the regions that ``roi_pool`` reads identically from a map
+    of ``fmap_dtype``: equal rounded cells (:func:`roi_pool_cells`, in the pooling's dtype, float32 at least) and,
+    when given, equal ``extra (N, E)`` int64 columns."""
+    cells = roi_pool_cells(boxes, index, stride, torch.promote_types(fmap_dtype, torch.float32))
+    return distinct_rows(cells if extra is None else torch.cat([cells, extra], 1))
+
+
 def distinct_rows(rows: Tensor) -> tuple[Tensor, Tensor]:
     """``(first, inverse)`` for ``rows (N, D)``: ``rows[first]`` are the distinct rows (one representative
     each, ``(U,)`` indices) and ``rows[first][inverse]`` equals ``rows``."""

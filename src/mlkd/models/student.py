@@ -19,12 +19,11 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mlkd.errors import BadInput
-from mlkd.models.ops import caffe_xavier_, distinct_rows, pool_regions, roi_pool_cells
+from mlkd.models.ops import caffe_xavier_, distinct_regions, pool_regions
 
 
 class Student(nn.Module):
@@ -94,8 +93,7 @@ class Student(nn.Module):
             return {"fc7": self.adapter(pooled.mean((2, 3)))}
         inverse = None
         if self.distinct_rois:  # equal rounded cells give equal features: compute each distinct region once
-            cells = roi_pool_cells(boxes, index, self.backbone.stride, torch.promote_types(fmap.dtype, torch.float32))
-            first, inverse = distinct_rows(cells)
+            first, inverse = distinct_regions(boxes, index, self.backbone.stride, fmap.dtype)
             boxes, index = boxes[first], index[first]
         pooled = pool_regions(fmap, boxes, index, self.roi_size, self.backbone.stride)  # (N or U, C, s, s)
         out = {"fc6": F.relu(self.fc6(pooled.flatten(1)))}

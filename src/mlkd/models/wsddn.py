@@ -37,8 +37,7 @@ from torch import Tensor, nn
 from torchvision.ops import batched_nms, box_iou
 
 from mlkd.errors import BadInput
-from mlkd.models.ops import (caffe_xavier_, distinct_rows, flatten_proposals, pool_regions, roi_pool_cells,
-                             segment_softmax)
+from mlkd.models.ops import caffe_xavier_, distinct_regions, flatten_proposals, pool_regions, segment_softmax
 
 P_CLAMP = 1e-4  # image scores are clamped to [P_CLAMP, 1 - P_CLAMP] in the loss (the release's value)
 
@@ -183,8 +182,7 @@ class WSDDN(nn.Module):
         if self.head is not None:
             return {"fc7": self.head_features(fmap, boxes, factor, index)}
         if self.distinct_rois and self.roi_op == "roi_pool":
-            cells = roi_pool_cells(boxes, index, self.backbone.stride, torch.promote_types(fmap.dtype, torch.float32))
-            first, inverse = distinct_rows(cells)
+            first, inverse = distinct_regions(boxes, index, self.backbone.stride, fmap.dtype)
             pooled = self.pool(fmap, boxes[first], index[first])  # (U, C, s, s), U distinct regions
             wx = pooled.flatten(1) @ self.fc6.weight.to(pooled.dtype).T  # (U, hidden): W x, once per region
             fc6 = F.relu(factor.to(wx.dtype) * wx[inverse] + self.fc6.bias.to(wx.dtype))  # (N, hidden)
@@ -203,9 +201,8 @@ class WSDDN(nn.Module):
         only the first region's score would receive a gradient.
         """
         if self.distinct_rois and self.roi_op == "roi_pool":
-            cells = roi_pool_cells(boxes, index, self.backbone.stride, torch.promote_types(fmap.dtype, torch.float32))
             bits = factor.to(torch.float64).contiguous().view(torch.int64)  # (N, 1): equal factors, equal bits
-            first, inverse = distinct_rows(torch.cat([cells, bits], 1))
+            first, inverse = distinct_regions(boxes, index, self.backbone.stride, fmap.dtype, bits)
             pooled = self.pool(fmap, boxes[first], index[first])  # (U, C, s, s)
             return self.head(pooled * factor[first].to(pooled.dtype)[:, :, None, None])[inverse]
         pooled = self.pool(fmap, boxes, index)  # (N, C, s, s)
