@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from mlkd.data.synthetic import render_image
-from mlkd.device import native_bf16
+from mlkd.utils.device import native_bf16
 from mlkd.proposals.methods import propose, resolve_params
 
 # proposals as the recipes make them, every box kept (no cap): fast selective search and EdgeBoxes

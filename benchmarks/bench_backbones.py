@@ -1,6 +1,6 @@
 """Student backbones: the parameter count and inference speed of a student on each backbone mlkd builds (its own
 VGG16 and torchvision ResNet-50, and timm's), 80 classes, random weights (speed does not depend on them), run as
-`--precision fp32` runs it (:class:`mlkd.runtime.StudentRuntime`: float32, the faster memory layout, picked by
+`--precision fp32` runs it (:class:`mlkd.inference.runtime.StudentRuntime`: float32, the faster memory layout, picked by
 timing both). Parameters are the student's at inference: the region path's adapter, which only training uses, is
 not counted.
 
@@ -25,8 +25,8 @@ import torch
 from _common import describe, emit_json, machine, timed
 from mlkd.models.build import build_student
 from mlkd.models.configs import StudentModelConfig
-from mlkd.optional import MissingExtra
-from mlkd.runtime import StudentRuntime
+from mlkd.utils.optional import MissingExtra
+from mlkd.inference.runtime import StudentRuntime
 
 K = 80
 # backbone -> the input convention of its usual pretrained weights (speed does not depend on it)

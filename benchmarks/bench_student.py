@@ -29,10 +29,11 @@ import torch
 import torchvision
 
 from _common import describe, emit_json, machine, synthetic_proposals, timed, warp_boxes
-from mlkd.distill import StudentObjective
+from mlkd.distill.config import TeacherPlan
+from mlkd.distill.objective import StudentObjective
 from mlkd.models.build import build_student, build_teacher
 from mlkd.models.configs import StudentModelConfig, TeacherModelConfig
-from mlkd.runtime import StudentRuntime
+from mlkd.inference.runtime import StudentRuntime
 
 K = 80
 
@@ -82,8 +83,8 @@ def _ort_fp32(student: torch.nn.Module):
 
 def demo_maps(demo: Path) -> dict:
     """Held-out mAP and speed of the demo's distilled student (seed 0) in each offered precision."""
-    from mlkd.checkpoint import load_checkpoint
-    from mlkd.evaluation import evaluate_student
+    from mlkd.utils.checkpoint import load_checkpoint
+    from mlkd.evaluation.evaluate import evaluate_student
 
     ckpt_path = demo / "seed0" / "student_kd" / "last.pt"
     ckpt = load_checkpoint(ckpt_path, "student")
@@ -132,9 +133,11 @@ def training(device: torch.device, batch: int, proposals: int, repeats: int) -> 
               "teacher_probs": torch.rand(batch, K, generator=gen).to(d)}
     cases = {
         "plain student (L_p)": (StudentObjective(student, None), {}),
-        "stage 1 (L_f), cached teacher features": (StudentObjective(student, teacher, 0, 0, 1),
+        "stage 1 (L_f), cached teacher features": (StudentObjective(student, teacher, 0, 0, 1,
+                                                                    plan=TeacherPlan(features="cached")),
                                                    {**regions, "teacher_features": cached["teacher_features"]}),
-        "joint (L_p + L_p' + L_f), all cached": (StudentObjective(student, teacher, 1, 1, 1, feature_norm="relative"),
+        "joint (L_p + L_p' + L_f), all cached": (StudentObjective(student, teacher, 1, 1, 1, feature_norm="relative",
+                                                                  plan=TeacherPlan("cached", "cached")),
                                                 {**regions, **cached}),
         "stage 1 (L_f), teacher on the fly": (StudentObjective(student, teacher, 0, 0, 1),
                                               {**regions, "teacher_images": torch.randn(batch, 3, 672, 672).to(d)}),

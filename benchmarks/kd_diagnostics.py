@@ -23,11 +23,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mlkd.checkpoint import load_checkpoint
+from mlkd.utils.checkpoint import load_checkpoint
 from mlkd.data.base import collate
 from mlkd.data.loader import make_loader
 from mlkd.data.transforms import Compose, KeepTopProposals, TeacherStudentViews, Warp
-from mlkd.distill import teacher_image_probs
+from mlkd.distill.teacher import teacher_image_probs
 from mlkd.models.backbones import normalize
 from mlkd.models.build import model_from_checkpoint
 from mlkd.models.ops import flatten_proposals

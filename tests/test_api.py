@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 
 import mlkd
-from mlkd.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+from mlkd.utils.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from mlkd.cli import main
 from mlkd.data.base import read_image
-from mlkd.inference import predict_student, predict_teacher
+from mlkd.inference.predict import predict_student, predict_teacher
 from mlkd.proposals.attach import open_split
 
 
@@ -126,8 +126,8 @@ print("ADDED", " ".join(added))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     added = proc.stdout.split("ADDED", 1)[1].split()
-    forbidden = ("mlkd.engine", "mlkd.distributed", "mlkd.train_teacher", "mlkd.train_student", "mlkd.distill",
-                 "mlkd.evaluation", "mlkd.demo", "mlkd.proposals.cache", "mlkd.proposals.generate",
+    forbidden = ("mlkd.training.loop", "mlkd.utils.distributed", "mlkd.training.teacher", "mlkd.training.student", "mlkd.distill.objective",
+                 "mlkd.evaluation.evaluate", "mlkd.demo", "mlkd.proposals.cache", "mlkd.proposals.generate",
                  "mlkd.proposals.convert", "lmdb", "scipy", "matplotlib", "torch.nn.parallel.distributed",
                  "tensorboard", "onnx", "onnxruntime", "timm", "huggingface_hub")
     loaded = [m for m in added if m.startswith(forbidden)]

@@ -13,7 +13,7 @@ import torch
 import torchvision
 from torchvision.ops import FrozenBatchNorm2d, roi_align, roi_pool
 
-from mlkd.engine import build_optimizer, param_groups
+from mlkd.training.optim import build_optimizer, param_groups
 from mlkd.models.backbones import resnet50_c4
 from mlkd.models.build import build_teacher
 from mlkd.models.configs import TeacherModelConfig

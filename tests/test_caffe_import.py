@@ -11,10 +11,10 @@ import torch
 import torchvision
 from torch import nn
 
-from mlkd.checkpoint import load_checkpoint
+from mlkd.utils.checkpoint import load_checkpoint
 from mlkd.cli import main
 from mlkd.export.caffe import CaffeNet, LayerBlobs, read_prototxt, write_caffemodel
-from mlkd.export.importer import plan_imagenet, plan_student, plan_teacher
+from mlkd.export.caffe.importer import plan_imagenet, plan_student, plan_teacher
 from mlkd.models.backbones import load_imagenet_weights, read_state_dict, tiny
 from mlkd.models.build import VGG16_IMAGENET, build_student, build_teacher, model_from_checkpoint
 from mlkd.models.configs import StudentModelConfig, TeacherModelConfig

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mlkd.checkpoint import FORMAT_VERSION, load_checkpoint, make_checkpoint, save_checkpoint
+from mlkd.utils.checkpoint import FORMAT_VERSION, load_checkpoint, make_checkpoint, save_checkpoint
 from mlkd.data.synthetic import class_names
 from mlkd.errors import CannotWrite
 from mlkd.export.verify import sample_images
@@ -143,7 +143,7 @@ def test_a_file_size_limit_is_a_cannot_write_that_keeps_the_previous_file(tmp_pa
     save_checkpoint(path, _small(10))
     before = path.read_bytes()
     code = ("import resource, sys, torch\n"
-            "from mlkd.checkpoint import make_checkpoint, save_checkpoint\n"
+            "from mlkd.utils.checkpoint import make_checkpoint, save_checkpoint\n"
             "from mlkd.errors import CannotWrite\n"
             "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))\n"
             "ckpt = make_checkpoint('student', {'w': torch.ones(100000)}, input_convention='torchvision', "

@@ -1,4 +1,4 @@
-"""Typed configs (mlkd.config): unknown keys, wrong types, coercion, --set overrides, base: files, round trips."""
+"""Typed configs (mlkd.utils.config): unknown keys, wrong types, coercion, --set overrides, base: files, round trips."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import dataclasses
 
 import pytest
 
-from mlkd.config import apply_overrides, from_dict, load_config, parse_override, read_yaml, save_config, to_dict
-from mlkd.train_student import StageConfig, StudentConfig
-from mlkd.train_teacher import TeacherConfig
+from mlkd.utils.config import apply_overrides, from_dict, load_config, parse_override, read_yaml, save_config, to_dict
+from mlkd.training.student import StageConfig, StudentConfig
+from mlkd.training.teacher import TeacherConfig
 
 TRAIN = {"data": {"train": "data/train.jsonl"}}
 
@@ -207,8 +207,8 @@ def test_a_looping_base_chain_is_a_clear_error(tmp_path):
 def test_amp_auto_picks_bf16_only_where_it_is_native(monkeypatch):
     import torch
 
-    from mlkd import device as dev
-    from mlkd.device import resolve_amp
+    from mlkd.utils import device as dev
+    from mlkd.utils.device import resolve_amp
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(dev, "native_bf16", lambda d: True)

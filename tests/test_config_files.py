@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from mlkd.config import CONFIG_DIR, load_config, packaged_configs, resolve_config
+from mlkd.utils.config import CONFIG_DIR, load_config, packaged_configs, resolve_config
 from mlkd.models.build import build_teacher
-from mlkd.train_student import StudentConfig
-from mlkd.train_teacher import TeacherConfig
+from mlkd.training.student import StudentConfig
+from mlkd.training.teacher import TeacherConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "src" / "mlkd" / "configs"
 SHIPPED = sorted(CONFIGS.glob("*.yaml"))

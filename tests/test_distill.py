@@ -9,7 +9,8 @@ import torch
 from torchvision.ops import roi_pool
 
 from mlkd.data.transforms import TeacherStudentViews
-from mlkd.distill import StudentObjective, feature_loss, soft_label_loss, teacher_image_probs, top_regions
+from mlkd.distill.objective import StudentObjective, feature_loss, soft_label_loss
+from mlkd.distill.teacher import check_feature_width, teacher_image_probs, top_regions
 from mlkd.models.backbones import tiny
 from mlkd.models.student import Student, label_loss
 from mlkd.models.wsddn import WSDDN
@@ -176,21 +177,25 @@ def test_distiller_top_k_uses_only_the_best_regions():
 
 
 def test_a_feature_adapter_maps_the_students_width_to_the_teachers_and_is_trained_by_l_f_only():
-    """A 12-wide student and a 16-wide teacher: refused without the adapter, and with it L_f is the loss of
-    adapter(F_S) against F_T by hand; the adapter gets a gradient, is saved as an extra parameter, the teacher none."""
+    """A 12-wide student and a 16-wide teacher: refused without the adapter (where the teacher is prepared, and by
+    L_f itself), and with it L_f is the loss of adapter(F_S) against F_T by hand; the adapter gets a gradient, is
+    saved as an extra parameter, the teacher none."""
     teacher, student = make_teacher(16), make_student(12)
     with pytest.raises(ValueError, match=r"the student's region features are 12 wide \(model.hidden\), the "
                                          r"teacher's 16: .*set model.hidden: 16, or distill.feature_adapter: true"):
-        StudentObjective(student, teacher, 0, 0, 1)
-    StudentObjective(student, teacher, 1, 1, 0)  # no L_f: the widths do not matter
-    model = StudentObjective(student, teacher, 0, 0, 1, feature_norm="relative", feature_adapter=True).double()
-    assert (model.adapter["fc7"].in_features, model.adapter["fc7"].out_features) == (12, 16)
-    assert set(model.extra_parameters()) == {"scale", "adapter.fc7.weight", "adapter.fc7.bias"}
+        check_feature_width(student.region_width, teacher, adapter=False)
+    check_feature_width(student.region_width, teacher, adapter=True)
     gen = torch.Generator().manual_seed(6)
     proposals = [random_boxes(5, 64, gen), random_boxes(3, 64, gen)]
     kw = dict(images=torch.randn(2, 3, 32, 32, generator=gen, dtype=torch.float64), labels=torch.zeros(2, K),
               teacher_images=torch.randn(2, 3, 64, 64, generator=gen, dtype=torch.float64), proposals=proposals,
               proposal_scores=None, student_proposals=[b / 2 for b in proposals])
+    with pytest.raises(ValueError, match=r"student region features \(8, 12\) and teacher's \(8, 16\) differ"):
+        StudentObjective(student, teacher, 0, 0, 1).double()(**kw)
+    StudentObjective(student, teacher, 1, 1, 0).double()(**kw)  # no L_f: the widths do not matter
+    model = StudentObjective(student, teacher, 0, 0, 1, feature_norm="relative", feature_adapter=True).double()
+    assert (model.adapter["fc7"].in_features, model.adapter["fc7"].out_features) == (12, 16)
+    assert set(model.extra_parameters()) == {"scale", "adapter.fc7.weight", "adapter.fc7.bias"}
     got = model.train()(**kw)["loss_feature"]
     with torch.no_grad():  # by hand: every region's teacher fc7 against the adapted student fc7
         idx = torch.tensor([0] * 5 + [1] * 3)

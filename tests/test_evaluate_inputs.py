@@ -21,7 +21,7 @@ def test_scores_go_to_exactly_the_path_given(trained, tmp_path, capsys):
 @pytest.mark.parametrize("option, example", [("--scores", "scores.npy"), ("--out", "report.json")])
 def test_an_output_that_is_a_folder_is_refused_before_evaluating(trained, tmp_path, capsys, monkeypatch, option,
                                                                  example):
-    monkeypatch.setattr("mlkd.evaluation.load_checkpoint", lambda *a: pytest.fail("evaluated before the check"))
+    monkeypatch.setattr("mlkd.evaluation.evaluate.load_checkpoint", lambda *a: pytest.fail("evaluated before the check"))
     assert main(["evaluate", "--checkpoint", str(trained.student), "--dataset", str(trained.data.val), "--quiet",
                  option, str(tmp_path)]) == 1
     what = option.strip("-").replace("out", "report")

@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from mlkd.checkpoint import load_checkpoint, save_checkpoint
+from mlkd.utils.checkpoint import load_checkpoint, save_checkpoint
 from mlkd.cli import main
-from mlkd.config import DataConfig, to_dict
+from mlkd.utils.config import to_dict
+from mlkd.training.teacher import TeacherDataConfig
 from mlkd.data.synthetic import render_image
-from mlkd.export import caffe_export, exporter
+from mlkd.export import exporter
+from mlkd.export.caffe import export as caffe_export
 from mlkd.export.caffe import read_prototxt
 from mlkd.export.onnx import supported_opsets
 from mlkd.export.verify import sample_inputs
@@ -23,8 +25,8 @@ from mlkd.models.backbones import tiny
 from mlkd.models.student import Student, label_loss
 from mlkd.models.build import build_student, build_teacher, model_from_checkpoint
 from mlkd.models.configs import StudentModelConfig, TeacherModelConfig
-from mlkd.train_student import StudentConfig
-from mlkd.train_teacher import TeacherConfig
+from mlkd.training.student import StudentConfig
+from mlkd.training.teacher import TeacherConfig
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -203,7 +205,7 @@ def teacher_checkpoint(tmp_path_factory):
                              roi_size=4, dropout=0.25, score_scale=10.0, score_bias=1.0, det_temperature=2.0)
     model = build_teacher(cfg, len(CLASSES))
     path = tmp_path_factory.mktemp("teacher") / "last.pt"
-    config = to_dict(TeacherConfig(model=cfg, data=DataConfig(test_scale=160, max_proposals=40)))
+    config = to_dict(TeacherConfig(model=cfg, data=TeacherDataConfig(test_scale=160, max_proposals=40)))
     save_checkpoint(path, {"model": model.state_dict(), "config": config, "classes": CLASSES,
                            "input_convention": "torchvision", "kind": "teacher", "epoch": 0})
     return path

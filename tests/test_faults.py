@@ -21,8 +21,8 @@ import pytest
 import torch
 import yaml
 
-from mlkd.checkpoint import load_checkpoint
-from mlkd.config import apply_overrides
+from mlkd.utils.checkpoint import load_checkpoint
+from mlkd.utils.config import apply_overrides
 from mlkd.proposals.cache import ProposalCache
 
 MLKD = [sys.executable, "-m", "mlkd"]

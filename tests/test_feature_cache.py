@@ -9,18 +9,19 @@ import math
 import pytest
 import torch
 
-from mlkd.checkpoint import load_checkpoint
-from mlkd.config import load_config
+from mlkd.utils.checkpoint import load_checkpoint
+from mlkd.utils.config import load_config
 from mlkd.data.base import collate
 from mlkd.data.loader import make_loader
 from mlkd.data.transforms import Compose, KeepTopProposals, TeacherStudentViews
-from mlkd.distill import (TEACHER_BATCH, FeatureCacheSpec, compute_teacher_targets, teacher_caches,
-                          teacher_features_store, teacher_region_targets)
-from mlkd.distributed import DistInfo
+from mlkd.distill.cache import (TEACHER_BATCH, FeatureCacheSpec, compute_teacher_targets, teacher_caches,
+                               teacher_features_store)
+from mlkd.distill.teacher import teacher_region_targets
+from mlkd.utils.distributed import DistInfo
 from mlkd.models.backbones import normalize
 from mlkd.models.build import model_from_checkpoint
 from mlkd.proposals.attach import open_split
-from mlkd.train_student import StudentConfig, train_student
+from mlkd.training.student import StudentConfig, train_student
 from conftest import TINY_STUDENT
 
 FEATURE = "[{name: feature, epochs: 1, label_weight: 0, feature_weight: 1}]"
@@ -32,7 +33,7 @@ def test_cached_features_equal_the_teachers_on_the_fly_up_to_float16(trained, tm
     teacher = model_from_checkpoint(ckpt)
     dataset = open_split(str(trained.data.train), proposals=str(trained.data.train_proposals))
     store = teacher_features_store(teacher, "torchvision", str(trained.teacher), dataset, 80, tmp_path, DistInfo(),
-                                   30, ("fc6", "fc7"), top_k, max_gb=1, progress=False)
+                                   30, ("fc6", "fc7"), top_k, progress=False)
     try:
         for flip in (0.0, 1.0):
             view = dataset.view(transform=Compose([KeepTopProposals(30), TeacherStudentViews(80, 48, flip)]))
@@ -76,14 +77,14 @@ def test_targets_and_features_come_from_one_teacher_pass(trained, tmp_path):
     dataset = open_split(str(trained.data.train), proposals=str(trained.data.train_proposals))
     calls = []
     teacher.backbone.register_forward_hook(lambda *a: calls.append(1))
-    spec = FeatureCacheSpec(("fc7",), None, 1.0)
+    spec = FeatureCacheSpec(("fc7",), None)
     soft, store = teacher_caches(teacher, "torchvision", str(trained.teacher), dataset, 80, tmp_path / "both",
                                  DistInfo(), 30, True, spec, progress=False)
     assert len(calls) == 2 * math.ceil(len(dataset) / TEACHER_BATCH)  # unflipped and flipped views, once each
     alone = compute_teacher_targets(teacher, "torchvision", str(trained.teacher), dataset, 80, tmp_path / "one",
                                     DistInfo(), 30, progress=False)
     other = teacher_features_store(teacher, "torchvision", str(trained.teacher), dataset, 80, tmp_path / "two",
-                                   DistInfo(), 30, ("fc7",), None, 1.0, progress=False)
+                                   DistInfo(), 30, ("fc7",), None, progress=False)
     try:
         for r in dataset.records:
             torch.testing.assert_close(soft.probs[r.image_id], alone.probs[r.image_id], rtol=0, atol=0)

@@ -51,8 +51,8 @@ def test_a_fresh_venv_with_only_the_wheel_runs_the_cli_and_loads_packaged_config
     helped = subprocess.run([str(venv / "bin" / "mlkd"), "demo", "--help"], cwd=work, capture_output=True, text=True,
                             timeout=120)
     assert helped.returncode == 0 and "--seeds" in helped.stdout, helped.stderr
-    code = ("import mlkd; from mlkd.config import load_config, packaged_configs; "
-            "from mlkd.train_teacher import TeacherConfig; from mlkd.demo import find_configs; "
+    code = ("import mlkd; from mlkd.utils.config import load_config, packaged_configs; "
+            "from mlkd.training.teacher import TeacherConfig; from mlkd.demo import find_configs; "
             "cfg = load_config(TeacherConfig, 'teacher_coco'); "
             "print(mlkd.__file__, len(packaged_configs()), cfg.data.test_scale, find_configs(None))")
     proc = subprocess.run([str(python), "-c", code], cwd=work, capture_output=True, text=True, timeout=120)

@@ -16,7 +16,7 @@ import pytest
 from sklearn.metrics import average_precision_score
 
 from mlkd.cli import main
-from mlkd.evaluation_plots import gallery_order, write_plots
+from mlkd.evaluation.page import gallery_order, write_plots
 from mlkd.metrics import (average_precision, co_occurrence, curve_area, evaluate_all, per_image_ap,
                           precision_recall_curve, reliability)
 
@@ -160,7 +160,7 @@ def test_write_plots_with_unlabelled_images_classes_without_positives_and_ignore
 
 
 def test_a_plots_path_that_is_a_file_is_refused_before_evaluating(trained, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("mlkd.evaluation.load_checkpoint", lambda *a: pytest.fail("evaluated before the check"))
+    monkeypatch.setattr("mlkd.evaluation.evaluate.load_checkpoint", lambda *a: pytest.fail("evaluated before the check"))
     taken = tmp_path / "plots.png"
     taken.write_bytes(b"")
     for command in (["evaluate", "--checkpoint", str(trained.student)],
@@ -177,7 +177,7 @@ def test_plots_option_is_documented(command, capsys):
 
 
 def test_the_plotting_modules_import_no_matplotlib_until_they_draw():
-    code = ("import sys, mlkd.evaluation, mlkd.evaluation_plots, mlkd.report_plots\n"
+    code = ("import sys, mlkd.evaluation.evaluate, mlkd.evaluation.page, mlkd.evaluation.charts\n"
             "print([m for m in sys.modules if m.startswith('matplotlib')])")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

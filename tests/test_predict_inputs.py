@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 import mlkd
-from mlkd.checkpoint import make_checkpoint, save_checkpoint
+from mlkd.utils.checkpoint import make_checkpoint, save_checkpoint
 from mlkd.cli import main
-from mlkd.config import to_dict
+from mlkd.utils.config import to_dict
 from mlkd.models.build import build_student
 from mlkd.models.configs import StudentModelConfig
 

@@ -1,4 +1,4 @@
-"""Student inference precisions (mlkd.runtime, `--precision`, `mlkd export --int8`): fp32 with channels_last equals
+"""Student inference precisions (mlkd.inference.runtime, `--precision`, `mlkd export --int8`): fp32 with channels_last equals
 the eager model, bf16 only where it is native, int8 is a real quantised graph close to float32, and every misuse
 is a clear error."""
 
@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import mlkd
-from mlkd import device as dev
-from mlkd import runtime as runtime_module
-from mlkd.checkpoint import load_checkpoint, save_checkpoint
+from mlkd.utils import device as dev
+from mlkd.inference import runtime as runtime_module
+from mlkd.utils.checkpoint import load_checkpoint, save_checkpoint
 from mlkd.cli import main
 from mlkd.data.base import read_image
 from mlkd.data.transforms import Warp
@@ -22,7 +22,7 @@ from mlkd.models.backbones import normalize
 from mlkd.models.build import model_from_checkpoint
 from mlkd.proposals.attach import open_split
 from mlkd.export.quantize import calibration_batches
-from mlkd.runtime import StudentRuntime
+from mlkd.inference.runtime import StudentRuntime
 
 real_timing = runtime_module._channels_last_is_faster
 

@@ -14,10 +14,10 @@ import numpy as np
 import torch
 
 import mlkd
-from mlkd.checkpoint import load_checkpoint
-from mlkd.distill import compute_teacher_targets, teacher_features_store
-from mlkd.distributed import DistInfo
-from mlkd.inference import predict_student, predict_teacher
+from mlkd.utils.checkpoint import load_checkpoint
+from mlkd.distill.cache import compute_teacher_targets, teacher_features_store
+from mlkd.utils.distributed import DistInfo
+from mlkd.inference.predict import predict_student, predict_teacher
 from mlkd.models.build import model_from_checkpoint
 from mlkd.proposals.attach import open_split
 
@@ -27,7 +27,7 @@ WORKER = textwrap.dedent('''
 
     import torch
 
-    from mlkd.distributed import init_distributed
+    from mlkd.utils.distributed import init_distributed
     from test_sharded import run_all
 
     info = init_distributed("cpu", timeout_min=5)
@@ -51,7 +51,7 @@ def run_all(info: DistInfo, out: Path, teacher_path: str, student_path: str, tra
     scores = predict_student(student, val_set, "torchvision", 48, cpu, batch_size=3, progress=False, info=info)
     targets = compute_teacher_targets(teacher, conv, teacher_path, train_set, 80, out, info, 30, progress=False)
     store = teacher_features_store(teacher, conv, teacher_path, train_set, 80, out, info, 30, ("fc7",), 5,
-                                   max_gb=1, progress=False)
+                                   progress=False)
     features = {}
     for r in train_set.records:
         for flip in (False, True):

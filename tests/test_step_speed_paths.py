@@ -17,8 +17,8 @@ import pytest
 import torch
 from torch import nn
 
-from mlkd import device as dev
-from mlkd.engine import build_optimizer, param_groups, restore_optimizer
+from mlkd.utils import device as dev
+from mlkd.training.optim import build_optimizer, param_groups, restore_optimizer
 from mlkd.models.backbones import ConvBackbone, tiny, vgg16
 
 

@@ -10,24 +10,25 @@ import numpy as np
 import pytest
 import torch
 
-from mlkd.checkpoint import load_checkpoint
+from mlkd.utils.checkpoint import load_checkpoint
 from mlkd.cli import main
-from mlkd.config import load_config
+from mlkd.utils.config import load_config
 from mlkd.data.base import collate
 from mlkd.data.loader import make_loader
 from mlkd.proposals.attach import open_split
 from mlkd.data.synthetic import generate
 from mlkd.data.transforms import TeacherStudentViews
-from mlkd.distill import StudentObjective, teacher_image_probs
-from mlkd.distributed import DistInfo
-from mlkd.engine import train_one_epoch
+from mlkd.distill.objective import StudentObjective
+from mlkd.distill.teacher import teacher_image_probs
+from mlkd.utils.distributed import DistInfo
+from mlkd.training.loop import LoopSettings, StageParts, train_one_epoch
 from mlkd.models.backbones import normalize
 from mlkd.proposals import generate_proposals
-from mlkd.distill import compute_teacher_targets
+from mlkd.distill.cache import compute_teacher_targets
 from mlkd.models.build import build_student, model_from_checkpoint
-from mlkd.models.inputs import student_inputs
-from mlkd.train_student import StudentConfig, train_student
-from mlkd.train_teacher import TeacherConfig, train_teacher
+from mlkd.distill.inputs import student_inputs
+from mlkd.training.student import StudentConfig, train_student
+from mlkd.training.teacher import TeacherConfig, train_teacher
 
 TINY = {"tiny_channels": [4, 8, 8], "tiny_convs_per_block": 1, "input_convention": "torchvision", "hidden": 16,
         "roi_size": 2, "dropout": 0.5}
@@ -96,9 +97,9 @@ def test_teacher_parameters_are_bit_identical_after_a_student_epoch(world):
     model = StudentObjective(student, teacher, 1.0, 1.0, 1.0)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
     loader = make_loader(dataset, 3, 0, collate, train=True)
-    train_one_epoch(model, loader, opt, lambda im, t: student_inputs(im, t, torch.device("cpu"), "torchvision",
-                                                                      "torchvision"),
-                    epoch=0, device=torch.device("cpu"), progress=False)
+    parts = StageParts(model, 0.1, opt, torch.optim.lr_scheduler.MultiStepLR(opt, []), loader,
+                       lambda im, t: student_inputs(im, t, torch.device("cpu"), "torchvision", "torchvision"))
+    train_one_epoch(model, parts, 0, LoopSettings(progress=False), torch.device("cpu"))
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
     assert not teacher.training
 

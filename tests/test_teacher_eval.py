@@ -1,4 +1,4 @@
-"""Evaluating the teacher (mlkd.evaluation, mlkd.inference): per-class detections, top boxes, reports, the CLI, class order."""
+"""Evaluating the teacher (mlkd.evaluation.evaluate, mlkd.inference.predict): per-class detections, top boxes, reports, the CLI, class order."""
 
 from __future__ import annotations
 
@@ -9,15 +9,15 @@ import pytest
 import torch
 from torchvision.ops import nms
 
-from mlkd.checkpoint import load_checkpoint
+from mlkd.utils.checkpoint import load_checkpoint
 from mlkd.cli import main
-from mlkd.config import load_config
-from mlkd.evaluation import evaluate_teacher, evaluate_teacher_model, teacher_report
-from mlkd.inference import predict_teacher
+from mlkd.utils.config import load_config
+from mlkd.evaluation.evaluate import evaluate_teacher, evaluate_teacher_model, teacher_report
+from mlkd.inference.predict import predict_teacher
 from mlkd.models.build import model_from_checkpoint
 from mlkd.models.wsddn import NMS_IOU, class_detections, top_boxes
 from mlkd.proposals.attach import open_split
-from mlkd.train_teacher import TeacherConfig, train_teacher
+from mlkd.training.teacher import TeacherConfig, train_teacher
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Training the teacher (mlkd.train_teacher.train_teacher): exact resume, non-finite losses, DDP over 2 CPU processes."""
+"""Training the teacher (mlkd.training.teacher.train_teacher): exact resume, non-finite losses, DDP over 2 CPU processes."""
 
 from __future__ import annotations
 
@@ -16,12 +16,12 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 import mlkd
 import mlkd.models.wsddn
-import mlkd.train_teacher
-from mlkd.checkpoint import load_checkpoint
-from mlkd.config import apply_overrides, load_config
+import mlkd.training.teacher
+from mlkd.utils.checkpoint import load_checkpoint
+from mlkd.utils.config import apply_overrides, load_config
 from mlkd.errors import RunStopped
 from mlkd.models.build import build_teacher
-from mlkd.train_teacher import TeacherConfig, train_teacher
+from mlkd.training.teacher import TeacherConfig, train_teacher
 
 
 def config(teacher_data, out: Path, **extra) -> TeacherConfig:
@@ -147,7 +147,7 @@ def test_ddp_two_cpu_processes_equal_one_process_with_the_doubled_batch(teacher_
     ddp = load_checkpoint(out / "last.pt", "teacher")
     assert load_config(TeacherConfig, out / "config.yaml").data.batch_size == 1
 
-    monkeypatch.setattr(mlkd.train_teacher, "make_loader", ddp_equivalent_loader)
+    monkeypatch.setattr(mlkd.training.teacher, "make_loader", ddp_equivalent_loader)
     cfg = config(teacher_data, tmp_path / "single", **same)
     single = torch.load(train_teacher(cfg), weights_only=True)
     assert len([r for r in records(tmp_path / "single") if r["type"] == "iter"]) == 6

@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from mlkd.checkpoint import load_checkpoint
+from mlkd.utils.checkpoint import load_checkpoint
 from mlkd.data.base import read_image
 from mlkd.data.transforms import Warp
 from mlkd.errors import BadInput
@@ -28,7 +28,7 @@ from mlkd.models.build import model_from_checkpoint
 from mlkd.models.wsddn import NMS_IOU, class_detections
 from mlkd.proposals.methods import propose, resolve_params
 from mlkd.export.quantize import calibration_batches, checkpoint_calibration
-from mlkd.runtime import StudentRuntime
+from mlkd.inference.runtime import StudentRuntime
 
 ImageLike = Any  # a path, a PIL image, an (H, W, 3) / (H, W) uint8 array, or a (3, H, W) tensor
 
@@ -38,7 +38,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", precision: str = 
     """A student checkpoint or model folder as a :class:`Classifier`, a teacher's as a :class:`Detector`.
 
     A classifier runs in ``precision`` (``fp32``, ``bf16`` where the hardware has it natively, ``int8`` on the
-    CPU through onnxruntime: see :mod:`mlkd.runtime`); int8 calibrates on the dataset ``calibration`` (default:
+    CPU through onnxruntime: see :mod:`mlkd.inference.runtime`); int8 calibrates on the dataset ``calibration`` (default:
     the training set the checkpoint records)."""
     ckpt = load_checkpoint(path)
     if ckpt["kind"] not in ("student", "teacher"):

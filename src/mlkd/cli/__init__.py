@@ -12,7 +12,7 @@ import sys
 
 from mlkd.version import __version__
 from mlkd.cli import data, demo, export, metrics, predict, proposals, student, teacher
-from mlkd.device import keep_freed_memory
+from mlkd.utils.device import keep_freed_memory
 from mlkd.errors import MlkdError
 
 COMMANDS = (demo, data, proposals, teacher, student, predict, metrics, export)

@@ -46,7 +46,7 @@ def add_precision_options(p: argparse.ArgumentParser) -> None:
 
 
 def resolve_device(name: str):
-    from mlkd.device import pick_device
+    from mlkd.utils.device import pick_device
 
     return pick_device(name)
 

@@ -45,7 +45,7 @@ the outputs' meaning and the measured differences."""
 
 
 def run_import(args: argparse.Namespace) -> int:
-    from mlkd.export.importer import ImportOptions, import_caffe
+    from mlkd.export.caffe.importer import ImportOptions, import_caffe
 
     opts = ImportOptions(args.classes, args.set, args.classifier_name, args.teacher_out, args.image_size,
                          args.input_convention, overwrite=args.overwrite)

@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(format_table(report, per_class=not args.summary))
     if args.json:
-        from mlkd.checkpoint import write_atomically  # here: it imports safetensors, which `mlkd --help` needs not
+        from mlkd.utils.checkpoint import write_atomically  # here: it imports safetensors, which `mlkd --help` needs not
 
         write_atomically(args.json, lambda f: f.write((text + "\n").encode()), "report")
         print(f"\nfull report written to {args.json}")

@@ -99,9 +99,9 @@ def output_names(paths: Sequence[Path]) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     import mlkd
-    from mlkd.checkpoint import write_atomically
+    from mlkd.utils.checkpoint import write_atomically
     from mlkd.data.base import read_image
-    from mlkd.viz import save_rgb, scaled, top_k_lines, with_panel
+    from mlkd.evaluation.figures import save_rgb, scaled, top_k_lines, with_panel
 
     if args.json and Path(args.json).is_dir():  # before the work, not after it
         raise BadInput(f"--json {args.json} is a folder; give a file path, e.g. {Path(args.json) / 'predictions.json'}")

@@ -23,8 +23,8 @@ PLOTS_HELP = ("write charts and an index.html into this folder (created if missi
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from mlkd.config import load_config, parse_override
-    from mlkd.train_student import StudentConfig, train_student
+    from mlkd.utils.config import load_config, parse_override
+    from mlkd.training.student import StudentConfig, train_student
 
     cfg = load_config(StudentConfig, args.config, args.set)
     path = train_student(cfg, resume=args.resume, explicit=[".".join(parse_override(s)[0]) for s in args.set])
@@ -33,7 +33,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from mlkd.evaluation import evaluate_student
+    from mlkd.evaluation.evaluate import evaluate_student
     from mlkd.metrics import format_table
 
     report = evaluate_student(args.checkpoint, args.dataset, args.out, parse_options(args.option),

@@ -23,8 +23,8 @@ Several GPUs or nodes: launch the same command with torchrun, e.g.
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from mlkd.config import load_config, parse_override
-    from mlkd.train_teacher import TeacherConfig, train_teacher
+    from mlkd.utils.config import load_config, parse_override
+    from mlkd.training.teacher import TeacherConfig, train_teacher
 
     cfg = load_config(TeacherConfig, args.config, args.set)
     path = train_teacher(cfg, resume=args.resume, explicit=[".".join(parse_override(s)[0]) for s in args.set])
@@ -33,7 +33,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from mlkd.evaluation import evaluate_teacher, summary_line
+    from mlkd.evaluation.evaluate import evaluate_teacher, summary_line
     from mlkd.metrics import format_table
 
     kwargs = dict(options=parse_options(args.option), device=resolve_device(args.device), flip=args.flip,
@@ -54,7 +54,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def run_visualize(args: argparse.Namespace) -> int:
-    from mlkd.evaluation import visualize_teacher
+    from mlkd.evaluation.evaluate import visualize_teacher
 
     paths = visualize_teacher(args.checkpoint, args.dataset, args.proposals, args.out, num_images=args.num_images,
                               options=parse_options(args.option), device=resolve_device(args.device),

@@ -10,7 +10,7 @@ is done (Caffe and ONNX by another runtime, the model folder by reading it back)
 - Teacher, ``caffe``: every layer of the release's teacher network but the RoI generation and pooling (see
   :mod:`mlkd.export.caffe.wsddn`), checked with OpenCV on regions pooled by PyTorch, plus a weight round trip
   through the importer. VGG-style teachers (fc6/fc7 head) only: a resnet50_c4 teacher is refused.
-- Teacher or student, ``safetensors``: the folder :func:`mlkd.load` reads (:func:`mlkd.checkpoint.write_model_dir`).
+- Teacher or student, ``safetensors``: the folder :func:`mlkd.load` reads (:func:`mlkd.utils.checkpoint.write_model_dir`).
 
 Each Caffe / ONNX export writes ``export.json`` (machine-readable) and ``README.md`` beside the model files: the input
 convention (channel order, scale, mean, std, size), the outputs' meaning and the verification's numbers.
@@ -27,14 +27,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from mlkd.checkpoint import CONFIG, WEIGHTS, load_checkpoint, read_model_dir, write_model_dir
+from mlkd.utils.checkpoint import CONFIG, WEIGHTS, load_checkpoint, read_model_dir, write_model_dir
 from mlkd.errors import BadInput
 from mlkd.export.onnx import check_opset, export_onnx, run_onnx, runtime_name
 from mlkd.export.quantize import (INT8_TOLERANCE, calibration_batches, checkpoint_calibration, deploy_model,
                                   quantize_student)
 from mlkd.export.verify import Check, compare, describe_input, random_boxes, require, sample_inputs
 from mlkd.models.build import model_from_checkpoint
-from mlkd.optional import optional_import
+from mlkd.utils.optional import optional_import
 from mlkd.version import __version__
 
 FORMATS = ("caffe", "onnx", "safetensors")
@@ -114,8 +114,8 @@ def _readme(m: dict[str, Any]) -> str:
 
 
 def _caffe_export():
-    """:mod:`mlkd.export.caffe_export`, imported on first use: it needs protobuf, the ``[caffe]`` extra."""
-    return optional_import("mlkd.export.caffe_export", "caffe", "Caffe export")
+    """:mod:`mlkd.export.caffe.export`, imported on first use: it needs protobuf, the ``[caffe]`` extra."""
+    return optional_import("mlkd.export.caffe.export", "caffe", "Caffe export")
 
 
 def _prepare_dir(out: Path, fmt: str) -> None:
@@ -194,7 +194,7 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, classif
 @torch.no_grad()
 def export_model_dir(ckpt: dict[str, Any], checkpoint: str, out: Path, images: Sequence[str | Path] = ()
                      ) -> tuple[dict[str, Any], list[Check]]:
-    """The model as a folder (``model.safetensors`` + ``config.json``, see :mod:`mlkd.checkpoint`),
+    """The model as a folder (``model.safetensors`` + ``config.json``, see :mod:`mlkd.utils.checkpoint`),
     verified by reading it back: its outputs must equal the checkpoint's bit for bit."""
     write_model_dir(ckpt, out)
     original, loaded = model_from_checkpoint(ckpt), model_from_checkpoint(read_model_dir(out))

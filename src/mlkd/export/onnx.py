@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from mlkd.errors import BadInput
-from mlkd.optional import optional_import
+from mlkd.utils.optional import optional_import
 
 DEFAULT_OPSET = 17
 INPUT, OUTPUTS = "images", ("logits", "probabilities")

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from mlkd.config import from_dict
+from mlkd.utils.config import from_dict
 from mlkd.errors import BadInput
 from mlkd.models.backbones import build_backbone, freeze, load_imagenet_weights, resnet50_c4
 from mlkd.models.configs import StudentModelConfig, TeacherModelConfig

@@ -1,6 +1,6 @@
 """The model configs: everything needed to build a teacher or a student (saved in every checkpoint).
 
-Training recipes (:mod:`mlkd.train_teacher`, :mod:`mlkd.train_student`) hold one of these as their ``model``
+Training recipes (:mod:`mlkd.training.teacher`, :mod:`mlkd.training.student`) hold one of these as their ``model``
 section; :func:`mlkd.models.build.model_from_checkpoint` rebuilds a model from the saved dict alone.
 """
 
@@ -9,11 +9,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from mlkd.config import SIZE, bounded
+from mlkd.utils.config import SIZE, bounded
 from mlkd.errors import BadInput
 from mlkd.models.timm_backbone import PREFIX as TIMM
 
 BACKBONES = ("vgg16", "resnet50", "resnet101", "tiny")  # the student's own (mlkd.models.backbones)
+RELEASE_TEST_SCALE = 672  # the release's teacher input size (its test scale), the default where none is given
 CHANNELS = (1, 65_536)  # feature widths: 0 leaves no layer, more is a typo that would exhaust memory
 
 

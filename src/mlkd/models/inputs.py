@@ -5,25 +5,13 @@ Images arrive as uint8 RGB (the data contract); each model's input convention is
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from mlkd.errors import BadInput
 from mlkd.models.backbones import normalize
-
-
-class SoftTargets(Protocol):
-    """Cached teacher image scores: ``lookup(targets) -> Tensor[B, K]`` for a batch's targets."""
-
-    def lookup(self, targets: list[dict[str, Any]]) -> torch.Tensor: ...
-
-
-class RegionTargets(Protocol):
-    """Cached teacher region features: ``lookup(targets) -> ({layer: (N', D)}, rows (N',))`` for a batch."""
-
-    def lookup(self, targets: list[dict[str, Any]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]: ...
 
 
 def stack_images(images: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
@@ -53,27 +41,4 @@ def teacher_inputs(images: Any, targets: list[dict[str, Any]], device: torch.dev
            "proposal_scores": [t["proposal_scores"].to(device) for t in targets]}
     if with_labels:
         out["labels"] = torch.stack([t["labels"] for t in targets]).to(device)
-    return out
-
-
-def student_inputs(images: torch.Tensor, targets: list[dict[str, Any]], device: torch.device, convention: str,
-                   teacher_convention: str | None = None, soft: SoftTargets | None = None,
-                   regions: RegionTargets | None = None) -> dict[str, Any]:
-    """The forward arguments of a (distilling) student: ``images``, ``labels``; with teacher views in the
-    targets also ``teacher_images``, ``proposals``, ``proposal_scores``, ``student_proposals``; with ``soft``
-    the cached ``teacher_probs``, with ``regions`` the cached ``teacher_features``."""
-    out: dict[str, Any] = {"images": normalize(images.to(device), convention),
-                           "labels": torch.stack([t["labels"] for t in targets]).to(device)}
-    if "teacher_image" in targets[0]:
-        out["teacher_images"] = normalize(torch.stack([t["teacher_image"] for t in targets]).to(device),
-                                          teacher_convention)
-    if "student_proposals" in targets[0]:
-        out["proposals"] = [t["proposals"].to(device) for t in targets]
-        out["proposal_scores"] = [t["proposal_scores"].to(device) for t in targets]
-        out["student_proposals"] = [t["student_proposals"].to(device) for t in targets]
-    if soft is not None:
-        out["teacher_probs"] = soft.lookup(targets).to(device)
-    if regions is not None:
-        features, rows = regions.lookup(targets)
-        out["teacher_features"] = ({k: v.to(device) for k, v in features.items()}, rows.to(device))
     return out

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from mlkd.errors import BadInput
-from mlkd.optional import optional_import
+from mlkd.utils.optional import optional_import
 
 PREFIX = "timm/"  # model.backbone: timm/<timm model name>
 FIND_NAMES = "python -c \"import timm; print(timm.list_models('*convnext*'))\" (any pattern; list_pretrained lists weights)"

@@ -34,7 +34,7 @@ import torchvision
 from mlkd.errors import BadInput, NotFound
 from mlkd.models.backbones import CONVENTIONS, convention_of
 from mlkd.models.timm_backbone import PREFIX, is_timm, pretrained_cfg
-from mlkd.optional import optional_import
+from mlkd.utils.optional import optional_import
 
 logger = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from typing import Any, Iterable, Iterator
 import lmdb
 import numpy as np
 
-from mlkd import lmdb_env
+from mlkd.utils import lmdb_env
 from mlkd.data.base import BOX_CONVENTION
 from mlkd.errors import BadFile, BadInput, MissingEntry, NotFound
 

@@ -21,7 +21,7 @@ from typing import Iterable
 import numpy as np
 
 from mlkd.errors import BadInput, NotFound
-from mlkd.optional import optional_import
+from mlkd.utils.optional import optional_import
 from mlkd.data.datalist import (DatalistEntry, format_datalist_line, parse_datalist_line, read_datalist,
                                 write_datalist)
 

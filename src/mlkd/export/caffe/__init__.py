@@ -18,7 +18,7 @@ Typical use::
     export_wsddn(teacher, "teacher.prototxt", "teacher.caffemodel", input_size=672, regions=500)
 
 The architecture of a Caffe file is read and checked by :func:`vgg_layout` (:mod:`mlkd.export.caffe.layout`);
-``mlkd import-caffe`` (:mod:`mlkd.export.importer`) builds on it.
+``mlkd import-caffe`` (:mod:`mlkd.export.caffe.importer`) builds on it.
 
 Importing this package raises ImportError with the install command when protobuf is missing or too old.
 """

@@ -21,7 +21,7 @@ from mlkd.errors import BadInput, NotFound
 from mlkd.export.caffe.net import (SUPPORTED_TYPES, V1_TO_V2_TYPE, V2_TO_V1_TYPE, CaffeLayer, CaffeNet, LayerBlobs,
                                    fill_message, layer_params)
 
-from mlkd.optional import MissingExtra
+from mlkd.utils.optional import MissingExtra
 
 try:
     from google.protobuf import text_format

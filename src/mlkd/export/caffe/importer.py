@@ -31,15 +31,15 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from mlkd.checkpoint import make_checkpoint, save_checkpoint
-from mlkd.config import DataConfig, from_dict, parse_override, to_dict
+from mlkd.utils.checkpoint import make_checkpoint, save_checkpoint
+from mlkd.utils.config import from_dict, parse_override, to_dict
 from mlkd.data.custom import read_class_file
 from mlkd.errors import BadInput
 from mlkd.export.caffe import SUPPORTED_TYPES, CaffeNet, LayerBlobs, import_vgg_weights, read_caffemodel, read_prototxt
 from mlkd.export.caffe.layout import KD_TEACHER, RELEASE, Naming, VggLayout, fc_input_side, fc_shapes, vgg_layout
 from mlkd.export.caffe.wsddn import SUM_LAYER, check_sum_layer, head_settings
 from mlkd.models.build import build_student, build_teacher
-from mlkd.models.configs import StudentModelConfig, TeacherModelConfig
+from mlkd.models.configs import RELEASE_TEST_SCALE, StudentModelConfig, TeacherModelConfig
 
 ARCHS = ("vgg16", "wsddn", "student")
 # Layer types of the release's prototxts besides those mlkd converts: data, RoI generation and pooling, the WSDDN
@@ -245,7 +245,7 @@ def import_teacher(net: CaffeNet, weights: Mapping[str, LayerBlobs], out: str | 
         skipped.setdefault(SUM_LAYER, "the sum over regions (weights fixed to 1), built into mlkd's WSDDN")
     classes = read_classes(opts.classes, k)
     cfg = _model_config(TeacherModelConfig, {**derived, "input_convention": opts.convention}, opts.sets)
-    scale = opts.image_size or _input_size(net, names["backbone.features.0"]) or DataConfig().test_scale
+    scale = opts.image_size or _input_size(net, names["backbone.features.0"]) or RELEASE_TEST_SCALE
     model = build_teacher(cfg, k)
     state = _load(model, weights, names, set(skipped))
     ckpt = make_checkpoint("teacher", state, input_convention=opts.convention, classes=classes,

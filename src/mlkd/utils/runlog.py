@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from mlkd.errors import BadInput
-from mlkd.optional import optional_import
+from mlkd.utils.optional import optional_import
 
 logger = logging.getLogger(__name__)
 

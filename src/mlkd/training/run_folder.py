@@ -21,11 +21,11 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from mlkd.config import read_yaml, save_config, to_dict
+from mlkd.utils.config import read_yaml, save_config, to_dict
 from mlkd.data.base import DatasetIdentity
-from mlkd.distributed import DistInfo
+from mlkd.utils.distributed import DistInfo
 from mlkd.errors import BadInput, NotFound, RunConflict
-from mlkd.runlog import RunLog
+from mlkd.utils.runlog import RunLog
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,12 @@ def config_differences(old: dict[str, Any], new: dict[str, Any], ignore: Sequenc
             if a.get(k) != b.get(k) and k not in ignore]
 
 
+def _ignored(cfg: Any) -> tuple[str, ...]:
+    """Keys that may differ between a run and its continuation: the run-only settings and the keys that older mlkd
+    wrote but the config no longer has (``RETIRED``)."""
+    return RUN_ONLY + tuple(getattr(cfg, "RETIRED", ()))
+
+
 def check_resume(ckpt: dict[str, Any], cfg: Any, identity: DatasetIdentity, where: Path,
                  explicit: Sequence[str] = ()) -> None:
     """Refuse to continue ``ckpt`` with another dataset, model or recipe (``cfg``), naming every difference.
@@ -63,7 +69,7 @@ def check_resume(ckpt: dict[str, Any], cfg: Any, identity: DatasetIdentity, wher
     (``optim.epochs``, and the ``epochs`` of each stage when ``stages`` is given) may change, to extend a run.
     """
     allowed = [k for k, suffix in EXTENDABLE.items() if k in explicit]
-    diffs = [d for d in config_differences(ckpt.get("config") or {}, to_dict(cfg))
+    diffs = [d for d in config_differences(ckpt.get("config") or {}, to_dict(cfg), _ignored(cfg))
              if not any(d.startswith(k) and d.split(":")[0].endswith(EXTENDABLE[k]) for k in allowed)]
     if ckpt.get("dataset"):
         saved = DatasetIdentity.from_dict(ckpt["dataset"])
@@ -84,6 +90,7 @@ class RunFolder:
         self.out = Path(cfg.run.out)
         self._fd: int | None = None
         self._created = False
+        self.log: RunLog | None = None  # opened by start()
 
     def __enter__(self) -> "RunFolder":
         if self.info.is_main:
@@ -112,7 +119,7 @@ class RunFolder:
             raise RunConflict(f"{self.out} is not empty and is not an mlkd run folder (it holds {foreign[:5]}); "
                               "choose another run.out")
         if (self.out / "config.yaml").is_file():  # a run that stopped before its first checkpoint
-            diffs = config_differences(read_yaml(self.out / "config.yaml"), to_dict(self.cfg))
+            diffs = config_differences(read_yaml(self.out / "config.yaml"), to_dict(self.cfg), _ignored(self.cfg))
             if diffs:
                 raise RunConflict(f"{self.out} holds a run of another config (config.yaml -> now):\n  "
                                   + "\n  ".join(diffs) + "\nremove the folder or choose another run.out")
@@ -158,8 +165,9 @@ class RunFolder:
         if self.info.is_main:
             save_config(self.cfg, self.out / "config.yaml")
             self._created = False
-        return RunLog(self.out, enabled=self.info.is_main, resume_epoch=resume_epoch,
-                      tensorboard=self.cfg.run.tensorboard)
+        self.log = RunLog(self.out, enabled=self.info.is_main, resume_epoch=resume_epoch,
+                          tensorboard=self.cfg.run.tensorboard)
+        return self.log
 
 
 def _read_holder(fd: int) -> str:

@@ -1,5 +1,5 @@
 """The ``--plots DIR`` folder of ``mlkd evaluate`` and ``mlkd evaluate-teacher``: every chart of
-:mod:`mlkd.report_plots`, a gallery of the best and worst images, and an ``index.html`` that shows them with the
+:mod:`mlkd.evaluation.charts`, a gallery of the best and worst images, and an ``index.html`` that shows them with the
 key numbers (plain HTML and CSS: no script, nothing fetched, opens from the folder).
 
 The gallery ranks images by their **image AP**: the image's classes ranked by its scores with its labels as
@@ -17,14 +17,14 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 
-from mlkd.checkpoint import write_atomically
+from mlkd.utils.checkpoint import write_atomically
 from mlkd.data.base import read_image
 from mlkd.errors import BadInput, CannotWrite
 from mlkd.metrics.classification import check_scores_targets
 from mlkd.metrics.curves import per_image_ap, reliability
-from mlkd.report_plots import (calibration_plot, class_bars, co_occurrence_plot, pr_curves, score_histogram,
+from mlkd.evaluation.charts import (calibration_plot, class_bars, co_occurrence_plot, pr_curves, score_histogram,
                                score_histograms)
-from mlkd.viz import grid, ranked_figure, top_by_objectness
+from mlkd.evaluation.figures import grid, ranked_figure, top_by_objectness
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def gallery_order(image_ap: np.ndarray, num_labels: np.ndarray, n: int = GALLERY
 def _gallery(out: Path, which: str, order: np.ndarray, image_ap: np.ndarray, scores: np.ndarray,
              targets: np.ndarray, classes: Sequence[str], ids: Sequence[str], paths: Sequence[str | Path],
              kind: str, proposals: Sequence[np.ndarray] | None, regions: Sequence[np.ndarray] | None) -> Path:
-    """A grid of :func:`mlkd.viz.ranked_figure` of the images ``order``, written as JPEG (photos)."""
+    """A grid of :func:`mlkd.evaluation.figures.ranked_figure` of the images ``order``, written as JPEG (photos)."""
     figures = []
     for rank, i in enumerate(order, 1):
         boxes = None

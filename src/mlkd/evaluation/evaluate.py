@@ -2,10 +2,10 @@
 
 - the teacher: classification metrics of its image scores; VOC detection AP at IoU 0.5 (``voc07`` unless
   another AP mode is asked for; the report names it in ``ap_variant``) and CorLoc of its
-  region scores (with the largest-proposal baseline); test-time views as in :func:`mlkd.inference.predict_teacher`;
+  region scores (with the largest-proposal baseline); test-time views as in :func:`mlkd.inference.predict.predict_teacher`;
 - the student: classification metrics of its probabilities;
 - the teacher's figures (:func:`visualize_teacher`): its top proposals and detections on the first images;
-- with ``plots``, a folder of charts, galleries and an ``index.html`` (:mod:`mlkd.evaluation_plots`).
+- with ``plots``, a folder of charts, galleries and an ``index.html`` (:mod:`mlkd.evaluation.page`).
 """
 
 from __future__ import annotations
@@ -17,18 +17,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mlkd.checkpoint import load_checkpoint, write_atomically
+from mlkd.utils.checkpoint import load_checkpoint, write_atomically
 from mlkd.data.base import MultiLabelDataset, check_class_order, read_image
 from mlkd.errors import BadInput
-from mlkd.evaluation_plots import check_plots_folder, write_plots
-from mlkd.inference import predict_student, predict_teacher
+from mlkd.evaluation.page import check_plots_folder, write_plots
+from mlkd.inference.predict import predict_student, predict_teacher
 from mlkd.metrics import corloc, detection_ap, evaluate_all, report_to_json
 from mlkd.models.build import model_from_checkpoint
 from mlkd.models.wsddn import NMS_IOU, WSDDN, class_detections, top_boxes
 from mlkd.proposals.attach import open_split, require_proposals
 from mlkd.export.quantize import calibration_batches, checkpoint_calibration
-from mlkd.runtime import StudentRuntime
-from mlkd.viz import detections_figure, save_rgb, teacher_figure
+from mlkd.inference.runtime import StudentRuntime
+from mlkd.evaluation.figures import detections_figure, save_rgb, teacher_figure
 
 
 def largest_proposal_corloc(dataset: MultiLabelDataset, proposals: Sequence[np.ndarray]) -> dict[str, Any]:
@@ -144,7 +144,7 @@ def evaluate_student(checkpoint: str, spec: str, out: str | None = None, options
                      calibration: str | None = None) -> dict[str, Any]:
     """A student checkpoint on a dataset (``mlkd evaluate``); JSON report to ``out``, scores to ``scores_out``,
     charts, galleries and ``index.html`` to the folder ``plots``. The student runs in ``precision``
-    (:mod:`mlkd.runtime`; int8 calibrates on ``calibration``, default the checkpoint's training set)."""
+    (:mod:`mlkd.inference.runtime`; int8 calibrates on ``calibration``, default the checkpoint's training set)."""
     _check_output(out, "report")
     _check_output(scores_out, "scores")
     check_plots_folder(plots)

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from mlkd.checkpoint import write_atomically
+from mlkd.utils.checkpoint import write_atomically
 from mlkd.metrics.classification import check_scores_targets
 from mlkd.metrics.curves import co_occurrence, curve_area, precision_recall_curve, reliability
 

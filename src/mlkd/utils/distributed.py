@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from mlkd.device import pick_device
+from mlkd.utils.device import pick_device
 
 
 @dataclass

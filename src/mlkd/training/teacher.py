@@ -1,4 +1,5 @@
-"""The teacher's recipe: its config (model, data, optimiser, run) and the run, one stage of :func:`run_stages`.
+"""The teacher's recipe: its config (model, data, optimiser, run) and the run, one stage of
+:func:`~mlkd.training.loop.run_stages`.
 
 ``mlkd train-teacher --config teacher_voc07 [--set key=value ...] [--resume]`` calls :func:`train_teacher`. The
 run folder gets ``config.yaml`` (resolved), ``log.jsonl``, ``curves.png`` and ``last.pt`` (written atomically
@@ -9,32 +10,51 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Literal, Sequence
 
 import torch
 
-from mlkd.checkpoint import load_checkpoint, make_checkpoint
-from mlkd.config import DataConfig, OptimConfig, RunConfig, to_dict
 from mlkd.data.base import MultiLabelDataset, check_class_order
 from mlkd.data.loader import make_loader
 from mlkd.data.transforms import Compose, KeepTopProposals, MultiScaleCollate, RandomHorizontalFlip
-from mlkd.distributed import DistInfo
-from mlkd.engine import Stage, StageParts, build_optimizer, launch, param_groups, run_stages
 from mlkd.errors import BadInput
-from mlkd.inference import predict_teacher
+from mlkd.inference.predict import predict_teacher
 from mlkd.metrics import mean_average_precision
 from mlkd.models.build import build_teacher
-from mlkd.models.configs import TeacherModelConfig
+from mlkd.models.configs import RELEASE_TEST_SCALE, TeacherModelConfig
 from mlkd.models.inputs import teacher_inputs
 from mlkd.models.wsddn import WSDDN
 from mlkd.proposals.attach import open_split, require_proposals
-from mlkd.run_folder import RunFolder, check_resume
+from mlkd.training.config import DataConfig, OptimConfig, RunConfig
+from mlkd.training.loop import Hooks, LoopSettings, Stage, StageParts, process_group, run_stages
+from mlkd.training.optim import build_optimizer, param_groups
+from mlkd.training.run_folder import RunFolder, check_resume
+from mlkd.utils.checkpoint import load_checkpoint, make_checkpoint
+from mlkd.utils.config import SIZE, bounded, to_dict
+from mlkd.utils.distributed import DistInfo
+
+
+@dataclasses.dataclass
+class TeacherDataConfig(DataConfig):
+    """The teacher's data: the shared keys, plus its multi-scale input and its held-out split's proposals."""
+
+    ELSEWHERE: ClassVar[dict[str, str]] = {}
+    val_proposals: str | None = None  # proposal cache of the val split (teacher evaluation)
+    scales: tuple[int, ...] = bounded((480, 576, 672, 736, 832), *SIZE)  # one drawn per training batch
+    test_scale: int = bounded(RELEASE_TEST_SCALE, *SIZE)  # single-scale evaluation size
+    # warp to scale x scale (release), shorter side = scale, or width = scale as the original WSDDN reader does
+    resize: Literal["warp", "shorter", "wsddn"] = "warp"
+    max_size: int | None = bounded(None, *SIZE)  # cap on the longer side with resize=shorter or wsddn
+
+    def validate(self) -> None:
+        if not self.scales:
+            raise BadInput("data.scales must list at least one training scale")
 
 
 @dataclasses.dataclass
 class TeacherConfig:
     model: TeacherModelConfig = dataclasses.field(default_factory=TeacherModelConfig)
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    data: TeacherDataConfig = dataclasses.field(default_factory=TeacherDataConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     run: RunConfig = dataclasses.field(default_factory=lambda: RunConfig(out="runs/teacher"))
 
@@ -46,11 +66,7 @@ class TeacherConfig:
 def train_teacher(cfg: TeacherConfig, resume: bool = False, explicit: Sequence[str] = ()) -> Path:
     """Train (or resume) the teacher described by ``cfg``; return the path of the final checkpoint. ``explicit``
     are the config keys the user set on the command line (on resume, only they may extend the run)."""
-    return launch(_train, cfg, resume, explicit)
-
-
-def _train(cfg: TeacherConfig, resume: bool, info: DistInfo, explicit: Sequence[str]) -> Path:
-    with RunFolder(cfg, resume, info) as run:
+    with process_group(cfg.run) as info, RunFolder(cfg, resume, info) as run:
         steps = ([KeepTopProposals(cfg.data.max_proposals)] if cfg.data.max_proposals else []) + \
                 ([RandomHorizontalFlip(0.5)] if cfg.data.flip else [])
         dataset = open_split(cfg.data.train, cfg.data.options, cfg.data.train_proposals, Compose(steps))
@@ -61,19 +77,37 @@ def _train(cfg: TeacherConfig, resume: bool, info: DistInfo, explicit: Sequence[
         if state is not None:
             check_resume(state, cfg, dataset.identity, run.out, explicit)
             model.load_state_dict(state["model"])
-        log = run.start(state["train_state"]["epoch"] if state else None)
+        run.start(state["train_state"]["epoch"] if state else None)
         stage = Stage("wsddn", cfg.optim.epochs, lambda: _stage_parts(cfg, model, dataset, info))
+        return run_stages([stage], LoopSettings.from_config(cfg.optim, cfg.run), _TeacherHooks(cfg, model, dataset, info),
+                          run, info, state["train_state"] if state is not None else None)
 
-        def checkpoint(train_state: dict[str, Any]) -> dict[str, Any]:
-            return make_checkpoint("teacher", model.state_dict(), input_convention=cfg.model.input_convention,
-                                   classes=dataset.classes, model_config=to_dict(cfg.model),
-                                   image_size=cfg.data.test_scale, max_proposals=cfg.data.max_proposals,
-                                   proposals=proposal_method(dataset), dataset=dataset.identity.to_dict(),
-                                   config=to_dict(cfg), train_state=train_state)
 
-        validate = (lambda: _validate(model, cfg, dataset.classes, info)) if cfg.data.val else None
-        return run_stages([stage], cfg, info, run.out, log, checkpoint, validate,
-                          state["train_state"] if state is not None else None)
+class _TeacherHooks(Hooks):
+    """The teacher's checkpoint and its validation on ``data.val``."""
+
+    def __init__(self, cfg: TeacherConfig, model: WSDDN, dataset: MultiLabelDataset, info: DistInfo) -> None:
+        self.cfg, self.model, self.dataset, self.info = cfg, model, dataset, info
+        self.validates = bool(cfg.data.val)
+
+    def checkpoint(self, train_state: dict[str, Any]) -> dict[str, Any]:
+        cfg, dataset = self.cfg, self.dataset
+        return make_checkpoint("teacher", self.model.state_dict(), input_convention=cfg.model.input_convention,
+                               classes=dataset.classes, model_config=to_dict(cfg.model),
+                               image_size=cfg.data.test_scale, max_proposals=cfg.data.max_proposals,
+                               proposals=proposal_method(dataset), dataset=dataset.identity.to_dict(),
+                               config=to_dict(cfg), train_state=train_state)
+
+    def validate(self) -> dict[str, float]:
+        """Classification mAP of the held-out split (for the log only; checkpoints are never chosen by it); under
+        torchrun each rank scores its share."""
+        cfg = self.cfg
+        dataset = open_split(cfg.data.val, cfg.data.options, cfg.data.val_proposals)
+        check_class_order(self.dataset.classes, dataset.classes, f"dataset {cfg.data.val}")
+        pred = predict_teacher(self.model, dataset, cfg.model.input_convention, self.info.device,
+                               (cfg.data.test_scale,), max_proposals=cfg.data.max_proposals,
+                               workers=cfg.data.workers, progress=False, info=self.info)
+        return {"val_mAP": mean_average_precision(pred["image_scores"], dataset.label_matrix())}
 
 
 def proposal_method(dataset: MultiLabelDataset) -> dict[str, Any] | None:
@@ -94,13 +128,3 @@ def _stage_parts(cfg: TeacherConfig, model: WSDDN, dataset: MultiLabelDataset, i
     convention = cfg.model.input_convention
     return StageParts(model, cfg.optim.lr, optimizer, scheduler, loader,
                       lambda im, t: teacher_inputs(im, t, info.device, convention))
-
-
-def _validate(model: WSDDN, cfg: TeacherConfig, classes: list[str], info: DistInfo) -> dict[str, float]:
-    """Classification mAP of the held-out split (for the log only; checkpoints are never chosen by it); under
-    torchrun each rank scores its share."""
-    dataset = open_split(cfg.data.val, cfg.data.options, cfg.data.val_proposals)
-    check_class_order(classes, dataset.classes, f"dataset {cfg.data.val}")
-    pred = predict_teacher(model, dataset, cfg.model.input_convention, info.device, (cfg.data.test_scale,),
-                           max_proposals=cfg.data.max_proposals, workers=cfg.data.workers, progress=False, info=info)
-    return {"val_mAP": mean_average_precision(pred["image_scores"], dataset.label_matrix())}

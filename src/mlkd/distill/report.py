@@ -1,7 +1,7 @@
 """Telling the user whether distillation helped: the held-out mAP after every stage of a student run, a stage
 that made it worse, and the gain over a baseline (the same student trained without distillation).
 
-``train-student`` calls :class:`StageReport` after each stage and :meth:`StageReport.finish` at the end. The
+The student's recipe calls :class:`StageReport` after each stage and :meth:`StageReport.finish` at the end. The
 results go to ``RUN/log.jsonl`` (records of type ``stage`` and ``summary``), to ``RUN/kd_report.json`` and to the
 console; the student of every stage but the last is kept as ``RUN/stage<i>_<name>.pt``. The baseline is
 ``distill.baseline``: a checkpoint or run folder, or ``auto``: a finished student run beside this one (a sibling
@@ -16,18 +16,19 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-from mlkd.checkpoint import load_checkpoint
+from mlkd.utils.checkpoint import load_checkpoint
 from mlkd.data.base import check_class_order
+from mlkd.distill.config import saved_stages
 from mlkd.errors import BadInput, MlkdError
 from mlkd.models.build import model_from_checkpoint
-from mlkd.runlog import RunLog
+from mlkd.utils.runlog import RunLog
 
 logger = logging.getLogger(__name__)
 
 
 def distils(config: dict[str, Any]) -> bool:
-    """Whether a (resolved) student config has a stage that learns from the teacher."""
-    return any(s.get("soft_weight") or s.get("feature_weight") for s in config.get("stages", []))
+    """Whether a (resolved, saved) student config has a stage that learns from the teacher."""
+    return any(stage.distils for stage in saved_stages(config))
 
 
 def find_baseline(out: Path, model_config: dict[str, Any], dataset: dict[str, Any]) -> Path | None:

@@ -1,9 +1,11 @@
 """Typed dataclass configs: built from YAML files and ``--set key=value`` overrides, saved resolved.
 
-One dataclass tree per entry point: ``TeacherConfig`` (:mod:`mlkd.train_teacher`) and ``StudentConfig``
-(:mod:`mlkd.train_student`), whose ``model`` sections live in :mod:`mlkd.models.configs`. This module holds the
-machinery: :func:`from_dict` (unknown keys and wrong types are errors naming the key, the value and what was
-expected), :func:`apply_overrides`, :func:`load_config` and :func:`to_dict`; and the sections both recipes share.
+One dataclass tree per entry point: ``TeacherConfig`` (:mod:`mlkd.training.teacher`) and ``StudentConfig``
+(:mod:`mlkd.training.student`); each section lives beside the code it configures (``model`` in
+:mod:`mlkd.models.configs`, ``distill`` and ``stages`` in :mod:`mlkd.distill.config`, ``data``, ``optim`` and
+``run`` in :mod:`mlkd.training.config`). This module holds the machinery: :func:`from_dict` (unknown keys and wrong
+types are errors naming the key, the value and what was expected), :func:`apply_overrides`, :func:`load_config` and
+:func:`to_dict`.
 
 A config is a YAML file or the name of one shipped with mlkd (``teacher_coco`` is
 ``mlkd/configs/teacher_coco.yaml``; :func:`packaged_configs` lists them). A file may start from another with
@@ -25,7 +27,8 @@ import yaml
 from mlkd.errors import BadInput, NotFound
 
 T = TypeVar("T")
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # the recipes shipped with mlkd
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"  # the recipes shipped with mlkd
+SIZE = (16, 8192)  # image sizes in pixels: smaller leaves no feature map, larger is a typo that would exhaust memory
 
 
 def packaged_configs() -> list[str]:
@@ -132,8 +135,10 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise BadInput(f"unknown config key(s) {[prefix + k for k in unknown]}; valid keys here: "
-                         f"{[prefix + k for k in fields]}")
+        elsewhere = getattr(cls, "ELSEWHERE", {})  # keys a user may expect here, and where they belong
+        hints = "".join(f"; {prefix}{k} {elsewhere[k]}" for k in unknown if k in elsewhere)
+        raise BadInput(f"unknown config key(s) {[prefix + k for k in unknown]}{hints}; valid keys here: "
+                       f"{[prefix + k for k in fields]}")
     hints = typing.get_type_hints(cls)
     values = {name: _coerce(v, hints[name], prefix + name) for name, v in data.items()}
     for name, value in values.items():
@@ -217,72 +222,3 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
 def save_config(cfg: Any, path: str | Path) -> None:
     """Write the resolved config as YAML (what a run actually used)."""
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-
-
-# --------------------------------------------------------------------------------------- shared sections
-SIZE = (16, 8192)  # image sizes in pixels: smaller leaves no feature map, larger is a typo that would exhaust memory
-@dataclasses.dataclass
-class DataConfig:
-    """Datasets, proposals and the input pipeline."""
-
-    train: str = ""  # dataset spec of the training split (see `mlkd data info --help`)
-    val: str | None = None  # held-out split evaluated after each epoch (for the log; never the test split)
-    options: dict = dataclasses.field(default_factory=dict)  # dataset options, e.g. {difficult: ignore}
-    train_proposals: str | None = None  # proposal cache of the training split (teacher, distillation)
-    val_proposals: str | None = None  # proposal cache of the val split (teacher evaluation)
-    max_proposals: int | None = bounded(None, 1, 100_000)  # use at most this many per image (None = all)
-    scales: tuple[int, ...] = bounded((480, 576, 672, 736, 832), *SIZE)  # one drawn per training batch
-    test_scale: int = bounded(672, *SIZE)  # single-scale evaluation size
-    # warp to scale x scale (release), shorter side = scale, or width = scale as the original WSDDN reader does
-    resize: Literal["warp", "shorter", "wsddn"] = "warp"
-    max_size: int | None = bounded(None, *SIZE)  # cap on the longer side with resize=shorter or wsddn
-    flip: bool = True  # random horizontal flip in training
-    batch_size: int = bounded(1, 1, 4096)  # images per iteration per process
-    workers: int = bounded(2, 0, 256)  # DataLoader worker processes
-
-    def validate(self) -> None:
-        if not self.scales:
-            raise BadInput("data.scales must list at least one training scale")
-
-
-@dataclasses.dataclass
-class OptimConfig:
-    """SGD with momentum (the release) or AdamW, step decay, Caffe-style parameter groups (biases: lr x2, no
-    decay)."""
-
-    optimizer: Literal["sgd", "adamw"] = "sgd"
-    lr: float = bounded(5e-5, 0, 10, above=True)
-    momentum: float = bounded(0.9, 0, 1)  # SGD momentum (AdamW uses betas (0.9, 0.999))
-    weight_decay: float = bounded(5e-4, 0, 1)
-    epochs: int = bounded(20, 1, 100_000)
-    lr_steps: tuple[int, ...] = bounded((10,), 1, 100_000)  # epochs after which the lr is multiplied by gamma
-    gamma: float = bounded(0.1, 0, 1, above=True)
-    accumulate: int = bounded(1, 1, 4096)  # micro-batches per optimizer step (batch = batch_size x accumulate x GPUs)
-    bias_lr_mult: float = bounded(2.0, 0, 100)  # Caffe's VGG convention
-    bias_decay: bool = False
-    clip_grad: float | None = bounded(None, 0, None, above=True)  # max gradient norm (None = off)
-
-
-@dataclasses.dataclass
-class RunConfig:
-    """Where outputs go and how the run executes."""
-
-    out: str = "runs/run"  # run folder: config.yaml, log.jsonl, curves.png, checkpoints
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    # autocast: auto = bf16 where the hardware has it natively (GPUs, CPUs with AVX512-BF16/AMX), fp16 on older
-    # GPUs, else float32; bf16 on a CPU without native support is refused (it would be ~20x slower)
-    amp: Literal["auto", "none", "bf16", "fp16"] = "auto"
-    threads: int | None = bounded(None, 1, 1024)  # torch intra-op threads (None = torch's default)
-    # under torchrun: minutes a collective (a barrier, a gather) may wait before the run aborts; the longest wait is
-    # one rank's share of a sharded phase (soft targets, region features, validation) or rank 0's checkpoint write
-    dist_timeout_min: float = bounded(60.0, 1, None)
-    log_every: int = bounded(20, 1, None)  # iterations between log lines
-    eval_every: int = bounded(1, 0, None)  # epochs between evaluations of data.val (0 = never)
-    progress: bool = True  # tqdm bars
-    tensorboard: bool = False  # also write the logged scalars for TensorBoard into run.out/tensorboard
-
-    def validate(self) -> None:
-        if not self.out.strip():
-            raise BadInput("run.out is empty; name the run folder (an empty value would write into the current "
-                           "folder)")

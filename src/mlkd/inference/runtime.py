@@ -7,7 +7,7 @@ logits ``(B, K)`` float32.
   the default, timed once when the runtime is built (oneDNN runs VGG16's convolutions ~1.5x faster in
   channels_last, a tiny network's slower); the results of both equal up to float rounding.
 - ``bf16``: autocast bfloat16 (the layout picked the same way), only where the hardware computes bf16 natively
-  (:func:`mlkd.device.native_bf16`); elsewhere it would be ~20x slower and is refused.
+  (:func:`mlkd.utils.device.native_bf16`); elsewhere it would be ~20x slower and is refused.
 - ``int8``: onnxruntime on the CPU with the statically quantised model of :mod:`mlkd.export.quantize`
   (activation ranges from calibration images: the model's training images by default). Needs ``[export]``.
 
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mlkd.device import resolve_amp
+from mlkd.utils.device import resolve_amp
 from mlkd.errors import BadInput
 
 logger = logging.getLogger(__name__)
