@@ -54,8 +54,11 @@ def test_bf16_runs_where_native_and_is_refused_elsewhere(trained, monkeypatch):
     with torch.no_grad():
         ref = model_from_checkpoint(ckpt).eval()(x)
     monkeypatch.setattr(dev, "native_bf16", lambda d: False)
-    with pytest.raises(ValueError, match="run.amp=bf16 on a CPU without native bfloat16"):
+    # the refusal names the setting the user gave (precision, not a training run's run.amp) and what to use
+    with pytest.raises(ValueError, match=r"precision=bf16 on a CPU without native bfloat16 .* use precision fp32"):
         StudentRuntime(model_from_checkpoint(ckpt), "bf16")
+    with pytest.raises(ValueError, match=r"precision=bf16 on a CPU without native bfloat16"):
+        StudentRuntime.from_checkpoint(ckpt, "bf16")
     monkeypatch.setattr(dev, "native_bf16", lambda d: True)  # bf16 arithmetic is correct either way, only slow
     got = StudentRuntime(model_from_checkpoint(ckpt), "bf16")(x)
     assert got.dtype == torch.float32
@@ -103,7 +106,7 @@ def test_precision_misuse_is_a_clear_error(trained, tmp_path, capsys):
         mlkd.load(trained.teacher, precision="int8")
     assert main(["evaluate", "--checkpoint", str(trained.student), "--dataset", str(trained.data.val),
                  "--calibration", str(trained.data.train)]) != 0
-    assert "--calibration applies to --precision int8" in capsys.readouterr().err
+    assert "calibration (a dataset of training images) applies to precision int8, not fp32" in capsys.readouterr().err
     assert main(["export", "--checkpoint", str(trained.student), "--format", "caffe", "--out", str(tmp_path / "c"),
                  "--int8"]) != 0
     assert "--int8 (and --calibration) apply to students exported with --format onnx" in capsys.readouterr().err

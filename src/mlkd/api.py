@@ -27,7 +27,6 @@ from mlkd.models.backbones import CONVENTIONS, normalize
 from mlkd.models.build import model_from_checkpoint
 from mlkd.models.wsddn import NMS_IOU, class_detections
 from mlkd.proposals.methods import propose, resolve_params
-from mlkd.export.quantize import calibration_batches, checkpoint_calibration
 from mlkd.inference.runtime import StudentRuntime
 
 ImageLike = Any  # a path, a PIL image, an (H, W, 3) / (H, W) uint8 array, or a (3, H, W) tensor
@@ -132,11 +131,7 @@ class Classifier(_Loaded):
         self._runtime: StudentRuntime | None = self._build(torch.device("cpu"))
 
     def _build(self, device: torch.device) -> StudentRuntime:
-        batches = None
-        if self.precision == "int8":
-            spec, options = checkpoint_calibration(self._ckpt, self._calibration)
-            batches = calibration_batches(spec, options, self.image_size, self.input_convention)
-        return StudentRuntime(self.model, self.precision, device, self.image_size, batches)
+        return StudentRuntime.from_checkpoint(self._ckpt, self.precision, device, self._calibration, self.model)
 
     def to(self, device: str | torch.device) -> "Classifier":
         """Move the model to ``device`` (e.g. "cuda"); returns self."""

@@ -26,7 +26,6 @@ from mlkd.metrics import corloc, detection_ap, evaluate_all, report_to_json
 from mlkd.models.build import model_from_checkpoint
 from mlkd.models.wsddn import NMS_IOU, WSDDN, class_detections, top_boxes
 from mlkd.proposals.attach import open_split, require_proposals
-from mlkd.export.quantize import calibration_batches, checkpoint_calibration
 from mlkd.inference.runtime import StudentRuntime
 from mlkd.evaluation.figures import detections_figure, save_rgb, teacher_figure
 
@@ -149,15 +148,10 @@ def evaluate_student(checkpoint: str, spec: str, out: str | None = None, options
     _check_output(scores_out, "scores")
     check_plots_folder(plots)
     ckpt = load_checkpoint(checkpoint, "student")
-    size, convention = ckpt["inference"]["image_size"], ckpt["input_convention"]
-    batches = None
-    if precision == "int8":
-        batches = calibration_batches(*checkpoint_calibration(ckpt, calibration), size, convention)
-    elif calibration is not None:
-        raise BadInput("--calibration applies to --precision int8")
-    runtime = StudentRuntime(model_from_checkpoint(ckpt), precision, device, size, batches)
-    report = evaluate_student_model(runtime, spec, ckpt["classes"], convention, size, options, device, workers,
-                                    progress, str(checkpoint), plots)
+    runtime = StudentRuntime.from_checkpoint(ckpt, precision, device, calibration)
+    report = evaluate_student_model(runtime, spec, ckpt["classes"], ckpt["input_convention"],
+                                    ckpt["inference"]["image_size"], options, device, workers, progress,
+                                    str(checkpoint), plots)
     report["precision"] = precision
     scores = report.pop("scores")
     if scores_out:  # through a file object: np.save would append ".npy" to a path that lacks it

@@ -27,12 +27,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from mlkd.utils.checkpoint import CONFIG, WEIGHTS, load_checkpoint, read_model_dir, write_model_dir
+from mlkd.utils.checkpoint import load_checkpoint
 from mlkd.errors import BadInput
+from mlkd.export.safetensors import export_model_dir
 from mlkd.export.onnx import check_opset, export_onnx, run_onnx, runtime_name
-from mlkd.export.quantize import (INT8_TOLERANCE, calibration_batches, checkpoint_calibration, deploy_model,
-                                  quantize_student)
-from mlkd.export.verify import Check, compare, describe_input, random_boxes, require, sample_inputs
+from mlkd.export.quantize import INT8_TOLERANCE, checkpoint_calibration_batches, deploy_model, quantize_student
+from mlkd.export.verify import Check, compare, describe_input, require, sample_inputs
 from mlkd.models.build import model_from_checkpoint
 from mlkd.utils.optional import optional_import
 from mlkd.version import __version__
@@ -177,45 +177,13 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, classif
         if classifier is not None:
             raise BadInput("--classifier-name names the Caffe classifier layer; ONNX outputs are `logits` and "
                              "`probabilities`")
-        batches = None
-        if int8:
-            batches = calibration_batches(*checkpoint_calibration(ckpt, calibration), size, ckpt["input_convention"])
-        elif calibration is not None:
+        if calibration is not None and not int8:
             raise BadInput("--calibration applies to --int8")
+        batches = checkpoint_calibration_batches(ckpt, calibration) if int8 else None
         part = export_student_onnx(model, out, size, opset, tolerance, x, batches)
     info, checks = _export_info(ckpt, str(checkpoint), fmt, part, size, names[:1] if kind == "teacher" else names,
                                 tolerance)
     (out / "export.json").write_text(json.dumps(info, indent=2) + "\n")
     (out / "README.md").write_text(_readme(info))
     require(checks, part["runtime"], out)
-    return info, checks
-
-
-@torch.no_grad()
-def export_model_dir(ckpt: dict[str, Any], checkpoint: str, out: Path, images: Sequence[str | Path] = ()
-                     ) -> tuple[dict[str, Any], list[Check]]:
-    """The model as a folder (``model.safetensors`` + ``config.json``, see :mod:`mlkd.utils.checkpoint`),
-    verified by reading it back: its outputs must equal the checkpoint's bit for bit."""
-    write_model_dir(ckpt, out)
-    original, loaded = model_from_checkpoint(ckpt), model_from_checkpoint(read_model_dir(out))
-    size = ckpt["inference"]["image_size"]
-    names, x = sample_inputs(size, ckpt["input_convention"], images)
-    if ckpt["kind"] == "student":
-        pairs = [("logits", original(x), loaded(x))]
-    else:
-        boxes, scores = random_boxes(32, size, seed=0)
-        a, b = (m(x, [boxes] * len(x), [scores] * len(x)) for m in (original, loaded))
-        pairs = [("image_scores", torch.stack([r["image_scores"] for r in a]), torch.stack([r["image_scores"] for r in b])),
-                 ("region_scores", torch.cat([r["region_scores"] for r in a]), torch.cat([r["region_scores"] for r in b]))]
-    checks = [Check(name, float((p - q).abs().max()), 0.0, "max |model folder - checkpoint|") for name, p, q in pairs]
-    info = {"format": "safetensors", "kind": ckpt["kind"], "mlkd_version": __version__, "checkpoint": checkpoint,
-            "files": {"weights": WEIGHTS, "config": CONFIG}, "classes": list(ckpt["classes"]),
-            "verification": {"runtime": "mlkd (reloaded from the folder)", "images": names,
-                             "checks": [{"output": c.name, "max_abs_diff": c.max_abs_diff, "allowed": c.allowed,
-                                         "passed": c.passed} for c in checks]}}
-    require(checks, "mlkd (reloaded from the folder)", out)
-    (out / "README.md").write_text(f"# mlkd {ckpt['kind']}\n\nFrom `{checkpoint}` (mlkd {__version__}), "
-                                   f"{len(ckpt['classes'])} classes.\n\n```python\nimport mlkd\nmodel = "
-                                   f"mlkd.load(\"{out.name}\")\n```\n\nWeights in `{WEIGHTS}` (safetensors: no "
-                                   f"code runs when they are read), everything else in `{CONFIG}`.\n")
     return info, checks

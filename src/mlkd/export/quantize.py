@@ -136,3 +136,10 @@ def checkpoint_calibration(ckpt: dict[str, Any], given: str | None) -> tuple[str
         raise BadInput(f"precision int8 calibrates on the model's training set {spec}, which cannot be opened "
                        f"here ({e}); give --calibration SPEC (a dataset of training images)") from None
     return spec, data.get("options")
+
+
+def checkpoint_calibration_batches(ckpt: dict[str, Any], given: str | None) -> Iterator[np.ndarray]:
+    """:func:`calibration_batches` of a checkpoint's student: the dataset ``given``, else its training set
+    (:func:`checkpoint_calibration`), at its image size and input convention."""
+    return calibration_batches(*checkpoint_calibration(ckpt, given), ckpt["inference"]["image_size"],
+                               ckpt["input_convention"])

@@ -7,7 +7,8 @@ logits ``(B, K)`` float32.
   the default, timed once when the runtime is built (oneDNN runs VGG16's convolutions ~1.5x faster in
   channels_last, a tiny network's slower); the results of both equal up to float rounding.
 - ``bf16``: autocast bfloat16 (the layout picked the same way), only where the hardware computes bf16 natively
-  (:func:`mlkd.utils.device.native_bf16`); elsewhere it would be ~20x slower and is refused.
+  (:func:`mlkd.utils.device.native_bf16`); elsewhere it would be ~20x slower and is refused
+  (:func:`mlkd.utils.device.resolve_amp`).
 - ``int8``: onnxruntime on the CPU with the statically quantised model of :mod:`mlkd.export.quantize`
   (activation ranges from calibration images: the model's training images by default). Needs ``[export]``.
 
@@ -20,14 +21,15 @@ import logging
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
-from mlkd.utils.device import resolve_amp
 from mlkd.errors import BadInput
+from mlkd.models.build import model_from_checkpoint
+from mlkd.utils.device import autocast, resolve_amp
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +46,8 @@ class StudentRuntime:
         self.precision, self.device = precision, torch.device(device)
         self.model = model.eval().to(self.device)
         self.session = None
-        if precision == "bf16":
-            resolve_amp("bf16", self.device)  # refuses a CPU without native bf16, saying why
+        # refuses bf16 on a CPU without native bf16, saying why
+        self.amp = resolve_amp("bf16", self.device, "precision") if precision == "bf16" else "none"
         if precision == "int8":
             if self.device.type != "cpu":
                 raise BadInput("precision int8 runs on the CPU (onnxruntime); use fp32 or bf16 on a GPU")
@@ -56,6 +58,21 @@ class StudentRuntime:
             _channels_last_is_faster(self.model, image_size, precision == "bf16")
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict[str, Any], precision: str = "fp32", device: torch.device | str = "cpu",
+                        calibration: str | None = None, model: nn.Module | None = None) -> "StudentRuntime":
+        """The student of a checkpoint (or model folder) in ``precision`` at its image size. int8 calibrates on the
+        dataset ``calibration`` (default: the training set the checkpoint records). ``model``: the checkpoint's
+        model when the caller has built it already (:class:`mlkd.api.Classifier` keeps it)."""
+        if calibration is not None and precision != "int8":
+            raise BadInput(f"calibration (a dataset of training images) applies to precision int8, not {precision}")
+        batches = None
+        if precision == "int8":  # needs the [export] extra; imported here so that fp32 and bf16 never load it
+            from mlkd.export.quantize import checkpoint_calibration_batches
+            batches = checkpoint_calibration_batches(ckpt, calibration)
+        model = model if model is not None else model_from_checkpoint(ckpt)
+        return cls(model, precision, device, ckpt["inference"]["image_size"], batches)
 
     def eval(self) -> "StudentRuntime":
         return self
@@ -68,10 +85,8 @@ class StudentRuntime:
         x = images.to(self.device)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        if self.precision == "bf16":
-            with torch.autocast(self.device.type, dtype=torch.bfloat16):
-                return self.model(x).float()
-        return self.model(x).float()
+        with autocast(self.device, self.amp):
+            return self.model(x).float()
 
 
 @torch.no_grad()
@@ -97,7 +112,7 @@ def _channels_last_is_faster(model: nn.Module, size: int, bf16: bool) -> bool:
 
 
 def _int8_session(model: nn.Module, image_size: int, calibration: Iterator[np.ndarray]):
-    from mlkd.export.quantize import quantize_student, session
+    from mlkd.export.quantize import quantize_student, session  # the [export] extra, for int8 only
 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="mlkd_int8_") as tmp:

@@ -28,11 +28,10 @@ def pick_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
 
 
 def autocast(device: torch.device, amp: str):
-    """``torch.autocast`` for a resolved ``amp`` in {"none", "bf16", "fp16"} (:func:`resolve_amp`)."""
+    """``torch.autocast`` for an ``amp`` that :func:`resolve_amp` resolved for ``device`` ("none", "bf16" or
+    "fp16"): what may run where is decided there, once."""
     if amp == "none":
         return contextlib.nullcontext()
-    if amp == "fp16" and device.type != "cuda":
-        raise BadInput("run.amp=fp16 needs a CUDA device; use bf16 on the CPU")
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
@@ -57,22 +56,30 @@ def cpu_flags() -> set[str]:
             for flag in line.split(":", 1)[1].split()}
 
 
-def resolve_amp(amp: str, device: torch.device) -> str:
+def resolve_amp(amp: str, device: torch.device, setting: str = "run.amp") -> str:
     """The autocast type to use for ``amp`` in {"auto", "none", "bf16", "fp16"} on ``device``: ``auto`` picks
     bf16 where it is native (CPU or GPU), fp16 on a GPU without it, else none; an explicit ``bf16`` on a CPU
-    without native bf16 is an error saying why (it would be ~20x slower, not faster)."""
+    without native bf16 is an error saying why (it would be ~20x slower, not faster), and so is fp16 off CUDA.
+    ``setting`` is what the user set (``run.amp`` of a training config, ``precision`` of a deployed student): the
+    error names it and what to use instead."""
     if amp not in ("auto", "none", "bf16", "fp16"):
         raise BadInput(f"amp must be auto, none, bf16 or fp16, got {amp!r}")
     fast = native_bf16(device)
     if amp == "auto":
         return "bf16" if fast else ("fp16" if device.type == "cuda" else "none")
+    instead = _INSTEAD.get(setting, f"another {setting}")
     if amp == "bf16" and not fast and device.type == "cpu":
-        raise BadInput(f"run.amp=bf16 on a CPU without native bfloat16 (torch CPU capability "
+        raise BadInput(f"{setting}=bf16 on a CPU without native bfloat16 (torch CPU capability "
                        f"{torch.backends.cpu.get_cpu_capability()}, no AVX512-BF16 or AMX): bf16 would be about 20x "
-                       "slower than float32 there; use run.amp=auto (float32 on this CPU) or none")
+                       f"slower than float32 there; use {instead}")
     if amp == "fp16" and device.type != "cuda":
-        raise BadInput("run.amp=fp16 needs a CUDA device; use auto or bf16 on a CPU")
+        raise BadInput(f"{setting}=fp16 needs a CUDA device; use {instead}")
     return amp
+
+
+# what to use instead of a refused 16-bit type, per setting that asks for one
+_INSTEAD = {"run.amp": "run.amp=auto (bf16 where it is native, else float32) or none",
+            "precision": "precision fp32 (or int8 on the CPU)"}
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
