@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 
 from mlkd.utils.config import apply_overrides, from_dict, load_config, parse_override, read_yaml, save_config, to_dict
-from mlkd.training.student import StageConfig, StudentConfig
+from mlkd.distill.config import StageConfig
+from mlkd.training.student import StudentConfig
 from mlkd.training.teacher import TeacherConfig
 
 TRAIN = {"data": {"train": "data/train.jsonl"}}
@@ -33,6 +34,33 @@ def test_unknown_keys_name_the_key_and_the_valid_ones(data, bad, valid):
     with pytest.raises(ValueError) as e:
         from_dict(TeacherConfig, {**TRAIN, **data})
     assert f"unknown config key(s) {bad}" in str(e.value) and valid in str(e.value)
+
+
+@pytest.mark.parametrize("key, value", [("scales", "[100]"), ("test_scale", 100), ("resize", "shorter"),
+                                        ("max_size", 900), ("val_proposals", "p_val")])
+def test_a_student_refuses_the_teachers_data_keys_naming_where_they_belong(key, value):
+    """A student reads none of the teacher's multi-scale keys: giving one is an error naming it, not a no-op."""
+    with pytest.raises(ValueError) as e:
+        load_config(StudentConfig, None, ["data.train=t.jsonl", f"data.{key}={value}"])
+    assert f"unknown config key(s) ['data.{key}']; data.{key} is a teacher's key" in str(e.value)
+    assert "'data.train'" in str(e.value)  # and the keys a student's data section has
+    cfg = load_config(TeacherConfig, None, ["data.train=t.jsonl", f"data.{key}={value}"])  # the teacher's own
+    assert getattr(cfg.data, key) is not None
+
+
+def test_a_student_run_saved_with_the_retired_teacher_keys_still_resumes():
+    """Older mlkd wrote the teacher's data keys into every student config; resuming such a run is not a change of
+    recipe, while any real difference still is."""
+    from mlkd.training.run_folder import check_resume
+
+    cfg = load_config(StudentConfig, None, ["data.train=t.jsonl"])
+    old = to_dict(cfg)
+    old["data"].update(scales=[480, 576], test_scale=672, resize="warp", max_size=None, val_proposals=None)
+    identity = None  # the checkpoints below record no dataset: only their configs are compared
+    check_resume({"config": old}, cfg, identity, "run")
+    old["optim"]["lr"] = 0.5
+    with pytest.raises(ValueError, match=r"optim.lr: 0.5 -> 0.001"):
+        check_resume({"config": old}, cfg, identity, "run")
 
 
 @pytest.mark.parametrize("section, key, value, message", [
