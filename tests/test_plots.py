@@ -182,3 +182,36 @@ def test_the_plotting_modules_import_no_matplotlib_until_they_draw():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_drawing_leaves_the_callers_matplotlib_backend_unchanged(tmp_path):
+    # a notebook's backend, chosen before mlkd draws: the training curves, a chart and the dataset plot keep it
+    code = """
+import sys
+import matplotlib
+matplotlib.use("svg")
+from pathlib import Path
+import numpy as np
+from mlkd.data import build_dataset
+from mlkd.data.stats import plot_class_frequencies
+from mlkd.data.synthetic import generate
+from mlkd.evaluation.charts import pr_curves
+from mlkd.utils.runlog import RunLog
+
+out = Path(sys.argv[1])
+log = RunLog(out)
+for i in range(3):
+    log.write({"type": "iter", "iteration": i, "lr": 0.1, "loss_total": 1.0 / (i + 1)})
+log.write({"type": "epoch", "epoch": 0, "val_mAP": 0.5})
+log.plot()
+rng = np.random.default_rng(0)
+pr_curves(rng.random((8, 2)), np.tile([[1, 0], [0, 1]], (4, 1)), ["a", "b"], out / "pr.png", "pr")
+splits = generate(out / "data", 4, image_size=64, progress=False)
+plot_class_frequencies([build_dataset(str(splits["train"]))], out / "frequencies.png")
+print(matplotlib.get_backend())
+"""
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "svg"
+    for name in ("curves.png", "pr.png", "frequencies.png"):
+        assert cv2.imread(str(tmp_path / name)) is not None, name

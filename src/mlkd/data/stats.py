@@ -9,6 +9,7 @@ import numpy as np
 
 from mlkd.data.base import MultiLabelDataset, check_class_order
 from mlkd.errors import BadInput
+from mlkd.utils.figure import agg_figure
 
 
 def summarize(ds: MultiLabelDataset) -> dict[str, Any]:
@@ -50,10 +51,6 @@ def plot_class_frequencies(datasets: Sequence[MultiLabelDataset], out: str | Pat
         log: logarithmic y axis (long-tailed sets such as NUS-WIDE).
         title: figure title (default: the dataset names and splits).
     """
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     if not datasets:
         raise BadInput("plot_class_frequencies needs at least one dataset")
     first = datasets[0]
@@ -64,7 +61,8 @@ def plot_class_frequencies(datasets: Sequence[MultiLabelDataset], out: str | Pat
         counts /= np.maximum([[len(ds)] for ds in datasets], 1)
     order = np.argsort(-counts[0], kind="stable") if sort else np.arange(first.num_classes)
     k, d = first.num_classes, len(datasets)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.16 * k * (1 + 0.5 * (d - 1)) + 1.5), 4.5))
+    fig = agg_figure(figsize=(max(6.0, 0.16 * k * (1 + 0.5 * (d - 1)) + 1.5), 4.5))
+    ax = fig.subplots()
     width = 0.8 / d
     for i, ds in enumerate(datasets):
         ax.bar(np.arange(k) + (i - (d - 1) / 2) * width, counts[i, order], width,
@@ -80,5 +78,4 @@ def plot_class_frequencies(datasets: Sequence[MultiLabelDataset], out: str | Pat
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
-    plt.close(fig)
     return out

@@ -2,8 +2,9 @@
 precision-recall curves and score histograms as small multiples, label co-occurrence, reliability.
 
 Each function takes arrays, writes one PNG (atomically) and returns its path. matplotlib is imported inside
-the functions, with the Agg backend, so that importing this module (and the evaluation code that calls it)
-costs nothing and needs no display. The numbers come from :mod:`mlkd.metrics.curves`.
+the functions, so that importing this module (and the evaluation code that calls it) costs nothing; they draw
+on an Agg canvas without pyplot, so they need no display and leave the caller's backend and figures alone.
+The numbers come from :mod:`mlkd.metrics.curves`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from mlkd.utils.checkpoint import write_atomically
+from mlkd.utils.figure import agg_figure
 from mlkd.metrics.classification import check_scores_targets
 from mlkd.metrics.curves import co_occurrence, curve_area, precision_recall_curve, reliability
 
@@ -23,31 +25,17 @@ PANEL_INCHES = (2.3, 2.0)
 DPI = 100
 
 
-def _pyplot() -> Any:
-    """pyplot on the Agg backend (files only: no display, no GUI toolkit)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _save(fig: Any, out: str | Path, dpi: int = DPI) -> Path:
-    """Write ``fig`` as PNG to ``out`` (atomically: a failure leaves no partial file) and close it."""
-    plt = _pyplot()
-    try:
-        return write_atomically(out, lambda f: fig.savefig(f, format="png", dpi=dpi), "plot")
-    finally:
-        plt.close(fig)
+    """Write ``fig`` as PNG to ``out`` (atomically: a failure leaves no partial file)."""
+    return write_atomically(out, lambda f: fig.savefig(f, format="png", dpi=dpi), "plot")
 
 
 def _panels(k: int, title: str) -> tuple[Any, list[Any]]:
     """A figure of ``k`` small panels, about 1.5 times as many columns as rows; unused panels are hidden."""
     cols = min(k, max(1, math.ceil(math.sqrt(1.5 * k))))
     rows = math.ceil(k / cols)
-    fig, axes = _pyplot().subplots(rows, cols, figsize=(PANEL_INCHES[0] * cols, PANEL_INCHES[1] * rows + 0.6),
-                                   squeeze=False, sharex=True, sharey=True)
+    fig = agg_figure(figsize=(PANEL_INCHES[0] * cols, PANEL_INCHES[1] * rows + 0.6))
+    axes = fig.subplots(rows, cols, squeeze=False, sharex=True, sharey=True)
     flat = list(axes.ravel())
     for ax in flat[k:]:
         ax.set_visible(False)
@@ -74,8 +62,8 @@ def class_bars(values: Sequence[float], classes: Sequence[str], out: str | Path,
     v = np.asarray(values, np.float64)
     order = np.argsort(np.where(np.isnan(v), np.inf, -v), kind="stable")
     k = len(v)
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 0.26 * k + 1.4))
+    fig = agg_figure(figsize=(7.5, 0.26 * k + 1.4))
+    ax = fig.subplots()
     y = np.arange(k)
     ax.barh(y, np.nan_to_num(v[order]), color=NEGATIVE, height=0.7)
     for row, c in enumerate(order):
@@ -148,7 +136,8 @@ def score_histogram(scores: Any, targets: Any, out: str | Path, title: str, bins
     s, t = check_scores_targets(scores, targets)
     keep = t != -1
     edges = np.linspace(min(0.0, s.min()), max(1.0, s.max()), bins + 1)
-    fig, ax = _pyplot().subplots(figsize=(6.5, 4))
+    fig = agg_figure(figsize=(6.5, 4))
+    ax = fig.subplots()
     _histogram(ax, s[keep], t[keep] == 1, edges, legend=True)
     ax.set(xlabel="score", ylabel="share of the group (log)", title=title)
     fig.tight_layout()
@@ -205,7 +194,8 @@ def co_occurrence_plot(scores: Any, targets: Any, classes: Sequence[str], out: s
     k = len(gt)
     side = min(max(3.6, 0.3 * k + 1.2), 12.0)  # 80 classes: cells of about 15 px, names in 5 pt
     # constrained layout keeps the class names, panels and colour bars from overlapping
-    fig, axes = _pyplot().subplots(1, 3, figsize=(3 * side + 2.4, side + 1.6), layout="constrained")
+    fig = agg_figure(figsize=(3 * side + 2.4, side + 1.6), layout="constrained")
+    axes = fig.subplots(1, 3)
     # colour scales from the off-diagonal cells: the diagonal (images per class) would wash out the pairs
     off = ~np.eye(k, dtype=bool)
     top = max(int(gt[off].max(initial=0)), int(pred[off].max(initial=0)), 1)
@@ -227,8 +217,8 @@ def calibration_plot(scores: Any, targets: Any, out: str | Path, title: str, bin
     the bin's mean score, with the bin's count printed) against the diagonal of perfect calibration; below, the
     number of (image, class) pairs per bin on a log scale. The title gives the expected calibration error."""
     r = reliability(scores, targets, bins)
-    plt = _pyplot()
-    fig, (ax, axc) = plt.subplots(2, 1, figsize=(6, 6.6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    fig = agg_figure(figsize=(6, 6.6))
+    ax, axc = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfectly calibrated")
     full = r["count"] > 0
     ax.plot(r["mean_score"][full], r["frequency"][full], marker="o", color=NEGATIVE, label="observed")

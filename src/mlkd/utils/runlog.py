@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from mlkd.errors import BadInput
+from mlkd.utils.figure import agg_figure
 from mlkd.utils.optional import optional_import
 
 logger = logging.getLogger(__name__)
@@ -72,15 +73,11 @@ class RunLog:
         """Loss curves per iteration, learning rate, and any per-epoch metrics: ``RUN/curves.png``."""
         if not self.enabled:
             return None
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
         recs = self.records()
         steps = [r for r in recs if r.get("type") == "iter"]
         epochs = [r for r in recs if r.get("type") == "epoch"]
-        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+        fig = agg_figure(figsize=(15, 4))
+        axes = fig.subplots(1, 3)
         for key in sorted({k for r in steps for k in r if k.startswith("loss")}):
             pts = [(r["iteration"], r[key]) for r in steps if key in r and math.isfinite(r[key])]
             if pts:
@@ -99,5 +96,4 @@ class RunLog:
         fig.tight_layout()
         out = self.path.with_name("curves.png")
         fig.savefig(out, dpi=80)
-        plt.close(fig)
         return out
