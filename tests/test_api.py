@@ -167,7 +167,7 @@ def test_teacher_model_folder_and_detector(trained, tmp_path):
                            max_proposals=det.max_proposals, progress=False)
     record = dataset.records[0]
     boxes, scores = dataset.proposals.get(record.image_id)
-    given = det.detect(record.path, proposals=boxes, proposal_scores=scores)
+    given = det.detect(record.path, proposals=boxes, proposal_scores=scores, score_threshold=0, max_detections=None)
     np.testing.assert_allclose(given["region_scores"], pred["region_scores"][0], rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(list(given["image_scores"].values()), pred["image_scores"][0], rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(given["objectness"], pred["region_scores"][0].sum(1), rtol=1e-5, atol=1e-7)
@@ -181,6 +181,49 @@ def test_teacher_model_folder_and_detector(trained, tmp_path):
     np.testing.assert_array_equal(det_dir.detect(record.path)["region_scores"], computed["region_scores"])
     with pytest.raises(ValueError, match="the image has no proposals"):
         det.detect(record.path, proposals=np.zeros((0, 4), np.float32))
+
+
+def test_loaded_models_print_what_they_are(trained, clf):
+    det = mlkd.load(trained.teacher)
+    names = ", ".join(clf.classes[:5])
+    assert repr(clf) == (f"Classifier(classes=[{names}, ... ({len(clf.classes)} classes)], input=48x48 torchvision, "
+                         "precision=fp32, device=cpu)")
+    assert repr(det).startswith(f"Detector(classes=[{names}, ...") and "precision=fp32, device=cpu)" in repr(det)
+
+
+def test_detect_keeps_the_best_detections_above_a_score_by_default(trained):
+    """torchvision's detector defaults (score >= 0.05, at most 100 per image) unless asked for all; each default
+    result is the head of the full, score-ordered list; a list of images gives a list of results."""
+    det = mlkd.load(trained.teacher)
+    dataset = open_split(str(trained.data.val), proposals=str(trained.data.val_proposals))
+    records = dataset.records[:3]
+    boxes = [dataset.proposals.get(r.image_id)[0] for r in records]
+    for record, b in zip(records, boxes):
+        full = det.detect(record.path, proposals=b, score_threshold=0, max_detections=None)
+        assert len(full["scores"]) > 100 or np.any(full["scores"] < 0.05)  # the defaults have something to drop
+        default = det.detect(record.path, proposals=b)
+        keep = int((full["scores"] >= 0.05).sum())
+        assert len(default["scores"]) == min(keep, 100) and np.all(default["scores"] >= 0.05)
+        np.testing.assert_array_equal(default["boxes"], full["boxes"][:len(default["scores"])])
+        assert default["labels"] == full["labels"][:len(default["scores"])]
+        middle = float(np.median(full["scores"]))  # a threshold that keeps some and drops some
+        above = det.detect(record.path, proposals=b, score_threshold=middle, max_detections=None)
+        assert 0 < len(above["scores"]) < len(full["scores"])
+        np.testing.assert_array_equal(above["scores"], full["scores"][full["scores"] >= middle])
+        top = det.detect(record.path, proposals=b, score_threshold=0, max_detections=2)
+        np.testing.assert_array_equal(top["scores"], full["scores"][:2])
+    many = det.detect([r.path for r in records], proposals=boxes)
+    assert isinstance(many, list) and len(many) == len(records)
+    for one, record, b in zip(many, records, boxes):
+        np.testing.assert_array_equal(one["scores"], det.detect(record.path, proposals=b)["scores"])
+    for bad, message in [(dict(score_threshold=float("nan")), "score_threshold must be a number in \\[0, 1\\]"),
+                         (dict(score_threshold=1.5), "score_threshold must be a number in \\[0, 1\\], got 1.5"),
+                         (dict(max_detections=0), "max_detections must be an integer >= 1 or None"),
+                         (dict(max_detections=2.5), "max_detections must be an integer >= 1 or None")]:
+        with pytest.raises(ValueError, match=message):
+            det.detect(records[0].path, proposals=boxes[0], **bad)
+    with pytest.raises(ValueError, match="with a list of 2 images, proposals must be a list with one entry per image"):
+        det.detect([records[0].path, records[1].path], proposals=boxes[0])
 
 
 def test_load_refuses_what_is_not_a_trained_model(tmp_path):

@@ -5,7 +5,7 @@
     clf.predict("photo.jpg")                                    # {"circle_stripes": 0.93, "star_checker": 0.02, ...}
     clf.predict([pil_image, array_hwc_uint8], top_k=3)          # one dict per image, best first
     det = mlkd.load("runs/demo/seed0/teacher/last.pt")
-    det.detect("photo.jpg")                                     # boxes, labels, scores, objectness of proposals
+    det.detect("photo.jpg")                                     # boxes, labels, scores (>= 0.05, at most 100)
 
 Loading a model and predicting imports neither the training code nor DDP, LMDB, proposal caches, scipy or
 matplotlib; :meth:`Detector.detect` computes proposals with OpenCV's methods, one image at a time.
@@ -13,6 +13,7 @@ matplotlib; :meth:`Detector.detect` computes proposals with OpenCV's methods, on
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -29,6 +30,7 @@ from mlkd.models.wsddn import NMS_IOU, class_detections
 from mlkd.proposals.methods import propose, resolve_params
 from mlkd.inference.runtime import StudentRuntime
 
+DETECTION_SCORE, MAX_DETECTIONS = 0.05, 100  # Detector.detect's defaults, as torchvision's detectors have them
 ImageLike = Any  # a path, a PIL image, an (H, W, 3) / (H, W) uint8 array, or a (3, H, W) tensor
 
 
@@ -106,11 +108,18 @@ class _Loaded:
         self.image_size: int = int(ckpt["inference"]["image_size"])
         self.device = torch.device("cpu")
 
+    precision = "fp32"
+
     def to(self, device: str | torch.device) -> "_Loaded":
         """Move the model to ``device`` (e.g. "cuda"); returns self."""
         self.device = torch.device(device)
         self.model.to(self.device)
         return self
+
+    def __repr__(self) -> str:
+        names = ", ".join(self.classes[:5]) + (f", ... ({len(self.classes)} classes)" if len(self.classes) > 5 else "")
+        return (f"{type(self).__name__}(classes=[{names}], input={self.image_size}x{self.image_size} "
+                f"{self.input_convention}, precision={self.precision}, device={self.device})")
 
     @property
     def input_description(self) -> dict[str, Any]:
@@ -207,15 +216,38 @@ class Detector(_Loaded):
         params = resolve_params(method["method"], {**method["params"], "max_proposals": self.max_proposals or 500})
         return propose(to_rgb(image), method["method"], params)
 
-    @torch.no_grad()
-    def detect(self, image: ImageLike, proposals: np.ndarray | None = None, proposal_scores: np.ndarray | None = None,
-               nms_iou: float = NMS_IOU, max_per_class: int = 100) -> dict[str, Any]:
-        """The teacher on one image. ``proposals (R, 4)`` in pixels of the image (computed when None).
+    def detect(self, images: ImageLike | Sequence[ImageLike], proposals: Any = None, proposal_scores: Any = None,
+               score_threshold: float = DETECTION_SCORE, max_detections: int | None = MAX_DETECTIONS,
+               nms_iou: float = NMS_IOU, max_per_class: int = 100) -> dict[str, Any] | list[dict[str, Any]]:
+        """The teacher on one image (a dict) or a list of images (a list of dicts). ``proposals (R, 4)`` in pixels of
+        the image (computed when None; for a list, a list with one entry per image).
 
         Returns ``image_scores`` ``{class: p}``; ``boxes (D, 4)``, ``labels`` (D class names), ``scores (D,)`` of
-        the detections after per-class NMS at ``nms_iou``; ``proposals (R, 4)`` and their ``objectness (R,)``
-        (the sum of a region's class scores) and ``region_scores (R, K)``.
+        the detections: per-class NMS at ``nms_iou`` (at most ``max_per_class`` per class), then those scoring at
+        least ``score_threshold``, the ``max_detections`` best (torchvision's detectors' defaults: 0.05 and 100;
+        ``score_threshold=0, max_detections=None`` keeps every detection); ``proposals (R, 4)`` and their
+        ``objectness (R,)`` (the sum of a region's class scores) and ``region_scores (R, K)``.
         """
+        if not math.isfinite(score_threshold) or not 0 <= score_threshold <= 1:
+            raise BadInput(f"score_threshold must be a number in [0, 1], got {score_threshold!r}")
+        if max_detections is not None and (isinstance(max_detections, bool) or not isinstance(max_detections, int)
+                                           or max_detections < 1):
+            raise BadInput(f"max_detections must be an integer >= 1 or None (all), got {max_detections!r}")
+        if not isinstance(images, (list, tuple)):
+            return self._detect(images, proposals, proposal_scores, score_threshold, max_detections, nms_iou,
+                                max_per_class)
+        given = [(proposals, "proposals"), (proposal_scores, "proposal_scores")]
+        for value, name in given:
+            if value is not None and (not isinstance(value, (list, tuple)) or len(value) != len(images)):
+                raise BadInput(f"with a list of {len(images)} images, {name} must be a list with one entry per image")
+        return [self._detect(image, None if proposals is None else proposals[i],
+                             None if proposal_scores is None else proposal_scores[i], score_threshold, max_detections,
+                             nms_iou, max_per_class) for i, image in enumerate(images)]
+
+    @torch.no_grad()
+    def _detect(self, image: ImageLike, proposals: np.ndarray | None, proposal_scores: np.ndarray | None,
+                score_threshold: float, max_detections: int | None, nms_iou: float,
+                max_per_class: int) -> dict[str, Any]:
         rgb = to_rgb(image)
         if proposals is None:
             proposals, proposal_scores = self.proposals(rgb)
@@ -232,7 +264,8 @@ class Detector(_Loaded):
         if not np.isfinite(regions).all():
             name = image if isinstance(image, (str, Path)) else f"the {type(image).__name__} image"
             raise BadInput(f"the teacher gives non-finite scores for {name} (are its weights damaged?)")
-        det_boxes, det_scores, det_labels = class_detections(boxes, regions, nms_iou, max_per_class)
+        det_boxes, det_scores, det_labels = class_detections(boxes, regions, nms_iou, max_per_class, score_threshold,
+                                                             max_detections)
         return {"image_scores": dict(zip(self.classes, out["image_scores"].float().cpu().tolist())),
                 "boxes": det_boxes, "labels": [self.classes[c] for c in det_labels], "scores": det_scores,
                 "proposals": boxes, "objectness": regions.sum(1), "region_scores": regions}

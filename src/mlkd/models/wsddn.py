@@ -251,16 +251,19 @@ NMS_IOU = 0.4  # per-class NMS on region scores before detection AP (WSDDN's eva
 
 
 def class_detections(proposals: np.ndarray, regions: np.ndarray, nms_iou: float = NMS_IOU,
-                     max_per_class: int = 100) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                     max_per_class: int = 100, score_threshold: float = 0.0, max_detections: int | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Detections of one image: every (proposal, class) scored by ``regions`` ``(R, K)``, per-class NMS, the
-    best ``max_per_class`` of each class kept. Returns boxes ``(D, 4)``, scores ``(D,)``, labels ``(D,)``."""
+    best ``max_per_class`` of each class kept, then those scoring at least ``score_threshold``, at most
+    ``max_detections`` in all (the best; None: all). Returns boxes ``(D, 4)``, scores ``(D,)``, labels ``(D,)``,
+    best first. Evaluation (detection AP) keeps every detection: the defaults."""
     r, k = regions.shape
     boxes = torch.from_numpy(np.repeat(proposals[None], k, 0).reshape(-1, 4))  # (K * R, 4), class-major
     scores = torch.from_numpy(np.ascontiguousarray(regions.T).reshape(-1))
     labels = torch.arange(k).repeat_interleave(r)
     kept = batched_nms(boxes, scores, labels, nms_iou)  # sorted by score
     per_class_rank = _rank_within(labels[kept])
-    kept = kept[per_class_rank < max_per_class]
+    kept = kept[(per_class_rank < max_per_class) & (scores[kept] >= score_threshold)][:max_detections]
     return boxes[kept].numpy(), scores[kept].numpy(), labels[kept].numpy()
 
 
