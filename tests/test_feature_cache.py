@@ -32,9 +32,8 @@ def test_cached_features_equal_the_teachers_on_the_fly_up_to_float16(trained, tm
     ckpt = load_checkpoint(trained.teacher, "teacher")
     teacher = model_from_checkpoint(ckpt)
     dataset = open_split(str(trained.data.train), proposals=str(trained.data.train_proposals))
-    store = teacher_features_store(teacher, "torchvision", str(trained.teacher), dataset, 80, tmp_path, DistInfo(),
-                                   30, ("fc6", "fc7"), top_k, progress=False)
-    try:
+    with teacher_features_store(teacher, "torchvision", str(trained.teacher), dataset, 80, tmp_path, DistInfo(),
+                                30, ("fc6", "fc7"), top_k, progress=False) as store:
         for flip in (0.0, 1.0):
             view = dataset.view(transform=Compose([KeepTopProposals(30), TeacherStudentViews(80, 48, flip)]))
             for images, targets in make_loader(view, 3, 0, collate, train=False):
@@ -49,8 +48,6 @@ def test_cached_features_equal_the_teachers_on_the_fly_up_to_float16(trained, tm
                 for layer in ("fc6", "fc7"):
                     assert torch.allclose(cached[layer], live[layer], rtol=1e-3, atol=1e-3), layer
         assert (tmp_path / "teacher_features" / "meta.json").is_file()
-    finally:
-        store.close()
 
 
 def test_a_run_reading_the_cache_trains_like_one_running_the_teacher(trained, tmp_path):
@@ -85,16 +82,13 @@ def test_targets_and_features_come_from_one_teacher_pass(trained, tmp_path):
                                     DistInfo(), 30, progress=False)
     other = teacher_features_store(teacher, "torchvision", str(trained.teacher), dataset, 80, tmp_path / "two",
                                    DistInfo(), 30, ("fc7",), None, progress=False)
-    try:
+    with store, other:
         for r in dataset.records:
             torch.testing.assert_close(soft.probs[r.image_id], alone.probs[r.image_id], rtol=0, atol=0)
             for flip in (False, True):
                 a, b = store.get(r.image_id, flip), other.get(r.image_id, flip)
                 assert (a[0] == b[0]).all() and (a[1]["fc7"] == b[1]["fc7"]).all()
         calls.clear()  # a second call finds both caches current and runs nothing
-        teacher_caches(teacher, "torchvision", str(trained.teacher), dataset, 80, tmp_path / "both", DistInfo(), 30,
-                       True, spec, progress=False)[1].close()
-        assert calls == []
-    finally:
-        store.close()
-        other.close()
+        with teacher_caches(teacher, "torchvision", str(trained.teacher), dataset, 80, tmp_path / "both", DistInfo(),
+                            30, True, spec, progress=False)[1]:
+            assert calls == []

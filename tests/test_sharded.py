@@ -50,14 +50,13 @@ def run_all(info: DistInfo, out: Path, teacher_path: str, student_path: str, tra
                            batch_size=2, info=info)
     scores = predict_student(student, val_set, "torchvision", 48, cpu, batch_size=3, progress=False, info=info)
     targets = compute_teacher_targets(teacher, conv, teacher_path, train_set, 80, out, info, 30, progress=False)
-    store = teacher_features_store(teacher, conv, teacher_path, train_set, 80, out, info, 30, ("fc7",), 5,
-                                   progress=False)
     features = {}
-    for r in train_set.records:
-        for flip in (False, True):
-            keep, f = store.get(r.image_id, flip)
-            features[(r.image_id, flip)] = (keep.copy(), f["fc7"].astype(np.float32))
-    store.close()
+    with teacher_features_store(teacher, conv, teacher_path, train_set, 80, out, info, 30, ("fc7",), 5,
+                                progress=False) as store:
+        for r in train_set.records:
+            for flip in (False, True):
+                keep, f = store.get(r.image_id, flip)
+                features[(r.image_id, flip)] = (keep.copy(), f["fc7"].astype(np.float32))
     return {"image_ids": pred["image_ids"], "image_scores": pred["image_scores"],
             "region_scores": pred["region_scores"], "student": scores, "targets": targets.probs,
             "features": features}

@@ -43,7 +43,8 @@ def estimate_bytes(num_images: int, regions: int, widths: dict[str, int]) -> int
 
 
 class TeacherFeatures:
-    """Read-only access to a finished store: :meth:`lookup` gives a batch's features and positions."""
+    """Read-only access to a finished store: :meth:`lookup` gives a batch's features and positions. Use it in a
+    ``with`` block (or call :meth:`close`): it holds the store's LMDB environments open."""
 
     def __init__(self, path: Path, widths: dict[str, int]) -> None:
         self.path, self.widths = path, widths
@@ -60,6 +61,12 @@ class TeacherFeatures:
             for shard in self.shards:
                 lmdb_env.release(shard)
             self._open = False
+
+    def __enter__(self) -> "TeacherFeatures":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def get(self, image_id: str, flipped: bool) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Positions ``(R,)`` int64 and per layer ``(R, D)`` float16 of one view."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -83,26 +84,26 @@ def merge_caches(out: str | Path, shard_paths: Sequence[str | Path], dataset: Mu
     """
     if not shard_paths:
         raise BadInput("merge needs at least one shard cache directory")
-    caches = [ProposalCache.open(p) for p in shard_paths]
-    meta, missing_shards = _check_shard_metas(caches)
-    if dataset is not None:
-        check_cache_matches(dataset, caches[0], complete=False)
-    failures: dict[str, str] = {}
-    with ProposalCache.create(out, meta) as merged:
-        for c in tqdm(caches, desc="merging shards", unit="shard", disable=not progress):
-            batch: list[tuple[str, bytes]] = []
-            for image_id, data in c.items():
-                batch.append((image_id, data))
-                if len(batch) >= 1024:
-                    merged.put_raw(batch)
-                    batch = []
-            merged.put_raw(batch)
-            failures.update(c.read_failures())
-            c.close()
-        failures = {k: v for k, v in failures.items() if k not in merged}
-        merged.write_failures(failures)
-        merged.write_meta()
-        count = len(merged)
+    with contextlib.ExitStack() as stack:  # every shard is closed, whatever happens
+        caches = [stack.enter_context(ProposalCache.open(p)) for p in shard_paths]
+        meta, missing_shards = _check_shard_metas(caches)
+        if dataset is not None:
+            check_cache_matches(dataset, caches[0], complete=False)
+        failures: dict[str, str] = {}
+        with ProposalCache.create(out, meta) as merged:
+            for c in tqdm(caches, desc="merging shards", unit="shard", disable=not progress):
+                batch: list[tuple[str, bytes]] = []
+                for image_id, data in c.items():
+                    batch.append((image_id, data))
+                    if len(batch) >= 1024:
+                        merged.put_raw(batch)
+                        batch = []
+                merged.put_raw(batch)
+                failures.update(c.read_failures())
+            failures = {k: v for k, v in failures.items() if k not in merged}
+            merged.write_failures(failures)
+            merged.write_meta()
+            count = len(merged)
     if dataset is not None:
         with ProposalCache.open(out) as merged:
             missing_ids = [r.image_id for r in dataset.records if r.image_id not in merged]
