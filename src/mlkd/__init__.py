@@ -1,21 +1,12 @@
 """mlkd: multi-label image classification by knowledge distillation from weakly-supervised detection.
 
 ``mlkd.load(path)`` returns a trained student as a :class:`~mlkd.api.Classifier` or a teacher as a
-:class:`~mlkd.api.Detector` (see :mod:`mlkd.api`). The API is imported on first use, so ``import mlkd`` is cheap.
+:class:`~mlkd.api.Detector` (see :mod:`mlkd.api`). Like every package face of mlkd, this one hands its names on
+lazily: ``import mlkd`` is cheap, and the API is imported on first use.
 """
 
-from __future__ import annotations
-
-from typing import Any
-
+from mlkd.utils.lazy import lazy_exports
 from mlkd.version import __version__
 
-__all__ = ["Classifier", "Detector", "load", "__version__"]
-
-
-def __getattr__(name: str) -> Any:
-    if name in ("load", "Classifier", "Detector"):
-        from mlkd import api
-
-        return getattr(api, name)
-    raise AttributeError(f"module 'mlkd' has no attribute {name!r}")
+__getattr__, __dir__, _api = lazy_exports(__name__, {"api": ("Classifier", "Detector", "load")})
+__all__ = [*_api, "__version__"]

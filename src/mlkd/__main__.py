@@ -2,7 +2,7 @@
 
 import sys
 
-from mlkd.cli import main
+from mlkd.cli.app import main
 
 if __name__ == "__main__":
     sys.exit(main())

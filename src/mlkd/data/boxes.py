@@ -138,6 +138,13 @@ def _refusal(where: str, boxes: np.ndarray, code: np.ndarray, refused: np.ndarra
                     f"(x1, y1, x2, y2) pixels with x1 < x2 and y1 < y2{inside}{'; ' + hint if hint else ''}")
 
 
+def _clip_to_image(boxes: np.ndarray, rows: np.ndarray, image_hw: tuple[int, int] | np.ndarray) -> np.ndarray:
+    """Clip ``boxes[rows]`` in place to their images; the mask of rows that clipping left empty."""
+    hw = np.broadcast_to(np.asarray(image_hw, np.float32).reshape(-1, 2), (len(boxes), 2))[rows]
+    boxes[rows] = np.clip(boxes[rows], 0.0, np.stack([hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]], axis=1))
+    return rows & ((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1]))
+
+
 def check_boxes(boxes: np.ndarray, image_hw: tuple[int, int] | np.ndarray | None, policy: str, where: str,
                 name_box: Callable[[int], str] | None = None, hint: str = "",
                 overrides: Mapping[str, str] | None = None) -> tuple[np.ndarray, BoxReport]:
@@ -187,9 +194,7 @@ def check_boxes(boxes: np.ndarray, image_hw: tuple[int, int] | np.ndarray | None
     out = b.copy()
     clip = code == 4 if actions["out_of_image"] == "clip" else np.zeros(len(b), bool)
     if clip.any():
-        hw = np.broadcast_to(np.asarray(image_hw, np.float32).reshape(-1, 2), (len(b), 2))[clip]
-        out[clip] = np.clip(out[clip], 0.0, np.stack([hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]], axis=1))
-        empty = clip & ((out[:, 2] <= out[:, 0]) | (out[:, 3] <= out[:, 1]))
+        empty = _clip_to_image(out, clip, image_hw)
         report.clipped = int((clip & ~empty).sum())
         drop |= empty
     for k, d in enumerate(DEFECTS):

@@ -1,9 +1,13 @@
-"""Model export and import for other frameworks. Nothing is imported here, so a missing optional dependency only
-matters to the module that needs it.
+"""Layer export/, above models, data and utils (CONTRIBUTING.md has the rule).
 
-- :mod:`mlkd.export.caffe` — Caffe ``.prototxt`` / ``.caffemodel`` files and the conversions of VGG-style models
-  and of the teacher (needs protobuf>=7.35.1,<8);
-- :mod:`mlkd.export.caffe.importer` — ``mlkd import-caffe``: the release's models into mlkd weights files / checkpoints;
-- :mod:`mlkd.export.exporter` — ``mlkd export``: checkpoints to Caffe or ONNX (:mod:`mlkd.export.onnx`, needs onnx
-  and onnxruntime), each verified by another runtime (:mod:`mlkd.export.verify`).
-"""
+Models for other runtimes, each verified by another runtime: safetensors model folders,
+Caffe (:mod:`mlkd.export.caffe`, the ``[caffe]`` extra), ONNX and int8 (the ``[export]`` extra)."""
+
+from mlkd.utils.lazy import lazy_exports
+
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "exporter": ("FORMATS", "export_checkpoint"),
+    "safetensors": ("export_model_dir",),
+    "onnx": ("export_onnx",),
+    "quantize": ("INT8_TOLERANCE", "quantize_student"),
+})

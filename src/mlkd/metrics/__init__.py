@@ -1,25 +1,14 @@
-"""Evaluation protocols (docs/evaluation.md): multi-label classification and weakly-supervised detection."""
+"""Layer metrics/, above utils (CONTRIBUTING.md has the rule).
 
-from mlkd.metrics.classification import (
-    AP_MODES,
-    THRESHOLD_KEYS,
-    average_precision,
-    check_scores_targets,
-    evaluate_all,
-    excluded_classes,
-    format_table,
-    mean_average_precision,
-    predicted_labels,
-    report_to_json,
-    threshold_metrics,
-    top_k_mask,
-)
-from mlkd.metrics.curves import co_occurrence, curve_area, per_image_ap, precision_recall_curve, reliability
-from mlkd.metrics.detection import corloc, detection_ap
+The evaluation protocols (docs/evaluation.md) of multi-label classification and
+weakly-supervised detection."""
 
-__all__ = [
-    "AP_MODES", "THRESHOLD_KEYS", "average_precision", "check_scores_targets", "evaluate_all",
-    "excluded_classes", "format_table", "mean_average_precision", "predicted_labels", "report_to_json", "threshold_metrics",
-    "top_k_mask", "corloc", "detection_ap", "co_occurrence", "curve_area", "per_image_ap", "precision_recall_curve",
-    "reliability",
-]
+from mlkd.utils.lazy import lazy_exports
+
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "classification": ("AP_MODES", "THRESHOLD_KEYS", "average_precision", "check_scores_targets", "evaluate_all",
+                       "excluded_classes", "format_table", "mean_average_precision", "predicted_labels",
+                       "report_to_json", "threshold_metrics", "top_k_mask"),
+    "curves": ("co_occurrence", "curve_area", "per_image_ap", "precision_recall_curve", "reliability"),
+    "detection": ("corloc", "detection_ap"),
+})

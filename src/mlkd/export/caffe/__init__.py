@@ -20,19 +20,18 @@ Typical use::
 The architecture of a Caffe file is read and checked by :func:`vgg_layout` (:mod:`mlkd.export.caffe.layout`);
 ``mlkd import-caffe`` (:mod:`mlkd.export.caffe.importer`) builds on it.
 
-Importing this package raises ImportError with the install command when protobuf is missing or too old.
+Using a name of this package raises ImportError with the install command when protobuf is missing or too old.
 """
 
-from mlkd.export.caffe.io import net_to_message, read_caffemodel, read_prototxt, write_caffemodel, write_prototxt
-from mlkd.export.caffe.net import SUPPORTED_TYPES, V1_TO_V2_TYPE, CaffeLayer, CaffeNet, LayerBlobs
-from mlkd.export.caffe.vgg import (check_pool_rounding, export_vgg, feature_sizes, features_to_caffe,
-                                   import_vgg_weights, vgg_layer_names, vgg_name_map, vgg_to_caffe)
-from mlkd.export.caffe.layout import KD_TEACHER, RELEASE, Naming, VggLayout, vgg_layout
-from mlkd.export.caffe.wsddn import export_wsddn, wsddn_to_caffe
+from mlkd.utils.lazy import lazy_exports
 
-__all__ = [
-    "KD_TEACHER", "RELEASE", "SUPPORTED_TYPES", "V1_TO_V2_TYPE", "CaffeLayer", "CaffeNet", "LayerBlobs", "Naming",
-    "VggLayout", "check_pool_rounding", "export_vgg", "export_wsddn", "feature_sizes", "features_to_caffe",
-    "import_vgg_weights", "net_to_message", "read_caffemodel", "read_prototxt", "vgg_layer_names", "vgg_layout",
-    "vgg_name_map", "vgg_to_caffe", "write_caffemodel", "write_prototxt", "wsddn_to_caffe",
-]
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "io": ("net_to_message", "read_caffemodel", "read_prototxt", "write_caffemodel", "write_prototxt"),
+    "net": ("SUPPORTED_TYPES", "V1_TO_V2_TYPE", "CaffeLayer", "CaffeNet", "LayerBlobs"),
+    "vgg": ("check_pool_rounding", "export_vgg", "feature_sizes", "features_to_caffe", "import_vgg_weights",
+            "vgg_layer_names", "vgg_name_map", "vgg_to_caffe"),
+    "layout": ("KD_TEACHER", "RELEASE", "Naming", "VggLayout", "vgg_layout"),
+    "wsddn": ("export_wsddn", "wsddn_to_caffe"),
+    "importer": ("ImportOptions", "import_caffe"),
+    "export": ("export_student_caffe", "export_teacher_caffe"),
+})
