@@ -64,7 +64,7 @@ def measure(runtimes: dict[str, StudentRuntime], size: int, batch: int, rounds: 
 
 
 def table(rows: list[dict], size: int) -> str:
-    """The figures as a Markdown table (as README.md shows them)."""
+    """The figures as a Markdown table (as docs/benchmarks.md shows them)."""
     heads = {"vgg": "pool5, fc6, fc7, fc8", "resnet": "average pool, fc"}
     lines = [f"| student backbone | head | parameters | of which backbone | last map at {size} | images/s |",
              "| --- | --- | ---: | ---: | --- | ---: |"]

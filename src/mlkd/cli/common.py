@@ -39,7 +39,7 @@ def add_precision_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "int8"),
                    help="fp32 (default; channels_last on the CPU), bf16 (autocast, only where the hardware has native "
                         "bf16), int8 (CPU, onnxruntime static quantisation; needs mlkd[export]): speed and mAP cost "
-                        "of each in the README")
+                        "of each in docs/benchmarks.md")
     p.add_argument("--calibration", metavar="SPEC",
                    help="int8: training images to calibrate activation ranges on (a dataset spec; default the "
                         "training set recorded in the checkpoint); never the images being evaluated")

@@ -175,7 +175,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="number of classes, 2-20 (default 10: 5 outlines x {stripes, checker})")
     s.add_argument("--look", choices=sorted(LOOKS), default="shapes",
                    help="shapes (default): outlines with fine textures; badges: nested colour pairs whose arrangement "
-                        "is the class, objects of mixed sizes (README: 'The synthetic dataset')")
+                        "is the class, objects of mixed sizes (docs/demo.md: 'The synthetic dataset')")
     s.add_argument("--format", choices=sorted(IMAGE_FORMATS), default="png",
                    help="image file format; png (default) keeps the fine textures exact, jpg blurs them a bit")
     s.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -134,7 +134,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="teacher: the input size of the deploy prototxt (default: the checkpoint's test_scale)")
     e.add_argument("--int8", action="store_true",
                    help="onnx, student: also write student_int8.onnx (onnxruntime static int8, calibrated on training "
-                        "images; the fastest CPU precision, approximate: see the README's benchmark table)")
+                        "images; the fastest CPU precision, approximate: see docs/benchmarks.md)")
     e.add_argument("--calibration", metavar="SPEC",
                    help="--int8: the training images to calibrate on (default: the training set the checkpoint "
                         "records)")

@@ -12,7 +12,7 @@ logits ``(B, K)`` float32.
 - ``int8``: onnxruntime on the CPU with the statically quantised model of :mod:`mlkd.export.quantize`
   (activation ranges from calibration images: the model's training images by default). Needs ``[export]``.
 
-The mAP cost of each precision on the demo's held-out split and its speed are in the README (benchmarks).
+The mAP cost of each precision on the demo's held-out split and its speed are in docs/benchmarks.md.
 """
 
 from __future__ import annotations
