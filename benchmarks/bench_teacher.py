@@ -191,7 +191,7 @@ def step_boxes(r: int, size: int) -> np.ndarray:
     return np.concatenate(parts)[:r]
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to run (default cpu)")
     parser.add_argument("--size", type=int, default=480, help="image side in pixels (default 480)")
@@ -208,15 +208,56 @@ def main() -> None:
     parser.add_argument("--precision", choices=("fp32", "bf16"), help=argparse.SUPPRESS)
     parser.add_argument("--boxes", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.device == "cuda" and not args.worker and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    return args
+
+
+def time_proposals(args: argparse.Namespace, r: int, device: torch.device, fast16: bool, figures: dict,
+                   tmp: Path) -> None:
+    """Every path's step at ``r`` proposals per image, printed as a table row each and added to ``figures``."""
+    boxes = step_boxes(r, args.size)
+    boxes_file = tmp / f"boxes{r}.npy"
+    np.save(boxes_file, boxes)
+    cells = roi_pool_cells(torch.from_numpy(boxes), torch.zeros(r, dtype=torch.int64), 16)
+    distinct = len(torch.unique(cells, dim=0)) / r
+    check = agreement(args.size, boxes, device, amp=False)
+    if not check["loss_rel_diff"] < 1e-4:
+        raise AssertionError(f"mlkd and reference losses differ (relative {check['loss_rel_diff']:.1e})")
+    figures[f"max_abs_diff_image_scores_r{r}"] = check["max_abs_diff_image_scores"]
+    cases = [("reference", "fp32", []), ("mlkd-distinct", "fp32", []), ("mlkd", "fp32", [])]
+    if args.freeze:
+        cases.append(("mlkd", "fp32", args.freeze))
+    if fast16:
+        cases.append(("mlkd", "bf16", []))
+        figures[f"bf16_max_abs_diff_image_scores_r{r}"] = agreement(args.size, boxes, device, True)[
+            "max_abs_diff_image_scores"]
+    base = None
+    for impl, precision, freeze in cases:
+        x = run_config(args, impl, precision, boxes_file, freeze)
+        base = base or x["seconds"]
+        ratio = x["seconds"] / base
+        label = {"mlkd-distinct": "mlkd distinct only"}.get(impl, impl) + f" {precision}" + \
+            (f" freeze {'+'.join(freeze)}" if freeze else "")
+        mem = f"{x['peak_mib']:.0f}" + (f" ({x['setup_mib']:.0f})" if x["setup_mib"] else "")
+        print(f"{r:>5} {distinct:>8.2f} {label:>28} {x['seconds']:>8.3f} {mem:>14} {ratio:>6.2f}x", flush=True)
+        if impl == "mlkd":
+            figures[f"step_ratio_{precision}_r{r}" + ("_freeze" if freeze else "")] = ratio
+        elif impl == "mlkd-distinct":
+            figures[f"step_ratio_distinct_only_r{r}"] = ratio
+    figures[f"distinct_fraction_r{r}"] = distinct
+    if not fast16:
+        print(f"{r:>5}          mlkd bf16: skipped, no native bf16 on this CPU")
+
+
+def main() -> None:
+    args = parse_args()
     if args.worker:
         print(json.dumps(worker(args)))
         return
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
     device = torch.device(args.device)
     figures = machine(device)
     print(describe(figures))
-    fast16 = figures["native_bf16"]
     fractions = distinct_fractions(args.fraction_images)
     figures["distinct_roi_fraction"] = fractions
     print("distinct RoIs after rounding to stride-16 cells (fraction of all boxes), per method and image side:")
@@ -228,39 +269,7 @@ def main() -> None:
     print(f"{'R':>5} {'distinct':>8} {'path':>28} {'s/step':>8} {'peak MiB':>14} {'ratio':>7}")
     with tempfile.TemporaryDirectory() as tmp:
         for r in args.proposals:
-            boxes = step_boxes(r, args.size)
-            boxes_file = Path(tmp) / f"boxes{r}.npy"
-            np.save(boxes_file, boxes)
-            cells = roi_pool_cells(torch.from_numpy(boxes), torch.zeros(r, dtype=torch.int64), 16)
-            distinct = len(torch.unique(cells, dim=0)) / r
-            check = agreement(args.size, boxes, device, amp=False)
-            if not check["loss_rel_diff"] < 1e-4:
-                raise AssertionError(f"mlkd and reference losses differ (relative {check['loss_rel_diff']:.1e})")
-            figures[f"max_abs_diff_image_scores_r{r}"] = check["max_abs_diff_image_scores"]
-            cases = [("reference", "fp32", []), ("mlkd-distinct", "fp32", []), ("mlkd", "fp32", [])]
-            if args.freeze:
-                cases.append(("mlkd", "fp32", args.freeze))
-            if fast16:
-                cases.append(("mlkd", "bf16", []))
-                figures[f"bf16_max_abs_diff_image_scores_r{r}"] = agreement(args.size, boxes, device, True)[
-                    "max_abs_diff_image_scores"]
-            base = None
-            for impl, precision, freeze in cases:
-                x = run_config(args, impl, precision, boxes_file, freeze)
-                base = base or x["seconds"]
-                ratio = x["seconds"] / base
-                label = {"mlkd-distinct": "mlkd distinct only"}.get(impl, impl) + f" {precision}" + \
-                    (f" freeze {'+'.join(freeze)}" if freeze else "")
-                mem = f"{x['peak_mib']:.0f}" + (f" ({x['setup_mib']:.0f})" if x["setup_mib"] else "")
-                print(f"{r:>5} {distinct:>8.2f} {label:>28} {x['seconds']:>8.3f} {mem:>14} {ratio:>6.2f}x", flush=True)
-                if impl == "mlkd":
-                    key = f"step_ratio_{precision}_r{r}" + ("_freeze" if freeze else "")
-                    figures[key] = ratio
-                elif impl == "mlkd-distinct":
-                    figures[f"step_ratio_distinct_only_r{r}"] = ratio
-            figures[f"distinct_fraction_r{r}"] = distinct
-            if not fast16:
-                print(f"{r:>5}          mlkd bf16: skipped, no native bf16 on this CPU")
+            time_proposals(args, r, device, figures["native_bf16"], figures, Path(tmp))
     figures["max_abs_diff_image_scores"] = max(v for k, v in figures.items()
                                                if k.startswith("max_abs_diff_image_scores_r"))
     print(f"largest |image score difference| to the reference, float32: {figures['max_abs_diff_image_scores']:.1e}"
