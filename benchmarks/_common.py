@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from mlkd.data.synthetic import render_image
-from mlkd.utils.device import native_bf16
 from mlkd.proposals.methods import propose, resolve_params
+from mlkd.utils.device import native_bf16
 
 # proposals as the recipes make them, every box kept (no cap): fast selective search and EdgeBoxes
 PROPOSAL_METHODS = {"selective_search": {"mode": "fast", "max_proposals": None},

@@ -23,10 +23,10 @@ import statistics
 import torch
 
 from _common import describe, emit_json, machine, timed
+from mlkd.inference.runtime import StudentRuntime
 from mlkd.models.build import build_student
 from mlkd.models.configs import StudentModelConfig
 from mlkd.utils.optional import MissingExtra
-from mlkd.inference.runtime import StudentRuntime
 
 K = 80
 # backbone -> the input convention of its usual pretrained weights (speed does not depend on it)

@@ -24,16 +24,15 @@ import copy
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 import torchvision
 
 from _common import describe, emit_json, machine, synthetic_proposals, timed, warp_boxes
 from mlkd.distill.config import TeacherPlan
 from mlkd.distill.objective import StudentObjective
+from mlkd.inference.runtime import StudentRuntime
 from mlkd.models.build import build_student, build_teacher
 from mlkd.models.configs import StudentModelConfig, TeacherModelConfig
-from mlkd.inference.runtime import StudentRuntime
 
 K = 80
 

@@ -44,12 +44,12 @@ import torch.nn.functional as F
 from torchvision.ops import roi_pool
 
 from _common import PROPOSAL_METHODS, describe, emit_json, machine, synthetic_proposals, timed, warp_boxes
-from mlkd.utils.device import keep_freed_memory
-from mlkd.training.optim import build_optimizer, param_groups
 from mlkd.models.build import build_teacher
 from mlkd.models.configs import TeacherModelConfig
 from mlkd.models.ops import roi_pool_cells
 from mlkd.models.wsddn import P_CLAMP, WSDDN
+from mlkd.training.optim import build_optimizer, param_groups
+from mlkd.utils.device import keep_freed_memory
 
 NUM_CLASSES = 20
 TEACHER_SCALES = (480, 576, 672, 736, 832)

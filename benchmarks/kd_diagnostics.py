@@ -23,16 +23,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mlkd.utils.checkpoint import load_checkpoint
 from mlkd.data.base import collate
 from mlkd.data.loader import make_loader
-from mlkd.data.transforms import Compose, KeepTopProposals, TeacherStudentViews, Warp
+from mlkd.data.transforms import Compose, KeepTopProposals, TeacherStudentViews
 from mlkd.distill.teacher import teacher_image_probs
 from mlkd.models.backbones import normalize
 from mlkd.models.build import model_from_checkpoint
 from mlkd.models.ops import flatten_proposals
 from mlkd.models.student import label_loss
 from mlkd.proposals.attach import open_split
+from mlkd.utils.checkpoint import load_checkpoint
 
 
 def stats(x: torch.Tensor) -> dict[str, float]:

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from mlkd.utils.config import load_config
 from mlkd.data import CustomDataset
 from mlkd.data.synthetic import generate
 from mlkd.proposals import generate_proposals
 from mlkd.training.student import StudentConfig, train_student
 from mlkd.training.teacher import TeacherConfig, train_teacher
+from mlkd.utils.config import load_config
 
 
 @dataclass

@@ -15,11 +15,11 @@ import torch
 from PIL import Image
 
 import mlkd
-from mlkd.utils.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from mlkd.cli import main
 from mlkd.data.base import read_image
 from mlkd.inference.predict import predict_student, predict_teacher
 from mlkd.proposals.attach import open_split
+from mlkd.utils.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,12 @@ import torch
 import torchvision
 from torchvision.ops import FrozenBatchNorm2d, roi_align, roi_pool
 
-from mlkd.training.optim import build_optimizer, param_groups
 from mlkd.models.backbones import resnet50_c4
 from mlkd.models.build import build_teacher
 from mlkd.models.configs import TeacherModelConfig
 from mlkd.models.ops import flatten_proposals, roi_pool_cells
 from mlkd.models.wsddn import WSDDN, wsddn_scores
+from mlkd.training.optim import build_optimizer, param_groups
 from test_wsddn import naive_loss, naive_scores
 
 K, SIZE = 4, 64

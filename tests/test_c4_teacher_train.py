@@ -14,14 +14,14 @@ import pytest
 import torch
 
 import mlkd
-from mlkd.utils.checkpoint import load_checkpoint
-from mlkd.utils.config import load_config
 from mlkd.errors import BadInput
 from mlkd.evaluation.evaluate import evaluate_teacher
 from mlkd.export.exporter import export_checkpoint
 from mlkd.models.build import build_teacher, model_from_checkpoint
 from mlkd.training.student import StudentConfig, train_student
 from mlkd.training.teacher import TeacherConfig, train_teacher
+from mlkd.utils.checkpoint import load_checkpoint
+from mlkd.utils.config import load_config
 from conftest import TINY_STUDENT
 
 C4 = {"model.backbone": "resnet50_c4", "model.hidden": 2048, "model.roi_size": 4, "model.roi_op": "roi_align",

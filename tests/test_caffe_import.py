@@ -11,7 +11,6 @@ import torch
 import torchvision
 from torch import nn
 
-from mlkd.utils.checkpoint import load_checkpoint
 from mlkd.cli import main
 from mlkd.export.caffe import CaffeNet, LayerBlobs, read_prototxt, write_caffemodel
 from mlkd.export.caffe.importer import plan_imagenet, plan_student, plan_teacher
@@ -19,6 +18,7 @@ from mlkd.models.backbones import load_imagenet_weights, read_state_dict, tiny
 from mlkd.models.build import VGG16_IMAGENET, build_student, build_teacher, model_from_checkpoint
 from mlkd.models.configs import StudentModelConfig, TeacherModelConfig
 from mlkd.models.student import Student
+from mlkd.utils.checkpoint import load_checkpoint
 
 cv2.setNumThreads(1)
 torch.set_num_threads(1)

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from mlkd.utils.checkpoint import load_checkpoint, make_checkpoint
 from mlkd.cli import main
 from mlkd.errors import CannotWrite
 from mlkd.export.caffe import LayerBlobs, read_caffemodel, write_caffemodel
 from mlkd.export.caffe.importer import ImportOptions, ImportReport, check_outputs, write_reports
+from mlkd.utils.checkpoint import load_checkpoint, make_checkpoint
 
 # A VGG-style ImageNet classifier small enough to write in a test: 16 x 16 -> conv1_1 (4) -> pool -> conv2_1 (8) ->
 # pool -> 8 x 4 x 4 -> fc6 (8) -> fc7 (8) -> fc8 (3).

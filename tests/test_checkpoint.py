@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from mlkd.utils.checkpoint import FORMAT_VERSION, load_checkpoint, make_checkpoint, save_checkpoint
 from mlkd.data.synthetic import class_names
 from mlkd.errors import CannotWrite
 from mlkd.export.verify import sample_images
 from mlkd.models.backbones import normalize
 from mlkd.models.build import model_from_checkpoint
+from mlkd.utils.checkpoint import FORMAT_VERSION, load_checkpoint, make_checkpoint, save_checkpoint
 
 V1 = Path(__file__).parent / "fixtures" / "checkpoints_v1"
 

@@ -6,10 +6,10 @@ import dataclasses
 
 import pytest
 
-from mlkd.utils.config import apply_overrides, from_dict, load_config, parse_override, read_yaml, save_config, to_dict
 from mlkd.distill.config import StageConfig
 from mlkd.training.student import StudentConfig
 from mlkd.training.teacher import TeacherConfig
+from mlkd.utils.config import apply_overrides, from_dict, load_config, parse_override, read_yaml, save_config, to_dict
 
 TRAIN = {"data": {"train": "data/train.jsonl"}}
 

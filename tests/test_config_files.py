@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from mlkd.utils.config import CONFIG_DIR, load_config, packaged_configs, resolve_config
 from mlkd.models.build import build_teacher
 from mlkd.training.student import StudentConfig
 from mlkd.training.teacher import TeacherConfig
+from mlkd.utils.config import CONFIG_DIR, load_config, packaged_configs, resolve_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "src" / "mlkd" / "configs"
 SHIPPED = sorted(CONFIGS.glob("*.yaml"))

@@ -11,10 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from mlkd.utils.checkpoint import load_checkpoint, save_checkpoint
 from mlkd.cli import main
-from mlkd.utils.config import to_dict
-from mlkd.training.teacher import TeacherDataConfig
 from mlkd.data.synthetic import render_image
 from mlkd.export import exporter
 from mlkd.export.caffe import export as caffe_export
@@ -22,11 +19,14 @@ from mlkd.export.caffe import read_prototxt
 from mlkd.export.onnx import supported_opsets
 from mlkd.export.verify import sample_inputs
 from mlkd.models.backbones import tiny
-from mlkd.models.student import Student, label_loss
 from mlkd.models.build import build_student, build_teacher, model_from_checkpoint
 from mlkd.models.configs import StudentModelConfig, TeacherModelConfig
+from mlkd.models.student import Student, label_loss
 from mlkd.training.student import StudentConfig
+from mlkd.training.teacher import TeacherDataConfig
 from mlkd.training.teacher import TeacherConfig
+from mlkd.utils.checkpoint import load_checkpoint, save_checkpoint
+from mlkd.utils.config import to_dict
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")

@@ -21,9 +21,9 @@ import pytest
 import torch
 import yaml
 
+from mlkd.proposals.cache import ProposalCache
 from mlkd.utils.checkpoint import load_checkpoint
 from mlkd.utils.config import apply_overrides
-from mlkd.proposals.cache import ProposalCache
 
 MLKD = [sys.executable, "-m", "mlkd"]
 SEEDS = (0, 1, 2)

@@ -9,19 +9,19 @@ import math
 import pytest
 import torch
 
-from mlkd.utils.checkpoint import load_checkpoint
-from mlkd.utils.config import load_config
 from mlkd.data.base import collate
 from mlkd.data.loader import make_loader
 from mlkd.data.transforms import Compose, KeepTopProposals, TeacherStudentViews
 from mlkd.distill.cache import (TEACHER_BATCH, FeatureCacheSpec, compute_teacher_targets, teacher_caches,
                                teacher_features_store)
 from mlkd.distill.teacher import teacher_region_targets
-from mlkd.utils.distributed import DistInfo
 from mlkd.models.backbones import normalize
 from mlkd.models.build import model_from_checkpoint
 from mlkd.proposals.attach import open_split
 from mlkd.training.student import StudentConfig, train_student
+from mlkd.utils.checkpoint import load_checkpoint
+from mlkd.utils.config import load_config
+from mlkd.utils.distributed import DistInfo
 from conftest import TINY_STUDENT
 
 FEATURE = "[{name: feature, epochs: 1, label_weight: 0, feature_weight: 1}]"

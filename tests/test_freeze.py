@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mlkd.utils.config import load_config
 from mlkd.models.backbones import conv_blocks, vgg16
 from mlkd.models.build import build_student, build_teacher
 from mlkd.models.configs import StudentModelConfig, TeacherModelConfig
 from mlkd.training.teacher import TeacherConfig
+from mlkd.utils.config import load_config
 
 TINY = dict(backbone="tiny", tiny_channels=(8, 16, 16), hidden=16, roi_size=2, dropout=0.0)
 

@@ -8,11 +8,11 @@ import logging
 
 import pytest
 
+from mlkd.distill.report import StageReport, find_baseline
+from mlkd.training.student import StudentConfig, train_student
 from mlkd.utils.checkpoint import load_checkpoint
 from mlkd.utils.config import load_config, to_dict
-from mlkd.distill.report import StageReport, find_baseline
 from mlkd.utils.runlog import RunLog
-from mlkd.training.student import StudentConfig, train_student
 from conftest import TINY_STUDENT
 
 TWO_STAGE = ('[{name: feature, epochs: 1, label_weight: 0, feature_weight: 1}, '

@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 
 import mlkd
-from mlkd.utils.checkpoint import make_checkpoint, save_checkpoint
 from mlkd.cli import main
-from mlkd.utils.config import to_dict
 from mlkd.models.build import build_student
 from mlkd.models.configs import StudentModelConfig
+from mlkd.utils.checkpoint import make_checkpoint, save_checkpoint
+from mlkd.utils.config import to_dict
 
 CLASSES = ["a", "b", "c"]
 TINY = StudentModelConfig(backbone="tiny", tiny_channels=(4, 8), input_convention="torchvision", hidden=8,

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from mlkd.cli import main
 from mlkd.data import CustomDataset, Warp
 from mlkd.data.synthetic import generate
-from mlkd.proposals import ProposalCache, generate_proposals, make_meta, merge_caches, parse_shard, shard_indices
-from mlkd.cli import main
 from mlkd.models.inputs import teacher_inputs
+from mlkd.proposals import ProposalCache, generate_proposals, make_meta, merge_caches, parse_shard, shard_indices
 from mlkd.proposals.attach import check_cache_matches, open_split, require_proposals
 from mlkd.proposals.cache import decode_record, encode_record
 

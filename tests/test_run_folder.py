@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from mlkd.utils.checkpoint import load_checkpoint
-from mlkd.utils.config import load_config, save_config
-from mlkd.utils.distributed import DistInfo
 from mlkd.errors import NotFound, RunConflict
 from mlkd.training.run_folder import RunFolder, config_differences, flatten
 from mlkd.training.teacher import TeacherConfig, train_teacher
+from mlkd.utils.checkpoint import load_checkpoint
+from mlkd.utils.config import load_config, save_config
+from mlkd.utils.distributed import DistInfo
 
 
 def config(teacher_data, out: Path, **extra) -> TeacherConfig:

@@ -12,17 +12,17 @@ import pytest
 import torch
 
 import mlkd
-from mlkd.utils import device as dev
-from mlkd.inference import runtime as runtime_module
-from mlkd.utils.checkpoint import load_checkpoint, save_checkpoint
 from mlkd.cli import main
 from mlkd.data.base import read_image
 from mlkd.data.transforms import Warp
+from mlkd.export.quantize import calibration_batches
+from mlkd.inference import runtime as runtime_module
+from mlkd.inference.runtime import StudentRuntime
 from mlkd.models.backbones import normalize
 from mlkd.models.build import model_from_checkpoint
 from mlkd.proposals.attach import open_split
-from mlkd.export.quantize import calibration_batches
-from mlkd.inference.runtime import StudentRuntime
+from mlkd.utils import device as dev
+from mlkd.utils.checkpoint import load_checkpoint, save_checkpoint
 
 real_timing = runtime_module._channels_last_is_faster
 

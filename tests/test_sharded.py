@@ -14,12 +14,12 @@ import numpy as np
 import torch
 
 import mlkd
-from mlkd.utils.checkpoint import load_checkpoint
 from mlkd.distill.cache import compute_teacher_targets, teacher_features_store
-from mlkd.utils.distributed import DistInfo
 from mlkd.inference.predict import predict_student, predict_teacher
 from mlkd.models.build import model_from_checkpoint
 from mlkd.proposals.attach import open_split
+from mlkd.utils.checkpoint import load_checkpoint
+from mlkd.utils.distributed import DistInfo
 
 WORKER = textwrap.dedent('''
     import sys

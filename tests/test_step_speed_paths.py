@@ -17,9 +17,9 @@ import pytest
 import torch
 from torch import nn
 
-from mlkd.utils import device as dev
-from mlkd.training.optim import build_optimizer, param_groups, restore_optimizer
 from mlkd.models.backbones import ConvBackbone, tiny, vgg16
+from mlkd.training.optim import build_optimizer, param_groups, restore_optimizer
+from mlkd.utils import device as dev
 
 
 def _net() -> nn.Module:

@@ -10,25 +10,25 @@ import numpy as np
 import pytest
 import torch
 
-from mlkd.utils.checkpoint import load_checkpoint
 from mlkd.cli import main
-from mlkd.utils.config import load_config
 from mlkd.data.base import collate
 from mlkd.data.loader import make_loader
-from mlkd.proposals.attach import open_split
 from mlkd.data.synthetic import generate
 from mlkd.data.transforms import TeacherStudentViews
+from mlkd.distill.cache import compute_teacher_targets
+from mlkd.distill.inputs import student_inputs
 from mlkd.distill.objective import StudentObjective
 from mlkd.distill.teacher import teacher_image_probs
-from mlkd.utils.distributed import DistInfo
-from mlkd.training.loop import LoopSettings, StageParts, train_one_epoch
 from mlkd.models.backbones import normalize
-from mlkd.proposals import generate_proposals
-from mlkd.distill.cache import compute_teacher_targets
 from mlkd.models.build import build_student, model_from_checkpoint
-from mlkd.distill.inputs import student_inputs
+from mlkd.proposals import generate_proposals
+from mlkd.proposals.attach import open_split
+from mlkd.training.loop import LoopSettings, StageParts, train_one_epoch
 from mlkd.training.student import StudentConfig, train_student
 from mlkd.training.teacher import TeacherConfig, train_teacher
+from mlkd.utils.checkpoint import load_checkpoint
+from mlkd.utils.config import load_config
+from mlkd.utils.distributed import DistInfo
 
 TINY = {"tiny_channels": [4, 8, 8], "tiny_convs_per_block": 1, "input_convention": "torchvision", "hidden": 16,
         "roi_size": 2, "dropout": 0.5}

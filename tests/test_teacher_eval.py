@@ -9,15 +9,15 @@ import pytest
 import torch
 from torchvision.ops import nms
 
-from mlkd.utils.checkpoint import load_checkpoint
 from mlkd.cli import main
-from mlkd.utils.config import load_config
 from mlkd.evaluation.evaluate import evaluate_teacher, evaluate_teacher_model, teacher_report
 from mlkd.inference.predict import predict_teacher
 from mlkd.models.build import model_from_checkpoint
 from mlkd.models.wsddn import NMS_IOU, class_detections, top_boxes
 from mlkd.proposals.attach import open_split
 from mlkd.training.teacher import TeacherConfig, train_teacher
+from mlkd.utils.checkpoint import load_checkpoint
+from mlkd.utils.config import load_config
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,13 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.data import DataLoader, DistributedSampler
 
 import mlkd
-import mlkd.models.wsddn
-import mlkd.training.teacher
-from mlkd.utils.checkpoint import load_checkpoint
-from mlkd.utils.config import apply_overrides, load_config
 from mlkd.errors import RunStopped
 from mlkd.models.build import build_teacher
+import mlkd.models.wsddn
+import mlkd.training.teacher
 from mlkd.training.teacher import TeacherConfig, train_teacher
+from mlkd.utils.checkpoint import load_checkpoint
+from mlkd.utils.config import apply_overrides, load_config
 
 
 def config(teacher_data, out: Path, **extra) -> TeacherConfig:

@@ -13,15 +13,15 @@ import pytest
 import torch
 
 import mlkd
-from mlkd.utils.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from mlkd.cli import main
-from mlkd.utils.config import load_config, to_dict
 from mlkd.errors import BadInput
 from mlkd.models.backbones import CONVENTIONS, convention_of
 from mlkd.models.build import build_student, model_from_checkpoint
 from mlkd.models.configs import StudentModelConfig
-from mlkd.utils.optional import MissingExtra
 from mlkd.training.student import StudentConfig, train_student
+from mlkd.utils.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+from mlkd.utils.config import load_config, to_dict
+from mlkd.utils.optional import MissingExtra
 
 timm = pytest.importorskip("timm")
 torch.set_num_threads(1)  # as the other model tests: on 2 shared cores, 2 threads made a ViT step 100x slower

@@ -20,15 +20,15 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from mlkd.utils.checkpoint import load_checkpoint
 from mlkd.data.base import read_image
 from mlkd.data.transforms import Warp
 from mlkd.errors import BadInput
+from mlkd.inference.runtime import StudentRuntime
 from mlkd.models.backbones import CONVENTIONS, normalize
 from mlkd.models.build import model_from_checkpoint
 from mlkd.models.wsddn import NMS_IOU, class_detections
 from mlkd.proposals.methods import propose, resolve_params
-from mlkd.inference.runtime import StudentRuntime
+from mlkd.utils.checkpoint import load_checkpoint
 
 DETECTION_SCORE, MAX_DETECTIONS = 0.05, 100  # Detector.detect's defaults, as torchvision's detectors have them
 ImageLike = Any  # a path, a PIL image, an (H, W, 3) / (H, W) uint8 array, or a (3, H, W) tensor

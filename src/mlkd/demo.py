@@ -26,13 +26,12 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from mlkd.utils.checkpoint import load_checkpoint
-from mlkd.utils.config import CONFIG_DIR, load_config
 from mlkd.data import build_dataset
 from mlkd.data.base import read_image
 from mlkd.data.synthetic import generate
 from mlkd.errors import BadInput, NotFound
 from mlkd.evaluation.evaluate import evaluate_student_model, evaluate_teacher_model
+from mlkd.evaluation.figures import grid, kd_figure, save_rgb
 from mlkd.inference.predict import predict_teacher
 from mlkd.metrics import report_to_json
 from mlkd.models.build import model_from_checkpoint
@@ -40,7 +39,8 @@ from mlkd.proposals.attach import open_split
 from mlkd.proposals.generate import generate_proposals
 from mlkd.training.student import StudentConfig, train_student
 from mlkd.training.teacher import TeacherConfig, train_teacher
-from mlkd.evaluation.figures import grid, kd_figure, save_rgb
+from mlkd.utils.checkpoint import load_checkpoint
+from mlkd.utils.config import CONFIG_DIR, load_config
 
 logger = logging.getLogger(__name__)
 

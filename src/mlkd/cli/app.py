@@ -10,10 +10,10 @@ import argparse
 import logging
 import sys
 
-from mlkd.version import __version__
 from mlkd.cli import data, demo, export, metrics, predict, proposals, student, teacher
-from mlkd.utils.device import keep_freed_memory
 from mlkd.errors import MlkdError
+from mlkd.utils.device import keep_freed_memory
+from mlkd.version import __version__
 
 COMMANDS = (demo, data, proposals, teacher, student, predict, metrics, export)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Callable
 
 import cv2
-import torch
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
 from mlkd.data.base import MultiLabelDataset

@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from mlkd.errors import MissingEntry
 from mlkd.utils import lmdb_env
 from mlkd.utils.checkpoint import write_atomically
-from mlkd.errors import MissingEntry
 
 logger = logging.getLogger(__name__)
 

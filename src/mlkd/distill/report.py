@@ -16,11 +16,11 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-from mlkd.utils.checkpoint import load_checkpoint
 from mlkd.data.base import check_class_order
 from mlkd.distill.config import saved_stages
 from mlkd.errors import BadInput, MlkdError
 from mlkd.models.build import model_from_checkpoint
+from mlkd.utils.checkpoint import load_checkpoint
 from mlkd.utils.runlog import RunLog
 
 logger = logging.getLogger(__name__)

@@ -15,10 +15,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from mlkd.utils.checkpoint import write_atomically
-from mlkd.utils.figure import agg_figure
 from mlkd.metrics.classification import check_scores_targets
 from mlkd.metrics.curves import co_occurrence, curve_area, precision_recall_curve, reliability
+from mlkd.utils.checkpoint import write_atomically
+from mlkd.utils.figure import agg_figure
 
 POSITIVE, NEGATIVE = "#d95f02", "#1b6ca8"  # orange / blue: told apart with colour-vision deficiencies
 PANEL_INCHES = (2.3, 2.0)

@@ -17,17 +17,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mlkd.utils.checkpoint import load_checkpoint, write_atomically
 from mlkd.data.base import MultiLabelDataset, check_class_order, read_image
 from mlkd.errors import BadInput
+from mlkd.evaluation.figures import detections_figure, save_rgb, teacher_figure
 from mlkd.evaluation.page import check_plots_folder, write_plots
 from mlkd.inference.predict import predict_student, predict_teacher
+from mlkd.inference.runtime import StudentRuntime
 from mlkd.metrics import corloc, detection_ap, evaluate_all, report_to_json
 from mlkd.models.build import model_from_checkpoint
 from mlkd.models.wsddn import NMS_IOU, WSDDN, class_detections, top_boxes
 from mlkd.proposals.attach import open_split, require_proposals
-from mlkd.inference.runtime import StudentRuntime
-from mlkd.evaluation.figures import detections_figure, save_rgb, teacher_figure
+from mlkd.utils.checkpoint import load_checkpoint, write_atomically
 
 
 def largest_proposal_corloc(dataset: MultiLabelDataset, proposals: Sequence[np.ndarray]) -> dict[str, Any]:

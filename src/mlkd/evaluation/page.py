@@ -17,14 +17,14 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 
-from mlkd.utils.checkpoint import write_atomically
 from mlkd.data.base import read_image
 from mlkd.errors import BadInput, CannotWrite
-from mlkd.metrics.classification import check_scores_targets
-from mlkd.metrics.curves import per_image_ap, reliability
 from mlkd.evaluation.charts import (calibration_plot, class_bars, co_occurrence_plot, pr_curves, score_histogram,
                                score_histograms)
 from mlkd.evaluation.figures import grid, ranked_figure, top_by_objectness
+from mlkd.metrics.classification import check_scores_targets
+from mlkd.metrics.curves import per_image_ap, reliability
+from mlkd.utils.checkpoint import write_atomically
 
 logger = logging.getLogger(__name__)
 

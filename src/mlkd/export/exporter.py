@@ -27,13 +27,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from mlkd.utils.checkpoint import load_checkpoint
 from mlkd.errors import BadInput
-from mlkd.export.safetensors import export_model_dir
 from mlkd.export.onnx import check_opset, export_onnx, run_onnx, runtime_name
 from mlkd.export.quantize import INT8_TOLERANCE, checkpoint_calibration_batches, deploy_model, quantize_student
+from mlkd.export.safetensors import export_model_dir
 from mlkd.export.verify import Check, compare, describe_input, require, sample_inputs
 from mlkd.models.build import model_from_checkpoint
+from mlkd.utils.checkpoint import load_checkpoint
 from mlkd.utils.optional import optional_import
 from mlkd.version import __version__
 

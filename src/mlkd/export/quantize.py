@@ -24,11 +24,11 @@ from torch import nn
 
 from mlkd.data import build_dataset
 from mlkd.data.transforms import Warp
-from mlkd.utils.device import cpu_flags
 from mlkd.errors import BadInput, MlkdError
 from mlkd.export.onnx import DEFAULT_OPSET, INPUT, export_onnx
 from mlkd.export.vgg_view import VggDeployView
 from mlkd.models.backbones import normalize
+from mlkd.utils.device import cpu_flags
 from mlkd.utils.optional import optional_import
 
 logger = logging.getLogger(__name__)

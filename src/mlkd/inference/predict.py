@@ -17,11 +17,11 @@ from tqdm import tqdm
 from mlkd.data.base import MultiLabelDataset, collate
 from mlkd.data.loader import make_loader
 from mlkd.data.transforms import Compose, KeepTopProposals, RandomHorizontalFlip, Warp
-from mlkd.utils.distributed import DistInfo, all_gather, shard, unshard
 from mlkd.errors import BadInput
 from mlkd.models.backbones import normalize
 from mlkd.models.inputs import teacher_inputs
 from mlkd.models.wsddn import WSDDN
+from mlkd.utils.distributed import DistInfo, all_gather, shard, unshard
 
 
 def teacher_view(dataset: MultiLabelDataset, scale: int, flipped: bool = False,

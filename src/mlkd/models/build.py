@@ -7,7 +7,6 @@ from typing import Any
 
 from torch import nn
 
-from mlkd.utils.config import from_dict
 from mlkd.errors import BadInput
 from mlkd.models.backbones import build_backbone, freeze, load_imagenet_weights, resnet50_c4
 from mlkd.models.configs import StudentModelConfig, TeacherModelConfig
@@ -15,6 +14,7 @@ from mlkd.models.student import Student
 from mlkd.models.timm_backbone import is_timm, timm_backbone
 from mlkd.models.weights import resolve_weights
 from mlkd.models.wsddn import WSDDN
+from mlkd.utils.config import from_dict
 
 # torchvision VGG16 state-dict prefixes -> teacher / student prefixes (the 1000-way classifier.6 is not used)
 VGG16_IMAGENET = {"features.": "backbone.features.", "classifier.0.": "fc6.", "classifier.3.": "fc7."}

@@ -9,9 +9,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from mlkd.utils.config import SIZE, bounded
 from mlkd.errors import BadInput
 from mlkd.models.timm_backbone import PREFIX as TIMM
+from mlkd.utils.config import SIZE, bounded
 
 BACKBONES = ("vgg16", "resnet50", "resnet101", "tiny")  # the student's own (mlkd.models.backbones)
 RELEASE_TEST_SCALE = 672  # the release's teacher input size (its test scale), the default where none is given

@@ -27,9 +27,9 @@ from typing import Any, Iterable, Iterator
 import lmdb
 import numpy as np
 
-from mlkd.utils import lmdb_env
 from mlkd.data.base import BOX_CONVENTION
 from mlkd.errors import BadFile, BadInput, MissingEntry, NotFound
+from mlkd.utils import lmdb_env
 
 FORMAT = "mlkd-proposals"
 VERSION = 2  # of meta.json: 2 = the dataset is matched by its images (v1: by images and labels)

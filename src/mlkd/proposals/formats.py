@@ -20,10 +20,10 @@ from typing import Iterable
 
 import numpy as np
 
-from mlkd.errors import BadInput, NotFound
-from mlkd.utils.optional import optional_import
 from mlkd.data.datalist import (DatalistEntry, format_datalist_line, parse_datalist_line, read_datalist,
                                 write_datalist)
+from mlkd.errors import BadInput, NotFound
+from mlkd.utils.optional import optional_import
 
 __all__ = ["DatalistEntry", "boxes_to_mat", "format_datalist_line", "mat_to_boxes", "parse_datalist_line",
            "read_datalist", "read_mat_proposals", "write_datalist", "write_mat_proposals"]

@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from mlkd.utils.config import read_yaml, save_config, to_dict
 from mlkd.data.base import DatasetIdentity
-from mlkd.utils.distributed import DistInfo
 from mlkd.errors import BadInput, NotFound, RunConflict
+from mlkd.utils.config import read_yaml, save_config, to_dict
+from mlkd.utils.distributed import DistInfo
 from mlkd.utils.runlog import RunLog
 
 logger = logging.getLogger(__name__)

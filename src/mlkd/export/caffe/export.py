@@ -14,8 +14,8 @@ from torch import nn
 from mlkd.errors import BadInput
 from mlkd.export.caffe import (import_vgg_weights, read_caffemodel, read_prototxt, vgg_layer_names, vgg_to_caffe,
                                write_caffemodel, write_prototxt)
-from mlkd.export.caffe.wsddn import export_wsddn
 from mlkd.export.caffe.importer import plan_teacher
+from mlkd.export.caffe.wsddn import export_wsddn
 from mlkd.export.verify import Check, compare, random_boxes
 from mlkd.export.vgg_view import VggDeployView
 

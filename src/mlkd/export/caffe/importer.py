@@ -31,8 +31,6 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from mlkd.utils.checkpoint import make_checkpoint, save_checkpoint
-from mlkd.utils.config import from_dict, parse_override, to_dict
 from mlkd.data.custom import read_class_file
 from mlkd.errors import BadInput
 from mlkd.export.caffe import SUPPORTED_TYPES, CaffeNet, LayerBlobs, import_vgg_weights, read_caffemodel, read_prototxt
@@ -40,6 +38,8 @@ from mlkd.export.caffe.layout import KD_TEACHER, RELEASE, Naming, VggLayout, fc_
 from mlkd.export.caffe.wsddn import SUM_LAYER, check_sum_layer, head_settings
 from mlkd.models.build import build_student, build_teacher
 from mlkd.models.configs import RELEASE_TEST_SCALE, StudentModelConfig, TeacherModelConfig
+from mlkd.utils.checkpoint import make_checkpoint, save_checkpoint
+from mlkd.utils.config import from_dict, parse_override, to_dict
 
 ARCHS = ("vgg16", "wsddn", "student")
 # Layer types of the release's prototxts besides those mlkd converts: data, RoI generation and pooling, the WSDDN
