@@ -103,6 +103,7 @@ def test_section_must_be_a_mapping_and_validate_runs():
     ("model.hidden=0", r"model.hidden: 0 is out of range"),
     ("model.roi_size=0", r"model.roi_size: 0 is out of range"),  # ZeroDivisionError before
     ("data.test_scale=0", r"data.test_scale: 0 is out of range; expected 16 <= value <= 8192"),
+    ("run.seed=-1", r"run.seed: -1 is out of range; expected 0 <= value <= 4294967295"),  # was a numpy traceback
     ("data.scales=[480,0]", r"data.scales: 0 is out of range"),
     ("data.max_proposals=0", r"data.max_proposals: 0 is out of range; expected 1 <= value"),  # not silently "all"
     ("run.threads=0", r"run.threads: 0 is out of range; expected 1 <= value"),

@@ -67,3 +67,23 @@ def test_find_baseline_needs_a_finished_plain_run_of_the_same_model_and_data(tra
     train_student(kd_cfg)  # a distilled sibling is no baseline
     identity = load_checkpoint(tmp_path / "kd" / "last.pt")["dataset"]
     assert find_baseline(tmp_path / "new", to_dict(kd_cfg.model), identity) is None
+
+
+def test_a_baseline_that_cannot_be_compared_is_refused_before_the_first_step(trained, tmp_path):
+    """A missing path, a teacher, or a student of other classes as distill.baseline used to be found out only after
+    the whole run had trained (and no kd_report.json written): now the start is refused and nothing is written."""
+    from mlkd.errors import NotFound
+    from mlkd.utils.checkpoint import save_checkpoint
+
+    other = load_checkpoint(trained.student)
+    other["classes"] = list(reversed(other["classes"]))
+    save_checkpoint(tmp_path / "other_classes.pt", other)
+    cases = [(tmp_path / "missing.pt", NotFound, "distill.baseline .*missing.pt: no such checkpoint"),
+             (trained.teacher, ValueError, "distill.baseline .* holds a teacher, not a student"),
+             (tmp_path / "other_classes.pt", ValueError, "distill.baseline .*other_classes.pt"),
+             (trained.student, ValueError, "was trained with distillation; give a student trained on labels only")]
+    for i, (baseline, error, message) in enumerate(cases):
+        out = tmp_path / f"kd{i}"
+        with pytest.raises(error, match=message):
+            train_student(student(trained, out, TWO_STAGE, **{"distill.baseline": baseline}))
+        assert not out.exists()  # refused before the teacher's caches, the config or a checkpoint were written

@@ -89,9 +89,54 @@ def test_a_foreign_folder_or_another_runs_folder_is_refused_untouched(teacher_da
 
 
 def test_nothing_to_resume_is_a_clear_error_and_leaves_no_folder(teacher_data, tmp_path):
-    with pytest.raises(NotFound, match=r"nothing to resume in .*none: it holds no last.pt"):
+    with pytest.raises(NotFound, match=r"nothing to resume in .*none: no run was started there .* run the command "
+                                       r"without --resume to start it"):
         train_teacher(config(teacher_data, tmp_path / "none"), resume=True)
     assert not (tmp_path / "none").exists()
+
+
+def test_a_run_stopped_before_its_first_checkpoint_continues_with_or_without_resume(teacher_data, tmp_path):
+    """What a kill while the teacher's caches were written leaves (caches, maybe config.yaml, no last.pt) is
+    neither 'nothing to resume' nor 'not an mlkd run folder': the same command, with --resume or not, runs it."""
+    for resume in (False, True):
+        out = tmp_path / f"stopped{resume}"
+        (out / "teacher_features" / "shard0").mkdir(parents=True)  # an unfinished store: no meta.json
+        (out / "teacher_targets.pt.tmp").write_bytes(b"half a file")
+        save_config(config(teacher_data, out), out / "config.yaml")
+        with RunFolder(config(teacher_data, out), resume, DistInfo()) as run:
+            assert not run.resuming  # nothing to load: it starts from the first epoch
+        assert train_teacher(config(teacher_data, out), resume=resume) == out / "last.pt"
+
+
+def test_a_refused_start_writes_nothing_so_the_corrected_command_runs(teacher_data, tmp_path, monkeypatch):
+    from mlkd.utils import device
+
+    monkeypatch.setattr(device, "native_bf16", lambda d: False)  # as on a CPU without native bf16
+    out = tmp_path / "refused"
+    with pytest.raises(ValueError, match="run.amp=bf16 on a CPU without native bfloat16"):
+        train_teacher(config(teacher_data, out, **{"run.amp": "bf16"}))
+    assert not out.exists()
+    assert train_teacher(config(teacher_data, out, **{"run.amp": "none"})) == out / "last.pt"
+
+
+def test_a_run_folder_made_read_only_mid_run_reports_the_write_that_failed_not_the_lock(teacher_data, tmp_path,
+                                                                                        monkeypatch):
+    """The write error is what the user sees; releasing the lock file in a read-only folder must not replace it
+    with a traceback of its own (the flock goes with the process; the next run takes a dead process's lock over)."""
+    from mlkd.errors import CannotWrite
+
+    real_unlink = Path.unlink
+
+    def read_only(self, *args, **kwargs):
+        if self.name == ".lock":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_unlink(self, *args, **kwargs)
+
+    with pytest.raises(CannotWrite, match="cannot write checkpoint") as e:
+        with RunFolder(config(teacher_data, tmp_path / "ro"), False, DistInfo()):
+            monkeypatch.setattr(Path, "unlink", read_only)
+            raise CannotWrite("cannot write checkpoint last.pt: Read-only file system")
+    assert e.value.__context__ is None
 
 
 def test_a_torn_last_log_line_is_skipped_on_resume_and_a_damaged_one_named(teacher_data, tmp_path, caplog):

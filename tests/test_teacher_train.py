@@ -60,7 +60,7 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(teacher_data, tmp_path)
     assert first["train_state"]["epoch"] == 0 and first["train_state"]["optimizer"]["state"]  # momentum buffers
     with (part / "log.jsonl").open("a") as f:  # written by the interrupted run after its last checkpoint
         f.write(json.dumps({"type": "epoch", "epoch": 1, "train_loss_cls": 9.0}) + "\n")
-    with pytest.raises(ValueError, match="already holds a run.*pass --resume"):
+    with pytest.raises(ValueError, match="already holds a run .*continue it with the same command and --resume"):
         train_teacher(config(teacher_data, part, **extra))
     with pytest.raises(ValueError, match=r"(?s)cannot resume .*part: it was started with other settings.*"
                                          r"optim.epochs: 1 -> 3"):
@@ -87,7 +87,7 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(teacher_data, tmp_path)
 
 
 def test_resume_without_a_checkpoint_is_an_error(teacher_data, tmp_path):
-    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+    with pytest.raises(FileNotFoundError, match="nothing to resume in .*: no run was started there"):
         train_teacher(config(teacher_data, tmp_path / "none"), resume=True)
 
 

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from mlkd.data.base import check_class_order
 from mlkd.distill.config import saved_stages
-from mlkd.errors import BadInput, MlkdError
+from mlkd.errors import BadInput, MlkdError, NotFound
 from mlkd.models.build import model_from_checkpoint
 from mlkd.utils.checkpoint import load_checkpoint
 from mlkd.utils.runlog import RunLog
@@ -95,6 +95,25 @@ class StageReport:
         self.log.write(summary)
         (self.out / "kd_report.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
+
+
+def check_baseline(given: str | None, classes: list[str]) -> Path | None:
+    """The checkpoint of ``distill.baseline`` when it names one (None for ``null`` and ``auto``), checked before the
+    first step: it exists, holds a student of the same classes, trained without distillation."""
+    if given is None or given == "auto":
+        return None
+    path = Path(given) / "last.pt" if Path(given).is_dir() else Path(given)
+    if not path.is_file():
+        raise NotFound(f"distill.baseline {given}: no such checkpoint, nor a run folder holding a last.pt; give the "
+                       "student trained without distillation, auto (a finished sibling run) or null")
+    ckpt = load_checkpoint(path)
+    if ckpt["kind"] != "student":
+        raise BadInput(f"distill.baseline {path} holds a {ckpt['kind']}, not a student; give the student trained "
+                       "without distillation")
+    check_class_order(classes, ckpt["classes"], f"distill.baseline {path}")
+    if distils(ckpt.get("config") or {}):
+        raise BadInput(f"distill.baseline {path} was trained with distillation; give a student trained on labels only")
+    return path
 
 
 def baseline_map(path: Path, classes: list[str], measure: Callable[[Any], float]) -> float:

@@ -58,7 +58,7 @@ class RunConfig:
     """Where outputs go and how the run executes."""
 
     out: str = "runs/run"  # run folder: config.yaml, log.jsonl, curves.png, checkpoints
-    seed: int = 0
+    seed: int = bounded(0, 0, 2**32 - 1)  # numpy's seeds are non-negative 32-bit numbers
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # autocast: auto = bf16 where the hardware has it natively (GPUs, CPUs with AVX512-BF16/AMX), fp16 on older
     # GPUs, else float32; bf16 on a CPU without native support is refused (it would be ~20x slower)

@@ -57,6 +57,11 @@ class LoopSettings:
         return cls(seed=run.seed, amp=run.amp, accumulate=optim.accumulate, clip_grad=optim.clip_grad,
                    log_every=run.log_every, eval_every=run.eval_every, progress=run.progress)
 
+    def resolved(self, device: torch.device) -> "LoopSettings":
+        """These settings with ``amp`` resolved for ``device`` (:func:`~mlkd.utils.device.resolve_amp`): a recipe
+        calls it before it writes anything, so that a setting this device cannot run refuses the start cleanly."""
+        return dataclasses.replace(self, amp=resolve_amp(self.amp, device))
+
 
 class Hooks:
     """What a recipe adds to the loop (detectron2's ``HookBase``, cut to what mlkd's recipes need): subclass it and
@@ -252,7 +257,7 @@ def run_stages(stages: list[Stage], settings: LoopSettings, hooks: Hooks, run: R
     ``settings.eval_every`` epochs; with ``hooks.validates_stages`` also each stage's last); rank 0 writes
     ``last.pt`` = ``hooks.checkpoint(train_state)``, logs the epoch and, after a stage's last epoch, calls
     ``hooks.after_stage``. Returns the path of ``last.pt``."""
-    settings = dataclasses.replace(settings, amp=resolve_amp(settings.amp, info.device))
+    settings = settings.resolved(info.device)
     offset = 0
     for index, stage in enumerate(stages):
         if state is not None and index < state["stage"]:

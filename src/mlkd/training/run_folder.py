@@ -6,6 +6,10 @@ known to start, and resumed only with the settings it was started with.
   (``RUN/.lock`` with the pid, host and start time, locked with ``flock``, which the kernel releases when the
   process dies): a second run into the same folder is refused naming the first; a lock left by a dead process
   is reported and taken over.
+- Every interruption can be continued by the same command: a run killed after a checkpoint continues with
+  ``--resume``; one killed before its first checkpoint (while the teacher's caches were written, say) starts
+  again from the first epoch, with or without ``--resume``, reusing whatever cache was finished; a start that
+  was refused (a bad setting) writes nothing, so the corrected command runs.
 - :func:`check_resume` compares a checkpoint with the run that wants to continue it: a changed dataset, model or
   recipe is refused naming every differing field, except the epochs of a run given explicitly with ``--set``.
 """
@@ -24,14 +28,16 @@ from typing import Any, Sequence
 from mlkd.data.base import DatasetIdentity
 from mlkd.errors import BadInput, NotFound, RunConflict
 from mlkd.utils.config import read_yaml, save_config, to_dict
-from mlkd.utils.distributed import DistInfo
+from mlkd.utils.distributed import DistInfo, broadcast
 from mlkd.utils.runlog import RunLog
 
 logger = logging.getLogger(__name__)
 
 LOCK = ".lock"
-# what a run writes before its first checkpoint: a folder holding only these may be restarted from scratch
-RUN_FILES = {"config.yaml", "log.jsonl", "curves.png", "teacher_targets.pt", "tensorboard", LOCK, "last.pt.tmp"}
+# what a run writes before its first checkpoint (and what a kill can leave of it): a folder holding only these may
+# be restarted from scratch
+RUN_FILES = {"config.yaml", "config.yaml.tmp", "log.jsonl", "curves.png", "tensorboard", LOCK, "last.pt.tmp",
+             "teacher_targets.pt", "teacher_targets.pt.tmp", "teacher_features"}
 # settings that do not change what a run computes: they may differ when it resumes
 RUN_ONLY = ("run.out", "run.progress", "run.log_every", "run.eval_every", "run.threads", "run.device",
             "run.tensorboard", "data.workers", "data.val", "data.val_proposals")
@@ -90,6 +96,7 @@ class RunFolder:
         self.out = Path(cfg.run.out)
         self._fd: int | None = None
         self._created = False
+        self.resuming = False  # continuing from last.pt (decided by rank 0 when entering, told to every rank)
         self.log: RunLog | None = None  # opened by start()
 
     def __enter__(self) -> "RunFolder":
@@ -100,6 +107,7 @@ class RunFolder:
             except BaseException:
                 self.close()
                 raise
+        self.resuming = broadcast(self.resuming, self.info)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -107,17 +115,24 @@ class RunFolder:
 
     # -- checks ---------------------------------------------------------------------------------------------
     def _check(self) -> None:
-        if self.resume:
-            if not (self.out / "last.pt").is_file():
-                raise NotFound(f"nothing to resume in {self.out}: it holds no last.pt (checkpoint not found)")
+        checkpoint = (self.out / "last.pt").is_file()
+        if checkpoint and not self.resume:
+            raise RunConflict(f"{self.out} already holds a run (last.pt): continue it with the same command and "
+                              "--resume, or choose another run.out")
+        self.resuming = checkpoint
+        if checkpoint:
             return
-        if (self.out / "last.pt").exists():
-            raise RunConflict(f"{self.out} already holds a run (last.pt); pass --resume to continue it or choose "
-                              "another run.out")
         foreign = sorted(p.name for p in self.out.iterdir() if p.name not in RUN_FILES)
         if foreign:
             raise RunConflict(f"{self.out} is not empty and is not an mlkd run folder (it holds {foreign[:5]}); "
                               "choose another run.out")
+        started = any(p.name != LOCK for p in self.out.iterdir())
+        if self.resume and not started:
+            raise NotFound(f"nothing to resume in {self.out}: no run was started there (no last.pt, config.yaml or "
+                           "teacher caches); run the command without --resume to start it")
+        if self.resume:
+            logger.info(f"{self.out}: the run stopped before its first checkpoint; starting it from the first epoch "
+                        "(finished teacher caches are reused)")
         if (self.out / "config.yaml").is_file():  # a run that stopped before its first checkpoint
             diffs = config_differences(read_yaml(self.out / "config.yaml"), to_dict(self.cfg), _ignored(self.cfg))
             if diffs:
@@ -151,7 +166,10 @@ class RunFolder:
     def close(self) -> None:
         """Release the lock (and remove the folder if this run created it and wrote nothing)."""
         if self._fd is not None:
-            (self.out / LOCK).unlink(missing_ok=True)
+            try:
+                (self.out / LOCK).unlink(missing_ok=True)
+            except OSError:  # a folder made read-only mid-run: the flock goes with the descriptor, the next run
+                pass  # finds a lock file of a dead process and takes the folder over
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None

@@ -25,8 +25,8 @@ from mlkd.distill.config import DistillConfig, StageConfig, TeacherPlan
 from mlkd.distill.inputs import student_inputs
 from mlkd.distill.objective import StudentObjective
 from mlkd.distill.prepare import DistillTeacher, prepare_teacher
-from mlkd.distill.report import StageReport, baseline_map, find_baseline
-from mlkd.errors import BadInput, NotFound
+from mlkd.distill.report import StageReport, baseline_map, check_baseline, find_baseline
+from mlkd.errors import BadInput
 from mlkd.inference.predict import predict_student
 from mlkd.metrics import mean_average_precision
 from mlkd.models.build import build_student
@@ -72,10 +72,13 @@ def train_student(cfg: StudentConfig, resume: bool = False, explicit: Sequence[s
         dataset = open_split(cfg.data.train, cfg.data.options, cfg.data.train_proposals)
         torch.manual_seed(cfg.run.seed)
         student = build_student(cfg.model, dataset.num_classes).to(info.device)
-        state = load_checkpoint(run.out / "last.pt", "student") if resume else None
+        state = load_checkpoint(run.out / "last.pt", "student") if run.resuming else None
         if state is not None:
             check_resume(state, cfg, dataset.identity, run.out, explicit)
             student.load_state_dict(state["model"])
+        settings = LoopSettings.from_config(cfg.optim, cfg.run).resolved(info.device)  # refused before any write
+        if info.is_main and any(s.distils for s in cfg.stages):  # a baseline that cannot be compared: said now
+            check_baseline(cfg.distill.baseline, dataset.classes)
         teacher = prepare_teacher(cfg.distill, cfg.stages, cfg.model.hidden, dataset, run.out, info,
                                   cfg.data.max_proposals, cfg.run.progress, cfg.data.workers)
         log = run.start(state["train_state"]["epoch"] if state else None)
@@ -84,8 +87,7 @@ def train_student(cfg: StudentConfig, resume: bool = False, explicit: Sequence[s
         hooks = _StudentHooks(cfg, student, dataset, info, StageReport(run.out, log, len(stages)) if info.is_main
                               else None)
         with teacher if teacher is not None else contextlib.nullcontext():  # closes the teacher's feature store
-            path = run_stages(stages, LoopSettings.from_config(cfg.optim, cfg.run), hooks, run, info,
-                              state["train_state"] if state is not None else None)
+            path = run_stages(stages, settings, hooks, run, info, state["train_state"] if state is not None else None)
         if teacher is not None:  # a distilled student: its gain over the baseline (measured by every rank)
             hooks.report_gain(run.out)
         return path
@@ -134,15 +136,9 @@ class _StudentHooks(Hooks):
 
 def _baseline(cfg: StudentConfig, out: Path, dataset: MultiLabelDataset) -> Path | None:
     """The checkpoint of the run without distillation to compare with (see ``distill.baseline``)."""
-    given = cfg.distill.baseline
-    if given is None:
-        return None
-    if given == "auto":
+    if cfg.distill.baseline == "auto":
         return find_baseline(out, to_dict(cfg.model), dataset.identity.to_dict())
-    path = Path(given) / "last.pt" if Path(given).is_dir() else Path(given)
-    if not path.is_file():
-        raise NotFound(f"distill.baseline {given}: no such checkpoint or run folder with a last.pt")
-    return path
+    return check_baseline(cfg.distill.baseline, dataset.classes)
 
 
 def _stage_transform(cfg: StudentConfig, plan: TeacherPlan, teacher: DistillTeacher | None) -> Compose:

@@ -73,14 +73,15 @@ def train_teacher(cfg: TeacherConfig, resume: bool = False, explicit: Sequence[s
         require_proposals(dataset, "training the teacher (data.train_proposals)")
         torch.manual_seed(cfg.run.seed)  # the new layers' initialisation
         model = build_teacher(cfg.model, dataset.num_classes).to(info.device)
-        state = load_checkpoint(run.out / "last.pt", "teacher") if resume else None
+        state = load_checkpoint(run.out / "last.pt", "teacher") if run.resuming else None
         if state is not None:
             check_resume(state, cfg, dataset.identity, run.out, explicit)
             model.load_state_dict(state["model"])
+        settings = LoopSettings.from_config(cfg.optim, cfg.run).resolved(info.device)  # refused before any write
         run.start(state["train_state"]["epoch"] if state else None)
         stage = Stage("wsddn", cfg.optim.epochs, lambda: _stage_parts(cfg, model, dataset, info))
-        return run_stages([stage], LoopSettings.from_config(cfg.optim, cfg.run), _TeacherHooks(cfg, model, dataset, info),
-                          run, info, state["train_state"] if state is not None else None)
+        return run_stages([stage], settings, _TeacherHooks(cfg, model, dataset, info), run, info,
+                          state["train_state"] if state is not None else None)
 
 
 class _TeacherHooks(Hooks):
