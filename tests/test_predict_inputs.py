@@ -85,7 +85,7 @@ def test_the_api_names_the_image_with_non_finite_outputs_in_any_batch(world, bat
 
 def test_a_batch_size_below_one_and_a_nan_tensor_image_are_refused(world):
     clf = mlkd.load(world[0])
-    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
         clf.probabilities("folder/x.png", batch_size=0)
     image = torch.zeros(3, 8, 8)
     image[0, 0, 0] = float("nan")
@@ -137,4 +137,14 @@ def test_a_json_path_that_is_a_folder_is_refused_before_predicting(world, capsys
     assert main(["predict", "--checkpoint", str(world[0]), "folder/x.png", "--json", "folder"]) == 1
     captured = capsys.readouterr()
     assert "--json folder is a folder; give a file path, e.g. folder/predictions.json" in captured.err
+    assert "x.png: " not in captured.out
+
+
+def test_a_model_with_repeated_class_names_is_refused_naming_them(world, tmp_path, capsys):
+    """It used to print "a 0.514, a 0.504, a 0.496": three outputs under one name."""
+    ckpt = torch.load(world[0], weights_only=True)
+    torch.save({**ckpt, "classes": ["a", "a", "a"]}, tmp_path / "dup.pt")
+    assert main(["predict", "--checkpoint", "dup.pt", "folder/x.png", "--quiet"]) == 1
+    captured = capsys.readouterr()
+    assert "dup.pt is not a valid mlkd checkpoint: classes repeat names: 'a' (3 times)" in captured.err
     assert "x.png: " not in captured.out

@@ -13,7 +13,7 @@ matplotlib; :meth:`Detector.detect` computes proposals with OpenCV's methods, on
 
 from __future__ import annotations
 
-import math
+import logging
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from mlkd.data.base import read_image
+from mlkd.data.boxes import check_boxes
 from mlkd.data.transforms import Warp
 from mlkd.errors import BadInput
 from mlkd.inference.runtime import StudentRuntime
@@ -28,10 +29,12 @@ from mlkd.models.backbones import CONVENTIONS, normalize
 from mlkd.models.build import model_from_checkpoint
 from mlkd.models.wsddn import NMS_IOU, class_detections
 from mlkd.proposals.methods import propose, resolve_params
+from mlkd.utils import checks
 from mlkd.utils.checkpoint import load_checkpoint
 
 DETECTION_SCORE, MAX_DETECTIONS = 0.05, 100  # Detector.detect's defaults, as torchvision's detectors have them
 ImageLike = Any  # a path, a PIL image, an (H, W, 3) / (H, W) uint8 array, or a (3, H, W) tensor
+logger = logging.getLogger(__name__)
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", precision: str = "fp32",
@@ -39,8 +42,8 @@ def load(path: str | Path, device: str | torch.device = "cpu", precision: str = 
     """A student checkpoint or model folder as a :class:`Classifier`, a teacher's as a :class:`Detector`.
 
     A classifier runs in ``precision`` (``fp32``, ``bf16`` where the hardware has it natively, ``int8`` on the
-    CPU through onnxruntime: see :mod:`mlkd.inference.runtime`); int8 calibrates on the dataset ``calibration`` (default:
-    the training set the checkpoint records)."""
+    CPU through onnxruntime: see :mod:`mlkd.inference.runtime`); int8 calibrates on the dataset ``calibration``
+    (default: the training set the checkpoint records)."""
     ckpt = load_checkpoint(path)
     if ckpt["kind"] not in ("student", "teacher"):
         raise BadInput(f"{path} holds {ckpt['kind']}, not a trained student or teacher")
@@ -57,10 +60,11 @@ def to_rgb(image: ImageLike) -> np.ndarray:
     if isinstance(image, (str, Path)):
         return read_image(image)
     if hasattr(image, "convert") and hasattr(image, "size"):  # a PIL image (PIL is not imported for this)
-        return np.array(image.convert("RGB"))
+        return _not_empty(np.array(image.convert("RGB")))
     if isinstance(image, torch.Tensor):
         if image.ndim != 3 or image.shape[0] != 3:
             raise BadInput(f"a tensor image must be (3, H, W) RGB, got shape {tuple(image.shape)}")
+        _not_empty(image, tuple(image.shape[1:]))  # before min() and max(), which an empty tensor has not
         if image.dtype == torch.uint8:
             return image.permute(1, 2, 0).cpu().numpy()
         nonfinite = int((~torch.isfinite(image)).sum())  # NaN passes both comparisons below
@@ -73,12 +77,21 @@ def to_rgb(image: ImageLike) -> np.ndarray:
         if image.dtype != np.uint8:
             raise BadInput(f"an array image must be uint8, got {image.dtype}")
         if image.ndim == 2:
-            return np.repeat(image[:, :, None], 3, axis=2)
+            return np.repeat(_not_empty(image)[:, :, None], 3, axis=2)
         if image.ndim == 3 and image.shape[2] == 3:
-            return image
+            return _not_empty(image)
         raise BadInput(f"an array image must be (H, W, 3) RGB or (H, W) grey, got shape {image.shape}")
     raise BadInput(f"cannot read an image from a {type(image).__name__}: give a path, a PIL image, an (H, W, 3) "
                     "uint8 array or a (3, H, W) tensor")
+
+
+def _not_empty(image: Any, hw: tuple[int, ...] | None = None) -> Any:
+    """``image`` unless its height ``hw[0]`` or width ``hw[1]`` (default: its first two dimensions) is 0: an empty
+    crop would otherwise fail deep inside the resize."""
+    h, w = hw if hw is not None else image.shape[:2]
+    if h == 0 or w == 0:
+        raise BadInput(f"the image has no pixels: shape {tuple(image.shape)}; expected at least 1 x 1")
+    return image
 
 
 def describe_image(image: ImageLike, index: int) -> str:
@@ -153,8 +166,7 @@ class Classifier(_Loaded):
     def probabilities(self, images: ImageLike | Sequence[ImageLike], batch_size: int = 32) -> np.ndarray:
         """Probabilities ``(N, K)`` float32 of one image or a list of them, in the order of ``classes``.
         Non-finite logits (damaged weights, a diverged run) are an error naming the image, never NaN output."""
-        if batch_size < 1:
-            raise BadInput(f"batch_size must be >= 1, got {batch_size}")
+        batch_size = checks.integer(batch_size, "batch_size", low=1)
         items = list(images) if isinstance(images, (list, tuple)) else [images]
         out = []
         for start in range(0, len(items), batch_size):
@@ -172,12 +184,11 @@ class Classifier(_Loaded):
         """Labels of one image (a dict) or of a list of images (a list of dicts): ``{class: probability}``,
         best first; with ``top_k`` only the k best, with ``threshold`` (one value, one per class, or a mapping
         class -> value) only those at or above it. ``as_arrays=True`` returns the ``(N, K)`` probabilities."""
+        limits = self._thresholds(threshold)  # arguments first: a typo is reported before the images are read
+        top_k = checks.integer(top_k, "top_k", low=1, none="all")
         probs = self.probabilities(images, batch_size)
         if as_arrays:
             return probs
-        limits = self._thresholds(threshold)
-        if top_k is not None and top_k < 1:
-            raise BadInput(f"top_k must be >= 1 or None, got {top_k}")
         rows = []
         for p in probs:
             order = np.argsort(-p, kind="stable")[:top_k]
@@ -185,20 +196,26 @@ class Classifier(_Loaded):
         return rows if isinstance(images, (list, tuple)) else rows[0]
 
     def _thresholds(self, threshold: Any) -> np.ndarray | None:
+        """``(K,)`` probabilities from one value, one per class, or a mapping class -> value (None: no cut)."""
         if threshold is None:
             return None
+        if isinstance(threshold, np.ndarray) or torch.is_tensor(threshold):
+            threshold = threshold.tolist()  # 0-d: a number; 1-d: a list of numbers
         if isinstance(threshold, Mapping):
-            unknown = sorted(set(threshold) - set(self.classes))
+            unknown = sorted(set(threshold) - set(self.classes), key=str)
             missing = [c for c in self.classes if c not in threshold]
             if unknown or missing:
                 raise BadInput(f"thresholds must name exactly the model's classes; unknown {unknown}, "
-                                 f"missing {missing}")
-            threshold = [threshold[c] for c in self.classes]
-        limits = np.broadcast_to(np.asarray(threshold, np.float64), (len(self.classes),)).copy() \
-            if np.ndim(threshold) == 0 or len(threshold) == len(self.classes) else None
-        if limits is None or not np.isfinite(limits).all():
-            raise BadInput(f"threshold must be a finite number or {len(self.classes)} of them, got {threshold!r}")
-        return limits
+                               f"missing {missing}")
+            named = [(f"threshold[{c!r}]", threshold[c]) for c in self.classes]
+        elif isinstance(threshold, (list, tuple)):
+            if len(threshold) != len(self.classes):
+                raise BadInput(f"threshold must be one number in [0, 1] or {len(self.classes)} of them (one per "
+                               f"class, or a mapping class -> number), got {len(threshold)}")
+            named = [(f"threshold[{i}]", value) for i, value in enumerate(threshold)]
+        else:
+            named = [("threshold", threshold)] * len(self.classes)
+        return np.array([checks.probability(value, name) for name, value in named], np.float64)
 
 
 class Detector(_Loaded):
@@ -219,53 +236,92 @@ class Detector(_Loaded):
     def detect(self, images: ImageLike | Sequence[ImageLike], proposals: Any = None, proposal_scores: Any = None,
                score_threshold: float = DETECTION_SCORE, max_detections: int | None = MAX_DETECTIONS,
                nms_iou: float = NMS_IOU, max_per_class: int = 100) -> dict[str, Any] | list[dict[str, Any]]:
-        """The teacher on one image (a dict) or a list of images (a list of dicts). ``proposals (R, 4)`` in pixels of
-        the image (computed when None; for a list, a list with one entry per image).
+        """The teacher on one image (a dict) or a list of images (a list of dicts). ``proposals (R, 4)``
+        (x1, y1, x2, y2) in pixels of the image, with ``proposal_scores (R,)`` or without (every score 1);
+        computed when None; for a list of images, lists with one entry per image. Non-finite and inverted
+        proposals are refused, those partly outside the image clipped to it, those left empty dropped.
 
         Returns ``image_scores`` ``{class: p}``; ``boxes (D, 4)``, ``labels`` (D class names), ``scores (D,)`` of
         the detections: per-class NMS at ``nms_iou`` (at most ``max_per_class`` per class), then those scoring at
         least ``score_threshold``, the ``max_detections`` best (torchvision's detectors' defaults: 0.05 and 100;
-        ``score_threshold=0, max_detections=None`` keeps every detection); ``proposals (R, 4)`` and their
-        ``objectness (R,)`` (the sum of a region's class scores) and ``region_scores (R, K)``.
+        ``score_threshold=0, max_detections=None`` keeps every detection); ``proposals (R', 4)`` (those used,
+        clipped; at most the teacher's ``max_proposals``), ``proposal_index (R',)`` (their positions among the
+        given ones), their ``objectness (R',)`` (the sum of a region's class scores) and ``region_scores (R', K)``.
         """
-        if not math.isfinite(score_threshold) or not 0 <= score_threshold <= 1:
-            raise BadInput(f"score_threshold must be a number in [0, 1], got {score_threshold!r}")
-        if max_detections is not None and (isinstance(max_detections, bool) or not isinstance(max_detections, int)
-                                           or max_detections < 1):
-            raise BadInput(f"max_detections must be an integer >= 1 or None (all), got {max_detections!r}")
+        settings = {"score_threshold": checks.probability(score_threshold, "score_threshold"),
+                    "max_detections": checks.integer(max_detections, "max_detections", low=1, none="all"),
+                    "nms_iou": checks.probability(nms_iou, "nms_iou"),
+                    "max_per_class": checks.integer(max_per_class, "max_per_class", low=1)}
         if not isinstance(images, (list, tuple)):
-            return self._detect(images, proposals, proposal_scores, score_threshold, max_detections, nms_iou,
-                                max_per_class)
+            return self._detect(images, 0, proposals, proposal_scores, settings)
         given = [(proposals, "proposals"), (proposal_scores, "proposal_scores")]
         for value, name in given:
             if value is not None and (not isinstance(value, (list, tuple)) or len(value) != len(images)):
                 raise BadInput(f"with a list of {len(images)} images, {name} must be a list with one entry per image")
-        return [self._detect(image, None if proposals is None else proposals[i],
-                             None if proposal_scores is None else proposal_scores[i], score_threshold, max_detections,
-                             nms_iou, max_per_class) for i, image in enumerate(images)]
+        return [self._detect(image, i, None if proposals is None else proposals[i],
+                             None if proposal_scores is None else proposal_scores[i], settings)
+                for i, image in enumerate(images)]
+
+    def _regions(self, rgb: np.ndarray, where: str, proposals: Any, proposal_scores: Any
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The proposals the teacher sees: boxes ``(R', 4)`` float32 checked by the one box validator (clipped
+        to the image, empty ones dropped), their scores ``(R',)`` and positions among the given ``(R',)``, cut
+        to the teacher's recorded budget after validation (a dropped box takes no place)."""
+        if proposals is None:
+            if proposal_scores is not None:
+                raise BadInput(f"proposal_scores given without proposals for {where}: give both, or neither (both "
+                               "are then computed)")
+            proposals, proposal_scores = self.proposals(rgb)
+        try:
+            given = np.array(proposals, np.float32)  # copied: the caller's array is never changed
+        except (TypeError, ValueError) as e:
+            raise BadInput(f"proposals of {where} must be an (R, 4) array of (x1, y1, x2, y2) pixels: {e}") from None
+        if given.ndim != 2 or given.shape[1] != 4:  # (R, 5) boxes + scores would be scrambled by a reshape
+            raise BadInput(f"proposals of {where} must be an (R, 4) array of (x1, y1, x2, y2) pixels, got shape "
+                           f"{given.shape}")
+        scores = np.ones(len(given), np.float32) if proposal_scores is None else \
+            _proposal_scores(proposal_scores, len(given), where)
+        boxes, report = check_boxes(given, rgb.shape[:2], "clip", f"proposals of {where}",
+                                    name_box=lambda i: f"proposal {i}",
+                                    hint="proposals are (x1, y1, x2, y2) corners, not (x, y, width, height)")
+        if report.changed:
+            logger.debug("proposals of %s: %s", where, report.summary())
+        keep = report.keep[: self.max_proposals]
+        if len(keep) == 0:
+            raise BadInput(f"the image has no proposals ({where}: {len(given)} given, {report.num_dropped} dropped "
+                           "as empty inside the image); the teacher needs at least one region")
+        return boxes[: len(keep)], scores[keep], keep
 
     @torch.no_grad()
-    def _detect(self, image: ImageLike, proposals: np.ndarray | None, proposal_scores: np.ndarray | None,
-                score_threshold: float, max_detections: int | None, nms_iou: float,
-                max_per_class: int) -> dict[str, Any]:
+    def _detect(self, image: ImageLike, index: int, proposals: Any, proposal_scores: Any,
+                settings: dict[str, Any]) -> dict[str, Any]:
         rgb = to_rgb(image)
-        if proposals is None:
-            proposals, proposal_scores = self.proposals(rgb)
-        boxes = np.asarray(proposals, np.float32).reshape(-1, 4)[: self.max_proposals]
-        scores = np.ones(len(boxes), np.float32) if proposal_scores is None \
-            else np.asarray(proposal_scores, np.float32).reshape(-1)[: len(boxes)]
-        if len(boxes) == 0:
-            raise BadInput("the image has no proposals; the teacher needs at least one region")
+        where = describe_image(image, index)
+        boxes, scores, keep = self._regions(rgb, where, proposals, proposal_scores)
         target = {"proposals": torch.from_numpy(boxes)}
         x, target = Warp(self.image_size)(torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1), target)
         out = self.model(normalize(x[None].to(self.device), self.input_convention),
                          [target["proposals"].to(self.device)], [torch.from_numpy(scores).to(self.device)])[0]
         regions = out["region_scores"].float().cpu().numpy()
-        if not np.isfinite(regions).all():
-            name = image if isinstance(image, (str, Path)) else f"the {type(image).__name__} image"
-            raise BadInput(f"the teacher gives non-finite scores for {name} (are its weights damaged?)")
-        det_boxes, det_scores, det_labels = class_detections(boxes, regions, nms_iou, max_per_class, score_threshold,
-                                                             max_detections)
+        if not np.isfinite(regions).all():  # the inputs are finite by now: the weights are to blame
+            raise BadInput(f"the teacher gives non-finite scores for {where} (are its weights damaged?)")
+        det_boxes, det_scores, det_labels = class_detections(boxes, regions, **settings)
         return {"image_scores": dict(zip(self.classes, out["image_scores"].float().cpu().tolist())),
                 "boxes": det_boxes, "labels": [self.classes[c] for c in det_labels], "scores": det_scores,
-                "proposals": boxes, "objectness": regions.sum(1), "region_scores": regions}
+                "proposals": boxes, "proposal_index": keep, "objectness": regions.sum(1), "region_scores": regions}
+
+
+def _proposal_scores(proposal_scores: Any, count: int, where: str) -> np.ndarray:
+    """``(count,)`` float32 finite scores, one per given proposal, or a BadInput naming the first bad one."""
+    try:
+        scores = np.array(proposal_scores, np.float32)
+    except (TypeError, ValueError) as e:
+        raise BadInput(f"proposal_scores of {where} must be a ({count},) array of numbers: {e}") from None
+    if scores.shape != (count,):  # neither cut nor padded: a mismatch means they belong to other proposals
+        raise BadInput(f"proposal_scores of {where} must be a ({count},) array, one per proposal, got shape "
+                       f"{scores.shape}")
+    bad = np.flatnonzero(~np.isfinite(scores))
+    if len(bad):
+        raise BadInput(f"proposal_scores of {where}: the score of proposal {bad[0]} is {scores[bad[0]]}; expected "
+                       f"finite numbers ({len(bad)} are not)")
+    return scores

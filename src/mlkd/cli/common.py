@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import math
 from typing import Any, Callable, TypeVar
 
 from mlkd.errors import BadInput
+from mlkd.utils.checks import PROBABILITY, Rule
 
 T = TypeVar("T", int, float)
 
@@ -69,9 +69,14 @@ def ranged(convert: Callable[[str], T], ok: Callable[[T], bool], expected: str) 
     return parse
 
 
-positive_int = ranged(int, lambda v: v >= 1, "an integer >= 1")
-non_negative_int = ranged(int, lambda v: v >= 0, "an integer >= 0")
-# math.isfinite: "nan" and "inf" parse as floats but are never a sensible tolerance or probability
-positive_float = ranged(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
-non_negative_float = ranged(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
-probability = ranged(float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
+def following(rule: Rule) -> Callable[[str], Any]:
+    """An argparse ``type`` for the values of ``rule`` (mlkd.utils.checks): the option follows the rule the
+    Python API applies to the same argument, and says what it expects in the same words."""
+    return ranged(int if rule.integer else float, rule.ok, rule.expected)
+
+
+positive_int = following(Rule(True, low=1))
+non_negative_int = following(Rule(True, low=0))
+positive_float = following(Rule(False, low=0, low_open=True))  # finite: "nan" and "inf" parse as floats
+non_negative_float = following(Rule(False, low=0))
+probability = following(PROBABILITY)

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from mlkd.cli.common import add_device_option, add_precision_options, positive_int, resolve_device
 from mlkd.errors import BadInput, NotFound
+from mlkd.utils.checks import PROBABILITY
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -59,7 +60,7 @@ def read_thresholds(spec: str | None, classes: Sequence[str]) -> np.ndarray | No
     except ValueError:
         value = None
     if value is not None:
-        if not 0.0 <= value <= 1.0:  # also refuses nan and inf
+        if not PROBABILITY.ok(value):  # the API's rule for its threshold argument; refuses nan and inf
             raise BadInput(f"--thresholds {spec}: expected a probability in [0, 1] (or a file of 'class threshold' "
                            "lines)")
         return np.full(len(classes), value)
@@ -76,7 +77,7 @@ def read_thresholds(spec: str | None, classes: Sequence[str]) -> np.ndarray | No
             value = float(text)
         except ValueError:
             raise BadInput(f"{path}:{n}: expected 'class_name threshold', got {line!r}") from None
-        if not 0.0 <= value <= 1.0:
+        if not PROBABILITY.ok(value):
             raise BadInput(f"{path}:{n}: threshold {text!r} of {name!r} is not a probability; expected a number in "
                            "[0, 1]")
         if name in values:

@@ -82,10 +82,26 @@ def model_config(ckpt: dict[str, Any]) -> TeacherModelConfig | StudentModelConfi
     kind, where = ckpt["kind"], ckpt.get("file", "the checkpoint")
     if kind not in MODEL_CONFIGS:
         raise BadInput(f"{where} holds {kind}, not a teacher or student model")
+    other = _heads_of(ckpt["model"])
+    if other is not None and other[0] != kind:  # else its config would be refused key by key for the wrong kind
+        raise BadInput(f"{where}: kind is {kind!r}, but the weights do not fit a {kind}: they have {other[1]}, as a "
+                       f"{other[0]} has; expected a {kind}'s weights, or kind {other[0]!r}")
     try:
         return from_dict(MODEL_CONFIGS[kind], {**ckpt["model_config"], "weights": None}, prefix="model_config.")
     except BadInput as e:
         raise BadInput(f"{where}: {e}") from None
+
+
+def _heads_of(state: dict[str, Any]) -> tuple[str, str] | None:
+    """Which kind the class heads of ``state`` belong to, and the heads in words: a teacher (WSDDN) has two class
+    streams fc8_c and fc8_d, a student one head (fc8 after fc7, fc after a pooled backbone); None if unclear."""
+    def shape(name: str) -> tuple[int, ...]:
+        return tuple(state[f"{name}.weight"].shape)
+
+    if "fc8_c.weight" in state and "fc8_d.weight" in state:
+        return "teacher", f"two class streams fc8_c {shape('fc8_c')} and fc8_d {shape('fc8_d')}"
+    head = next((h for h in ("fc8", "fc") if f"{h}.weight" in state), None)
+    return ("student", f"one class head {head} {shape(head)}") if head else None
 
 
 def model_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
