@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_teacher.py
 	$(BIN)/python benchmarks/bench_student.py
 	$(BIN)/python benchmarks/bench_backbones.py
+	$(BIN)/python benchmarks/bench_image_identity.py
 
 clean:
 	rm -rf $(VENV) runs build dist src/*.egg-info

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 
 import cv2
@@ -13,6 +15,7 @@ from torch.utils.data import DataLoader
 
 from mlkd.cli import main
 from mlkd.data import CustomDataset, MultiLabelDataset, Warp, build_dataset, collate
+from mlkd.errors import BadInput
 
 
 def write_png(path: Path, h: int, w: int, value: int) -> np.ndarray:
@@ -179,6 +182,22 @@ def test_duplicate_paths_empty_annotation_files_and_bad_csv_header(tmp_path, ima
         CustomDataset(tmp_path / "x.txt")
     with pytest.raises(FileNotFoundError, match="annotation file not found"):
         CustomDataset(tmp_path / "x.jsonl")
+
+
+@pytest.mark.parametrize("alias", ["./img/a.png", "img/../img/a.png", "ABS", "img/link.png", "img/hard.png"])
+def test_one_file_under_two_paths_is_refused_naming_both_rows(tmp_path, images, alias):
+    """The id is the path as written, so `img/a.png` and `./img/a.png` (an absolute path, a symlink, a hard link)
+    made two images of one file: it counted twice in training and in the metrics."""
+    (tmp_path / "img" / "link.png").symlink_to("a.png")
+    os.link(tmp_path / "img" / "a.png", tmp_path / "img" / "hard.png")
+    path = str(tmp_path / "img" / "a.png") if alias == "ABS" else alias
+    manifest = write_jsonl(tmp_path / "train.jsonl", JSONL_ROWS + [{"path": path, "labels": ["cat"]}])
+    with pytest.raises(BadInput, match=rf"^{manifest}:4: image {re.escape(repr(path))} is the same file as image "
+                                       rf"'img/a.png' at {manifest}:1 \(.*{tmp_path / 'img' / 'a.png'}\); list each "
+                                       "image once"):
+        CustomDataset(manifest)
+    other = write_jsonl(tmp_path / "ok.jsonl", JSONL_ROWS[1:] + [{"path": path, "labels": ["cat"]}])
+    assert len(CustomDataset(other, classes=["bird", "cat", "dog"])) == 3  # one name per file is fine
 
 
 def test_missing_files_listed_or_skipped(tmp_path, images):

@@ -3,6 +3,7 @@ and clear errors for malformed lines."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import cv2
@@ -14,6 +15,7 @@ from torch.utils.data import DataLoader
 from mlkd.cli import main
 from mlkd.data import DatalistDataset, InMemoryProposals, Warp, build_dataset, collate
 from mlkd.data.base import DatasetIdentity
+from mlkd.errors import BadInput
 
 CLASSES = ["cat", "dog", "bird"]
 LINES = [
@@ -120,3 +122,13 @@ def test_duplicates_missing_images_and_class_list(datalist, tmp_path):
         DatalistDataset(datalist, tmp_path / "none.txt")
     with pytest.raises(ValueError, match="a datalist has no names, pass them"):
         DatalistDataset(datalist, [])
+
+
+@pytest.mark.parametrize("alias", ["./img/a.jpg", "ABS", "img/link.jpg"])
+def test_one_image_under_two_paths_is_refused_naming_both_lines(datalist, alias):
+    (datalist.parent / "img" / "link.jpg").symlink_to("a.jpg")
+    path = str(datalist.parent / "img" / "a.jpg") if alias == "ABS" else alias
+    datalist.write_text(f"{LINES[0]}\n{LINES[1]}\n{path} 0 1 0\n")
+    with pytest.raises(BadInput, match=rf"^{datalist}:3: image {re.escape(repr(path))} is the same file as image "
+                                       rf"'img/a.jpg' at {datalist}:1 .*remove one of the two rows"):
+        DatalistDataset(datalist, CLASSES)

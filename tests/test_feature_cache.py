@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -92,3 +93,38 @@ def test_targets_and_features_come_from_one_teacher_pass(trained, tmp_path):
         with teacher_caches(teacher, "torchvision", str(trained.teacher), dataset, 80, tmp_path / "both", DistInfo(),
                             30, True, spec, progress=False)[1]:
             assert calls == []
+
+
+def test_a_truncated_targets_file_is_computed_again_on_resume(trained, tmp_path, caplog):
+    """teacher_targets.pt cut short (a full disk while copying the run folder): the next call logs it and
+    recomputes the same targets instead of ending in a torch.load traceback."""
+    teacher = model_from_checkpoint(load_checkpoint(trained.teacher, "teacher"))
+    dataset = open_split(str(trained.data.train), proposals=str(trained.data.train_proposals))
+    first = compute_teacher_targets(teacher, "torchvision", str(trained.teacher), dataset, 80, tmp_path, DistInfo(),
+                                    30, progress=False)
+    path = tmp_path / "teacher_targets.pt"
+    os.truncate(path, path.stat().st_size // 2)
+    again = compute_teacher_targets(teacher, "torchvision", str(trained.teacher), dataset, 80, tmp_path, DistInfo(),
+                                    30, progress=False)
+    assert f"{path} cannot be read" in caplog.text and "computed again" in caplog.text
+    for r in dataset.records:
+        torch.testing.assert_close(again.probs[r.image_id], first.probs[r.image_id], rtol=0, atol=0)
+    assert torch.load(path, weights_only=True)["probs"].keys() == first.probs.keys()  # rewritten whole
+
+
+def test_the_caches_fingerprint_follows_the_content_of_the_images_behind_the_proposals(trained, monkeypatch):
+    """A proposal cache rebuilt on changed images with the same parameters has other image stamps: the teacher's
+    cached targets of the old images must not be reused for it."""
+    from mlkd.data.base import FileStamp
+    from mlkd.distill.cache import _fingerprint
+
+    dataset = open_split(str(trained.data.train), proposals=str(trained.data.train_proposals))
+    stamps = dataset.proposals.stamps()
+    assert len(stamps) == len(dataset)  # mlkd's own caches stamp every image
+    before = _fingerprint(str(trained.teacher), 80, dataset, 30)
+    first = sorted(stamps)[0]
+    changed = {**stamps, first: FileStamp(stamps[first].size, stamps[first].mtime_ns, bytes(32))}
+    monkeypatch.setattr(type(dataset.proposals), "stamps", lambda self: changed)
+    assert _fingerprint(str(trained.teacher), 80, dataset, 30)["images"] != before["images"]
+    monkeypatch.setattr(type(dataset.proposals), "stamps", lambda self: stamps)
+    assert _fingerprint(str(trained.teacher), 80, dataset, 30) == before

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import subprocess
 import sys
 
@@ -12,11 +14,14 @@ import torch
 
 from mlkd.cli import main
 from mlkd.data import CustomDataset, Warp
+from mlkd.data.base import FileStamp
 from mlkd.data.synthetic import generate
+from mlkd.errors import BadFile
 from mlkd.models.inputs import teacher_inputs
 from mlkd.proposals import ProposalCache, generate_proposals, make_meta, merge_caches, parse_shard, shard_indices
 from mlkd.proposals.attach import check_cache_matches, open_split, require_proposals
-from mlkd.proposals.cache import decode_record, encode_record
+from mlkd.proposals.cache import decode_record, encode_record, record_stamp
+from mlkd.proposals.methods import resolve_params
 
 SS = {"mode": "fast", "max_proposals": 50}
 
@@ -45,14 +50,51 @@ def test_record_round_trip_including_zero_proposals():
     b[:] = 1  # decoded arrays are writable copies (transforms modify them)
 
 
+def test_a_record_with_its_image_file_stamp_round_trips():
+    stamp = FileStamp(123456, 1_700_000_000_123_456_789, bytes(range(32)))
+    data = encode_record(np.ones((3, 4)), [1, 2, 3], stamp)
+    assert len(data) == 12 + 20 * 3 + 48 and data[4:8] == (2).to_bytes(4, "little")
+    boxes, scores = decode_record(data, "x")
+    assert boxes.tolist() == [[1] * 4] * 3 and scores.tolist() == [1, 2, 3]
+    assert record_stamp(data, "x") == stamp and record_stamp(encode_record(np.ones((3, 4)), [1, 2, 3]), "x") is None
+
+
+def test_generation_stamps_every_image_file(synth, tmp_path):
+    """Version-3 caches: each record ends with the size, mtime and SHA-256 of the file it was computed from
+    (hashed here with hashlib directly)."""
+    ds = _train(synth)
+    generate_proposals(ds, "selective_search", SS, tmp_path / "c", progress=False)
+    with ProposalCache.open(tmp_path / "c") as cache:
+        assert cache.meta["version"] == 3
+        stamps = cache.stamps()
+    assert set(stamps) == {r.image_id for r in ds.records}
+    for r in ds.records:
+        st = os.stat(r.path)
+        want = hashlib.sha256(r.path.read_bytes()).digest()
+        assert stamps[r.image_id] == FileStamp(st.st_size, st.st_mtime_ns, want)
+
+
+def test_resuming_a_version_2_cache_upgrades_it_and_stamps_the_new_records(synth, tmp_path):
+    ds = _train(synth)
+    meta = {**make_meta("selective_search", resolve_params("selective_search", SS), ds.identity.to_dict()),
+            "version": 2}
+    with ProposalCache.create(tmp_path / "c", meta) as cache:  # as mlkd wrote it before file stamps
+        cache.put(ds.records[0].image_id, np.ones((1, 4)) * [0, 0, 9, 9], np.ones(1))
+    report = generate_proposals(ds, "selective_search", SS, tmp_path / "c", progress=False)
+    assert report.skipped == 1 and report.processed == len(ds) - 1
+    with ProposalCache.open(tmp_path / "c") as cache:
+        assert cache.meta["version"] == 3 and set(cache.stamps()) == {r.image_id for r in ds.records[1:]}
+    assert open_split(str(synth[1]["train"]), proposals=str(tmp_path / "c")).proposals is not None
+
+
 @pytest.mark.parametrize("data, message", [
     (b"MLK", "shorter than the header"),
     (b"XXXX" + bytes(8), "header b'XXXX'"),
     (encode_record(np.zeros((2, 4)), np.zeros(2))[:-4], "for R=2"),
 ])
 def test_malformed_record_names_the_problem(data, message):
-    with pytest.raises(ValueError, match=f"malformed proposal record 'img7'.*{message}"):
-        decode_record(data, "'img7'")
+    with pytest.raises(BadFile, match=f"malformed proposal record 'img7'.*{message}.*; rebuild it$"):
+        decode_record(data, "'img7'", "; rebuild it")
 
 
 def test_cache_round_trip_and_dataset_attachment(synth, tmp_path):

@@ -22,7 +22,8 @@ empty = no positive label), optional ``boxes`` (the same JSON list as above) and
   only the header); an image whose header cannot be read has its boxes checked without the size.
 - ``ignore`` (optional): names whose label is -1 ("ignore for this class" in training and metrics).
 - ``path``: relative to ``root`` (default: the annotation file's folder) or absolute. It is the image id, as
-  written, so ids are stable wherever the dataset is moved; paths must be unique.
+  written, so ids are stable wherever the dataset is moved; paths must be unique, and so must the files they name
+  (``a.png`` and ``./a.png``, an absolute path, a symlink or a hard link to one file are refused naming both rows).
 
 Class order (part of the dataset's identity): ``classes`` may be a list of names or a path to a text file
 (one name per line). If omitted, ``classes.txt`` next to the annotation file is used when it exists; otherwise the
@@ -43,7 +44,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from mlkd.data.base import (ImageRecord, MultiLabelDataset, Transform, check_record_boxes, drop_missing, known_size,
-                            report_boxes)
+                            refuse_aliases, report_boxes)
 from mlkd.data.boxes import check_policy
 from mlkd.errors import BadInput, NotFound
 
@@ -268,6 +269,7 @@ class CustomDataset(MultiLabelDataset):
         self.root = Path(root) if root is not None else annotations.parent
         records = _records(rows, class_list, self.root, source)
         records, missing = drop_missing(records, skip_missing, str(annotations), self.root)
+        refuse_aliases(records, annotations)  # ids are paths as written: two spellings of a file would be two images
         # the format has no image size: read the header of the images with boxes (nothing is decoded)
         sizes = [known_size(r.path) if r.boxes is not None and len(r.boxes) else None for r in records]
         box_report = check_record_boxes(

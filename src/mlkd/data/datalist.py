@@ -8,7 +8,8 @@ A datalist (the Caffe data layer input of the release) has one line per image, w
 file (read as written: the release produced them in its own frame, mlkd's 0-based convention) and its score.
 The file has no class names, so the class list is required (a file, one name per line, or a list); its
 length must be ``K``. Paths are relative to ``root`` (default: the datalist's folder) or absolute, and the
-path as written is the image id. Blank lines are skipped.
+path as written is the image id. Two lines naming one file (``a.jpg`` and ``./a.jpg``, an absolute path, a
+symlink) are refused naming both. Blank lines are skipped.
 
 Proposals: the dataset attaches an :class:`InMemoryProposals` (``self.proposals``), which has the reading
 interface of :class:`mlkd.proposals.cache.ProposalCache` (``get(image_id) -> (boxes (R, 4), scores (R,))``,
@@ -29,7 +30,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from mlkd.data.base import BOX_CONVENTION, ImageRecord, MultiLabelDataset, Transform, drop_missing
+from mlkd.data.base import BOX_CONVENTION, ImageRecord, MultiLabelDataset, Transform, drop_missing, refuse_aliases
 from mlkd.data.boxes import check_boxes
 from mlkd.data.custom import read_class_file
 from mlkd.errors import BadInput, MissingEntry, NotFound
@@ -201,6 +202,7 @@ class DatalistDataset(MultiLabelDataset):
         self.root = Path(root) if root is not None else path.parent
         records, proposals = read_datalist_records(path, class_list, self.root)
         records, missing = drop_missing(records, skip_missing, str(path), self.root)
+        refuse_aliases(records, path)  # ids are paths as written: two spellings of a file would be two images
         super().__init__("datalist", split or path.stem, class_list, records, transform,
                          excluded={"missing": missing})
         meta = {"method": "import:datalist", "params": {"source": str(path.resolve())},

@@ -10,6 +10,7 @@ teacher. Whether a stage reads these caches or runs the teacher is its :class:`~
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -49,10 +50,18 @@ class TeacherTargets:
 
 
 def _fingerprint(teacher_path: str, scale: int, dataset: MultiLabelDataset, max_proposals: int | None) -> dict:
+    """What the teacher's caches were computed from: the teacher file, its scale, the dataset, its proposals and
+    the content of the images they were computed on (so a proposal cache rebuilt on changed images with the same
+    parameters does not let old targets through)."""
     st = os.stat(teacher_path)
+    stamps = getattr(dataset.proposals, "stamps", None)  # caches of proposals computed by mlkd record them
+    digest = hashlib.sha256()
+    for image_id, stamp in sorted((stamps() if stamps else {}).items()):
+        digest.update(image_id.encode() + b"\0" + stamp.digest)
     return {"teacher": os.path.abspath(teacher_path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "scale": scale,
             "dataset": dataset.identity.to_dict(), "max_proposals": max_proposals,
-            "proposals": None if dataset.proposals is None else dataset.proposals.meta.get("params")}
+            "proposals": None if dataset.proposals is None else dataset.proposals.meta.get("params"),
+            "images": digest.hexdigest()}
 
 
 TEACHER_BATCH = 4  # images per teacher forward when computing its targets (all are warped to the same square)
@@ -119,7 +128,7 @@ def teacher_caches(teacher: WSDDN, convention: str, teacher_path: str, dataset: 
     if dataset.proposals is None:
         raise BadInput("the teacher's targets need the training split's proposals: set data.train_proposals")
     key = _fingerprint(teacher_path, scale, dataset, max_proposals)
-    saved = _saved_targets(out / TARGETS_FILE, key, info) if soft else None
+    saved = _saved_targets(out / TARGETS_FILE, key, info, dataset) if soft else None
     need_soft = soft and not broadcast(saved is not None, info)
     root, widths = out / FEATURES_DIR, {layer: teacher.feature_width for layer in (features.layers if features else ())}
     f_key = {**key, "layers": list(features.layers), "top_k": features.top_k, "format": 2} if features else None
@@ -157,12 +166,49 @@ def teacher_caches(teacher: WSDDN, convention: str, teacher_path: str, dataset: 
             TeacherFeatures(root, widths) if features is not None else None)
 
 
-def _saved_targets(path: Path, key: dict[str, Any], info: DistInfo) -> dict[str, Any] | None:
-    """The targets saved in ``path`` when they were computed from ``key`` (read by rank 0 only)."""
+def _saved_targets(path: Path, key: dict[str, Any], info: DistInfo,
+                   dataset: MultiLabelDataset) -> dict[str, Any] | None:
+    """The targets saved in ``path`` when they were computed from ``key`` (read by rank 0 only), else None.
+
+    The file is a cache that one teacher pass rebuilds exactly, so one that cannot be read (cut short,
+    hostile: ``weights_only`` loads no code) or does not hold a ``(2, K)`` probability tensor per image is
+    logged and computed again, rather than stopping a resumed run or feeding it wrong targets.
+    """
     if not info.is_main or not path.is_file():
         return None
-    saved = torch.load(path, weights_only=True)
-    return saved if saved.get("key") == key else None
+    try:
+        saved = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:  # noqa: BLE001 - torch.load fails in many types (zip, pickle, storage): all mean unreadable
+        logger.warning(f"{path} cannot be read ({type(e).__name__}: {e}); the teacher's targets are computed again")
+        return None
+    if isinstance(saved, dict) and saved.get("key") != key:
+        return None  # computed from another teacher, dataset or proposals: not an error
+    problem = _targets_problem(saved, dataset)
+    if problem is not None:
+        logger.warning(f"{path} is not a teacher targets file of this run ({problem}); the teacher's targets are "
+                       "computed again")
+        return None
+    return saved
+
+
+def _targets_problem(saved: Any, dataset: MultiLabelDataset) -> str | None:
+    """What is wrong with a loaded targets file, or None: it must be ``{"key": ..., "probs": {image id: (2, K)
+    finite float tensor in [0, 1]}}`` with an entry for every image of ``dataset``."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("probs"), dict):
+        return f"expected a dict with 'key' and 'probs', got {type(saved).__name__}"
+    probs, k = saved["probs"], dataset.num_classes
+    for r in dataset.records:
+        p = probs.get(r.image_id)
+        if not isinstance(p, torch.Tensor) or not p.is_floating_point() or tuple(p.shape) != (2, k):
+            got = f"{p.dtype} {tuple(p.shape)}" if isinstance(p, torch.Tensor) else type(p).__name__
+            return f"image {r.image_id!r}: expected a (2, {k}) float tensor, got {got}"
+    if dataset.records:  # one pass over all values: a per-image check costs seconds on COCO
+        values = torch.stack([probs[r.image_id] for r in dataset.records]).float()
+        bad = ~(torch.isfinite(values) & (values >= 0) & (values <= 1)).flatten(1).all(1)
+        if bad.any():
+            return (f"image {dataset.records[int(bad.nonzero()[0])].image_id!r}: probabilities outside [0, 1] or "
+                    "not finite")
+    return None
 
 
 def _teacher_views(teacher: WSDDN, convention: str, dataset: MultiLabelDataset, scale: int,

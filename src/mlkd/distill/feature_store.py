@@ -11,7 +11,9 @@ On disk, ``RUN/teacher_features/`` holds one LMDB per process that built it, ``s
 ``"<image id>\\t<0|1>"`` -> a 4-byte count R, R int32 positions among the image's proposals, then each layer's
 ``(R, D)`` float16 features. ``meta.json`` (written last: a store without it is incomplete and rebuilt) holds the
 fingerprint of what they were computed from (a different one rebuilds the store) and the shard names. All ranks
-read every shard, so under several nodes the run folder must be on a shared file system.
+read every shard, so under several nodes the run folder must be on a shared file system. A shard whose
+``data.mdb`` is cut short (a full disk, an interrupted copy) makes the store not current, so it is rebuilt; one
+found so while reading, or a record of the wrong length, is a ``BadFile`` naming it.
 """
 
 from __future__ import annotations
@@ -28,13 +30,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mlkd.errors import MissingEntry
+from mlkd.errors import BadFile, CannotWrite, MissingEntry
 from mlkd.utils import lmdb_env
 from mlkd.utils.checkpoint import write_atomically
 
 logger = logging.getLogger(__name__)
 
 _COUNT = struct.Struct("<I")
+WHAT = "teacher feature store shard"
+
+
+def _fix(store: Path) -> str:
+    return (f"remove {store} (the run folder's teacher_features): the next run of the same command, with --resume, "
+            "computes it again")
 
 
 def estimate_bytes(num_images: int, regions: int, widths: dict[str, int]) -> int:
@@ -51,10 +59,15 @@ class TeacherFeatures:
         meta = read_meta(path)
         if meta is None:
             raise MissingEntry(f"{path} is not a finished teacher feature store (no readable meta.json)")
-        self.shards = [path / name for name in meta["shards"]]
-        for shard in self.shards:
-            lmdb_env.acquire(shard, writable=False)
+        self.shards: list[Path] = []
         self._open = True
+        try:
+            for shard in (path / name for name in meta["shards"]):
+                lmdb_env.acquire(shard, writable=False, what=WHAT, fix=_fix(path))
+                self.shards.append(shard)
+        except BaseException:  # a damaged shard: release the ones already open
+            self.close()
+            raise
 
     def close(self) -> None:
         if self._open:
@@ -72,13 +85,20 @@ class TeacherFeatures:
         """Positions ``(R,)`` int64 and per layer ``(R, D)`` float16 of one view."""
         key, data = f"{image_id}\t{int(flipped)}".encode(), None
         for shard in self.shards:
-            with lmdb_env.env(shard).begin(buffers=False) as txn:
-                data = txn.get(key)
+            try:
+                with lmdb_env.env(shard).begin(buffers=False) as txn:
+                    data = txn.get(key)
+            except lmdb.Error as e:  # LMDB found a page of the wrong type: the file was damaged
+                raise BadFile(f"{WHAT} {shard} is damaged (record {image_id!r}, flip {int(flipped)}): "
+                              f"{type(e).__name__}: {e}; {_fix(self.path)}") from e
             if data is not None:
                 break
         if data is None:
             raise MissingEntry(f"no teacher features for image {image_id!r} (flip {flipped}) in {self.path}")
-        (r,) = _COUNT.unpack_from(data)
+        r = _COUNT.unpack_from(data)[0] if len(data) >= _COUNT.size else -1
+        if len(data) != _COUNT.size + r * (4 + 2 * sum(self.widths.values())):
+            raise BadFile(f"malformed record {image_id!r} (flip {int(flipped)}) in {WHAT} {shard}: {len(data)} bytes "
+                          f"for {r} regions of widths {self.widths}; {_fix(self.path)}")
         keep = np.frombuffer(data, "<i4", r, _COUNT.size).astype(np.int64)
         offset, feats = _COUNT.size + 4 * r, {}
         for layer, width in self.widths.items():
@@ -110,9 +130,20 @@ def read_meta(path: Path) -> dict[str, Any] | None:
 
 
 def is_current(path: Path, fingerprint: dict[str, Any]) -> bool:
-    """Whether ``path`` holds a finished store computed from ``fingerprint``."""
+    """Whether ``path`` holds a finished store computed from ``fingerprint`` whose shards are whole (a damaged
+    one is logged, and the store is rebuilt: it is a cache)."""
     meta = read_meta(path)
-    return meta is not None and meta["fingerprint"] == fingerprint
+    if meta is None or meta["fingerprint"] != fingerprint:
+        return False
+    try:
+        for name in meta["shards"]:
+            if not (path / name / "data.mdb").is_file():
+                raise BadFile(f"{WHAT} {path / name} has no data.mdb")
+            lmdb_env.check_data_file(path / name, WHAT)
+    except BadFile as e:
+        logger.warning(f"{e}; the teacher's region features are computed again")
+        return False
+    return True
 
 
 def clear(path: Path) -> None:
@@ -126,7 +157,7 @@ def write_shard(path: Path, widths: dict[str, int],
                 total: int, progress: bool = True) -> None:
     """Write ``views`` (image id, flipped, positions, per-layer features) into the LMDB at ``path``."""
     path.mkdir(parents=True, exist_ok=True)
-    lmdb_env.acquire(path, writable=True)
+    lmdb_env.acquire(path, writable=True, what=WHAT, fix=_fix(path.parent))
     try:
         pending: list[tuple[bytes, bytes]] = []
         for image_id, flipped, keep, feats in tqdm(views, total=total, desc="teacher features", unit="view",
@@ -158,4 +189,8 @@ def _put(path: Path, pending: list[tuple[bytes, bytes]]) -> None:
             break
         except lmdb.MapFullError:  # grow the map and write the batch again
             env.set_mapsize(env.info()["map_size"] * 2)
+        except lmdb.Error as e:  # a full disk, a file-size limit: the store stays unfinished (no meta.json)
+            raise CannotWrite(f"cannot write {WHAT} {path}: {e} (likely cause: {lmdb_env.write_failure_cause(path)}); "
+                              "free space (or raise `ulimit -f`, or lower distill.feature_cache_gb) and run again "
+                              "with --resume") from e
     pending.clear()

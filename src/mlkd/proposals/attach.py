@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import time
 from typing import Any
 
 from mlkd.data import build_dataset
-from mlkd.data.base import DatasetIdentity, MultiLabelDataset, Transform, listed
+from mlkd.data.base import DatasetIdentity, MultiLabelDataset, Transform, content_digest, listed
 from mlkd.errors import BadInput
-from mlkd.proposals.cache import IMAGE_FIELDS, ProposalCache
+from mlkd.proposals.cache import IMAGE_FIELDS, ProposalCache, rebuild_hint
+
+logger = logging.getLogger(__name__)
+
+CHANGED_LISTED = 5  # changed images named in the message
+SLOW_CHECK_S = 10.0  # a check that hashed images for longer than this is a warning
 
 
 def check_cache_matches(dataset: MultiLabelDataset, cache: ProposalCache, complete: bool = True) -> None:
@@ -16,7 +24,8 @@ def check_cache_matches(dataset: MultiLabelDataset, cache: ProposalCache, comple
 
     A version-2 cache is matched on the images alone (count and hash of ids and file names), so another label
     policy of the same images reuses it; the error names the differing fields and the images only one side has.
-    A version-1 cache is matched as mlkd 0.1 did (name, split, classes, count and a hash covering labels).
+    A version-1 cache is matched as mlkd 0.1 did (name, split, classes, count and a hash covering labels). Then
+    every image whose record carries a file stamp must still be that file (:func:`check_image_files`).
     """
     recorded = DatasetIdentity.from_dict(cache.meta["dataset"])
     what = f"proposal cache {cache.path}"
@@ -29,6 +38,7 @@ def check_cache_matches(dataset: MultiLabelDataset, cache: ProposalCache, comple
     if not diffs:
         if complete:
             _check_coverage(dataset, cache)
+        check_image_files(dataset, cache)
         return
     ids = {r.image_id for r in dataset.records}
     cached = set(cache.keys())
@@ -38,6 +48,45 @@ def check_cache_matches(dataset: MultiLabelDataset, cache: ProposalCache, comple
         if cached - ids else []
     raise BadInput(f"{what} was not built for the images of {dataset.name}/{dataset.split} ({hint}):\n  "
                      + "\n  ".join(lines))
+
+
+def check_image_files(dataset: MultiLabelDataset, cache: ProposalCache) -> None:
+    """Refuse a cache whose images changed on disk since their proposals were computed (rotated, re-encoded, or
+    another folder's images under the same names), naming them and the command that rebuilds the cache.
+
+    One ``stat`` per image: a file with the recorded size and mtime is taken as unchanged; one whose size is
+    the same but mtime moved is hashed, and accepted when its bytes are the recorded ones (a ``touch``, a copy
+    without ``-p``). Records without a stamp (imports, caches of meta version 1 and 2) are not checked: such a
+    cache cannot see an image changed in place.
+    """
+    stamps = cache.stamps()
+    t0, changed, hashed = time.perf_counter(), [], 0
+    for r in dataset.records:
+        stamp = stamps.get(r.image_id)
+        if stamp is None:
+            continue
+        try:
+            st = os.stat(r.path)
+            if st.st_size == stamp.size and st.st_mtime_ns == stamp.mtime_ns:
+                continue
+            if st.st_size == stamp.size and content_digest(r.path) == stamp.digest:  # touched, not changed
+                hashed += 1
+                continue
+            changed.append(r.image_id)
+        except OSError as e:  # removed or unreadable since the dataset was opened
+            changed.append(f"{r.image_id} ({e.strerror})")
+    if changed:
+        raise BadInput(f"proposal cache {cache.path} was computed from other image files: {len(changed)} of the "
+                       f"{len(dataset)} images of {dataset.name}/{dataset.split} changed on disk since (size or "
+                       f"content differ from the stamp recorded when the cache was built):"
+                       f"{listed(changed, CHANGED_LISTED)}\nits proposals do not fit these images: "
+                       f"{rebuild_hint(cache.path, cache.meta)}")
+    seconds = time.perf_counter() - t0
+    if hashed:  # a copy without -p costs a hash of every image at every attach: say so when it is noticeable
+        logger.log(logging.WARNING if seconds > SLOW_CHECK_S else logging.INFO,
+                   f"{hashed} images of {dataset.name}/{dataset.split} have another mtime than when {cache.path} was "
+                   f"built, so they were hashed ({seconds:.1f} s; their bytes are the same). This repeats at every "
+                   "attach: copy datasets keeping mtimes (cp -p, rsync -t), or rebuild the cache where they are now")
 
 
 def _check_coverage(dataset: MultiLabelDataset, cache: ProposalCache) -> None:

@@ -1,9 +1,10 @@
 """Proposals for a whole dataset: a process pool over images, into a resumable (and shardable) LMDB cache.
 
-Workers decode an image, run the method and :func:`~mlkd.proposals.methods.clean_boxes`, and send the packed
-record back; only the parent writes to LMDB (one writer, batched transactions). An image that cannot be
-read or processed is reported (and listed in ``CACHE/failures.json``) without stopping the run; re-running
-the same command retries exactly the images not yet cached.
+Workers stamp an image file (size, mtime, a hash of its bytes: checked when the cache is attached), decode it,
+run the method and :func:`~mlkd.proposals.methods.clean_boxes`, and send the packed record back; only the parent
+writes to LMDB (one writer, batched transactions). An image that cannot be read or processed is reported (and
+listed in ``CACHE/failures.json``) without stopping the run; re-running the same command retries exactly the images
+not yet cached.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from typing import Any, Sequence
 import cv2
 from tqdm import tqdm
 
-from mlkd.data.base import MultiLabelDataset, read_image
+from mlkd.data.base import MultiLabelDataset, file_stamp, read_image
+from mlkd.data.images import check_image_file
 from mlkd.errors import BadInput, MlkdError
 from mlkd.proposals.cache import ProposalCache, encode_record, make_meta
 from mlkd.proposals.methods import CLEAN_DEFAULTS, propose, resolve_params
@@ -59,10 +61,12 @@ def _propose_one(task: tuple[str, str]) -> tuple[str, bytes | None, int, str | N
     """``(image_id, path)`` -> ``(image_id, record, R, None)``, or ``(image_id, None, 0, error)``."""
     image_id, path = task
     try:
+        stamp = file_stamp(check_image_file(path))  # before the decode: a write in between leaves a stamp that
+        # no longer matches the file, so the cache is refused rather than trusted
         boxes, scores = propose(read_image(path), _WORKER["method"], _WORKER["params"])
     except Exception as e:  # noqa: BLE001 - one bad image must not end a multi-hour run; it is reported
         return image_id, None, 0, str(e) if isinstance(e, MlkdError) else f"{type(e).__name__}: {e}"
-    return image_id, encode_record(boxes, scores), len(boxes), None
+    return image_id, encode_record(boxes, scores, stamp), len(boxes), None
 
 
 def _open_cache(dataset: MultiLabelDataset, method: str, params: dict[str, Any], out: str | Path,
