@@ -66,7 +66,8 @@ def test_predict_returns_mappings_best_first_filtered_by_top_k_and_thresholds(tr
     cut = float(np.median(probs))
     for row, p in zip(clf.predict(paths, threshold=cut), probs):
         assert set(row) == {clf.classes[c] for c in np.flatnonzero(p >= cut)}
-    per_class = {c: (0.0 if i == 0 else 2.0) for i, c in enumerate(clf.classes)}  # only class 0 can pass
+    assert probs[:, 1:].max() < 1.0  # so a threshold of 1 (the highest: thresholds are probabilities) drops them
+    per_class = {c: (0.0 if i == 0 else 1.0) for i, c in enumerate(clf.classes)}  # only class 0 can pass
     assert all(list(r) == [clf.classes[0]] for r in clf.predict(paths, threshold=per_class))
     batched, single = clf.predict(paths, threshold=[0.0] * len(clf.classes), top_k=1)[0], clf.predict(paths[0], top_k=1)
     assert list(batched) == list(single)  # the same best class; its probability up to the batch's float rounding
@@ -89,9 +90,11 @@ def test_bad_images_are_clear_errors(clf, bad, message):
 def test_bad_thresholds_and_top_k_are_clear_errors(clf):
     with pytest.raises(ValueError, match=r"thresholds must name exactly the model's classes; unknown \['nope'\]"):
         clf.predict(np.zeros((8, 8, 3), np.uint8), threshold={"nope": 0.5})
-    with pytest.raises(ValueError, match="threshold must be a finite number or 10 of them"):
+    with pytest.raises(ValueError, match=r"threshold must be one number in \[0, 1\] or 10 of them"):
         clf.predict(np.zeros((8, 8, 3), np.uint8), threshold=[0.5, 0.5])
-    with pytest.raises(ValueError, match="top_k must be >= 1"):
+    with pytest.raises(ValueError, match=r"threshold\['circle_stripes'\] must be a number in \[0, 1\], got 2.0"):
+        clf.predict(np.zeros((8, 8, 3), np.uint8), threshold={c: 2.0 for c in clf.classes})
+    with pytest.raises(ValueError, match=r"top_k must be an integer >= 1 or None \(all\), got 0"):
         clf.predict(np.zeros((8, 8, 3), np.uint8), top_k=0)
 
 
@@ -139,7 +142,7 @@ def test_safetensors_model_folder_round_trip_without_pickle(trained, clf, tmp_pa
     out = tmp_path / "model"
     assert main(["export", "--checkpoint", str(trained.student), "--format", "safetensors", "--out", str(out)]) == 0
     assert "outputs equal bit for bit" in capsys.readouterr().out
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "export.json", "model.safetensors"]
     config = json.loads((out / "config.json").read_text())
     assert config["kind"] == "student" and config["classes"] == clf.classes and config["image_size"] == 48
     assert config["input_convention"] == "torchvision" and config["model_config"]["hidden"] == 32

@@ -190,7 +190,8 @@ def test_export_refusals(trained_student, tmp_path, capsys):
     out = tmp_path / "x"
     assert _run(capsys, "export", "--checkpoint", str(trained_student), "--format", "onnx", "--out", str(out))[0] == 0
     rc, _, err = _run(capsys, "export", "--checkpoint", str(trained_student), "--format", "caffe", "--out", str(out))
-    assert rc == 1 and "already holds a onnx export" in err
+    assert rc == 1 and f"{out} already holds an onnx export of {trained_student}, not a caffe export; pass --overwrite" \
+        in err
     rc, _, err = _run(capsys, "export", "--checkpoint", str(trained_student), "--format", "onnx", "--out",
                       str(tmp_path / "y"), "--regions", "10")
     assert rc == 1 and "--regions apply to teachers" in err

@@ -10,6 +10,7 @@ import scipy.io
 from mlkd.cli import main
 from mlkd.data import CustomDataset
 from mlkd.data.synthetic import generate
+from mlkd.errors import BadInput
 from mlkd.proposals import (make_meta, ProposalCache, export_datalist, export_mat, import_datalist, import_mat, read_datalist,
                             read_mat_proposals)
 from mlkd.proposals.formats import write_mat_proposals, boxes_to_mat, format_datalist_line, mat_to_boxes, parse_datalist_line
@@ -191,3 +192,56 @@ def test_a_mat_file_listing_an_image_twice_is_refused(tmp_path):
                                              ("a", np.array([[2, 2, 6, 6]]), np.ones(1))])
     with pytest.raises(ValueError, match=r"image 'a' is listed twice \(entries 1 and 2 of 'images'\)"):
         read_mat_proposals(tmp_path / "p.mat")
+
+
+# -- non-finite proposal scores: refused where they enter, naming the image and the proposal ----------------------
+def _mat_with_scores(path, ds, bad_image, bad_score):
+    """A WSDDN-layout .mat for every image of ``ds`` (3 valid boxes each), scores 0.5 but proposal 2 of image
+    ``bad_image`` (0-based position), whose score is ``bad_score``; boxScores as float64 R x 1 cells."""
+    n = len(ds.records)
+    boxes = [np.array([[1, 1, 10, 10], [2, 3, 20, 30], [5, 5, 8, 9]], np.float64) for _ in range(n)]
+    scores = [np.full((3, 1), 0.5) for _ in range(n)]
+    scores[bad_image][1, 0] = bad_score
+    scipy.io.savemat(path, {"images": _cell([r.image_id for r in ds.records], (1, n)),
+                            "boxes": _cell(boxes, (1, n)), "boxScores": _cell(scores, (1, n))})
+    return path
+
+
+# 1e39 is finite in the float64 file and inf as the float32 mlkd stores
+@pytest.mark.parametrize("value, shown", [(np.nan, "nan"), (np.inf, "inf"), (-np.inf, "-inf"), (1e39, "inf")])
+def test_a_non_finite_mat_score_is_refused_naming_the_image_and_the_proposal(synth, tmp_path, value, shown):
+    ds = CustomDataset(synth[1])
+    image_id = ds.records[3].image_id
+    mat = _mat_with_scores(tmp_path / "p.mat", ds, 3, value)
+    with pytest.raises(BadInput) as e:
+        import_mat(mat, ds, tmp_path / "c", progress=False, bad_boxes="drop")
+    assert str(e.value).startswith(f"{mat}: boxScores{{4}} of image {image_id!r}: 1 of 3 proposal scores are not "
+                                   f"finite: proposal 2 has score {shown}")
+    assert not (tmp_path / "c").exists()  # refused before the cache is created
+
+
+def test_cli_mat_import_with_a_nan_score_exits_1_naming_it(synth, tmp_path, capsys):
+    root, manifest = synth
+    ds = CustomDataset(manifest)
+    mat = _mat_with_scores(tmp_path / "p.mat", ds, 0, np.nan)
+    assert main(["proposals", "import", "--format", "mat", "--file", str(mat), "--dataset", str(manifest), "--out",
+                 str(tmp_path / "c"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert f"boxScores{{1}} of image {ds.records[0].image_id!r}: 1 of 3 proposal scores are not finite" in err
+    assert "proposal 2 has score nan" in err and not (tmp_path / "c").exists()
+
+
+def test_a_non_finite_datalist_score_is_refused_naming_the_line_and_the_proposal(synth, tmp_path):
+    ds = CustomDataset(synth[1])
+    r = ds.records[0]
+    labels = " ".join(map(str, r.labels.tolist()))
+    (tmp_path / "nan.txt").write_text(f"{r.path} {labels} 1 1 9 9 0.5 2 2 8 8 nan\n")
+    with pytest.raises(BadInput, match=r"nan\.txt:1: proposal score nan is not finite"):
+        import_datalist(tmp_path / "nan.txt", ds, tmp_path / "c", allow_missing=True, progress=False)
+    # finite as text and as float64, but not as the float32 that mlkd stores
+    (tmp_path / "big.txt").write_text(f"{r.path} {labels} 1 1 9 9 0.5 2 2 8 8 1e39 3 3 7 7 0.25\n")
+    with pytest.raises(BadInput) as e:
+        import_datalist(tmp_path / "big.txt", ds, tmp_path / "c", allow_missing=True, progress=False)
+    assert str(e.value).startswith(f"{tmp_path / 'big.txt'}:1 (image {r.image_id!r}): 1 of 3 proposal scores are not "
+                                   "finite: proposal 2 has score inf")
+    assert not (tmp_path / "c").exists()

@@ -41,7 +41,12 @@ Otherwise the command fails (exit 1) and leaves the files for inspection.
                   pooling (an input `roi_pooling`); also checks the weights round trip through import-caffe
 
 Beside them: export.json and README.md with the input convention (channel order, scale, mean, std, size),
-the outputs' meaning and the measured differences."""
+the outputs' meaning and the measured differences.
+
+--out is a folder that does not exist, is empty, or holds an export of this checkpoint in this format (refreshed:
+files the new export does not write are removed). One that holds another checkpoint's or format's export, or files
+mlkd did not write, is refused untouched unless --overwrite. The files are written into a staging folder inside
+--out and moved in once all are written: an export that fails leaves the folder as it was."""
 
 
 def run_import(args: argparse.Namespace) -> int:
@@ -66,7 +71,7 @@ def run_export(args: argparse.Namespace) -> int:
 
     info, checks = export_checkpoint(args.checkpoint, args.format, args.out, args.classifier_name, args.opset,
                                      args.tolerance, args.image, args.image_size, args.regions, args.int8,
-                                     args.calibration)
+                                     args.calibration, overwrite=args.overwrite)
     runtime = info["verification"]["runtime"]
     extra = "README.md" if args.format == "safetensors" else "export.json, README.md"
     print(f"{info['kind']} exported as {args.format} to {args.out}: {', '.join(info['files'].values())}, {extra}")
@@ -111,7 +116,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a derived model-config key, e.g. score_scale=10 or dropout=0.5; repeatable")
     i.set_defaults(func=run_import)
+    _register_export(sub)
 
+
+def _register_export(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("export", help="export a checkpoint to Caffe or ONNX, verified against PyTorch",
                        description=EXPORT_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="examples:\n  mlkd export --checkpoint runs/demo/student/last.pt --format onnx "
@@ -120,7 +128,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--checkpoint", required=True, metavar="CKPT", help="student or teacher checkpoint (.pt)")
     e.add_argument("--format", required=True, choices=("caffe", "onnx", "safetensors"),
                    help="caffe (prototxt + caffemodel), onnx, or safetensors (a model folder for mlkd.load, no pickle)")
-    e.add_argument("--out", required=True, metavar="DIR", help="folder for the files (one format per folder)")
+    e.add_argument("--out", required=True, metavar="DIR",
+                   help="folder for the files: new, empty, or holding this checkpoint's export in this format (then "
+                        "refreshed); anything else is refused unless --overwrite")
+    e.add_argument("--overwrite", action="store_true",
+                   help="replace what --out holds (another checkpoint's or format's export): its files are removed "
+                        "once the new export is written; files mlkd did not write are kept")
     e.add_argument("--classifier-name", metavar="LAYER",
                    help="student caffe: name of the K-way layer (default fc8; the release used fc8_<dataset>)")
     e.add_argument("--opset", type=positive_int, default=17,

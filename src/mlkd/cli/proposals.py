@@ -213,7 +213,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(variables images, boxes = cell of R x 4 [y1 x1 y2 x2] 1-based, optional boxScores), image ids must "
         "be the dataset's. datalist: the original release's `path y_1..y_K (x1 y1 x2 y2 score) x R` lines, "
         "matched to dataset images by path; their labels must agree with the dataset's. Every box is checked against "
-        "its image (--bad-boxes)."))
+        "its image (--bad-boxes); a NaN or infinite proposal score is an error naming the image and the proposal."))
     i.add_argument("--format", required=True, choices=("mat", "datalist"), help="the file's format")
     i.add_argument("--file", required=True, metavar="FILE", help="the .mat or datalist file")
     i.add_argument("--dataset", required=True, metavar="SPEC", help="the dataset the proposals belong to")

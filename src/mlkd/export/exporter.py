@@ -10,10 +10,14 @@ is done (Caffe and ONNX by another runtime, the model folder by reading it back)
 - Teacher, ``caffe``: every layer of the release's teacher network but the RoI generation and pooling (see
   :mod:`mlkd.export.caffe.wsddn`), checked with OpenCV on regions pooled by PyTorch, plus a weight round trip
   through the importer. VGG-style teachers (fc6/fc7 head) only: a resnet50_c4 teacher is refused.
-- Teacher or student, ``safetensors``: the folder :func:`mlkd.load` reads (:func:`mlkd.utils.checkpoint.write_model_dir`).
+- Teacher or student, ``safetensors``: the folder :func:`mlkd.load` reads
+  (:func:`mlkd.utils.checkpoint.write_model_dir`).
 
 Each Caffe / ONNX export writes ``export.json`` (machine-readable) and ``README.md`` beside the model files: the input
 convention (channel order, scale, mean, std, size), the outputs' meaning and the verification's numbers.
+
+The output folder is checked before the checkpoint is read: a new or empty folder, or this checkpoint's export in
+this format; anything else only with ``overwrite`` (:class:`~mlkd.export.folder.ExportFolder`).
 """
 
 from __future__ import annotations
@@ -28,12 +32,13 @@ import torch
 from torch import nn
 
 from mlkd.errors import BadInput
+from mlkd.export.folder import ExportFolder
 from mlkd.export.onnx import check_opset, export_onnx, run_onnx, runtime_name
 from mlkd.export.quantize import INT8_TOLERANCE, checkpoint_calibration_batches, deploy_model, quantize_student
-from mlkd.export.safetensors import export_model_dir
+from mlkd.export.safetensors import RELOADED, write_model_folder
 from mlkd.export.verify import Check, compare, describe_input, require, sample_inputs
 from mlkd.models.build import model_from_checkpoint
-from mlkd.utils.checkpoint import load_checkpoint
+from mlkd.utils.checkpoint import load_checkpoint, write_atomically
 from mlkd.utils.optional import optional_import
 from mlkd.version import __version__
 
@@ -118,30 +123,20 @@ def _caffe_export():
     return optional_import("mlkd.export.caffe.export", "caffe", "Caffe export")
 
 
-def _prepare_dir(out: Path, fmt: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    info = out / "export.json"
-    if info.exists():
-        previous = json.loads(info.read_text()).get("format")
-        if previous != fmt:
-            raise BadInput(f"{out} already holds a {previous} export (export.json); export {fmt} into another folder")
-
-
-def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, classifier: str | None = None,
-                      opset: int = 17, tolerance: float = 1e-4, images: Sequence[str | Path] = (),
-                      image_size: int | None = None, regions: int | None = None, int8: bool = False,
-                      calibration: str | None = None) -> tuple[dict[str, Any], list[Check]]:
-    """Export and verify (see the module docstring). Returns the export record (``export.json``) and the checks;
-    raises ValueError when the verification fails (after writing the record, whose ``verification.passed`` is
-    then false)."""
+def _check_options(fmt: str, tolerance: float, opset: int) -> None:
     if fmt not in FORMATS:
         raise BadInput(f"unknown export format {fmt!r}; choose one of {list(FORMATS)}")
     if not math.isfinite(tolerance) or tolerance <= 0:  # nan would fail every check, a negative one too
         raise BadInput(f"the tolerance must be a finite number > 0 (e.g. 1e-4), got {tolerance}")
     if fmt == "onnx":
         check_opset(opset)
-    ckpt = load_checkpoint(checkpoint)
-    kind, out = ckpt["kind"], Path(out)
+
+
+def _plan(ckpt: dict[str, Any], checkpoint: str | Path, fmt: str, classifier: str | None, image_size: int | None,
+          regions: int | None, int8: bool, calibration: str | None) -> tuple[nn.Module | None, int, int | None]:
+    """Refuse options that do not apply to this checkpoint and format; the model, its input size and (teacher)
+    the regions per image. No model is built for safetensors, which writes the checkpoint's tensors."""
+    kind = ckpt["kind"]
     if (int8 or calibration is not None) and (fmt != "onnx" or kind != "student"):
         raise BadInput("--int8 (and --calibration) apply to students exported with --format onnx")
     if kind not in ("teacher", "student"):
@@ -149,7 +144,7 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, classif
     if fmt == "safetensors":
         if classifier is not None or image_size is not None or regions is not None:
             raise BadInput("--classifier-name, --image-size and --regions apply to caffe / onnx exports")
-        return export_model_dir(ckpt, str(checkpoint), out, images)
+        return None, ckpt["inference"]["image_size"], None
     if kind == "teacher":
         if fmt != "caffe" or classifier is not None:
             raise BadInput("a teacher exports to --format caffe or safetensors only (ONNX would need RoI pooling "
@@ -160,30 +155,61 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, classif
                            "the release's VGG-style teacher (conv layers, fc6, fc7, fc8_c, fc8_d) and has no converter "
                            "for ResNet blocks, frozen BatchNorm or a layer4 region head; export it with --format "
                            "safetensors (mlkd.load reads that folder)")
-        regions = regions or ckpt["inference"]["max_proposals"] or 500
-    else:
-        size = ckpt["inference"]["image_size"]
-        if image_size not in (None, size) or regions is not None:
-            raise BadInput(f"a student exports at its image_size {size}; --image-size and --regions apply to "
-                             "teachers")
-        model = model_from_checkpoint(ckpt)
-    _prepare_dir(out, fmt)
+        return model, size, regions or ckpt["inference"]["max_proposals"] or 500
+    size = ckpt["inference"]["image_size"]
+    if image_size not in (None, size) or regions is not None:
+        raise BadInput(f"a student exports at its image_size {size}; --image-size and --regions apply to "
+                         "teachers")
+    if fmt == "onnx" and classifier is not None:
+        raise BadInput("--classifier-name names the Caffe classifier layer; ONNX outputs are `logits` and "
+                         "`probabilities`")
+    if calibration is not None and not int8:
+        raise BadInput("--calibration applies to --int8")
+    return model_from_checkpoint(ckpt), size, None
+
+
+def _write_export(ckpt: dict[str, Any], checkpoint: str, fmt: str, stage: Path, model: nn.Module, size: int,
+                  regions: int | None, options: dict[str, Any]) -> tuple[dict[str, Any], list[Check], str]:
+    """Write a Caffe / ONNX export into ``stage`` (export.json and README.md included), run by the other runtime;
+    the export record, the checks and the runtime's name."""
+    tolerance, images = options["tolerance"], options["images"]
     names, x = sample_inputs(size, ckpt["input_convention"], images)
-    if kind == "teacher":
-        part = _caffe_export().export_teacher_caffe(model, out, size, regions, tolerance, x)
+    if ckpt["kind"] == "teacher":
+        part = _caffe_export().export_teacher_caffe(model, stage, size, regions, tolerance, x)
     elif fmt == "caffe":
-        part = _caffe_export().export_student_caffe(model, out, size, classifier or "fc8", tolerance, x)
+        part = _caffe_export().export_student_caffe(model, stage, size, options["classifier"] or "fc8", tolerance, x)
     else:
-        if classifier is not None:
-            raise BadInput("--classifier-name names the Caffe classifier layer; ONNX outputs are `logits` and "
-                             "`probabilities`")
-        if calibration is not None and not int8:
-            raise BadInput("--calibration applies to --int8")
-        batches = checkpoint_calibration_batches(ckpt, calibration) if int8 else None
-        part = export_student_onnx(model, out, size, opset, tolerance, x, batches)
-    info, checks = _export_info(ckpt, str(checkpoint), fmt, part, size, names[:1] if kind == "teacher" else names,
+        batches = checkpoint_calibration_batches(ckpt, options["calibration"]) if options["int8"] else None
+        part = export_student_onnx(model, stage, size, options["opset"], tolerance, x, batches)
+    runtime = part["runtime"]
+    info, checks = _export_info(ckpt, checkpoint, fmt, part, size, names[:1] if ckpt["kind"] == "teacher" else names,
                                 tolerance)
-    (out / "export.json").write_text(json.dumps(info, indent=2) + "\n")
-    (out / "README.md").write_text(_readme(info))
-    require(checks, part["runtime"], out)
+    write_atomically(stage / "export.json", lambda f: f.write((json.dumps(info, indent=2) + "\n").encode()),
+                     "export record")
+    write_atomically(stage / "README.md", lambda f: f.write(_readme(info).encode()), "export README")
+    return info, checks, runtime
+
+
+def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, classifier: str | None = None,
+                      opset: int = 17, tolerance: float = 1e-4, images: Sequence[str | Path] = (),
+                      image_size: int | None = None, regions: int | None = None, int8: bool = False,
+                      calibration: str | None = None, overwrite: bool = False) -> tuple[dict[str, Any], list[Check]]:
+    """Export and verify (see the module docstring) into the folder ``out``: one that does not exist, is empty or
+    holds this checkpoint's export in this format, else only with ``overwrite`` (:class:`ExportFolder`, checked
+    before the checkpoint is read). Returns the export record (``export.json``) and the checks; raises ValueError
+    when the verification fails (after writing the files, whose ``verification.passed`` is then false)."""
+    _check_options(fmt, tolerance, opset)
+    options = {"classifier": classifier, "opset": opset, "tolerance": tolerance, "images": images, "int8": int8,
+               "calibration": calibration}
+    with ExportFolder(out, fmt, str(checkpoint), overwrite) as folder:
+        ckpt = load_checkpoint(checkpoint)
+        model, size, regions = _plan(ckpt, checkpoint, fmt, classifier, image_size, regions, int8, calibration)
+        if fmt == "safetensors":
+            info, checks = write_model_folder(ckpt, str(checkpoint), folder.stage, folder.out.name, images)
+            runtime = RELOADED
+        else:
+            info, checks, runtime = _write_export(ckpt, str(checkpoint), fmt, folder.stage, model, size, regions,
+                                                  options)
+        folder.commit()
+    require(checks, runtime, folder.out)
     return info, checks

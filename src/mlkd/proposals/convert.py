@@ -2,8 +2,9 @@
 
 Imported proposals keep the file's order and are neither filtered by size nor capped; each image's boxes go
 through the box validator (:mod:`mlkd.data.boxes`) against the image's size, read from its file header, under
-the ``bad_boxes`` policy: ``refuse`` (default), ``clip`` or ``drop``, with the counts in the report. The meta
-records ``method = "import:mat"`` / ``"import:datalist"`` and ``params = {"source": <file>}``.
+the ``bad_boxes`` policy: ``refuse`` (default), ``clip`` or ``drop``, with the counts in the report. A non-finite
+proposal score (NaN, inf, or beyond float32's range) is refused under every policy, naming the image and the
+proposal. The meta records ``method = "import:mat"`` / ``"import:datalist"`` and ``params = {"source": <file>}``.
 """
 
 from __future__ import annotations
@@ -64,6 +65,20 @@ def check_imported(found: dict[str, tuple[np.ndarray, np.ndarray]], dataset: Mul
     return total
 
 
+def check_scores(found: dict[str, tuple[np.ndarray, np.ndarray]], image_ids: set[str], where: dict[str, str]) -> None:
+    """Refuse a NaN or infinite proposal score (one beyond float32's range is inf once stored) of an image in
+    ``image_ids``, naming ``where[image_id]`` and the proposal: the teacher multiplies each region by its score, so a
+    single NaN would only surface, unnamed, as a non-finite loss in training. No --bad-boxes policy drops these."""
+    for image_id in (i for i in found if i in image_ids):
+        scores = found[image_id][1]
+        bad = np.flatnonzero(~np.isfinite(scores))
+        if bad.size:
+            first = ", ".join(f"proposal {k + 1} has score {scores[k]:g}" for k in bad[:3])
+            raise BadInput(f"{where[image_id]}: {bad.size} of {len(scores)} proposal scores are not finite: {first}"
+                           f"{' ...' if bad.size > 3 else ''}; expected finite numbers (|score| < 3.4e38, float32; a "
+                           "tool without scores writes 1.0): fix or re-export the file")
+
+
 def _write_import(dataset: MultiLabelDataset, found: dict[str, tuple[np.ndarray, np.ndarray]], out: str | Path,
                   method: str, source: Path, allow_missing: bool, extra: list[str], progress: bool,
                   bad_boxes: str, where: dict[str, str]) -> ImportReport:
@@ -92,6 +107,8 @@ def import_mat(path: str | Path, dataset: MultiLabelDataset, out: str | Path, al
     if len(extra) == len(found) and found:
         raise BadInput(f"none of the {len(found)} image ids in {path} (e.g. {extra[:3]}) is an image id of "
                          f"dataset {dataset.name!r}/{dataset.split!r} (e.g. {[r.image_id for r in dataset.records[:3]]})")
+    check_scores(found, ids, {image_id: f"{path}: boxScores{{{k + 1}}} of image {image_id!r}"
+                              for k, image_id in enumerate(found)})
     where = {image_id: f"{path}: boxes{{{k + 1}}} of image {image_id!r}" for k, image_id in enumerate(found)}
     return _write_import(dataset, found, out, "import:mat", Path(path), allow_missing, extra, progress, bad_boxes,
                          where)
@@ -171,6 +188,7 @@ def import_datalist(path: str | Path, dataset: MultiLabelDataset, out: str | Pat
             found[r.image_id], lines[r.image_id] = (e.boxes, e.scores), e.line
     extra = [e.path for e, r in zip(entries, matched) if r is None]
     where = {image_id: f"{path}:{line} (image {image_id!r})" for image_id, line in lines.items()}
+    check_scores(found, set(found), where)  # the datalist reader refuses NaN text; 1e39 is inf as float32
     return _write_import(dataset, found, out, "import:datalist", path, allow_missing, extra, progress, bad_boxes,
                          where)
 

@@ -3,6 +3,7 @@
 ``.mat`` (as released with WSDDN and the selective-search / EdgeBoxes proposal sets for Fast R-CNN):
 variables ``images`` (cell array of image ids, or numbers), ``boxes`` (cell array of ``R x 4`` arrays
 ``[y1 x1 y2 x2]``, 1-based, inclusive) and optionally ``boxScores`` (cell array of ``R x 1``; absent -> 1.0).
+Scores are returned as float32, as written; the import (:mod:`mlkd.proposals.convert`) refuses non-finite ones.
 Conversion to mlkd's ``(x1, y1, x2, y2)`` (0-based, ``x2`` exclusive)::
 
     x1 = x1_mat - 1,  y1 = y1_mat - 1,  x2 = x2_mat,  y2 = y2_mat     (and back: x1_mat = x1 + 1, x2_mat = x2)
@@ -90,8 +91,9 @@ def read_mat_proposals(path: str | Path) -> dict[str, tuple[np.ndarray, np.ndarr
         if raw.size and (raw.ndim != 2 or raw.shape[1] != 4):
             raise BadInput(f"{path}: boxes{{{i + 1}}} (image {image_id!r}) has shape {raw.shape}, expected R x 4")
         boxes = mat_to_boxes(raw)
-        scores = (np.ones(len(boxes), np.float32) if score_cells is None
-                  else np.asarray(score_cells[i], np.float32).reshape(-1))
+        with np.errstate(over="ignore"):  # a score beyond float32 becomes inf, which the import refuses by name
+            scores = (np.ones(len(boxes), np.float32) if score_cells is None
+                      else np.asarray(score_cells[i], np.float32).reshape(-1))
         if len(scores) != len(boxes):
             raise BadInput(f"{path}: image {image_id!r} has {len(boxes)} boxes but {len(scores)} boxScores")
         out[image_id] = (boxes, scores)
