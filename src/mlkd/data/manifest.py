@@ -19,7 +19,6 @@ and class order. :class:`mlkd.data.nuswide.NusWideDataset` takes a manifest to f
 
 from __future__ import annotations
 
-import hashlib
 import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from mlkd.data.base import DatasetIdentity, MultiLabelDataset
+from mlkd.data.base import DatasetIdentity, MultiLabelDataset, content_digest
 from mlkd.errors import BadInput, NotFound
 
 MAGIC = "# mlkd-image-manifest v1"
@@ -46,13 +45,9 @@ class ImageManifest:
     excluded: dict[str, list[str]] = field(default_factory=dict)
 
 
-def file_sha1(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-1 of a file's bytes."""
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def file_sha1(path: str | Path) -> str:
+    """Hex SHA-1 of a file's bytes (the manifest's hash)."""
+    return content_digest(path, "sha1").hex()
 
 
 def hash_images(ds: MultiLabelDataset, workers: int = 4, progress: bool = True) -> list[str]:

@@ -27,6 +27,7 @@ from typing import Any, Sequence
 
 from mlkd.data.base import DatasetIdentity
 from mlkd.errors import BadInput, NotFound, RunConflict
+from mlkd.utils.checkpoint import load_checkpoint
 from mlkd.utils.config import read_yaml, save_config, to_dict
 from mlkd.utils.distributed import DistInfo, broadcast
 from mlkd.utils.runlog import RunLog
@@ -176,6 +177,17 @@ class RunFolder:
         if self._created and self.out.is_dir() and not any(self.out.iterdir()):
             self.out.rmdir()
             self._created = False
+
+    def restore(self, model: Any, kind: str, identity: DatasetIdentity, explicit: Sequence[str] = ()
+                ) -> dict[str, Any] | None:
+        """When resuming: ``last.pt`` checked against this run (:func:`check_resume`) and its weights loaded into
+        ``model``; the checkpoint (its ``train_state`` continues the loop). None for a run that starts afresh."""
+        if not self.resuming:
+            return None
+        state = load_checkpoint(self.out / "last.pt", kind)
+        check_resume(state, self.cfg, identity, self.out, explicit)
+        model.load_state_dict(state["model"])
+        return state
 
     # -- starting -------------------------------------------------------------------------------------------
     def start(self, resume_epoch: int | None) -> RunLog:

@@ -36,8 +36,8 @@ from mlkd.proposals.attach import open_split
 from mlkd.training.config import DataConfig, OptimConfig, RunConfig
 from mlkd.training.loop import Hooks, LoopSettings, Stage, StageParts, process_group, run_stages
 from mlkd.training.optim import build_optimizer, param_groups
-from mlkd.training.run_folder import RunFolder, check_resume
-from mlkd.utils.checkpoint import load_checkpoint, make_checkpoint
+from mlkd.training.run_folder import RunFolder
+from mlkd.utils.checkpoint import make_checkpoint
 from mlkd.utils.config import to_dict
 from mlkd.utils.distributed import DistInfo, broadcast
 
@@ -72,10 +72,7 @@ def train_student(cfg: StudentConfig, resume: bool = False, explicit: Sequence[s
         dataset = open_split(cfg.data.train, cfg.data.options, cfg.data.train_proposals)
         torch.manual_seed(cfg.run.seed)
         student = build_student(cfg.model, dataset.num_classes).to(info.device)
-        state = load_checkpoint(run.out / "last.pt", "student") if run.resuming else None
-        if state is not None:
-            check_resume(state, cfg, dataset.identity, run.out, explicit)
-            student.load_state_dict(state["model"])
+        state = run.restore(student, "student", dataset.identity, explicit)
         settings = LoopSettings.from_config(cfg.optim, cfg.run).resolved(info.device)  # refused before any write
         if info.is_main and any(s.distils for s in cfg.stages):  # a baseline that cannot be compared: said now
             check_baseline(cfg.distill.baseline, dataset.classes)

@@ -28,8 +28,8 @@ from mlkd.proposals.attach import open_split, require_proposals
 from mlkd.training.config import DataConfig, OptimConfig, RunConfig
 from mlkd.training.loop import Hooks, LoopSettings, Stage, StageParts, process_group, run_stages
 from mlkd.training.optim import build_optimizer, param_groups
-from mlkd.training.run_folder import RunFolder, check_resume
-from mlkd.utils.checkpoint import load_checkpoint, make_checkpoint
+from mlkd.training.run_folder import RunFolder
+from mlkd.utils.checkpoint import make_checkpoint
 from mlkd.utils.config import SIZE, bounded, to_dict
 from mlkd.utils.distributed import DistInfo
 
@@ -73,10 +73,7 @@ def train_teacher(cfg: TeacherConfig, resume: bool = False, explicit: Sequence[s
         require_proposals(dataset, "training the teacher (data.train_proposals)")
         torch.manual_seed(cfg.run.seed)  # the new layers' initialisation
         model = build_teacher(cfg.model, dataset.num_classes).to(info.device)
-        state = load_checkpoint(run.out / "last.pt", "teacher") if run.resuming else None
-        if state is not None:
-            check_resume(state, cfg, dataset.identity, run.out, explicit)
-            model.load_state_dict(state["model"])
+        state = run.restore(model, "teacher", dataset.identity, explicit)
         settings = LoopSettings.from_config(cfg.optim, cfg.run).resolved(info.device)  # refused before any write
         run.start(state["train_state"]["epoch"] if state else None)
         stage = Stage("wsddn", cfg.optim.epochs, lambda: _stage_parts(cfg, model, dataset, info))
