@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import time
 from typing import Any, Callable
@@ -15,24 +14,11 @@ import torch
 
 from mlkd.data.synthetic import render_image
 from mlkd.proposals.methods import propose, resolve_params
-from mlkd.utils.device import native_bf16
+from mlkd.utils.device import cpu_model, native_bf16
 
 # proposals as the recipes make them, every box kept (no cap): fast selective search and EdgeBoxes
 PROPOSAL_METHODS = {"selective_search": {"mode": "fast", "max_proposals": None},
                     "edge_boxes": {"max_boxes": 2000, "max_proposals": None}}
-
-
-def cpu_model() -> str:
-    """The CPU's model name (Linux: /proc/cpuinfo, where platform.processor() is often empty), else what
-    :mod:`platform` says."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine(device: torch.device) -> dict[str, Any]:
@@ -92,3 +78,21 @@ def warp_boxes(boxes: np.ndarray, hw: tuple[int, int], side: int) -> torch.Tenso
 def emit_json(figures: dict[str, Any]) -> None:
     """The ``--json`` output: one JSON object on the last line."""
     print(json.dumps(figures, sort_keys=True))
+
+
+# What makes an AVX-512 machine compute as an AVX2-only one: PyTorch's own kernels and oneDNN's, both limited.
+AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+def capability_classes() -> list[tuple[str, dict[str, str]]]:
+    """The CPU classes a benchmark measures in one run: ``("native", {})`` and, where the CPU is more than AVX2,
+    ``("avx2", AVX2_ENV)`` (emulated, for the subprocesses it starts). On an AVX2-only CPU the two are one."""
+    native = torch.backends.cpu.get_cpu_capability()
+    return [("native", {})] + ([("avx2", AVX2_ENV)] if native not in ("AVX2", "DEFAULT", "NO AVX") else [])
+
+
+def suffixed(figures: dict[str, Any], suffix: str, keys: list[str]) -> None:
+    """Copy ``keys`` of ``figures`` under ``key_<suffix>`` (the per-capability names the targets are read from)."""
+    for key in keys:
+        if key in figures:
+            figures[f"{key}_{suffix}"] = figures[key]

@@ -11,13 +11,18 @@ peak resident set above the set-up; CUDA: ``max_memory_allocated``).
   the model's own layers, independently of mlkd's forward.
   Its backbone is the plain layer stack, its optimizer ``torch.optim.SGD`` as PyTorch builds it by default, its
   process's allocator glibc's default.
-- ``mlkd``: what ``mlkd train-teacher`` runs: ``model(images, proposals, scores, labels)`` with
-  ``model.distinct_rois`` (RoI pooling and fc6's product once per distinct rounded region), conv1-conv2 in
-  channels_last on the CPU (``ConvBackbone``), mlkd's optimizer (``engine.build_optimizer``: fused SGD over
-  Caffe-style groups) and the command line's allocator setting (``device.keep_freed_memory``); with
-  ``--freeze``, also fixed backbone blocks (``model.freeze``).
-- ``mlkd distinct only``: the distinct-RoI forward alone, with the reference's layout, optimizer and allocator,
-  so that the table shows what each part is worth.
+- ``mlkd``: what ``mlkd train-teacher`` runs: ``model(images, proposals, scores, labels)`` with its speed-only
+  choices timed on this machine and remembered (``mlkd.utils.autotune``: conv1-conv2 channels_last or not,
+  ``ConvBackbone``; RoI pooling and fc6's product once per distinct rounded region or per region,
+  ``WSDDN.distinct_rois``), mlkd's optimizer (``training.optim.build_optimizer``: fused SGD over Caffe-style
+  groups) and the command line's allocator setting (``device.keep_freed_memory``); with ``--freeze``, also fixed
+  backbone blocks (``model.freeze``). The first (warm-up) step times the choices the first time they are met.
+- ``mlkd distinct only``: the distinct-RoI forward alone (forced), with the reference's layout, optimizer and
+  allocator, so that the table shows what each part is worth.
+
+Every ratio is measured for the CPU's own capability (keys ``_native``) and, on a CPU beyond AVX2, again with
+PyTorch's and oneDNN's kernels limited to AVX2 (``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2``, keys
+``_avx2``): speed choices that pay on one class can cost on the other. On an AVX2 CPU both are the same run.
 
 Before timing, both paths' image scores (eval mode) and losses (train mode, same dropout masks) are compared
 on the same input; the largest image-score difference is reported. bf16 autocast is timed only where the
@@ -33,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -43,7 +49,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_pool
 
-from _common import PROPOSAL_METHODS, describe, emit_json, machine, synthetic_proposals, timed, warp_boxes
+from _common import (PROPOSAL_METHODS, capability_classes, describe, emit_json, machine, suffixed,
+                     synthetic_proposals, timed, warp_boxes)
 from mlkd.models.build import build_teacher
 from mlkd.models.configs import TeacherModelConfig
 from mlkd.models.ops import roi_pool_cells
@@ -155,11 +162,14 @@ def worker(args: argparse.Namespace) -> dict:
     return {"seconds": seconds, "peak_mib": vm_kib("VmHWM") / 1024, "setup_mib": setup_rss / 1024}
 
 
-def run_config(args: argparse.Namespace, impl: str, precision: str, boxes_file: Path, freeze: list[str]) -> dict:
+def run_config(args: argparse.Namespace, impl: str, precision: str, boxes_file: Path, freeze: list[str],
+               env: dict[str, str]) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--impl", impl, "--precision", precision, "--boxes",
            str(boxes_file), "--size", str(args.size), "--repeats", str(args.repeats), "--warmup", str(args.warmup),
            "--device", args.device, "--threads", str(args.threads or 0), "--freeze", *freeze]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if impl != "mlkd":  # the reference and "distinct only" take no timed choice: the distinct path, forced
+        env = {**env, "MLKD_AUTOTUNE": "0"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env})
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -214,7 +224,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def time_proposals(args: argparse.Namespace, r: int, device: torch.device, fast16: bool, figures: dict,
-                   tmp: Path) -> None:
+                   tmp: Path, env: dict[str, str]) -> None:
     """Every path's step at ``r`` proposals per image, printed as a table row each and added to ``figures``."""
     boxes = step_boxes(r, args.size)
     boxes_file = tmp / f"boxes{r}.npy"
@@ -234,7 +244,7 @@ def time_proposals(args: argparse.Namespace, r: int, device: torch.device, fast1
             "max_abs_diff_image_scores"]
     base = None
     for impl, precision, freeze in cases:
-        x = run_config(args, impl, precision, boxes_file, freeze)
+        x = run_config(args, impl, precision, boxes_file, freeze, env)
         base = base or x["seconds"]
         ratio = x["seconds"] / base
         label = {"mlkd-distinct": "mlkd distinct only"}.get(impl, impl) + f" {precision}" + \
@@ -267,9 +277,17 @@ def main() -> None:
     print(f"VGG16 WSDDN step, one {args.size}x{args.size} image, {NUM_CLASSES} classes, SGD; median of "
           f"{args.repeats} after {args.warmup} warm-up; time ratio to the float32 per-region reference")
     print(f"{'R':>5} {'distinct':>8} {'path':>28} {'s/step':>8} {'peak MiB':>14} {'ratio':>7}")
+    ratios = [f"step_ratio_{p}_r{r}" for r in args.proposals for p in ("fp32", "distinct_only", "bf16")]
     with tempfile.TemporaryDirectory() as tmp:
-        for r in args.proposals:
-            time_proposals(args, r, device, figures["native_bf16"], figures, Path(tmp))
+        for name, env in capability_classes():
+            emulated = " ".join(f"{k}={v}" for k, v in env.items())
+            print(f"-- {name}: {f'AVX2, emulated with {emulated}' if env else torch.backends.cpu.get_cpu_capability()}")
+            for r in args.proposals:
+                time_proposals(args, r, device, figures["native_bf16"] and not env, figures, Path(tmp), env)
+            suffixed(figures, name, ratios + [f"step_ratio_fp32_r{r}_freeze" for r in args.proposals])
+    if len(capability_classes()) == 1:  # an AVX2 CPU: its native figures are the AVX2 ones
+        suffixed(figures, "avx2", [k[:-len("_native")] for k in list(figures) if k.endswith("_native")])
+        figures["avx2_is_native"] = True
     figures["max_abs_diff_image_scores"] = max(v for k, v in figures.items()
                                                if k.startswith("max_abs_diff_image_scores_r"))
     print(f"largest |image score difference| to the reference, float32: {figures['max_abs_diff_image_scores']:.1e}"

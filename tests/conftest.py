@@ -3,6 +3,7 @@ tiny teacher and student trained on it."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,10 @@ from mlkd.proposals import generate_proposals
 from mlkd.training.student import StudentConfig, train_student
 from mlkd.training.teacher import TeacherConfig, train_teacher
 from mlkd.utils.config import load_config
+
+# The suite's numbers must not depend on how fast this machine runs each candidate of a speed-only choice: every
+# decision takes its fixed default, here and in the subprocesses tests start (tests/test_autotune.py turns it on).
+os.environ["MLKD_AUTOTUNE"] = "0"
 
 
 @dataclass

@@ -4,8 +4,9 @@
 logits ``(B, K)`` float32.
 
 - ``fp32``: PyTorch float32, in the memory layout that is faster for this model on this CPU: channels_last or
-  the default, timed once when the runtime is built (oneDNN runs VGG16's convolutions ~1.5x faster in
-  channels_last, a tiny network's slower); the results of both equal up to float rounding.
+  the default, timed the first time and remembered (:mod:`mlkd.utils.autotune`; oneDNN ran VGG16's
+  convolutions ~1.5x faster channels_last on an AVX-512 CPU, slower on an AVX2 one, a tiny network's slower);
+  the results of both equal up to float rounding.
 - ``bf16``: autocast bfloat16 (the layout picked the same way), only where the hardware computes bf16 natively
   (:func:`mlkd.utils.device.native_bf16`); elsewhere it would be ~20x slower and is refused
   (:func:`mlkd.utils.device.resolve_amp`).
@@ -29,6 +30,7 @@ from torch import nn
 
 from mlkd.errors import BadInput
 from mlkd.models.build import model_from_checkpoint
+from mlkd.utils import autotune
 from mlkd.utils.device import autocast, resolve_amp
 
 logger = logging.getLogger(__name__)
@@ -91,24 +93,23 @@ class StudentRuntime:
 
 @torch.no_grad()
 def _channels_last_is_faster(model: nn.Module, size: int, bf16: bool) -> bool:
-    """Time the model on a batch of 2 in both memory layouts (best of 2 runs after a warm-up); the model is left
-    in the default layout."""
+    """Whether the whole model runs faster channels_last than in the default layout on a batch of 2 at ``size``:
+    timed once per (machine, model, size, precision) and remembered (:func:`mlkd.utils.autotune.fastest`; with
+    ``MLKD_AUTOTUNE=0`` the default layout). The model is left in the default layout."""
     x = torch.randn(2, 3, size, size)
-    best = {}
-    for last in (False, True):
-        fmt = torch.channels_last if last else torch.contiguous_format
+
+    def run(fmt: torch.memory_format) -> None:
         model.to(memory_format=fmt)
-        xx = x.contiguous(memory_format=fmt)
-        times = []
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            for _ in range(3):
-                t0 = time.perf_counter()
-                model(xx)
-                times.append(time.perf_counter() - t0)
-        best[last] = min(times[1:])
+            model(x.contiguous(memory_format=fmt))
+
+    params = sum(p.numel() for p in model.parameters())
+    name = f"runtime layout {type(model).__name__} {params} params {'bf16' if bf16 else 'fp32'}"
+    choice = autotune.fastest(name, f"batch 2 at {size}", {"channels_last": lambda: run(torch.channels_last),
+                                                            "default": lambda: run(torch.contiguous_format)},
+                              "default", torch.device("cpu"))
     model.to(memory_format=torch.contiguous_format)
-    logger.debug(f"layout: default {best[False] * 1e3:.1f} ms, channels_last {best[True] * 1e3:.1f} ms per batch of 2")
-    return best[True] < best[False]
+    return choice == "channels_last"
 
 
 def _int8_session(model: nn.Module, image_size: int, calibration: Iterator[np.ndarray]):

@@ -28,6 +28,7 @@ from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
 from mlkd.errors import BadInput, NotFound
+from mlkd.utils import autotune
 
 # Input conventions (docs/conventions.md): how uint8 RGB images become network input.
 #  caffe: BGR, 0-255, minus the per-channel mean (B, G, R order), no std (the release's VGG16 caffemodel)
@@ -74,10 +75,14 @@ class ConvBackbone(nn.Module):
 
     ``cpu_channels_last_blocks``: on the CPU, run the first that many blocks (up to their max pool) in the
     channels_last layout and the rest in the default one, when the input comes in the default layout. oneDNN's
-    3x3 convolutions with few channels on large maps are faster channels_last, those with many channels slower
-    (VGG16, forward + backward: conv1_2 at 480 px 1.6x faster channels_last, conv5_x 1.1x slower). The values
-    equal the single-layout ones up to float rounding. An input already in channels_last (a caller that chose
-    that layout for the whole network) keeps it throughout; CUDA, tracing and ONNX export see the plain stack.
+    3x3 convolutions with few channels on large maps can be faster channels_last and those with many channels
+    slower, but which wins depends on the CPU: VGG16's conv1-conv2 channels_last made forward + backward at 480 px
+    7 % faster on an AVX-512 EPYC and 30 % slower on an AVX2 one. So it is a candidate, and
+    :func:`mlkd.utils.autotune.fastest` times it against the default layout the first time a (machine, input
+    shape, training or not) is met and remembers the winner; ``MLKD_AUTOTUNE=0`` always takes
+    ``cpu_channels_last_blocks``. Both layouts give the same values up to float rounding. An input already in
+    channels_last (a caller that chose that layout for the whole network) keeps it throughout; CUDA, tracing and
+    ONNX export see the plain stack.
     """
 
     def __init__(self, features: nn.Sequential, out_channels: int, stride: int,
@@ -87,23 +92,50 @@ class ConvBackbone(nn.Module):
         pools = [i for i, layer in enumerate(features) if isinstance(layer, nn.MaxPool2d)]
         self.layout_switch = pools[cpu_channels_last_blocks - 1] \
             if 0 < cpu_channels_last_blocks <= len(pools) else None  # the first layer run in the default layout
+        widths = [str(m.out_channels) for m in features if isinstance(m, nn.Conv2d)]
+        self.signature = f"conv {'-'.join(widths)}"  # names the stack in the autotune decisions
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, C, H / s, W / s)
         if self.layout_switch is None or x.device.type != "cpu" or x.dim() != 4 or torch.jit.is_tracing() \
                 or torch.onnx.is_in_onnx_export() or x.is_contiguous(memory_format=torch.channels_last):
             return self.features(x)
+        return self._run(x, self._switch(x))
+
+    def _run(self, x: torch.Tensor, switch: int | None) -> torch.Tensor:
+        """The stack with its layers before ``switch`` channels_last (None: all in the default layout)."""
+        if switch is None:
+            return self.features(x)
         x = x.contiguous(memory_format=torch.channels_last)
         for i, layer in enumerate(self.features):
-            if i == self.layout_switch:
+            if i == switch:
                 x = x.contiguous()
             x = layer(x)
         return x
 
+    def _switch(self, x: torch.Tensor) -> int | None:
+        """Where this input switches layout: the faster of the default layout and ``layout_switch`` here."""
+        train = torch.is_grad_enabled() and any(p.requires_grad for p in self.features.parameters())
+        shape = f"batch {x.shape[0]} {autotune.size_class(x.shape[2] * x.shape[3])} {'train' if train else 'eval'}"
+        candidates = {"channels_last": lambda: self._cost(x, self.layout_switch, train),
+                      "default": lambda: self._cost(x, None, train)}
+        choice = autotune.fastest(f"{self.signature} layout", shape, candidates, "channels_last", x.device)
+        return self.layout_switch if choice == "channels_last" else None
+
+    def _cost(self, x: torch.Tensor, switch: int | None, train: bool) -> None:
+        """What one step does with the stack: forward, and backward into the parameters when training (their
+        gradients are returned, not accumulated)."""
+        params = [p for p in self.features.parameters() if p.requires_grad]
+        with torch.set_grad_enabled(train):
+            y = self._run(x.detach(), switch)
+            if train:
+                torch.autograd.grad(y.sum(), params)
+
 
 def vgg16() -> ConvBackbone:
     """conv1_1 .. conv5_3 of torchvision's VGG16 (pool5 removed): 512 channels, stride 16. On the CPU, conv1 and
-    conv2 run channels_last (measured: forward + backward of the stack 7 % faster at 480 px, batch 1, and 11 %
-    at 224 px, batch 16; inference 17 %)."""
+    conv2 run channels_last where that is faster (:class:`ConvBackbone`; on an AVX-512 EPYC forward + backward of
+    the stack was 7 % faster at 480 px, batch 1, 11 % at 224 px, batch 16, inference 17 %; on an AVX2 one 30 %
+    slower)."""
     features = torchvision.models.vgg16().features[:30]
     return ConvBackbone(features, 512, 16, cpu_channels_last_blocks=2)
 

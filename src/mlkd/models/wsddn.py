@@ -38,6 +38,7 @@ from torchvision.ops import batched_nms, box_iou
 
 from mlkd.errors import BadInput
 from mlkd.models.ops import caffe_xavier_, distinct_regions, flatten_proposals, pool_regions, segment_softmax
+from mlkd.utils import autotune
 
 P_CLAMP = 1e-4  # image scores are clamped to [P_CLAMP, 1 - P_CLAMP] in the loss (the release's value)
 
@@ -181,15 +182,40 @@ class WSDDN(nn.Module):
         factor = (self.score_scale * scores + self.score_bias)[:, None]  # (N, 1): the proposal score scaling
         if self.head is not None:
             return {"fc7": self.head_features(fmap, boxes, factor, index)}
-        if self.distinct_rois and self.roi_op == "roi_pool":
+        distinct = self.distinct_rois and self.roi_op == "roi_pool" and self._distinct_pays(fmap, boxes, factor, index)
+        fc6 = F.relu(self._fc6(fmap, boxes, factor, index, distinct))
+        return {"fc6": fc6, "fc7": F.relu(self.fc7(self.drop(fc6)))}
+
+    def _fc6(self, fmap: Tensor, boxes: Tensor, factor: Tensor, index: Tensor, distinct: bool) -> Tensor:
+        """fc6 before its ReLU ``(N, hidden)`` of the regions scaled by ``factor (N, 1)``: per region, or with
+        ``distinct`` pooled and multiplied by W once per distinct rounded region (``c_r * (W x) + b``)."""
+        if distinct:
             first, inverse = distinct_regions(boxes, index, self.backbone.stride, fmap.dtype)
             pooled = self.pool(fmap, boxes[first], index[first])  # (U, C, s, s), U distinct regions
             wx = pooled.flatten(1) @ self.fc6.weight.to(pooled.dtype).T  # (U, hidden): W x, once per region
-            fc6 = F.relu(factor.to(wx.dtype) * wx[inverse] + self.fc6.bias.to(wx.dtype))  # (N, hidden)
-        else:
-            pooled = self.pool(fmap, boxes, index)  # (N, C, s, s)
-            fc6 = F.relu(self.fc6((pooled * factor.to(pooled.dtype)[:, :, None, None]).flatten(1)))
-        return {"fc6": fc6, "fc7": F.relu(self.fc7(self.drop(fc6)))}
+            return factor.to(wx.dtype) * wx[inverse] + self.fc6.bias.to(wx.dtype)  # (N, hidden)
+        pooled = self.pool(fmap, boxes, index)  # (N, C, s, s)
+        return self.fc6((pooled * factor.to(pooled.dtype)[:, :, None, None]).flatten(1))
+
+    def _distinct_pays(self, fmap: Tensor, boxes: Tensor, factor: Tensor, index: Tensor) -> bool:
+        """Whether the distinct-region fc6 is the faster one here. Its bookkeeping (rounding every box, finding the
+        distinct ones, gathering back) costs more than it saves when few regions repeat or fc6 is cheap: at 500
+        proposals on an AVX2 CPU it was slower than the plain path. Timed once per (machine, map size, proposal
+        count class) by :func:`mlkd.utils.autotune.fastest`; both give the same values up to float rounding."""
+        train = torch.is_grad_enabled() and self.fc6.weight.requires_grad
+        shape = (f"{autotune.size_class(fmap.shape[2] * fmap.shape[3] * self.backbone.stride ** 2)} "
+                 f"R~2^{max(len(boxes), 1).bit_length() - 1} {'train' if train else 'eval'}")
+
+        def cost(distinct: bool) -> None:
+            with torch.set_grad_enabled(train):
+                x = fmap.detach().requires_grad_(train)
+                out = self._fc6(x, boxes, factor.detach(), index, distinct)
+                if train:
+                    torch.autograd.grad(out.sum(), [x, self.fc6.weight])
+
+        name = f"wsddn fc6 {tuple(self.fc6.weight.shape)} roi {self.roi_size}"
+        return autotune.fastest(name, shape, {"distinct": lambda: cost(True), "per-region": lambda: cost(False)},
+                                "distinct", fmap.device) == "distinct"
 
     def head_features(self, fmap: Tensor, boxes: Tensor, factor: Tensor, index: Tensor) -> Tensor:
         """``head(RoIPool(fmap, b_r) * c_r)`` ``(N, hidden)`` for score factors ``factor (N, 1)``.

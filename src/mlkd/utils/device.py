@@ -7,6 +7,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import os
+import platform
 import sys
 from pathlib import Path
 
@@ -45,6 +46,19 @@ def native_bf16(device: torch.device) -> bool:
         if check is not None and check():
             return True
     return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo, where platform.processor() is often empty), else what
+    :mod:`platform` says."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def cpu_flags() -> set[str]:
