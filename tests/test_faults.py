@@ -107,7 +107,7 @@ def test_proposal_generation_killed_anywhere_then_rerun_equals_an_uninterrupted_
 def test_a_second_run_into_a_busy_folder_is_refused_while_the_first_finishes(teacher_run):
     root, _, _ = teacher_run
     cmd = ["train-teacher", "--config", "teacher.yaml", "--set", f"run.out={root / 'busy'}", "--set",
-           "optim.epochs=12"]  # long enough to still be running when the second command has started
+           "optim.epochs=40"]  # long enough to still be running when the second command has started
     first = subprocess.Popen(MLKD + cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while not (root / "busy" / ".lock").exists() or not (root / "busy" / ".lock").read_text():
@@ -118,7 +118,7 @@ def test_a_second_run_into_a_busy_folder_is_refused_while_the_first_finishes(tea
     assert f"run folder {root / 'busy'} is in use by pid {first.pid} on " in second.stderr
     _, err = first.communicate(timeout=300)
     assert first.returncode == 0, err
-    assert load_checkpoint(root / "busy" / "last.pt")["train_state"]["epoch"] == 11
+    assert load_checkpoint(root / "busy" / "last.pt")["train_state"]["epoch"] == 39
 
 
 @pytest.fixture(scope="module")

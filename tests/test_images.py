@@ -136,3 +136,35 @@ def test_files_pillow_cannot_read_fall_back_to_opencv(tmp_path):
     assert header_size(tmp_path / "junk.png") is None
     with pytest.raises(BadFile, match=r"cannot decode image .*junk\.png \(50 bytes\)"):
         image_size(tmp_path / "junk.png")
+
+
+def test_the_decoded_image_cache_decodes_a_file_once_and_notices_a_changed_one(tmp_path, monkeypatch):
+    from mlkd.data import images
+
+    path = tmp_path / "a.png"
+    first = np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)
+    cv2.imwrite(str(path), cv2.cvtColor(first, cv2.COLOR_RGB2BGR))
+    decoded = []
+    real = images._decode
+    monkeypatch.setattr(images, "_decode", lambda p: decoded.append(p) or real(p))
+    with images.image_cache(1):
+        a, b = images.read_image(path), images.read_image(path)
+        assert len(decoded) == 1 and np.array_equal(a, first) and np.array_equal(b, first)
+        a[:] = 0  # a caller changing its array does not change what the next one gets
+        assert np.array_equal(images.read_image(path), first)
+        second = first[::-1].copy()
+        cv2.imwrite(str(path), cv2.cvtColor(second, cv2.COLOR_RGB2BGR))
+        os.utime(path, ns=(1, 1))  # another mtime (and the same size): decoded again
+        assert np.array_equal(images.read_image(path), second) and len(decoded) == 2
+    images.read_image(path)  # outside the block: no cache
+    assert len(decoded) == 3
+
+
+def test_the_decoded_image_cache_keeps_within_its_budget():
+    from mlkd.data.images import _Decoded
+
+    cache = _Decoded(budget=2500)
+    for i in range(4):
+        cache.put(("x", i, 0), np.zeros(1000, np.uint8))
+    assert [k[1] for k in cache.images] == [2, 3] and cache.used == 2000  # the least recently used went first
+    assert cache.put(("big", 0, 0), np.zeros(3000, np.uint8)) is not None and ("big", 0, 0) not in cache.images

@@ -33,6 +33,8 @@ class DataConfig:
     flip: bool = True  # random horizontal flip in training
     batch_size: int = bounded(1, 1, 4096)  # images per iteration per process
     workers: int = bounded(2, 0, 256)  # DataLoader worker processes
+    # decoded images kept in memory per process (MB, 0 = none): a small dataset read every epoch is decoded once
+    image_cache_mb: float = bounded(0.0, 0, None)
 
 
 @dataclasses.dataclass

@@ -38,6 +38,7 @@ from mlkd.utils.runlog import RunLog
 logger = logging.getLogger(__name__)
 
 Prepare = Callable[[Any, list[dict[str, Any]]], dict[str, Any]]
+PLOT_EVERY = 60.0  # seconds between redrawings of curves.png during a stage (and always at its end)
 
 
 @dataclass(frozen=True)
@@ -273,6 +274,7 @@ def run_stages(stages: list[Stage], settings: LoopSettings, hooks: Hooks, run: R
         if hooks.validates_stages and hooks.validates and record is None:  # resumed after the stage's last epoch
             record = hooks.validate()
         if info.is_main:
+            run.log.plot()  # the curves up to the stage's end, whenever they were last drawn
             hooks.after_stage(index, stage.name, record)
         barrier(info)
         offset += stage.epochs
@@ -324,7 +326,7 @@ def _epoch(current: _Running, stage_epoch: int, settings: LoopSettings, hooks: H
                        "extra": {k: p.detach().cpu() for k, p in parts.extra.items()}}
         save_checkpoint(run.out / "last.pt", hooks.checkpoint(train_state))
         run.log.write(record)
-        run.log.plot()
+        run.log.plot(every=PLOT_EVERY)
         logger.info(format_record(record))
     barrier(info)
     return record

@@ -41,7 +41,7 @@ RUN_FILES = {"config.yaml", "config.yaml.tmp", "log.jsonl", "curves.png", "tenso
              "teacher_targets.pt", "teacher_targets.pt.tmp", "teacher_features"}
 # settings that do not change what a run computes: they may differ when it resumes
 RUN_ONLY = ("run.out", "run.progress", "run.log_every", "run.eval_every", "run.threads", "run.device",
-            "run.tensorboard", "data.workers", "data.val", "data.val_proposals")
+            "run.tensorboard", "data.workers", "data.val", "data.val_proposals", "data.image_cache_mb")
 # settings that may differ on resume when the user gives them explicitly (--set): extending a run
 EXTENDABLE = {"optim.epochs": "optim.epochs", "stages": ".epochs"}
 

@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Sequence
 import torch
 
 from mlkd.data.base import MultiLabelDataset, check_class_order, collate
+from mlkd.data.images import image_cache
 from mlkd.data.loader import make_loader
 from mlkd.data.transforms import Compose, KeepTopProposals, RandomHorizontalFlip, TeacherStudentViews, Warp
 from mlkd.distill.config import DistillConfig, StageConfig, TeacherPlan
@@ -68,7 +69,7 @@ class StudentConfig:
 def train_student(cfg: StudentConfig, resume: bool = False, explicit: Sequence[str] = ()) -> Path:
     """Train (or resume) the student described by ``cfg``; return the path of the final checkpoint. ``explicit``
     are the config keys the user set on the command line (on resume, only they may extend the run)."""
-    with process_group(cfg.run) as info, RunFolder(cfg, resume, info) as run:
+    with process_group(cfg.run) as info, RunFolder(cfg, resume, info) as run, image_cache(cfg.data.image_cache_mb):
         dataset = open_split(cfg.data.train, cfg.data.options, cfg.data.train_proposals)
         torch.manual_seed(cfg.run.seed)
         student = build_student(cfg.model, dataset.num_classes).to(info.device)
@@ -98,6 +99,7 @@ class _StudentHooks(Hooks):
         self.cfg, self.student, self.dataset, self.info, self.report = cfg, student, dataset, info, report
         self.validates = bool(cfg.data.val)
         self.validates_stages = True  # the report reads each stage's held-out mAP
+        self._val: MultiLabelDataset | None = None  # opened at the first validation
 
     def checkpoint(self, train_state: dict[str, Any]) -> dict[str, Any]:
         cfg, dataset = self.cfg, self.dataset
@@ -110,8 +112,10 @@ class _StudentHooks(Hooks):
         """Classification mAP of the held-out split (for the log only; checkpoints are never chosen by it); under
         torchrun each rank scores its share."""
         cfg, model = self.cfg, self.student if model is None else model
-        dataset = open_split(cfg.data.val, cfg.data.options)
-        check_class_order(self.dataset.classes, dataset.classes, f"dataset {cfg.data.val}")
+        if self._val is None:
+            self._val = open_split(cfg.data.val, cfg.data.options)
+            check_class_order(self.dataset.classes, self._val.classes, f"dataset {cfg.data.val}")
+        dataset = self._val
         scores = predict_student(model.to(self.info.device), dataset, cfg.model.input_convention,
                                  cfg.model.image_size, self.info.device, cfg.data.workers, progress=False,
                                  info=self.info)

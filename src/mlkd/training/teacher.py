@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Literal, Sequence
 import torch
 
 from mlkd.data.base import MultiLabelDataset, check_class_order
+from mlkd.data.images import image_cache
 from mlkd.data.loader import make_loader
 from mlkd.data.transforms import Compose, KeepTopProposals, MultiScaleCollate, RandomHorizontalFlip
 from mlkd.errors import BadInput
@@ -66,7 +67,7 @@ class TeacherConfig:
 def train_teacher(cfg: TeacherConfig, resume: bool = False, explicit: Sequence[str] = ()) -> Path:
     """Train (or resume) the teacher described by ``cfg``; return the path of the final checkpoint. ``explicit``
     are the config keys the user set on the command line (on resume, only they may extend the run)."""
-    with process_group(cfg.run) as info, RunFolder(cfg, resume, info) as run:
+    with process_group(cfg.run) as info, RunFolder(cfg, resume, info) as run, image_cache(cfg.data.image_cache_mb):
         steps = ([KeepTopProposals(cfg.data.max_proposals)] if cfg.data.max_proposals else []) + \
                 ([RandomHorizontalFlip(0.5)] if cfg.data.flip else [])
         dataset = open_split(cfg.data.train, cfg.data.options, cfg.data.train_proposals, Compose(steps))
@@ -87,6 +88,7 @@ class _TeacherHooks(Hooks):
     def __init__(self, cfg: TeacherConfig, model: WSDDN, dataset: MultiLabelDataset, info: DistInfo) -> None:
         self.cfg, self.model, self.dataset, self.info = cfg, model, dataset, info
         self.validates = bool(cfg.data.val)
+        self._val: MultiLabelDataset | None = None  # opened at the first validation
 
     def checkpoint(self, train_state: dict[str, Any]) -> dict[str, Any]:
         cfg, dataset = self.cfg, self.dataset
@@ -100,8 +102,10 @@ class _TeacherHooks(Hooks):
         """Classification mAP of the held-out split (for the log only; checkpoints are never chosen by it); under
         torchrun each rank scores its share."""
         cfg = self.cfg
-        dataset = open_split(cfg.data.val, cfg.data.options, cfg.data.val_proposals)
-        check_class_order(self.dataset.classes, dataset.classes, f"dataset {cfg.data.val}")
+        if self._val is None:
+            self._val = open_split(cfg.data.val, cfg.data.options, cfg.data.val_proposals)
+            check_class_order(self.dataset.classes, self._val.classes, f"dataset {cfg.data.val}")
+        dataset = self._val
         pred = predict_teacher(self.model, dataset, cfg.model.input_convention, self.info.device,
                                (cfg.data.test_scale,), max_proposals=cfg.data.max_proposals,
                                workers=cfg.data.workers, progress=False, info=self.info)
