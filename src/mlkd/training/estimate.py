@@ -30,7 +30,7 @@ from mlkd.data.build import build_dataset, parse_spec
 from mlkd.distill.config import TeacherPlan
 from mlkd.distill.feature_store import estimate_bytes
 from mlkd.distill.objective import StudentObjective
-from mlkd.errors import MlkdError
+from mlkd.errors import MlkdError, NotFound
 from mlkd.models.build import build_student, build_teacher, model_from_checkpoint
 from mlkd.models.configs import RELEASE_TEST_SCALE, TeacherModelConfig
 from mlkd.training.optim import build_optimizer, param_groups
@@ -85,7 +85,7 @@ def dataset_size(spec: str, notes: list[str]) -> tuple[int, int]:
         name, fields = parse_spec(spec)
         known = KNOWN.get((name, *fields[1:]))
         if known is None:
-            raise MlkdError(f"dataset {spec} is not on this machine and its size is not known to mlkd; run the "
+            raise NotFound(f"dataset {spec} is not on this machine and its size is not known to mlkd; run the "
                             "estimate where the data is") from None
         notes.append(f"dataset {spec} is not on this machine: its published size ({known[0]} images, {known[1]} "
                      "classes) is used")
