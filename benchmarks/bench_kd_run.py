@@ -6,8 +6,9 @@
   features computed into their caches at the start;
 - release KD: ``student_demo_kd_release`` (5 + 15 epochs, the teacher run on the fly in stage 1).
 
-Every run validates on the held-out split after each epoch, as the demo does. ``kd_run_ratio`` = default KD /
-plain, ``kd_release_run_ratio`` = release KD / plain (same number of epochs). Runs alternate over ``--repeats``
+Every run validates on the held-out split after each epoch, as the demo does. ``kd_run_ratio_<class>`` = default
+KD / plain, ``kd_release_run_ratio_<class>`` = release KD / plain (same number of epochs), for the CPU's own
+capability (``native``) and, on a CPU beyond AVX2, with PyTorch's and oneDNN's kernels limited to AVX2 (``avx2``). Runs alternate over ``--repeats``
 rounds and the median is used. Needs a demo folder with data, proposals and ``seed0/teacher/last.pt``
 (``mlkd demo --out DIR`` makes one).
 
@@ -17,6 +18,7 @@ Run: ``python benchmarks/bench_kd_run.py --demo runs/demo [--repeats 1] [--json]
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -26,12 +28,12 @@ from pathlib import Path
 
 import torch
 
-from _common import describe, emit_json, machine
+from _common import capability_classes, describe, emit_json, machine
 
 RUNS = {"plain": "student_demo", "default KD": "student_demo_kd", "release KD": "student_demo_kd_release"}
 
 
-def train(config: str, demo: Path, out: Path) -> float:
+def train(config: str, demo: Path, out: Path, env: dict[str, str]) -> float:
     """Seconds of one `mlkd train-student` process, start to exit."""
     sets = [f"data.train={demo / 'data' / 'train.jsonl'}", f"data.val={demo / 'data' / 'val.jsonl'}",
             f"data.train_proposals={demo / 'proposals' / 'train'}", f"distill.teacher={demo / 'seed0' / 'teacher' / 'last.pt'}",
@@ -40,7 +42,7 @@ def train(config: str, demo: Path, out: Path) -> float:
         sets = [s for s in sets if not s.startswith(("data.train_proposals", "distill."))]
     cmd = [sys.executable, "-m", "mlkd", "train-student", "--config", config] + [a for s in sets for a in ("--set", s)]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env})
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
@@ -57,21 +59,31 @@ def main() -> None:
         parser.error(f"--demo {args.demo}: no seed0/teacher/last.pt (run `mlkd demo --out {args.demo}` first)")
     figures = machine(torch.device("cpu"))
     print(describe(figures))
+    for cls, env in capability_classes():
+        print(f"-- {cls}: {'AVX2, emulated' if env else torch.backends.cpu.get_cpu_capability()}", flush=True)
+        median = rounds(args, env)
+        figures[f"seconds_{cls}"] = median
+        figures[f"kd_run_ratio_{cls}"] = median["default KD"] / median["plain"]
+        figures[f"kd_release_run_ratio_{cls}"] = median["release KD"] / median["plain"]
+        print(f"whole run, same epochs: default KD {figures[f'kd_run_ratio_{cls}']:.2f}x plain, release KD "
+              f"{figures[f'kd_release_run_ratio_{cls}']:.2f}x plain (caches included)")
+    if len(capability_classes()) == 1:  # an AVX2 CPU: its native figures are the AVX2 ones
+        figures.update({k.replace("_native", "_avx2"): v for k, v in list(figures.items()) if k.endswith("_native")})
+        figures["avx2_is_native"] = True
+    if args.json:
+        emit_json(figures)
+
+
+def rounds(args: argparse.Namespace, env: dict[str, str]) -> dict[str, float]:
+    """The median seconds of each run over ``args.repeats`` alternating rounds, with ``env`` added."""
     times: dict[str, list[float]] = {name: [] for name in RUNS}
     with tempfile.TemporaryDirectory(prefix="bench_kd_run_") as tmp:
         for r in range(args.repeats):
             for name, config in RUNS.items():
-                seconds = train(config, args.demo, Path(tmp) / f"{config}_{r}")
+                seconds = train(config, args.demo, Path(tmp) / f"{config}_{r}", env)
                 times[name].append(seconds)
                 print(f"  round {r + 1}: {name:<11} ({config}) {seconds:7.1f} s", flush=True)
-    median = {name: statistics.median(v) for name, v in times.items()}
-    figures["seconds"] = median
-    figures["kd_run_ratio"] = median["default KD"] / median["plain"]
-    figures["kd_release_run_ratio"] = median["release KD"] / median["plain"]
-    print(f"whole run, same epochs: default KD {figures['kd_run_ratio']:.2f}x plain, release KD "
-          f"{figures['kd_release_run_ratio']:.2f}x plain (caches included)")
-    if args.json:
-        emit_json(figures)
+    return {name: statistics.median(v) for name, v in times.items()}
 
 
 if __name__ == "__main__":

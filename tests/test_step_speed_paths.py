@@ -131,3 +131,62 @@ def test_keep_freed_memory_takes_and_can_be_turned_off(monkeypatch):
     except (OSError, AttributeError):
         pytest.skip("not glibc")
     assert dev.keep_freed_memory() is True
+
+
+def test_the_fp16_loss_scaling_path_gives_the_plain_paths_weights():
+    """What run.amp=fp16 adds on a GPU, run on the CPU with torch.amp.GradScaler("cpu"): the loss scaled by a power
+    of two, the gradients unscaled before clipping, the step through the scaler. Scaling by 2**k is exact in float32,
+    so the weights equal the unscaled path's bit for bit; clipping before the unscale would not."""
+    from mlkd.training.loop import LoopSettings, StageParts, train_one_epoch
+
+    torch.manual_seed(0)
+    data = [(torch.randn(4, 6), [{"y": torch.randn(4, 2)}]) for _ in range(3)]
+
+    def run(scaler):
+        torch.manual_seed(1)
+        model = torch.nn.Linear(6, 2)
+        objective = _Regression(model)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+        parts = StageParts(objective, 0.5, optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, []), data,
+                           lambda x, t: {"x": x, "y": t[0]["y"]})
+        train_one_epoch(objective, parts, 0, LoopSettings(clip_grad=0.05, progress=False), torch.device("cpu"),
+                        scaler=scaler)
+        return model.state_dict()
+
+    plain, scaled = run(None), run(torch.amp.GradScaler("cpu", init_scale=2.0 ** 12))
+    assert all(torch.equal(plain[k], scaled[k]) for k in plain)
+
+
+class _Regression(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"loss": (self.model(x) - y).pow(2).mean() * 100}  # large gradients: the clipping bites
+
+
+def test_the_distinct_region_path_synchronises_with_the_host_once(monkeypatch):
+    """On a GPU every data-dependent size costs a host synchronisation. The distinct-region fc6 has one, documented
+    in distinct_rows: torch.unique (the number of distinct rows sizes its output). Counted on the CPU by wrapping
+    every call that would synchronise."""
+    from mlkd.models.wsddn import WSDDN
+
+    counts: dict[str, int] = {}
+
+    def counting(name, real):
+        def wrapped(*args, **kwargs):
+            counts[name] = counts.get(name, 0) + 1
+            return real(*args, **kwargs)
+        return wrapped
+
+    torch.manual_seed(0)
+    model = WSDDN(tiny((4, 8, 8), 1), 3, hidden=16, roi_size=2, dropout=0.0).train()
+    fmap = model.backbone(torch.randn(1, 3, 64, 64))
+    boxes = torch.tensor([[0, 0, 30, 30], [1, 1, 31, 31], [10, 10, 60, 50], [0, 0, 64, 64]], dtype=torch.float32)
+    for name in ("item", "tolist", "nonzero", "__bool__", "__int__", "__float__", "cpu", "numpy"):  # len(): a shape
+        monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
+    monkeypatch.setattr(torch, "unique", counting("unique", torch.unique))
+    monkeypatch.setattr(torch, "nonzero", counting("nonzero", torch.nonzero))
+    model.region_layers(fmap, boxes, torch.ones(4), torch.zeros(4, dtype=torch.int64))
+    assert counts == {"unique": 1}, counts

@@ -106,7 +106,8 @@ def distinct_regions(boxes: Tensor, index: Tensor, stride: int, fmap_dtype: torc
 
 def distinct_rows(rows: Tensor) -> tuple[Tensor, Tensor]:
     """``(first, inverse)`` for ``rows (N, D)``: ``rows[first]`` are the distinct rows (one representative
-    each, ``(U,)`` indices) and ``rows[first][inverse]`` equals ``rows``."""
+    each, ``(U,)`` indices) and ``rows[first][inverse]`` equals ``rows``. On a GPU, ``torch.unique`` is the one
+    host synchronisation of the distinct-region paths: the number of distinct rows sizes what follows."""
     unique, inverse = torch.unique(rows, dim=0, return_inverse=True)
     first = torch.empty(len(unique), dtype=torch.int64, device=rows.device)
     first.scatter_(0, inverse, torch.arange(len(rows), device=rows.device))

@@ -267,7 +267,7 @@ def run_stages(stages: list[Stage], settings: LoopSettings, hooks: Hooks, run: R
         parts = stage.build()
         start = _restore(parts, state) if state is not None and index == state["stage"] else 0
         current = _Running(stage, parts, index, offset, wrap_ddp(parts.objective, info),
-                           torch.amp.GradScaler("cuda") if settings.amp == "fp16" else None)  # fp16 needs loss scaling
+                           torch.amp.GradScaler(info.device.type) if settings.amp == "fp16" else None)  # fp16: loss scaling
         record = None
         for stage_epoch in range(start, stage.epochs):
             record = _epoch(current, stage_epoch, settings, hooks, run, info)
