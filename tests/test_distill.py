@@ -99,6 +99,29 @@ def test_teacher_probs_use_both_streams_logits_doubled():
         assert torch.allclose(got[i].double(), want, atol=1e-6)
 
 
+@pytest.mark.parametrize("top_k", [None, 2])
+def test_the_teacher_in_chunks_of_images_gives_the_one_forward_values(top_k):
+    from mlkd.distill.teacher import teacher_outputs
+
+    teacher = make_teacher().eval()
+    gen = torch.Generator().manual_seed(3)
+    images = torch.randn(5, 3, 32, 32, generator=gen, dtype=torch.float64)
+    sizes = [4, 1, 6, 3, 2]  # uneven, one image with a single proposal
+    proposals = [random_boxes(n, 32, gen) for n in sizes]
+    scores = [torch.rand(n, generator=gen, dtype=torch.float64) for n in sizes]
+    whole = teacher_outputs(teacher, images, proposals, scores, True, ["fc6", "fc7"], top_k, chunk=5)
+    for chunk in (1, 2, 4):
+        probs, feats, keep = teacher_outputs(teacher, images, proposals, scores, True, ["fc6", "fc7"], top_k,
+                                             chunk=chunk)
+        torch.testing.assert_close(probs, whole[0], rtol=0, atol=1e-12)
+        for layer in ("fc6", "fc7"):
+            torch.testing.assert_close(feats[layer], whole[1][layer], rtol=0, atol=1e-12)
+        if top_k is None:
+            assert keep is None and whole[2] is None and feats["fc7"].shape[0] == sum(sizes)
+        else:  # rows among the whole batch's flattened proposals, not the chunk's
+            assert torch.equal(keep, whole[2]) and keep.numel() == sum(min(2, n) for n in sizes)
+
+
 def test_top_regions_picks_the_k_best_of_each_image():
     obj = torch.tensor([0.1, 0.9, 0.5, 0.3, 0.8, 0.2])
     index = torch.tensor([0, 0, 0, 1, 1, 1])

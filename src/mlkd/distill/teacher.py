@@ -17,6 +17,7 @@ from mlkd.models.ops import flatten_proposals
 from mlkd.models.wsddn import WSDDN, wsddn_scores
 
 TEACHER_TEMPERATURE = 0.5  # the release multiplies both streams' logits by 2 for the soft targets
+TEACHER_CHUNK = 4  # images per teacher forward on the fly: its activations at 672-832 px bound the peak memory
 
 
 def check_feature_layers(teacher: WSDDN, layers: Sequence[str]) -> None:
@@ -40,14 +41,37 @@ def check_feature_width(student_width: int, teacher: WSDDN, adapter: bool) -> No
 @torch.no_grad()
 def teacher_outputs(teacher: WSDDN, images: Tensor, proposals: Sequence[Tensor], scores: Sequence[Tensor] | None,
                     soft: bool = True, layers: Sequence[str] | None = None, top_k: int | None = None,
-                    temperature: float = TEACHER_TEMPERATURE
+                    temperature: float = TEACHER_TEMPERATURE, chunk: int = TEACHER_CHUNK
                     ) -> tuple[Tensor | None, dict[str, Tensor] | None, Tensor | None]:
-    """One forward of the frozen teacher on a batch, giving what distillation needs of it:
+    """The frozen teacher on a batch, giving what distillation needs of it:
 
     - with ``soft``: its image scores ``(B, K)`` with both streams' logits divided by ``temperature``;
     - with ``layers``: its region features ``{layer: (N', D)}`` and their rows among the batch's flattened
       proposals (None: all of them; with ``top_k``, each image's ``top_k`` regions by objectness s').
-    """
+
+    The images run ``chunk`` at a time: every output is per image (the teacher is in eval mode, VGG16 and the C4
+    head have no batch statistics), so the values are those of one forward, while the peak memory is a chunk's
+    (a VGG16 teacher at 672 px keeps ~0.5 GB of activations per image: a student batch of 32 on the fly would
+    need 16 GB at once)."""
+    if len(proposals) <= chunk:
+        return _teacher_outputs(teacher, images, proposals, scores, soft, layers, top_k, temperature)
+    parts, offset = [], 0
+    for start in range(0, len(proposals), chunk):
+        end = min(start + chunk, len(proposals))
+        probs, feats, keep = _teacher_outputs(teacher, images[start:end], proposals[start:end],
+                                              None if scores is None else scores[start:end], soft, layers, top_k,
+                                              temperature)
+        parts.append((probs, feats, None if keep is None else keep + offset))
+        offset += sum(int(b.shape[0]) for b in proposals[start:end])
+    probs = torch.cat([p for p, _, _ in parts]) if soft else None
+    feats = {k: torch.cat([f[k] for _, f, _ in parts]) for k in layers} if layers else None
+    keep = torch.cat([k for _, _, k in parts]) if layers and top_k is not None else None
+    return probs, feats, keep
+
+
+def _teacher_outputs(teacher: WSDDN, images: Tensor, proposals: Sequence[Tensor], scores: Sequence[Tensor] | None,
+                     soft: bool, layers: Sequence[str] | None, top_k: int | None, temperature: float
+                     ) -> tuple[Tensor | None, dict[str, Tensor] | None, Tensor | None]:
     boxes, flat_scores, index = flatten_proposals(proposals, scores)
     target = teacher.region_layers(teacher.backbone(images), boxes, flat_scores, index)
     cls_logits, det_logits = teacher.forward_streams(teacher.drop(target["fc7"]))
