@@ -8,8 +8,10 @@ ones use the datasets where they are, else their published sizes (said in each c
 in a fresh process, so a failure (memory, a dtype) is reported for that config and the others go on.
 
 Run: ``python benchmarks/rehearse_configs.py [--only teacher_voc07 ...] [--steps 1] [--device cpu]
-[--write docs/benchmarks.md] [--json]``. With ``--write``, the table replaces the one between the markers
-``<!-- rehearsal -->`` and ``<!-- /rehearsal -->`` of that file.
+[--results rehearsal.jsonl] [--write docs/benchmarks.md] [--json]``. With ``--results``, each config's result is
+appended to that file as it finishes, and a rerun skips the configs already there (the whole rehearsal takes
+hours on a small CPU: an interruption loses only the config in progress). With ``--write``, the table replaces the
+one between the markers ``<!-- rehearsal -->`` and ``<!-- /rehearsal -->`` of that file.
 """
 
 from __future__ import annotations
@@ -77,6 +79,13 @@ def _caches(r: dict) -> str:
     return "; ".join(parts)
 
 
+def _finished(path: Path | None) -> dict[str, dict]:
+    """The results already in ``path`` (a JSON-lines file), by config name."""
+    if path is None or not path.exists():
+        return {}
+    return {r["config"]: r for r in map(json.loads, path.read_text().splitlines()) if "error" not in r}
+
+
 def write(path: Path, text: str) -> None:
     """Put ``text`` between the markers of ``path``."""
     doc = path.read_text()
@@ -89,16 +98,21 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="these configs (default: every shipped one)")
     parser.add_argument("--steps", type=int, default=1, help="timed steps per row after one warm-up (1)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--results", type=Path, help="a JSON-lines file: each result appended as it finishes; "
+                                                        "configs already in it are not run again")
     parser.add_argument("--write", type=Path, help="a Markdown file whose rehearsal markers receive the table")
     parser.add_argument("--json", action="store_true", help="also print every result as one JSON object")
     args = parser.parse_args()
     figures = machine(torch.device(args.device))
     print(describe(figures), flush=True)
     names = args.only or packaged_configs()
-    results = []
+    done = _finished(args.results)
+    results = [done[name] for name in names if name in done]
     with tempfile.TemporaryDirectory() as tmp:
         synth = None
         for name in names:
+            if name in done:
+                continue
             extra = []
             if name.endswith(("_demo", "_demo_kd", "_demo_kd_release", "_demo_joint")):
                 synth = synth or generate(Path(tmp) / "synth", 600, seed=0, image_size=160, progress=False)["train"]
@@ -107,6 +121,10 @@ def main() -> None:
             r = results[-1]
             print(f"{name}: {'failed: ' + r['error'] if 'error' in r else _schedule(r)} ({r['took']:.0f} s)",
                   flush=True)
+            if args.results and "error" not in r:
+                with args.results.open("a") as f:
+                    f.write(json.dumps(r) + "\n")
+    results.sort(key=lambda r: names.index(r["config"]))
     text = f"Machine: {describe(figures)}\n\n{table(results)}"
     print("\n" + text)
     if args.write:
