@@ -14,7 +14,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "mlkd"
 # bottom up; a part may import only from its own part and the layers below it (same layer: not each other)
 LAYERS = [("errors", "version"), ("utils",), ("data", "metrics", "models"), ("proposals",), ("export",),
-          ("inference",), ("distill", "evaluation"), ("training",), ("api", "demo"), ("cli",), ("__main__",)]
+          ("inference",), ("distill", "evaluation"), ("training",), ("api", "demo"), ("serve",), ("cli",), ("__main__",)]
 LAYER_OF = {part: i for i, parts in enumerate(LAYERS) for part in parts}
 PACKAGES = [p.parent for p in sorted(SRC.rglob("__init__.py")) if p.parent != SRC]
 

@@ -120,6 +120,8 @@ class _Loaded:
         self.input_convention: str = ckpt["input_convention"]
         self.image_size: int = int(ckpt["inference"]["image_size"])
         self.device = torch.device("cpu")
+        self.dataset: dict[str, Any] | None = ckpt.get("dataset")  # name, split, size and hashes of its training set
+        self.trained_with: str | None = ckpt.get("mlkd_version")
 
     precision = "fp32"
 
@@ -133,6 +135,13 @@ class _Loaded:
         names = ", ".join(self.classes[:5]) + (f", ... ({len(self.classes)} classes)" if len(self.classes) > 5 else "")
         return (f"{type(self).__name__}(classes=[{names}], input={self.image_size}x{self.image_size} "
                 f"{self.input_convention}, precision={self.precision}, device={self.device})")
+
+    def describe(self) -> dict[str, Any]:
+        """What the model is, JSON-ready: kind, classes, input, precision, device, the mlkd that trained it and the
+        identity of its training set."""
+        return {"kind": "teacher" if isinstance(self, Detector) else "student", "classes": self.classes,
+                "input": self.input_description, "precision": self.precision, "device": str(self.device),
+                "trained_with_mlkd": self.trained_with, "dataset": self.dataset}
 
     @property
     def input_description(self) -> dict[str, Any]:
@@ -184,16 +193,27 @@ class Classifier(_Loaded):
         """Labels of one image (a dict) or of a list of images (a list of dicts): ``{class: probability}``,
         best first; with ``top_k`` only the k best, with ``threshold`` (one value, one per class, or a mapping
         class -> value) only those at or above it. ``as_arrays=True`` returns the ``(N, K)`` probabilities."""
-        limits = self._thresholds(threshold)  # arguments first: a typo is reported before the images are read
-        top_k = checks.integer(top_k, "top_k", low=1, none="all")
+        cuts = self.cuts(threshold, top_k)  # arguments first: a typo is reported before the images are read
         probs = self.probabilities(images, batch_size)
         if as_arrays:
             return probs
+        rows = self.labels(probs, cuts)
+        return rows if isinstance(images, (list, tuple)) else rows[0]
+
+    def cuts(self, threshold: Any = None, top_k: int | None = None) -> tuple[np.ndarray | None, int | None]:
+        """``threshold`` and ``top_k`` as :meth:`predict` takes them, checked: ``((K,) thresholds or None, k or
+        None)``; ``BadInput`` names the bad value."""
+        return self._thresholds(threshold), checks.integer(top_k, "top_k", low=1, none="all")
+
+    def labels(self, probabilities: np.ndarray, cuts: tuple[np.ndarray | None, int | None] = (None, None)
+               ) -> list[dict[str, float]]:
+        """``{class: probability}`` best first for each row of ``probabilities (N, K)``, cut by :meth:`cuts`."""
+        limits, top_k = cuts
         rows = []
-        for p in probs:
+        for p in probabilities:
             order = np.argsort(-p, kind="stable")[:top_k]
             rows.append({self.classes[c]: float(p[c]) for c in order if limits is None or p[c] >= limits[c]})
-        return rows if isinstance(images, (list, tuple)) else rows[0]
+        return rows
 
     def _thresholds(self, threshold: Any) -> np.ndarray | None:
         """``(K,)`` probabilities from one value, one per class, or a mapping class -> value (None: no cut)."""

@@ -10,12 +10,12 @@ import argparse
 import logging
 import sys
 
-from mlkd.cli import data, demo, estimate, export, metrics, predict, proposals, student, teacher
+from mlkd.cli import data, demo, estimate, export, metrics, predict, proposals, serve, student, teacher
 from mlkd.errors import MlkdError
 from mlkd.utils.device import keep_freed_memory
 from mlkd.version import __version__
 
-COMMANDS = (demo, data, proposals, teacher, student, estimate, predict, metrics, export)
+COMMANDS = (demo, data, proposals, teacher, student, estimate, predict, serve, metrics, export)
 
 EPILOG = """\
 typical flow, step by step (what `mlkd demo` runs; paths as in mlkd's *_demo configs):

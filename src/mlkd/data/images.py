@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import io
 import os
 import stat
 import warnings
@@ -86,15 +87,19 @@ def header_size(path: str | Path) -> tuple[int, int] | None:
     """``(H, W)`` of an image file from its header (the stored frame, as :func:`read_image` decodes it); None when
     Pillow cannot read the header (a format only OpenCV knows, or a damaged file)."""
     path = check_image_file(path)
+    return _header_size(path, path)
+
+
+def _header_size(source: Path | io.BytesIO, name: str | Path) -> tuple[int, int] | None:
     with warnings.catch_warnings():  # Pillow's own bomb warning; mlkd applies its own limit
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            with Image.open(path) as im:
+            with Image.open(source) as im:
                 w, h = im.size
         except Image.DecompressionBombError as e:  # over twice Pillow's own limit (its message has the size)
             if max_image_pixels() > 2 * (Image.MAX_IMAGE_PIXELS or 0):
                 return None  # mlkd's limit allows it: OpenCV decodes it, and the decoded size is checked
-            raise BadInput(f"image {path} is over mlkd's limit of {max_image_pixels():,} pixels (Pillow, reading "
+            raise BadInput(f"image {name} is over mlkd's limit of {max_image_pixels():,} pixels (Pillow, reading "
                            f"its header: {e}); {_RAISE}") from None
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
             return None
@@ -108,7 +113,7 @@ def image_size(path: str | Path) -> tuple[int, int]:
     return hw if hw is not None else read_image(path).shape[:2]
 
 
-def _check_pixels(path: Path, hw: tuple[int, int]) -> None:
+def _check_pixels(path: str | Path, hw: tuple[int, int]) -> None:
     limit = max_image_pixels()
     if hw[0] * hw[1] > limit:
         raise BadInput(f"image {path} is {hw[1]} x {hw[0]} = {hw[0] * hw[1]:,} pixels, over mlkd's limit of "
@@ -175,18 +180,27 @@ def image_cache(megabytes: float) -> Iterator[None]:
         _cache = outer
 
 
+def decode_image(data: bytes, name: str = "the uploaded image") -> np.ndarray:
+    """Decode an image file's bytes exactly as :func:`read_image` decodes the file: RGB uint8 ``(H, W, 3)`` in
+    the stored frame, the pixel limit checked from the header before decoding. ``name`` is how errors call it
+    (``BadInput`` over the limit, ``BadFile`` when it cannot be decoded, a truncated file included)."""
+    return _decode_bytes(np.frombuffer(data, dtype=np.uint8), _header_size(io.BytesIO(data), name), name)
+
+
 def _decode(path: Path) -> np.ndarray:
-    hw = header_size(path)
+    return _decode_bytes(np.fromfile(str(path), dtype=np.uint8), header_size(path), path)
+
+
+def _decode_bytes(data: np.ndarray, hw: tuple[int, int] | None, name: str | Path) -> np.ndarray:
     if hw is not None:
-        _check_pixels(path, hw)
-    data = np.fromfile(str(path), dtype=np.uint8)
+        _check_pixels(name, hw)
     try:
         img = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION) if data.size else None
     except cv2.error as e:  # e.g. a header over OpenCV's own limit (OPENCV_IO_MAX_IMAGE_PIXELS)
         reason = " ".join(str(e).split())
-        raise BadFile(f"cannot decode image {path} ({data.size} bytes): OpenCV failed: {reason}") from None
+        raise BadFile(f"cannot decode image {name} ({data.size} bytes): OpenCV failed: {reason}") from None
     if img is None:
-        raise BadFile(f"cannot decode image {path} ({data.size} bytes): not a readable image file")
+        raise BadFile(f"cannot decode image {name} ({data.size} bytes): not a readable image file")
     if hw is None:  # no header Pillow could read: check what was decoded, so the limit still holds afterwards
-        _check_pixels(path, img.shape[:2])
+        _check_pixels(name, img.shape[:2])
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)

@@ -9,7 +9,7 @@ from types import ModuleType
 from mlkd.errors import MlkdError
 
 EXTRAS = {"caffe": "protobuf", "mat": "scipy", "export": "onnx and onnxruntime", "tensorboard": "tensorboard",
-          "timm": "timm"}
+          "timm": "timm", "serve": "FastAPI, uvicorn, python-multipart and prometheus-client"}
 
 
 class MissingExtra(MlkdError, ImportError):
