@@ -125,7 +125,7 @@ def main() -> None:
                 with args.results.open("a") as f:
                     f.write(json.dumps(r) + "\n")
     results.sort(key=lambda r: names.index(r["config"]))
-    text = f"Machine: {describe(figures)}\n\n{table(results)}"
+    text = f"{describe(figures)[0].upper()}{describe(figures)[1:]}\n\n{table(results)}"
     print("\n" + text)
     if args.write:
         write(args.write, text)
