@@ -107,13 +107,17 @@ def test_proposal_generation_killed_anywhere_then_rerun_equals_an_uninterrupted_
 def test_a_second_run_into_a_busy_folder_is_refused_while_the_first_finishes(teacher_run):
     root, _, _ = teacher_run
     cmd = ["train-teacher", "--config", "teacher.yaml", "--set", f"run.out={root / 'busy'}", "--set",
-           "optim.epochs=40"]  # long enough to still be running when the second command has started
+           "optim.epochs=40"]
     first = subprocess.Popen(MLKD + cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while not (root / "busy" / ".lock").exists() or not (root / "busy" / ".lock").read_text():
         assert time.monotonic() < deadline and first.poll() is None, "the first run never took the lock"
         time.sleep(0.05)
-    second = run(cmd, root)
+    first.send_signal(signal.SIGSTOP)  # still running (40 tiny epochs can end before a second python has started)
+    try:
+        second = run(cmd, root)
+    finally:
+        first.send_signal(signal.SIGCONT)
     assert second.returncode == 1
     assert f"run folder {root / 'busy'} is in use by pid {first.pid} on " in second.stderr
     _, err = first.communicate(timeout=300)
