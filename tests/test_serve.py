@@ -268,6 +268,9 @@ def test_a_teacher_serves_detections_as_the_python_api_gives_them(trained, paths
         bad = post(running.url + "/v1/detect", content=image_bytes(paths[0]), headers={"content-type": "image/png"},
                    params={"score_threshold": 3})
         assert bad.status_code == 422 and bad.json()["field"] == "score_threshold"
+        bad = post(running.url + "/v1/detect", content=image_bytes(paths[0]), headers={"content-type": "image/png"},
+                   params={"max_detections": 0})
+        assert bad.status_code == 422 and bad.json()["field"] == "max_detections"
 
 
 # -- the batcher on its own ---------------------------------------------------------------------------------------

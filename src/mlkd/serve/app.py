@@ -25,7 +25,7 @@ import numpy as np
 from fastapi import FastAPI, Query, Request  # the serve extra: this module is imported only to serve
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-from mlkd.api import Classifier, Detector
+from mlkd.api import DETECTION_SCORE, MAX_DETECTIONS, Classifier, Detector
 from mlkd.errors import BadInput, MlkdError
 from mlkd.serve.batcher import Batcher, QueueFull
 from mlkd.serve.inputs import HTTPError, decode, integer, number, read_request
@@ -86,8 +86,7 @@ class Service:
             raise HTTPError(404, "this server runs a teacher (a detector): POST the images to /v1/detect")
         files, options = await read_request(request, "predict", self.settings.max_queue)
         cuts = _cuts(self.model, options)  # options first: a typo is answered before any image is decoded
-        loop = asyncio.get_running_loop()
-        arrays = await asyncio.gather(*(loop.run_in_executor(None, decode, name, data) for name, data in files))
+        arrays = await _decoded(files)
         rows = await self._queued(self.batcher.submit(arrays))
         return {"names": [name for name, _ in files], "predictions": self.model.labels(np.stack(rows), cuts)}
 
@@ -95,9 +94,8 @@ class Service:
         if not isinstance(self.model, Detector):
             raise HTTPError(404, "this server runs a student (a classifier): POST the images to /v1/predict")
         files, options = await read_request(request, "detect", self.settings.max_queue)
-        settings = _detect_options(self.model, options)
-        loop = asyncio.get_running_loop()
-        arrays = await asyncio.gather(*(loop.run_in_executor(None, decode, name, data) for name, data in files))
+        settings = _detect_options(options)
+        arrays = await _decoded(files)
         out = []
         for rgb in arrays:
             found = await self.batcher.call(self.model.detect, rgb, None, None, *settings)
@@ -118,27 +116,33 @@ class Service:
                 "batching": dataclasses.asdict(self.settings)}
 
 
-def _cuts(model: Classifier, options: dict) -> tuple:
-    threshold, top_k = number(options, "threshold"), integer(options, "top_k")
-    for field, given in (("threshold", {"threshold": threshold}), ("top_k", {"top_k": top_k})):
-        try:
-            model.cuts(**given)
-        except BadInput as e:
-            raise HTTPError(422, str(e), field=field) from None
-    return model.cuts(threshold, top_k)
+async def _decoded(files: list[tuple[str, bytes]]) -> list[np.ndarray]:
+    """The uploaded images decoded in worker threads, in parallel, off the event loop."""
+    loop = asyncio.get_running_loop()
+    return list(await asyncio.gather(*(loop.run_in_executor(None, decode, name, data) for name, data in files)))
 
 
-def _detect_options(model: Detector, options: dict) -> tuple[float, int | None]:
-    score, most = number(options, "score_threshold"), integer(options, "max_detections")
-    score = 0.05 if score is None else score
-    most = 100 if "max_detections" not in options else most
+def _checked(field: str, check: Any, value: Any) -> Any:
+    """``check(value)``, its ``BadInput`` answered as a 422 naming ``field``."""
     try:
-        checks.probability(score, "score_threshold")
+        return check(value)
     except BadInput as e:
-        raise HTTPError(422, str(e), field="score_threshold") from None
-    if most is not None and most < 1:
-        raise HTTPError(422, f"max_detections must be at least 1, got {most}", field="max_detections")
-    return score, most
+        raise HTTPError(422, str(e), field=field) from None
+
+
+def _cuts(model: Classifier, options: dict) -> tuple:
+    limits, _ = _checked("threshold", lambda t: model.cuts(threshold=t), number(options, "threshold"))
+    _, top_k = _checked("top_k", lambda k: model.cuts(top_k=k), integer(options, "top_k"))
+    return limits, top_k
+
+
+def _detect_options(options: dict) -> tuple[float, int | None]:
+    """``score_threshold`` and ``max_detections`` with ``Detector.detect``'s defaults and rules."""
+    score = number(options, "score_threshold")
+    most = integer(options, "max_detections") if "max_detections" in options else MAX_DETECTIONS
+    score = _checked("score_threshold", lambda v: checks.probability(v, "score_threshold"),
+                     DETECTION_SCORE if score is None else score)
+    return score, _checked("max_detections", lambda v: checks.integer(v, "max_detections", low=1, none="all"), most)
 
 
 def create_app(model: Classifier | Detector, settings: ServeSettings | None = None) -> Any:
