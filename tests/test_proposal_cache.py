@@ -304,3 +304,25 @@ def test_images_without_proposals_are_listed_by_the_cache_and_refused_before_tra
                 "labels": torch.zeros(2)}]
     with pytest.raises(ValueError, match=r"image\(s\) \['a'\] have no proposal"):
         teacher_inputs(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), targets, torch.device("cpu"), "torchvision")
+
+
+def test_a_reader_nobody_holds_gives_way_to_a_writer_but_a_held_one_does_not(synth, tmp_path):
+    """A run that opened a split read-only (datasets in reference cycles, never closed) and then resumes proposal
+    generation for it in the same process, as `run_demo` twice in one process does; a reader still in use keeps
+    the writer out, naming the store."""
+    out = tmp_path / "cache"
+    ds = _train(synth)
+    generate_proposals(ds, "selective_search", {"mode": "fast", "max_proposals": 20}, out, progress=False)
+    held = ProposalCache.open(out)
+    cycle = {"cache": ProposalCache.open(out)}
+    cycle["self"] = cycle  # only the cyclic collector frees it
+    del cycle
+    with pytest.raises(OSError, match=r"LMDB store .*cache is open read-only in this process; close it before "
+                                      r"writing"):
+        generate_proposals(ds, "selective_search", {"mode": "fast", "max_proposals": 20}, out, progress=False)
+    held.close()
+    cycle = {"cache": ProposalCache.open(out)}
+    cycle["self"] = cycle
+    del cycle
+    report = generate_proposals(ds, "selective_search", {"mode": "fast", "max_proposals": 20}, out, progress=False)
+    assert report.skipped == len(ds) and report.processed == 0

@@ -241,6 +241,10 @@ class ProposalCache:
             lmdb_env.release(self.path)
         self._acquired = False
 
+    def __del__(self) -> None:  # a reader nobody holds any more gives its share of the process's handle back
+        if getattr(self, "_acquired", False) and not self.writable:
+            self.close()
+
     def __enter__(self) -> "ProposalCache":
         return self
 

@@ -13,6 +13,7 @@ past its end, with no message.
 
 from __future__ import annotations
 
+import gc
 import os
 import struct
 from dataclasses import dataclass
@@ -131,6 +132,9 @@ def acquire(path: Path, writable: bool, what: str = "LMDB store", fix: str = "")
     store in messages (``"proposal cache"``) and ``fix`` says what to do about a damaged one."""
     key = os.path.abspath(path)
     handle = _ENVS.get(key)
+    if handle is not None and writable and not handle.writable:
+        gc.collect()  # readers nobody holds any more (e.g. in reference cycles) release their share when collected
+        handle = _ENVS.get(key)
     if handle is None:
         handle = _Handle(writable, None, 1, what, fix)
         handle.env = _open(key, handle)
