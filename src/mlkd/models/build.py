@@ -39,7 +39,8 @@ def build_teacher(cfg: TeacherModelConfig, num_classes: int) -> WSDDN:
                   dropout=cfg.dropout, score_scale=cfg.score_scale, score_bias=cfg.score_bias,
                   cls_temperature=cfg.cls_temperature, det_temperature=cfg.det_temperature,
                   reg_weight=cfg.reg_weight, reg_iou=cfg.reg_iou, reg_top=cfg.reg_top, distinct_rois=cfg.distinct_rois,
-                  head=head)
+                  head=head, refine=cfg.refine, refine_iou=cfg.refine_iou, refine_weight=cfg.refine_weight,
+                  image_scores=cfg.image_scores)
     if cfg.weights:
         if cfg.backbone == "tiny":
             raise BadInput("model.weights are ImageNet weights (VGG16, or ResNet-50 for resnet50_c4); the tiny "

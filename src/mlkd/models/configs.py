@@ -48,6 +48,19 @@ class TeacherModelConfig:
     # backbone blocks whose weights stay fixed: VGG [conv1, conv2] (Fast R-CNN's recipe); resnet50_c4 stages
     # stem, layer1 .. layer3 ([stem, layer1] is Faster R-CNN C4's)
     freeze: tuple[str, ...] = ()
+    # OICR instance refinement (mlkd.models.refine): K streams on fc7, each trained on the previous one's
+    # pseudo-labels (0: plain WSDDN; OICR's published K is 3); a region joins a class's top region at IoU >= refine_iou
+    refine: int = bounded(0, 0, 16)
+    refine_iou: float = bounded(0.5, 0, 1)
+    refine_weight: float = bounded(1.0, 0, None)  # weight of each stream's loss beside WSDDN's (OICR: 1)
+    # a refined teacher's image scores (classification, distillation's soft targets): WSDDN's p = sum_r S_r, the
+    # scores its image-level loss trains ("wsddn"), or per class the best region's refined score ("refined")
+    image_scores: Literal["wsddn", "refined"] = "wsddn"
+
+    def validate(self) -> None:
+        if self.image_scores == "refined" and not self.refine:
+            raise BadInput("model.image_scores: 'refined' takes the refinement streams' scores, but model.refine is "
+                           "0 (no streams): set model.refine (e.g. 3) or model.image_scores: wsddn")
 
 
 @dataclasses.dataclass

@@ -21,9 +21,16 @@ gradient is that of::
 
 with S treated as a constant (the released MatConvNet layer's backward, summed over classes), while its value
 is the one that layer computes and logs, S squared: ``0.5 * S_{r,k}^2 * ||phi_r - phi_r*||^2``
-(:func:`spatial_regulariser`). Several images of different R
-are processed together: the detection softmax and the sum over regions run per image (segment operations
-over a flat ``(sum R_i, K)`` layout), never over padding.
+(:func:`spatial_regulariser`).
+
+OICR refinement (``refine > 0`` streams, :mod:`mlkd.models.refine`): each stream is a (K+1)-way region classifier
+on the same phi_r (column 0 background), trained on the previous stream's pseudo-labels (stream 0 = S), its
+loss added to L_cls. At test time the streams replace S: the region scores are the mean of their class
+probabilities, and the image scores stay WSDDN's p (``image_scores="wsddn"``) or are each class's best refined
+region score (``"refined"``).
+
+Several images of different R are processed together: the detection softmax and the sum over regions run per
+image (segment operations over a flat ``(sum R_i, K)`` layout), never over padding.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from torchvision.ops import batched_nms, box_iou
 
 from mlkd.errors import BadInput
 from mlkd.models.ops import caffe_xavier_, distinct_regions, flatten_proposals, pool_regions, segment_softmax
+from mlkd.models.refine import REFINE_IOU, refined_region_scores, refinement_losses, segment_max
 from mlkd.utils import autotune
 
 P_CLAMP = 1e-4  # image scores are clamped to [P_CLAMP, 1 - P_CLAMP] in the loss (the release's value)
@@ -103,7 +111,8 @@ def spatial_regulariser(features: Tensor, boxes: Tensor, regions: Tensor, index:
 
 
 class WSDDN(nn.Module):
-    """Backbone + RoI pooling + region head (fc6/fc7, or ``head``) + two K-way streams (fc8_c, fc8_d).
+    """Backbone + RoI pooling + region head (fc6/fc7, or ``head``) + two K-way streams (fc8_c, fc8_d) + optional
+    (K+1)-way OICR refinement streams (``refine``).
 
     Args:
         backbone: a module with ``out_channels`` and ``stride`` (see :mod:`mlkd.models.backbones`).
@@ -121,13 +130,17 @@ class WSDDN(nn.Module):
         head: None for fc6/fc7 (the release), or a module with ``out_features`` mapping pooled regions
             ``(N, C, roi_size, roi_size)`` to features ``(N, hidden)`` (Faster R-CNN C4:
             :class:`~mlkd.models.backbones.Res5Head`).
+        refine: number K of OICR refinement streams (0: plain WSDDN); refine_iou: the IoU that joins a region to
+            a seed (0.5); refine_weight: weight of each stream's loss (1); image_scores: ``"wsddn"`` or
+            ``"refined"``, the image scores of a refined teacher (see :meth:`scores`).
     """
 
     def __init__(self, backbone: nn.Module, num_classes: int, hidden: int = 4096, roi_size: int = 7,
                  roi_op: str = "roi_pool", dropout: float = 0.5, score_scale: float = 1.0, score_bias: float = 0.0,
                  cls_temperature: float = 1.0, det_temperature: float = 1.0, reg_weight: float = 0.0,
                  reg_iou: float = 0.6, reg_top: int = 10, distinct_rois: bool = True,
-                 head: nn.Module | None = None) -> None:
+                 head: nn.Module | None = None, refine: int = 0, refine_iou: float = REFINE_IOU,
+                 refine_weight: float = 1.0, image_scores: str = "wsddn") -> None:
         super().__init__()
         if roi_op not in ("roi_pool", "roi_align"):
             raise BadInput(f"roi_op must be 'roi_pool' or 'roi_align', got {roi_op!r}")
@@ -149,6 +162,13 @@ class WSDDN(nn.Module):
         self.cls_temperature, self.det_temperature = cls_temperature, det_temperature
         self.reg_weight, self.reg_iou, self.reg_top = reg_weight, reg_iou, reg_top
         self.distinct_rois = distinct_rois
+        if image_scores not in ("wsddn", "refined") or (image_scores == "refined" and not refine):
+            raise BadInput(f"image_scores must be 'wsddn' or, with refinement streams (refine > 0), 'refined'; got "
+                           f"{image_scores!r} with refine {refine}")
+        self.refine = nn.ModuleList(nn.Linear(hidden, num_classes + 1) for _ in range(refine))  # after fc8: same RNG
+        for layer in self.refine:
+            caffe_xavier_(layer)
+        self.refine_iou, self.refine_weight, self.image_scores = refine_iou, refine_weight, image_scores
 
     @property
     def num_classes(self) -> int:
@@ -255,21 +275,42 @@ class WSDDN(nn.Module):
             raise BadInput(f"got {len(proposals)} proposal tensors for a batch of {images.shape[0]} images")
         boxes, scores, index = flatten_proposals(proposals, proposal_scores)
         features = self.forward_regions(self.backbone(images), boxes, scores, index)  # (N, D)
+        if not self.training:
+            regions, image_scores = self.scores(features, index, images.shape[0])
+            return [{"region_scores": r, "image_scores": p, "objectness": r.sum(1)}
+                    for r, p in zip(regions.split([len(b) for b in proposals]), image_scores)]
+        if labels is None:
+            raise BadInput("training needs labels (B, K)")
         cls_logits, det_logits = self.forward_streams(features)
         up = torch.promote_types(features.dtype, torch.float32)  # scores and losses in float32 at least
         regions, image_scores = wsddn_scores(cls_logits.to(up), det_logits.to(up), index, images.shape[0],
                                              self.cls_temperature, self.det_temperature)
-        if self.training:
-            if labels is None:
-                raise BadInput("training needs labels (B, K)")
-            losses = {"loss_cls": wsddn_loss(image_scores, labels)}
-            if self.reg_weight > 0:
-                reg = spatial_regulariser(features.to(up), boxes, regions, index, labels, self.reg_iou, self.reg_top)
-                losses["loss_reg"] = self.reg_weight * reg
-            return losses
-        sizes = [len(b) for b in proposals]
-        return [{"region_scores": r, "image_scores": p, "objectness": r.sum(1)}
-                for r, p in zip(regions.split(sizes), image_scores)]
+        losses = {"loss_cls": wsddn_loss(image_scores, labels)}
+        if self.reg_weight > 0:
+            reg = spatial_regulariser(features.to(up), boxes, regions, index, labels, self.reg_iou, self.reg_top)
+            losses["loss_reg"] = self.reg_weight * reg
+        streams = [stream(features).to(up) for stream in self.refine]
+        for k, loss in enumerate(refinement_losses(streams, regions, boxes, index, labels, self.refine_iou)):
+            losses[f"loss_refine{k + 1}"] = self.refine_weight * loss
+        return losses
+
+    def scores(self, features: Tensor, index: Tensor, num_images: int, temperature: float | None = None
+               ) -> tuple[Tensor, Tensor]:
+        """Test-time region scores ``(N, K)`` and image scores ``(B, K)`` of region features ``(N, D)``, in
+        float32 at least. ``temperature`` divides every stream's logits (None: each stream's own, 1 for the
+        refinement streams), as distillation's soft targets ask.
+
+        Plain WSDDN: S and p. Refined: the mean of the refinement streams' class probabilities, and as image scores
+        WSDDN's p (``image_scores="wsddn"``: the scores its image-level loss trains) or, per class, the best
+        region's refined score (``"refined"``)."""
+        up = torch.promote_types(features.dtype, torch.float32)
+        cls_logits, det_logits = self.forward_streams(features)
+        temps = (self.cls_temperature, self.det_temperature) if temperature is None else (temperature,) * 2
+        regions, image_scores = wsddn_scores(cls_logits.to(up), det_logits.to(up), index, num_images, *temps)
+        if not self.refine:
+            return regions, image_scores
+        refined = refined_region_scores([stream(features).to(up) for stream in self.refine], temperature or 1.0)
+        return refined, image_scores if self.image_scores == "wsddn" else segment_max(refined, index, num_images)
 
 
 # -- post-processing: detections and localisation from region scores ------------------------------------------
