@@ -1,6 +1,10 @@
 """The frozen teacher's outputs that distillation learns from: its image scores at temperature T (L_p') and its
 region features (L_f), in one forward of the teacher.
 
+A refined (OICR) teacher gives the image scores its ``model.image_scores`` names (WSDDN's by default) and its
+fc7 features, the layer both its WSDDN streams and its refinement streams read; ``top_k`` ranks regions by
+the refined region scores.
+
 The teacher is frozen: it stays in eval mode (no dropout), its parameters have ``requires_grad=False``, its
 outputs are computed under ``torch.no_grad()`` and nothing ever steps its weights.
 """
@@ -14,7 +18,7 @@ from torch import Tensor
 
 from mlkd.errors import BadInput
 from mlkd.models.ops import flatten_proposals
-from mlkd.models.wsddn import WSDDN, wsddn_scores
+from mlkd.models.wsddn import WSDDN
 
 TEACHER_TEMPERATURE = 0.5  # the release multiplies both streams' logits by 2 for the soft targets
 TEACHER_CHUNK = 4  # images per teacher forward on the fly: its activations at 672-832 px bound the peak memory
@@ -74,18 +78,15 @@ def _teacher_outputs(teacher: WSDDN, images: Tensor, proposals: Sequence[Tensor]
                      ) -> tuple[Tensor | None, dict[str, Tensor] | None, Tensor | None]:
     boxes, flat_scores, index = flatten_proposals(proposals, scores)
     target = teacher.region_layers(teacher.backbone(images), boxes, flat_scores, index)
-    cls_logits, det_logits = teacher.forward_streams(teacher.drop(target["fc7"]))
+    features = teacher.drop(target["fc7"])
     probs = feats = keep = None
-    if soft:
-        _, probs = wsddn_scores(cls_logits.float(), det_logits.float(), index, len(proposals), temperature,
-                                temperature)
-        probs = probs.clamp(0.0, 1.0)
+    if soft:  # the image scores the teacher classifies with (WSDDN's p, or a refined teacher's choice), softened
+        probs = teacher.scores(features, index, len(proposals), temperature)[1].clamp(0.0, 1.0)
     if layers:
         feats = {k: target[k] for k in layers}
-        if top_k is not None:
-            regions, _ = wsddn_scores(cls_logits, det_logits, index, len(proposals), teacher.cls_temperature,
-                                      teacher.det_temperature)
-            keep = top_regions(regions.sum(1), index, len(proposals), top_k)  # s' = sum_k S
+        if top_k is not None:  # by objectness s' = sum_k of the region scores (a refined teacher's: its streams')
+            regions, _ = teacher.scores(features, index, len(proposals))
+            keep = top_regions(regions.sum(1), index, len(proposals), top_k)
             feats = {k: v[keep] for k, v in feats.items()}
     return probs, feats, keep
 

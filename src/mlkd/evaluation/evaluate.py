@@ -189,8 +189,8 @@ def visualize_teacher(checkpoint: str, spec: str, proposals: str | None, out: st
     paths = []
     for i, r in enumerate(tqdm(first.records, desc="figures", unit="img", disable=not progress)):
         image, stem = read_image(r.path), Path(r.image_id).stem
-        fig = teacher_figure(image, pred["proposals"][i], pred["region_scores"][i], dataset.classes, r.labels,
-                             top_proposals)
+        fig = teacher_figure(image, pred["proposals"][i], pred["region_scores"][i], pred["image_scores"][i],
+                             dataset.classes, r.labels, top_proposals)
         paths.append(save_rgb(Path(out) / f"{i:03d}_{stem}_teacher.png", fig))
         if per_class:
             boxes, scores, cls = class_detections(pred["proposals"][i], pred["region_scores"][i], max_per_class=1)

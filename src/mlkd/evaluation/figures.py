@@ -72,13 +72,14 @@ def top_by_objectness(regions: np.ndarray, n: int = 10) -> np.ndarray:
     return np.argsort(-regions.sum(1), kind="stable")[:n]
 
 
-def teacher_figure(image: np.ndarray, proposals: np.ndarray, regions: np.ndarray, classes: Sequence[str],
-                   labels: np.ndarray | None, top_proposals: int = 10, height: int = 360) -> np.ndarray:
+def teacher_figure(image: np.ndarray, proposals: np.ndarray, regions: np.ndarray, image_scores: np.ndarray,
+                   classes: Sequence[str], labels: np.ndarray | None, top_proposals: int = 10,
+                   height: int = 360) -> np.ndarray:
     """The teacher side of the paper's figure: the ``top_proposals`` proposals by objectness s' = sum_k S in
-    green, and the teacher's top-3 classes with their image scores."""
+    green (S: a refined teacher's refined region scores), and the teacher's top-3 classes by ``image_scores``."""
     top = top_by_objectness(regions, top_proposals)
     big, s = scaled(image, height)
-    lines = top_k_lines(regions.sum(0), classes, labels, 3, f"teacher top-3 (top-{len(top)} proposals)")
+    lines = top_k_lines(image_scores, classes, labels, 3, f"teacher top-3 (top-{len(top)} proposals)")
     return with_panel(draw_boxes(big, proposals[top], GREEN, s), lines)
 
 

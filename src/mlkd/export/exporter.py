@@ -155,6 +155,11 @@ def _plan(ckpt: dict[str, Any], checkpoint: str | Path, fmt: str, classifier: st
                            "the release's VGG-style teacher (conv layers, fc6, fc7, fc8_c, fc8_d) and has no converter "
                            "for ResNet blocks, frozen BatchNorm or a layer4 region head; export it with --format "
                            "safetensors (mlkd.load reads that folder)")
+        if len(model.refine):
+            raise BadInput(f"{checkpoint} is a refined teacher (model.refine {len(model.refine)}): the release's "
+                           "teacher net, whose layer names the Caffe export keeps, has only the WSDDN streams (fc8_c, "
+                           "fc8_d -> proposal_class_score), so a Caffe copy would give WSDDN's region scores, not this "
+                           "teacher's refined ones; export it with --format safetensors (mlkd.load reads that folder)")
         return model, size, regions or ckpt["inference"]["max_proposals"] or 500
     size = ckpt["inference"]["image_size"]
     if image_size not in (None, size) or regions is not None:

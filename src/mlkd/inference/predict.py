@@ -40,7 +40,9 @@ def predict_teacher(model: WSDDN, dataset: MultiLabelDataset, convention: str, d
     """Teacher outputs for every image of ``dataset`` (which must have proposals attached).
 
     With several ``scales`` and/or ``flip`` the region scores of all views are averaged per proposal (a flip
-    keeps the proposals' order) and the image scores are the sums of the averaged region scores. Images go
+    keeps the proposals' order) and the image scores per class (for WSDDN, whose image scores are sums of its
+    region scores, the same as summing the averaged region scores; a refined teacher's are those its
+    ``model.image_scores`` names, see :meth:`mlkd.models.wsddn.WSDDN.scores`). Images go
     through the network ``batch_size`` at a time (all are warped to the same square, so they stack; each keeps
     its own proposals). Under ``torchrun`` (``info`` of several ranks) each rank predicts its share and every
     rank gets the whole result.
@@ -54,7 +56,7 @@ def predict_teacher(model: WSDDN, dataset: MultiLabelDataset, convention: str, d
     part = dataset.view(indices=shard(len(dataset), info))
     model.eval()
     views = [(s, f) for s in scales for f in ((False, True) if flip else (False,))]
-    sums: list[torch.Tensor] = []
+    sums: list[list[torch.Tensor]] = []  # per image of this rank: [region scores, image scores] summed over views
     for scale, flipped in views:
         loader = make_loader(teacher_view(part, scale, flipped, max_proposals), batch_size, workers, collate,
                              train=False)
@@ -63,20 +65,21 @@ def predict_teacher(model: WSDDN, dataset: MultiLabelDataset, convention: str, d
         bar = tqdm(total=len(part), desc=desc, unit="img", disable=not progress or not info.is_main)
         for images, targets in loader:
             for out in model(**teacher_inputs(images, targets, device, convention, with_labels=False)):
-                r = out["region_scores"].float().cpu()
+                r, p = out["region_scores"].float().cpu(), out["image_scores"].float().cpu()
                 if len(sums) <= i:
-                    sums.append(r)
+                    sums.append([r, p])
                 else:
-                    sums[i] += r
+                    sums[i][0] += r
+                    sums[i][1] += p
                 i += 1
             bar.update(len(targets))
         bar.close()
-    regions = unshard(all_gather([(s / len(views)).numpy() for s in sums], info), len(dataset))
+    mine = [((r / len(views)).numpy(), (p / len(views)).numpy()) for r, p in sums]
+    both = unshard(all_gather(mine, info), len(dataset))
     proposals = [dataset.proposals.get(r.image_id)[0][: max_proposals or None] for r in dataset.records]
     return {"image_ids": [r.image_id for r in dataset.records],
-            "image_scores": np.stack([r.sum(0) for r in regions]) if regions else np.zeros((0, 0), np.float32),
-            "region_scores": regions, "proposals": proposals}
-
+            "image_scores": np.stack([p for _, p in both]) if both else np.zeros((0, 0), np.float32),
+            "region_scores": [r for r, _ in both], "proposals": proposals}
 
 @torch.no_grad()
 def predict_student(model: nn.Module, dataset: MultiLabelDataset, convention: str, image_size: int,
