@@ -18,7 +18,7 @@ SHIPPED = sorted(CONFIGS.glob("*.yaml"))
 
 
 def test_the_configs_ship_inside_the_package():
-    assert CONFIG_DIR == CONFIGS and len(SHIPPED) == 21
+    assert CONFIG_DIR == CONFIGS and len(SHIPPED) == 24
     assert packaged_configs() == [p.stem for p in SHIPPED]
 
 
@@ -85,3 +85,17 @@ def test_configs_load_by_name_from_any_folder_and_paths_still_work(tmp_path, mon
     assert resolve_config("teacher_coco") == CONFIG_DIR / "teacher_coco.yaml"
     with pytest.raises(FileNotFoundError, match=r"teacher_cocoa.*neither a file nor one of mlkd's configs: .*teacher_coco"):
         load_config(TeacherConfig, "teacher_cocoa")
+
+
+def test_the_oicr_teachers_take_the_published_refinement_and_the_demo_variant_changes_nothing_else():
+    v = load_config(TeacherConfig, CONFIGS / "teacher_voc07_oicr.yaml")
+    assert (v.model.refine, v.model.refine_iou, v.model.refine_weight, v.model.image_scores) == (3, 0.5, 1.0, "wsddn")
+    assert v.data.scales == (480, 576, 688, 864, 1200) and (v.data.resize, v.data.max_size) == ("shorter", 2000)
+    assert (v.data.max_proposals, v.data.batch_size, v.optim.lr, v.optim.epochs, v.optim.lr_steps) == \
+        (2000, 2, 1e-3, 28, (16,))  # 40k + 30k steps of 2 images over 5011 images
+    c = load_config(TeacherConfig, CONFIGS / "teacher_coco_oicr.yaml")
+    assert c.model == v.model and c.data.train.startswith("coco:") and c.optim.epochs == 8
+    plain, oicr = (load_config(TeacherConfig, CONFIGS / f) for f in ("teacher_demo.yaml", "teacher_demo_oicr.yaml"))
+    assert plain.model.refine == 0 and oicr.model.refine == 3
+    assert dataclasses.replace(oicr.model, refine=0) == plain.model and oicr.data == plain.data
+    assert oicr.optim == plain.optim

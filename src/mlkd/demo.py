@@ -12,6 +12,10 @@ run folder::
     RUN/seed<S>/reports/*.json                                 full metric reports
     RUN/figure.png   RUN/summary.json
 
+With ``teacher="oicr"`` the teacher has OICR refinement streams (``teacher_demo_oicr.yaml``) and everything that
+depends on it is suffixed: ``teacher_oicr``, ``student_kd_oicr``, ..., ``figure_oicr.png``, ``summary_oicr.json``;
+the student without distillation is shared with the WSDDN run in the same folder.
+
 A rerun reuses what is complete (data, proposal caches, finished trainings) and resumes what is not.
 """
 
@@ -21,7 +25,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -52,6 +56,9 @@ STUDENTS = {"student": ("student_demo.yaml", "student w/o KD"),
             "student_kd_release": ("student_demo_kd_release.yaml", "w/ KD (release)"),
             "student_joint": ("student_demo_joint.yaml", "w/ KD (release, joint)")}
 KD_VARIANTS = ("student_kd", "student_kd_release", "student_joint")
+# --teacher: its config, the suffix of everything trained from it (the plain student is shared), its table title
+TEACHERS = {"wsddn": ("teacher_demo.yaml", "", "teacher T-WDet"),
+            "oicr": ("teacher_demo_oicr.yaml", "_oicr", "teacher + OICR (K=3)")}
 COLUMNS = (("mAP", ("mAP", "mlic")), ("CF1", ("all_labels", "CF1")), ("OF1", ("all_labels", "OF1")),
            ("CF1-3", ("top_k_thresholded", "CF1")), ("OF1-3", ("top_k_thresholded", "OF1")))
 
@@ -109,31 +116,43 @@ def _overrides(out: Path, seed: int, progress: bool) -> list[str]:
             f"run.progress={'true' if progress else 'false'}"]
 
 
-def run_seed(out: Path, configs: Path, seed: int, joint: bool, progress: bool = True) -> dict[str, Any]:
-    """Train and evaluate the teacher and the students for one seed; return their reports."""
+def run_seed(out: Path, configs: Path, seed: int, joint: bool, progress: bool = True,
+             teacher: str = "wsddn", students: Sequence[str] | None = None) -> dict[str, Any]:
+    """Train and evaluate the teacher and the students for one seed (``students``: those of :data:`STUDENTS` to
+    train, by default all but ``student_joint``, which ``joint`` adds); return their reports. A non-default
+    ``teacher`` (:data:`TEACHERS`) trains into ``teacher<suffix>`` and distils ``student_kd<suffix>`` ...; the
+    student without distillation does not depend on it and is shared."""
     run = out / f"seed{seed}"
+    file, suffix, title = TEACHERS[teacher]
     common = _overrides(out, seed, progress)
-    tcfg = load_config(TeacherConfig, configs / "teacher_demo.yaml",
-                       common + [f"data.val_proposals={out / 'proposals' / 'val'}", f"run.out={run / 'teacher'}"])
-    _log(f"seed {seed}: teacher (WSDDN, {tcfg.optim.epochs} epochs) -> {run / 'teacher'}")
+    tcfg = load_config(TeacherConfig, configs / file, common + [f"data.val_proposals={out / 'proposals' / 'val'}",
+                                                                f"run.out={run / f'teacher{suffix}'}"])
+    _log(f"seed {seed}: {title} ({tcfg.optim.epochs} epochs) -> {tcfg.run.out}")
     teacher_ckpt = _train(train_teacher, tcfg, tcfg.optim.epochs)
     reports: dict[str, Any] = {"teacher": _teacher_reports(tcfg, teacher_ckpt, out)}
-    for name, (file, title) in STUDENTS.items():
-        if name == "student_joint" and not joint:
-            continue
+    chosen = [n for n in STUDENTS if n != "student_joint" or joint] if students is None else students
+    for name in chosen:
+        file, title = STUDENTS[name]
+        folder = name + suffix if name in KD_VARIANTS else name
         scfg = load_config(StudentConfig, configs / file,
-                           common + [f"run.out={run / name}", f"distill.teacher={teacher_ckpt}"])
-        epochs = sum(s.epochs for s in scfg.stages)
-        _log(f"seed {seed}: {title} ({' + '.join(f'{s.name} {s.epochs}' for s in scfg.stages)} epochs) -> {run / name}")
-        ckpt = load_checkpoint(_train(train_student, scfg, epochs), "student")
-        report = evaluate_student_model(model_from_checkpoint(ckpt), scfg.data.val, ckpt["classes"],
-                                        scfg.model.input_convention, scfg.model.image_size, progress=False)
-        np.save(run / name / "val_scores.npy", report.pop("scores"))
-        reports[name] = report
+                           common + [f"run.out={run / folder}", f"distill.teacher={teacher_ckpt}"])
+        reports[name] = _student_report(scfg, run / folder, title, seed)
     (run / "reports").mkdir(exist_ok=True)
     for name, report in reports.items():
-        (run / "reports" / f"{name}.json").write_text(report_to_json(report) + "\n")
+        folder = name + suffix if name == "teacher" or name in KD_VARIANTS else name
+        (run / "reports" / f"{folder}.json").write_text(report_to_json(report) + "\n")
     return reports
+
+
+def _student_report(cfg: StudentConfig, run: Path, title: str, seed: int) -> dict[str, Any]:
+    """Train (or reuse) one student and evaluate it on the held-out split; its scores go to ``val_scores.npy``."""
+    epochs = sum(s.epochs for s in cfg.stages)
+    _log(f"seed {seed}: {title} ({' + '.join(f'{s.name} {s.epochs}' for s in cfg.stages)} epochs) -> {run}")
+    ckpt = load_checkpoint(_train(train_student, cfg, epochs), "student")
+    report = evaluate_student_model(model_from_checkpoint(ckpt), cfg.data.val, ckpt["classes"],
+                                    cfg.model.input_convention, cfg.model.image_size, progress=False)
+    np.save(run / "val_scores.npy", report.pop("scores"))
+    return report
 
 
 def _teacher_reports(cfg: TeacherConfig, ckpt_path: Path, out: Path) -> dict[str, Any]:
@@ -153,10 +172,10 @@ def _value(report: dict[str, Any], path: tuple[str, str]) -> float:
     return 100 * report["classification"][path[0]][path[1]]
 
 
-def table(per_seed: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+def table(per_seed: list[dict[str, Any]], teacher: str = "wsddn") -> tuple[str, dict[str, Any]]:
     """The Table-3-style text (mean ± std over seeds, in %) and the same numbers as a dict."""
     names = [n for n in ("teacher", *STUDENTS) if n in per_seed[0]]
-    titles = {"teacher": "teacher T-WDet", **{k: v[1] for k, v in STUDENTS.items()}}
+    titles = {"teacher": TEACHERS[teacher][2], **{k: v[1] for k, v in STUDENTS.items()}}
     stats: dict[str, Any] = {}
     lines = [f"{'model':<24}" + "".join(f"{c:>15}" for c, _ in COLUMNS)]
     for name in names:
@@ -190,13 +209,13 @@ def _cell(values: list[float]) -> str:
     return f"{np.mean(values):15.2f}" if len(values) == 1 else f"{np.mean(values):9.2f} ±{np.std(values):4.1f}"
 
 
-def figure(out: Path, seed: int, num: int = 6) -> Path:
+def figure(out: Path, seed: int, num: int = 6, teacher: str = "wsddn") -> Path:
     """The paper's example figure for the first ``num`` held-out images: the teacher's top-10 proposals, the
     students' top-3 labels without and with distillation."""
-    run = out / f"seed{seed}"
+    run, suffix = out / f"seed{seed}", TEACHERS[teacher][1]
     val = open_split(str(out / "data" / "val.jsonl"), proposals=str(out / "proposals" / "val"))
-    ckpt = load_checkpoint(run / "teacher" / "last.pt", "teacher")
-    plain, kd = (np.load(run / n / "val_scores.npy") for n in ("student", "student_kd"))
+    ckpt = load_checkpoint(run / f"teacher{suffix}" / "last.pt", "teacher")
+    plain, kd = (np.load(run / n / "val_scores.npy") for n in ("student", f"student_kd{suffix}"))
     chosen = np.arange(min(num, len(val)))  # the first held-out images: no picking of flattering examples
     first = val.view(indices=chosen)
     pred = predict_teacher(model_from_checkpoint(ckpt), first, ckpt["input_convention"], torch.device("cpu"),
@@ -204,27 +223,31 @@ def figure(out: Path, seed: int, num: int = 6) -> Path:
                            progress=False)
     figs = [kd_figure(read_image(r.path), pred["proposals"][i], pred["region_scores"][i], plain[j], kd[j], val.classes,
                       r.labels) for i, (r, j) in enumerate(zip(first.records, chosen))]
-    return save_rgb(out / "figure.png", grid(figs, 2))
+    return save_rgb(out / f"figure{suffix}.png", grid(figs, 2))
 
 
 def run_demo(out: str | Path, num_images: int = 600, seed: int = 0, seeds: int = 1, image_size: int = 160,
              workers: int = 2, joint: bool = False, configs: str | Path | None = None,
-             progress: bool = True, look: str = "shapes") -> dict[str, Any]:
-    """Run every stage into ``out``; write ``out/summary.json``; return the summary (its ``table`` is the text
-    of the results table)."""
+             progress: bool = True, look: str = "shapes", teacher: str = "wsddn") -> dict[str, Any]:
+    """Run every stage into ``out``; write ``out/summary.json`` (``summary_oicr.json`` for ``teacher="oicr"``);
+    return the summary (its ``table`` is the text of the results table)."""
+    if teacher not in TEACHERS:
+        raise BadInput(f"the demo's teacher must be one of {list(TEACHERS)}, got {teacher!r}")
     out, cfg_dir = Path(out), find_configs(configs)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     prepare_data(out, num_images, seed, image_size, workers, progress, look)
     with image_cache(IMAGE_CACHE_MB):  # every run and evaluation of the demo reads the same few hundred images
-        per_seed = [run_seed(out, cfg_dir, s, joint, progress) for s in range(seed, seed + seeds)]
-        text, stats = table(per_seed)
+        per_seed = [run_seed(out, cfg_dir, s, joint, progress, teacher) for s in range(seed, seed + seeds)]
+        text, stats = table(per_seed, teacher)
         _log("example figure (teacher's top-10 proposals in green; top-3 labels, blue = correct, red = wrong)")
-        fig = figure(out, seed)
-    summary = {"table": text, "look": look, "num_images": num_images, "data_seed": seed, "seeds": list(range(seed, seed + seeds)),
-               "image_size": image_size, "results": stats, "figure": str(fig),
-               "configs": {name: str(cfg_dir / f) for name, (f, _) in STUDENTS.items()},
+        fig = figure(out, seed, teacher=teacher)
+    suffix = TEACHERS[teacher][1]
+    summary = {"table": text, "look": look, "teacher": teacher, "num_images": num_images, "data_seed": seed,
+               "seeds": list(range(seed, seed + seeds)), "image_size": image_size, "results": stats,
+               "figure": str(fig), "configs": {"teacher": str(cfg_dir / TEACHERS[teacher][0]),
+                                               **{name: str(cfg_dir / f) for name, (f, _) in STUDENTS.items()}},
                "seconds": round(time.perf_counter() - t0, 1)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    _log(f"done in {summary['seconds']} s: figure {fig}, summary {out / 'summary.json'}")
+    (out / f"summary{suffix}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _log(f"done in {summary['seconds']} s: figure {fig}, summary {out / f'summary{suffix}.json'}")
     return summary

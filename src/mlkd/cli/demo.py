@@ -33,6 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=non_negative_int, default=2, help="processes for proposal generation (default 2)")
     p.add_argument("--look", choices=("shapes", "badges"), default="shapes",
                    help="the synthetic dataset's look (see `mlkd data synth --help`; default shapes)")
+    p.add_argument("--teacher", choices=("wsddn", "oicr"), default="wsddn",
+                   help="the teacher: WSDDN (default) or WSDDN with 3 OICR refinement streams (teacher_demo_oicr.yaml; "
+                        "its runs are suffixed _oicr, the student w/o KD is shared)")
     p.add_argument("--joint", action="store_true", help="also train a student with the release's losses in one joint stage (about 1 minute more per seed)")
     p.add_argument("--configs", metavar="DIR",
                    help="folder with teacher_demo.yaml and student_demo*.yaml (default: the ones shipped with mlkd)")
@@ -45,6 +48,6 @@ def _run(args: argparse.Namespace) -> int:
 
     summary = run_demo(args.out, num_images=args.num_images, seed=args.seed, seeds=args.seeds,
                        image_size=args.image_size, workers=args.workers, joint=args.joint, configs=args.configs,
-                       progress=not args.quiet, look=args.look)
+                       progress=not args.quiet, look=args.look, teacher=args.teacher)
     print("\n" + summary["table"] + "\n", flush=True)
     return 0

@@ -14,7 +14,8 @@ DETECTION_AP_MODES = ("voc07", "voc07_devkit", "voc07_py", "voc_area")
 TRAIN_DESCRIPTION = """\
 Train the WSDDN teacher from image-level labels over cached proposals (docs/method.md). The config file holds
 every knob (mlkd ships teacher_voc07, teacher_coco, teacher_coco_r50c4 (ResNet-50 C4), teacher_nuswide,
-teacher_wsddn_voc07, teacher_demo: give the name or a file); --set overrides single keys. The run folder
+teacher_wsddn_voc07, teacher_voc07_oicr and teacher_coco_oicr (OICR refinement, model.refine: 3), teacher_demo,
+teacher_demo_oicr: give the name or a file); --set overrides single keys. The run folder
 (run.out) receives config.yaml, log.jsonl, curves.png and last.pt (written atomically after every epoch).
 
 Several GPUs or nodes: launch the same command with torchrun, e.g.
