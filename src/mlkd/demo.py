@@ -56,9 +56,10 @@ STUDENTS = {"student": ("student_demo.yaml", "student w/o KD"),
             "student_kd_release": ("student_demo_kd_release.yaml", "w/ KD (release)"),
             "student_joint": ("student_demo_joint.yaml", "w/ KD (release, joint)")}
 KD_VARIANTS = ("student_kd", "student_kd_release", "student_joint")
-# --teacher: its config, the suffix of everything trained from it (the plain student is shared), its table title
-TEACHERS = {"wsddn": ("teacher_demo.yaml", "", "teacher T-WDet"),
-            "oicr": ("teacher_demo_oicr.yaml", "_oicr", "teacher + OICR (K=3)")}
+# --teacher: its config, the suffix of everything trained from it (the plain student is shared), its table title, its
+# name in the log
+TEACHERS = {"wsddn": ("teacher_demo.yaml", "", "teacher T-WDet", "WSDDN"),
+            "oicr": ("teacher_demo_oicr.yaml", "_oicr", "teacher + OICR (K=3)", "WSDDN + OICR, K=3")}
 COLUMNS = (("mAP", ("mAP", "mlic")), ("CF1", ("all_labels", "CF1")), ("OF1", ("all_labels", "OF1")),
            ("CF1-3", ("top_k_thresholded", "CF1")), ("OF1-3", ("top_k_thresholded", "OF1")))
 
@@ -123,11 +124,11 @@ def run_seed(out: Path, configs: Path, seed: int, joint: bool, progress: bool = 
     ``teacher`` (:data:`TEACHERS`) trains into ``teacher<suffix>`` and distils ``student_kd<suffix>`` ...; the
     student without distillation does not depend on it and is shared."""
     run = out / f"seed{seed}"
-    file, suffix, title = TEACHERS[teacher]
+    file, suffix, _, kind = TEACHERS[teacher]
     common = _overrides(out, seed, progress)
     tcfg = load_config(TeacherConfig, configs / file, common + [f"data.val_proposals={out / 'proposals' / 'val'}",
                                                                 f"run.out={run / f'teacher{suffix}'}"])
-    _log(f"seed {seed}: {title} ({tcfg.optim.epochs} epochs) -> {tcfg.run.out}")
+    _log(f"seed {seed}: teacher ({kind}, {tcfg.optim.epochs} epochs) -> {tcfg.run.out}")
     teacher_ckpt = _train(train_teacher, tcfg, tcfg.optim.epochs)
     reports: dict[str, Any] = {"teacher": _teacher_reports(tcfg, teacher_ckpt, out)}
     chosen = [n for n in STUDENTS if n != "student_joint" or joint] if students is None else students
