@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from mlkd.errors import BadInput
 from mlkd.models.build import build_teacher
 from mlkd.models.configs import TeacherModelConfig
-from mlkd.models.refine import (pseudo_labels, refine_loss, refined_region_scores, refinement_losses,
-                                segment_max)
+from mlkd.models.ops import segment_max
+from mlkd.models.refine import pseudo_labels, refine_loss, refined_region_scores, refinement_losses
 from mlkd.utils.config import from_dict
 
 

@@ -16,7 +16,9 @@ from mlkd.distill.teacher import teacher_outputs
 from mlkd.errors import BadInput
 from mlkd.evaluation.evaluate import evaluate_teacher, teacher_report, visualize_teacher
 from mlkd.export.exporter import export_checkpoint
-from mlkd.inference.predict import predict_teacher
+from mlkd.data.base import collate
+from mlkd.inference.predict import predict_teacher, teacher_view
+from mlkd.models.inputs import teacher_inputs
 from mlkd.models.build import model_from_checkpoint
 from mlkd.models.ops import flatten_proposals
 from mlkd.models.refine import refined_region_scores
@@ -65,9 +67,6 @@ def test_evaluation_scores_refined_regions_and_wsddn_image_scores(refined, teach
     size, budget = ckpt["inference"]["image_size"], ckpt["inference"]["max_proposals"]
     pred = predict_teacher(model, data, ckpt["input_convention"], torch.device("cpu"), (size,), max_proposals=budget,
                            progress=False, batch_size=1)
-    from mlkd.data.base import collate
-    from mlkd.inference.predict import teacher_view
-    from mlkd.models.inputs import teacher_inputs
     view = teacher_view(data, size, max_proposals=budget)
     with torch.no_grad():
         for i in range(len(data)):

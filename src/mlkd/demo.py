@@ -127,22 +127,26 @@ def run_seed(out: Path, configs: Path, seed: int, joint: bool, progress: bool = 
     file, suffix, _, kind = TEACHERS[teacher]
     common = _overrides(out, seed, progress)
     tcfg = load_config(TeacherConfig, configs / file, common + [f"data.val_proposals={out / 'proposals' / 'val'}",
-                                                                f"run.out={run / f'teacher{suffix}'}"])
+                                                                f"run.out={run / _run_name('teacher', suffix)}"])
     _log(f"seed {seed}: teacher ({kind}, {tcfg.optim.epochs} epochs) -> {tcfg.run.out}")
     teacher_ckpt = _train(train_teacher, tcfg, tcfg.optim.epochs)
     reports: dict[str, Any] = {"teacher": _teacher_reports(tcfg, teacher_ckpt, out)}
     chosen = [n for n in STUDENTS if n != "student_joint" or joint] if students is None else students
     for name in chosen:
         file, title = STUDENTS[name]
-        folder = name + suffix if name in KD_VARIANTS else name
+        folder = _run_name(name, suffix)
         scfg = load_config(StudentConfig, configs / file,
                            common + [f"run.out={run / folder}", f"distill.teacher={teacher_ckpt}"])
         reports[name] = _student_report(scfg, run / folder, title, seed)
     (run / "reports").mkdir(exist_ok=True)
     for name, report in reports.items():
-        folder = name + suffix if name == "teacher" or name in KD_VARIANTS else name
-        (run / "reports" / f"{folder}.json").write_text(report_to_json(report) + "\n")
+        (run / "reports" / f"{_run_name(name, suffix)}.json").write_text(report_to_json(report) + "\n")
     return reports
+
+
+def _run_name(name: str, suffix: str) -> str:
+    """The folder (and report) name of a run: the teacher and the distilled students carry the teacher's suffix."""
+    return name + suffix if name == "teacher" or name in KD_VARIANTS else name
 
 
 def _student_report(cfg: StudentConfig, run: Path, title: str, seed: int) -> dict[str, Any]:

@@ -78,14 +78,14 @@ def _teacher_outputs(teacher: WSDDN, images: Tensor, proposals: Sequence[Tensor]
                      ) -> tuple[Tensor | None, dict[str, Tensor] | None, Tensor | None]:
     boxes, flat_scores, index = flatten_proposals(proposals, scores)
     target = teacher.region_layers(teacher.backbone(images), boxes, flat_scores, index)
-    features = teacher.drop(target["fc7"])
+    logits = teacher.stream_logits(teacher.drop(target["fc7"]))  # once, for the soft targets and the top regions
     probs = feats = keep = None
     if soft:  # the image scores the teacher classifies with (WSDDN's p, or a refined teacher's choice), softened
-        probs = teacher.scores(features, index, len(proposals), temperature)[1].clamp(0.0, 1.0)
+        probs = teacher.scores_of(logits, index, len(proposals), temperature)[1].clamp(0.0, 1.0)
     if layers:
         feats = {k: target[k] for k in layers}
         if top_k is not None:  # by objectness s' = sum_k of the region scores (a refined teacher's: its streams')
-            regions, _ = teacher.scores(features, index, len(proposals))
+            regions, _ = teacher.scores_of(logits, index, len(proposals))
             keep = top_regions(regions.sum(1), index, len(proposals), top_k)
             feats = {k: v[keep] for k, v in feats.items()}
     return probs, feats, keep

@@ -28,12 +28,16 @@ def segment_softmax(logits: Tensor, index: Tensor, num_segments: int) -> Tensor:
     Returns:
         Tensor[N, K]: each column sums to 1 within each non-empty segment.
     """
-    k = logits.shape[1]
-    idx = index[:, None].expand(-1, k)
-    top = logits.new_full((num_segments, k), float("-inf")).scatter_reduce(0, idx, logits, "amax")
-    e = (logits - top[index]).exp()  # (N, K), <= 1: no overflow
-    total = logits.new_zeros((num_segments, k)).index_add(0, index, e)
+    e = (logits - segment_max(logits, index, num_segments)[index]).exp()  # (N, K), <= 1: no overflow
+    total = logits.new_zeros((num_segments, logits.shape[1])).index_add(0, index, e)
     return e / total[index]
+
+
+def segment_max(values: Tensor, index: Tensor, num_segments: int) -> Tensor:
+    """Column-wise maximum of the rows of each segment ``(num_segments, K)`` (0 for an empty segment)."""
+    idx = index[:, None].expand(-1, values.shape[1])
+    return values.new_zeros((num_segments, values.shape[1])).scatter_reduce(0, idx, values, "amax",
+                                                                            include_self=False)
 
 
 def pool_regions(fmap: Tensor, boxes: Tensor, index: Tensor, size: int, stride: int, op: str = "roi_pool") -> Tensor:

@@ -86,9 +86,3 @@ def refined_region_scores(stream_logits: Sequence[Tensor], temperature: float = 
     """Region scores ``(N, C)`` at test time: the mean over streams of softmax(logits / T), background dropped."""
     return torch.stack([F.softmax(z / temperature, dim=1)[:, 1:] for z in stream_logits]).mean(0)
 
-
-def segment_max(values: Tensor, index: Tensor, num_segments: int) -> Tensor:
-    """Column-wise maximum of the rows of each segment ``(num_segments, C)`` (0 for an empty segment)."""
-    idx = index[:, None].expand(-1, values.shape[1])
-    return values.new_zeros((num_segments, values.shape[1])).scatter_reduce(0, idx, values, "amax",
-                                                                            include_self=False)

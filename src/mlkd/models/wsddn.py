@@ -44,8 +44,9 @@ from torch import Tensor, nn
 from torchvision.ops import batched_nms, box_iou
 
 from mlkd.errors import BadInput
-from mlkd.models.ops import caffe_xavier_, distinct_regions, flatten_proposals, pool_regions, segment_softmax
-from mlkd.models.refine import REFINE_IOU, refined_region_scores, refinement_losses, segment_max
+from mlkd.models.ops import (caffe_xavier_, distinct_regions, flatten_proposals, pool_regions, segment_max,
+                             segment_softmax)
+from mlkd.models.refine import REFINE_IOU, refined_region_scores, refinement_losses
 from mlkd.utils import autotune
 
 P_CLAMP = 1e-4  # image scores are clamped to [P_CLAMP, 1 - P_CLAMP] in the loss (the release's value)
@@ -281,35 +282,46 @@ class WSDDN(nn.Module):
                     for r, p in zip(regions.split([len(b) for b in proposals]), image_scores)]
         if labels is None:
             raise BadInput("training needs labels (B, K)")
-        cls_logits, det_logits = self.forward_streams(features)
-        up = torch.promote_types(features.dtype, torch.float32)  # scores and losses in float32 at least
-        regions, image_scores = wsddn_scores(cls_logits.to(up), det_logits.to(up), index, images.shape[0],
-                                             self.cls_temperature, self.det_temperature)
+        cls_logits, det_logits, streams = self.stream_logits(features)
+        regions, image_scores = wsddn_scores(cls_logits, det_logits, index, images.shape[0], self.cls_temperature,
+                                             self.det_temperature)
         losses = {"loss_cls": wsddn_loss(image_scores, labels)}
         if self.reg_weight > 0:
-            reg = spatial_regulariser(features.to(up), boxes, regions, index, labels, self.reg_iou, self.reg_top)
+            reg = spatial_regulariser(features.to(regions.dtype), boxes, regions, index, labels, self.reg_iou,
+                                      self.reg_top)
             losses["loss_reg"] = self.reg_weight * reg
-        streams = [stream(features).to(up) for stream in self.refine]
         for k, loss in enumerate(refinement_losses(streams, regions, boxes, index, labels, self.refine_iou)):
             losses[f"loss_refine{k + 1}"] = self.refine_weight * loss
         return losses
 
+    def stream_logits(self, features: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """Logits of every stream on region features ``(N, D)``, in float32 at least (scores and losses are):
+        fc8_c and fc8_d ``(N, K)`` each, and the refinement streams' ``(N, K + 1)`` (none for plain WSDDN)."""
+        up = torch.promote_types(features.dtype, torch.float32)
+        cls_logits, det_logits = self.forward_streams(features)
+        return cls_logits.to(up), det_logits.to(up), [stream(features).to(up) for stream in self.refine]
+
     def scores(self, features: Tensor, index: Tensor, num_images: int, temperature: float | None = None
                ) -> tuple[Tensor, Tensor]:
-        """Test-time region scores ``(N, K)`` and image scores ``(B, K)`` of region features ``(N, D)``, in
-        float32 at least. ``temperature`` divides every stream's logits (None: each stream's own, 1 for the
-        refinement streams), as distillation's soft targets ask.
+        """Test-time region scores ``(N, K)`` and image scores ``(B, K)`` of region features ``(N, D)``
+        (:meth:`scores_of` their :meth:`stream_logits`)."""
+        return self.scores_of(self.stream_logits(features), index, num_images, temperature)
+
+    def scores_of(self, logits: tuple[Tensor, Tensor, list[Tensor]], index: Tensor, num_images: int,
+                  temperature: float | None = None) -> tuple[Tensor, Tensor]:
+        """Test-time region scores ``(N, K)`` and image scores ``(B, K)`` from :meth:`stream_logits`. ``temperature``
+        divides every stream's logits (None: each stream's own, 1 for the refinement streams), as distillation's
+        soft targets ask.
 
         Plain WSDDN: S and p. Refined: the mean of the refinement streams' class probabilities, and as image scores
         WSDDN's p (``image_scores="wsddn"``: the scores its image-level loss trains) or, per class, the best
         region's refined score (``"refined"``)."""
-        up = torch.promote_types(features.dtype, torch.float32)
-        cls_logits, det_logits = self.forward_streams(features)
+        cls_logits, det_logits, streams = logits
         temps = (self.cls_temperature, self.det_temperature) if temperature is None else (temperature,) * 2
-        regions, image_scores = wsddn_scores(cls_logits.to(up), det_logits.to(up), index, num_images, *temps)
-        if not self.refine:
+        regions, image_scores = wsddn_scores(cls_logits, det_logits, index, num_images, *temps)
+        if not streams:
             return regions, image_scores
-        refined = refined_region_scores([stream(features).to(up) for stream in self.refine], temperature or 1.0)
+        refined = refined_region_scores(streams, temperature or 1.0)
         return refined, image_scores if self.image_scores == "wsddn" else segment_max(refined, index, num_images)
 
 
