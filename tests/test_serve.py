@@ -137,7 +137,7 @@ def test_a_full_queue_answers_503_with_retry_after_and_the_rest_are_served(train
     fast = slow.probabilities
 
     def probabilities(images, batch_size=32):
-        time.sleep(0.5)  # a busy model: the queue fills behind it
+        time.sleep(1.0)  # a busy model: the queue fills behind it (all four arrive well within a call)
         return fast(images, batch_size)
 
     slow.probabilities = probabilities
@@ -158,7 +158,10 @@ def test_a_full_queue_answers_503_with_retry_after_and_the_rest_are_served(train
         answers, waited = asyncio.run(burst())
         assert waited < 0.3, f"/healthz took {waited:.2f} s while a batch ran"
         statuses = sorted(a.status_code for a in answers)
-        assert statuses.count(503) >= 1 and statuses.count(200) >= 3 and set(statuses) == {200, 503}, statuses
+        # One image runs and two wait; the rest are refused. Whether the first was already taken off the queue
+        # when the third arrived is up to the scheduler, so two or three are served, never fewer than the queue.
+        served, refused = statuses.count(200), statuses.count(503)
+        assert served >= 2 and refused >= len(answers) - 3 and served + refused == len(answers), statuses
         full = next(a for a in answers if a.status_code == 503)
         assert full.headers["retry-after"] == "1" and "at most 2" in full.json()["detail"]
         many = post(running.url + "/v1/predict", files=[("file", (p.name, image_bytes(p), "image/png"))
