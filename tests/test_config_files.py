@@ -90,6 +90,7 @@ def test_configs_load_by_name_from_any_folder_and_paths_still_work(tmp_path, mon
 def test_the_oicr_teachers_take_the_published_refinement_and_the_demo_variant_changes_nothing_else():
     v = load_config(TeacherConfig, CONFIGS / "teacher_voc07_oicr.yaml")
     assert (v.model.refine, v.model.refine_iou, v.model.refine_weight, v.model.image_scores) == (3, 0.5, 1.0, "wsddn")
+    assert v.model.backbone == "vgg16" and v.model.dilate_last_block  # OICR's conv5: dilated, stride 8
     assert v.data.scales == (480, 576, 688, 864, 1200) and (v.data.resize, v.data.max_size) == ("shorter", 2000)
     assert (v.data.max_proposals, v.data.batch_size, v.optim.lr, v.optim.epochs, v.optim.lr_steps) == \
         (2000, 2, 1e-3, 28, (16,))  # 40k + 30k steps of 2 images over 5011 images

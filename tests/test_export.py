@@ -198,12 +198,14 @@ def test_export_refusals(trained_student, tmp_path, capsys):
 
 
 # -- teacher ----------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def teacher_checkpoint(tmp_path_factory):
-    """The demo teacher's architecture with the original WSDDN's score scaling and detection temperature."""
+@pytest.fixture(scope="module", params=[False, True], ids=["plain", "dilated"])
+def teacher_checkpoint(tmp_path_factory, request):
+    """The demo teacher's architecture with the original WSDDN's score scaling and detection temperature; and the
+    same with its last block dilated as OICR's conv5 (pool3 1x1 / stride 1, stride 4 instead of 8)."""
     torch.manual_seed(1)
     cfg = TeacherModelConfig(backbone="tiny", tiny_channels=(16, 32, 64, 64), input_convention="torchvision", hidden=64,
-                             roi_size=4, dropout=0.25, score_scale=10.0, score_bias=1.0, det_temperature=2.0)
+                             roi_size=4, dropout=0.25, score_scale=10.0, score_bias=1.0, det_temperature=2.0,
+                             dilate_last_block=request.param)
     model = build_teacher(cfg, len(CLASSES))
     path = tmp_path_factory.mktemp("teacher") / "last.pt"
     config = to_dict(TeacherConfig(model=cfg, data=TeacherDataConfig(test_scale=160, max_proposals=40)))
@@ -225,9 +227,15 @@ def test_teacher_caffe_export_and_weight_round_trip(teacher_checkpoint, tmp_path
     assert [l.name for l in net.layers][-9:] == ["fc8_c", "reshape_branch1", "fc8_d", "reshape_branch2", "temp_branch2",
                                                  "class_score", "proposal_score", "proposal_class_score",
                                                  "image_level_score"]
+    dilated = load_checkpoint(teacher_checkpoint)["model_config"]["dilate_last_block"]
+    pool3 = next(l for l in net.layers if l.name == "pool3").params["pooling_param"]
+    conv4 = next(l for l in net.layers if l.name == "conv4_1").params["convolution_param"]
+    assert (pool3["kernel_size"], pool3["stride"]) == ((1, 1) if dilated else (2, 2))
+    assert (conv4["pad"], conv4.get("dilation")) == (([2], [2]) if dilated else ([1], None))
     manifest = json.loads((out / "export.json").read_text())
     pooling = manifest["inputs"][1]
     assert (pooling["shape"], pooling["score_scale"], pooling["score_bias"]) == ([40, 64, 4, 4], 10.0, 1.0)
+    assert pooling["spatial_scale"] == (1 / 4 if dilated else 1 / 8)
     notes = " ".join(manifest["notes"])
     assert "WsdRoigen" in notes and "ROIPooling" in notes and "Softmax axis 1, over regions" in notes
 
@@ -244,6 +252,14 @@ def test_teacher_caffe_export_and_weight_round_trip(teacher_checkpoint, tmp_path
     state = model_from_checkpoint(back).state_dict()
     assert state.keys() == original["model"].keys()
     assert all(torch.equal(state[k], original["model"][k]) for k in state)
+    if dilated:  # a 1x1 pool before a block that is not dilated is no mlkd backbone: refused, naming the layer
+        (tmp_path / "undilated.prototxt").write_text((out / "teacher.prototxt").read_text().replace(
+            "dilation: 2", "dilation: 1").replace("pad: 2", "pad: 1"))
+        rc, _, err = _run(capsys, "import-caffe", "--arch", "wsddn", "--prototxt", str(tmp_path / "undilated.prototxt"),
+                          "--caffemodel", str(out / "teacher.caffemodel"), "--classes", str(classes), "--out",
+                          str(tmp_path / "no.pt"))
+        assert rc == 1 and "prototxt layer 'conv4_1'" in err and "'dilation': (2, 2)" in err and "OICR's conv5" in err
+        assert not (tmp_path / "no.pt").exists()
 
 
 def test_teacher_export_refuses_onnx(teacher_checkpoint, tmp_path, capsys):

@@ -6,6 +6,8 @@ A backbone is an ``nn.Module`` mapping normalised images ``(B, 3, H, W)`` to a f
 - ``vgg16``: torchvision's VGG16 ``features`` without pool5 (conv1_1 .. conv5_3 + ReLU, stride 16), the
   teacher's and student's backbone in the release. Module indices are torchvision's, so a torchvision
   ``vgg16`` state dict loads as it is.
+  With ``model.dilate_last_block`` (:func:`dilate_last_block`): OICR's VGG16, pool4 an identity and conv5
+  dilated, stride 8.
 - ``tiny``: a VGG-style stack for tests and the demo, ``len(channels)`` blocks of ``convs_per_block`` 3x3
   conv + ReLU with a 2x2 max pool between blocks (stride ``2 ** (len(channels) - 1)``).
 - ``resnet50`` / ``resnet101``: torchvision ResNets up to layer4 (stride 32), for students.
@@ -163,6 +165,29 @@ def tiny(channels: Sequence[int] = (16, 32, 64, 64), convs_per_block: int = 1) -
             layers += [conv, nn.ReLU(inplace=True)]
             in_ch = out_ch
     return ConvBackbone(nn.Sequential(*layers), channels[-1], 2 ** (len(channels) - 1))
+
+
+def dilate_last_block(backbone: ConvBackbone) -> ConvBackbone:
+    """The backbone with its last block at twice the resolution, as OICR's VGG16 (conv5 dilated, stride 8).
+
+    The max pool before the last block becomes a 1x1 / stride 1 one (an identity that keeps the module indices, so
+    ImageNet weights and the Caffe layer names stay as they are) and the block's 3x3 convolutions take dilation 2
+    and padding 2, so each kernel still spans the extent of image it spanned after the pool (its taps two positions
+    apart) and is evaluated at every position. The stride halves (VGG16: 16 -> 8); the weights are unchanged.
+    """
+    pools = [i for i, layer in enumerate(backbone.features) if isinstance(layer, nn.MaxPool2d)]
+    if not pools:
+        raise BadInput("model.dilate_last_block needs a backbone with a max pool before its last block; this one "
+                       "has a single block (tiny with one channel width)")
+    last = pools[-1]
+    backbone.features[last] = nn.MaxPool2d(1, 1)
+    for layer in list(backbone.features)[last + 1:]:
+        if isinstance(layer, nn.Conv2d):
+            layer.dilation = tuple(2 * d for d in layer.dilation)
+            layer.padding = tuple(d * (k - 1) // 2 for d, k in zip(layer.dilation, layer.kernel_size))
+    backbone.stride //= 2
+    backbone.signature += " dilated"
+    return backbone
 
 
 def conv_blocks(backbone: nn.Module) -> dict[str, list[nn.Module]]:

@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 
 from mlkd.errors import BadInput
-from mlkd.models.backbones import build_backbone, freeze, load_imagenet_weights, resnet50_c4
+from mlkd.models.backbones import build_backbone, dilate_last_block, freeze, load_imagenet_weights, resnet50_c4
 from mlkd.models.configs import StudentModelConfig, TeacherModelConfig
 from mlkd.models.student import Student
 from mlkd.models.timm_backbone import is_timm, timm_backbone
@@ -35,6 +35,8 @@ def build_teacher(cfg: TeacherModelConfig, num_classes: int) -> WSDDN:
     else:
         backbone = build_backbone(cfg.backbone, channels=cfg.tiny_channels, convs_per_block=cfg.tiny_convs_per_block)
         head = None
+        if cfg.dilate_last_block:
+            backbone = dilate_last_block(backbone)
     model = WSDDN(backbone, num_classes, hidden=cfg.hidden, roi_size=cfg.roi_size, roi_op=cfg.roi_op,
                   dropout=cfg.dropout, score_scale=cfg.score_scale, score_bias=cfg.score_bias,
                   cls_temperature=cfg.cls_temperature, det_temperature=cfg.det_temperature,

@@ -26,6 +26,9 @@ class TeacherModelConfig:
     backbone: Literal["vgg16", "tiny", "resnet50_c4"] = "vgg16"
     tiny_channels: tuple[int, ...] = bounded((16, 32, 64, 64), *CHANNELS)  # backbone=tiny only
     tiny_convs_per_block: int = bounded(1, 1, 16)  # backbone=tiny only
+    # OICR's VGG16: the pool before the last block an identity, the last block's convolutions dilated by 2, the
+    # stride halved (VGG16 conv5 at stride 8; vgg16 and tiny, mlkd.models.backbones.dilate_last_block)
+    dilate_last_block: bool = False
     # ImageNet weights: VGG16 (a local file in torchvision layout or an `mlkd import-caffe` output) or, for
     # resnet50_c4, ResNet-50 (a local torchvision state dict); or torchvision:IMAGENET1K_V1 from the torch hub cache
     # (mlkd.models.weights)
@@ -58,6 +61,9 @@ class TeacherModelConfig:
     image_scores: Literal["wsddn", "refined"] = "wsddn"
 
     def validate(self) -> None:
+        if self.dilate_last_block and self.backbone == "resnet50_c4":
+            raise BadInput("model.dilate_last_block dilates a VGG-style backbone's last block (vgg16, tiny); "
+                           "model.backbone is resnet50_c4: set model.dilate_last_block: false")
         if self.image_scores == "refined" and not self.refine:
             raise BadInput("model.image_scores: 'refined' takes the refinement streams' scores, but model.refine is "
                            "0 (no streams): set model.refine (e.g. 3) or model.image_scores: wsddn")

@@ -2,8 +2,10 @@
 
 A Caffe model is only importable into one of mlkd's backbones (``vgg16``, or ``tiny`` with the same number of
 convolutions in every block) if every convolution is 3x3 / pad 1 / stride 1 and the blocks are separated by
-2x2 / stride 2 max pooling. :func:`vgg_layout` checks exactly that, from both files: which convolutions exist
-and their shapes (``.caffemodel``), their parameters and the pooling layers (``.prototxt``).
+2x2 / stride 2 max pooling. A teacher's last block may instead be dilated as OICR's conv5 (``model.dilate_last_block``):
+the pool before it 1x1 / stride 1, its convolutions dilation 2 / pad 2. :func:`vgg_layout` checks exactly that,
+from both files: which convolutions exist and their shapes (``.caffemodel``), their parameters and the pooling
+layers (``.prototxt``).
 
 Layer names (:class:`Naming`) follow the release: ``conv{block}_{i}`` / ``pool{block}`` / ``fc6`` ... in its
 ``wsddn`` and student networks and in the ImageNet VGG16 model; its KD prototxts hold a frozen copy of the
@@ -45,20 +47,23 @@ class VggLayout:
 
     convs: tuple[tuple[str, ...], ...]
     channels: tuple[int, ...]
+    dilated_last: bool = False  # the last block dilated by 2 after a 1x1 / stride 1 pool (OICR's conv5)
 
     @property
     def stride(self) -> int:
         """Stride of the last convolution's output (no pooling after the last block)."""
-        return 2 ** (len(self.convs) - 1)
+        return 2 ** (len(self.convs) - 1 - self.dilated_last)
 
     def backbone_config(self) -> dict[str, Any]:
         """The mlkd model-config keys of the backbone with this layout (``vgg16`` or ``tiny``)."""
         blocks = tuple((c, len(names)) for c, names in zip(self.channels, self.convs))
+        dilated = {"dilate_last_block": True} if self.dilated_last else {}
         if blocks == VGG16_BLOCKS:
-            return {"backbone": "vgg16"}
+            return {"backbone": "vgg16", **dilated}
         counts = {len(names) for names in self.convs}
         if len(counts) == 1:
-            return {"backbone": "tiny", "tiny_channels": list(self.channels), "tiny_convs_per_block": counts.pop()}
+            return {"backbone": "tiny", "tiny_channels": list(self.channels), "tiny_convs_per_block": counts.pop(),
+                    **dilated}
         raise BadInput(f"the Caffe network's blocks (channels, convolutions) are {list(blocks)}: neither VGG16 "
                          f"{list(VGG16_BLOCKS)} nor mlkd's tiny backbone (the same number of convolutions in every "
                          "block)")
@@ -80,7 +85,9 @@ def vgg_layout(weights: Mapping[str, LayerBlobs], net: CaffeNet, naming: Naming 
     """Read and check the convolutional part of a network: the convolutions matching ``naming.conv`` in both
     files, numbered ``{1..B}_{1..n_b}``, each 3x3 / pad 1 / stride 1 with weights ``(OUT, IN, 3, 3)`` chained from
     3 input channels, one output width per block, and a 2x2 / stride 2 max pooling ``naming.pool`` after each block
-    but the last (and after the last with ``last_pool``, as the student's pool5). ValueError names what differs.
+    but the last (and after the last with ``last_pool``, as the student's pool5). Without ``last_pool`` (a teacher)
+    the pool before the last block may be 1x1 / stride 1 with that block's convolutions dilation 2 / pad 2 (OICR's
+    conv5). BadInput names what differs.
     """
     pattern = re.compile(naming.conv)
     in_model = {n for n in weights if pattern.fullmatch(n)}
@@ -98,12 +105,14 @@ def vgg_layout(weights: Mapping[str, LayerBlobs], net: CaffeNet, naming: Naming 
                          f"{_sorted(in_model)}")
     convs = tuple(tuple(blocks[b][i] for i in sorted(blocks[b])) for b in sorted(blocks))
     channels = _check_conv_weights(weights, convs)
-    for name in in_model:
-        _check_conv_params(net.layer(name))
     pools = [naming.pool.format(b=b) for b in range(1, len(convs) + (1 if last_pool else 0))]
-    for name in pools:
+    dilated = not last_pool and len(convs) > 1 and _pool_window(net, pools[-1]) == ((1, 1), (1, 1))
+    for block, names in enumerate(convs):
+        for name in names:
+            _check_conv_params(net.layer(name), 2 if dilated and block == len(convs) - 1 else 1)
+    for name in pools[:-1] if dilated else pools:
         _check_pool(net, name)
-    return VggLayout(convs, channels)
+    return VggLayout(convs, channels, dilated)
 
 
 def _sorted(names: set[str]) -> list[str]:
@@ -143,13 +152,25 @@ def _hw(p: Mapping[str, Any], key: str, default: int) -> tuple[int, int]:
     return int(p.get(f"{key}_h", base)), int(p.get(f"{key}_w", base))
 
 
-def _check_conv_params(layer: CaffeLayer) -> None:
+def _check_conv_params(layer: CaffeLayer, dilation: int = 1) -> None:
     p = layer.params.get("convolution_param", {})
     got = {"kernel": _hw(p, "kernel", 0), "pad": _hw(p, "pad", 0), "stride": _hw(p, "stride", 1),
            "dilation": _hw(p, "dilation", 1), "group": p.get("group", 1), "bias_term": p.get("bias_term", True)}
-    want = {"kernel": (3, 3), "pad": (1, 1), "stride": (1, 1), "dilation": (1, 1), "group": 1, "bias_term": True}
+    want = {"kernel": (3, 3), "pad": (dilation,) * 2, "stride": (1, 1), "dilation": (dilation,) * 2, "group": 1,
+            "bias_term": True}
     if got != want:
-        raise BadInput(f"prototxt layer {layer.name!r}: mlkd's VGG backbones need {want}, the prototxt gives {got}")
+        where = " (the last block after a 1x1 / stride 1 pool: dilated, as OICR's conv5)" if dilation > 1 else ""
+        raise BadInput(f"prototxt layer {layer.name!r}: mlkd's VGG backbones need {want}{where}, the prototxt gives "
+                       f"{got}")
+
+
+def _pool_window(net: CaffeNet, name: str) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """(kernel, stride) of MAX Pooling layer ``name`` without padding; None for anything else."""
+    layer = next((l for l in net.layers if l.name == name), None)
+    p = layer.params.get("pooling_param", {}) if layer is not None and layer.type == "Pooling" else None
+    if p is None or p.get("pool", "MAX") != "MAX" or p.get("global_pooling") or _hw(p, "pad", 0) != (0, 0):
+        return None
+    return _hw(p, "kernel", 0), _hw(p, "stride", 1)
 
 
 def _check_pool(net: CaffeNet, name: str) -> None:
