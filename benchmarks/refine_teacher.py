@@ -19,7 +19,7 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -105,8 +105,11 @@ def markdown(look: str, per_seed: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def run(doc: str, measure: Callable[[Path, str, int, bool], list[dict[str, Any]]],
+        table: Callable[[str, list[dict[str, Any]]], str]) -> None:
+    """The command line of a demo comparison (this one, ``dilate_teacher.py``): ``measure`` each look into its
+    folder, print ``table`` of each with the machine, and write the numbers with ``--json``."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/refine")
     p.add_argument("--looks", nargs="+", choices=("shapes", "badges"), default=["shapes", "badges"])
     p.add_argument("--seeds", type=int, default=3)
@@ -114,12 +117,16 @@ def main() -> None:
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
     info = machine(torch.device("cpu"))
-    results = {look: measure_look(Path(args.out) / look, look, args.seeds, not args.quiet) for look in args.looks}
+    results = {look: measure(Path(args.out) / look, look, args.seeds, not args.quiet) for look in args.looks}
     print("\n" + describe(info) + "\n")
     for look, per_seed in results.items():
-        print(markdown(look, per_seed) + "\n")
+        print(table(look, per_seed) + "\n")
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": info, "results": results}, indent=2) + "\n")
+
+
+def main() -> None:
+    run(__doc__, measure_look, markdown)
 
 
 if __name__ == "__main__":
