@@ -448,6 +448,18 @@ def test_import_errors_are_clear_through_the_cli(tmp_path, capsys):
     rc, _, err = _import(tmp_path, capsys, "vgg16", prototxt, caffemodel, "--classifier-name", "fc8")
     assert rc == 1 and "['--classifier-name'] do(es) not apply to --arch vgg16" in err
 
+    text = prototxt.read_text()  # the pooling between the blocks: averaged, a 1x1 window (a student), or absent
+    for edit, message in [(("pool: MAX kernel_size: 2", "pool: AVE kernel_size: 2", 1),
+                           "prototxt layer 'pool1' is {'pool': 'AVE', 'kernel_size': 2, 'stride': 2}; mlkd's VGG "
+                           "backbones need MAX pooling, kernel 2, stride 2, no padding"),
+                          (("kernel_size: 2 stride: 2", "kernel_size: 1 stride: 1", 1),
+                           "prototxt layer 'pool1' is {'pool': 'MAX', 'kernel_size': 1, 'stride': 1}"),
+                          (('name: "pool1"', 'name: "p1"', 1), "the prototxt has no Pooling layer 'pool1' (found "
+                                                               "nothing)")]:
+        bad.write_text(text.replace(*edit))
+        rc, _, err = _import(tmp_path, capsys, "vgg16", bad, caffemodel)
+        assert rc == 1 and message in err, err
+
 
 def test_student_import_errors(tmp_path, capsys):
     deploy = tmp_path / "deploy.prototxt"

@@ -106,7 +106,7 @@ def vgg_layout(weights: Mapping[str, LayerBlobs], net: CaffeNet, naming: Naming 
     convs = tuple(tuple(blocks[b][i] for i in sorted(blocks[b])) for b in sorted(blocks))
     channels = _check_conv_weights(weights, convs)
     pools = [naming.pool.format(b=b) for b in range(1, len(convs) + (1 if last_pool else 0))]
-    dilated = not last_pool and len(convs) > 1 and _pool_window(net, pools[-1]) == ((1, 1), (1, 1))
+    dilated = not last_pool and len(convs) > 1 and _pool_window(net, pools[-1])[1] == ((1, 1), (1, 1))
     for block, names in enumerate(convs):
         for name in names:
             _check_conv_params(net.layer(name), 2 if dilated and block == len(convs) - 1 else 1)
@@ -164,25 +164,25 @@ def _check_conv_params(layer: CaffeLayer, dilation: int = 1) -> None:
                        f"{got}")
 
 
-def _pool_window(net: CaffeNet, name: str) -> tuple[tuple[int, int], tuple[int, int]] | None:
-    """(kernel, stride) of MAX Pooling layer ``name`` without padding; None for anything else."""
-    layer = next((l for l in net.layers if l.name == name), None)
-    p = layer.params.get("pooling_param", {}) if layer is not None and layer.type == "Pooling" else None
+def _pool_window(net: CaffeNet, name: str) -> tuple[CaffeLayer | None, tuple | None]:
+    """Pooling layer ``name`` (None if there is none) and its (kernel, stride) when it is MAX pooling without
+    padding (None for anything else)."""
+    layer = next((l for l in net.layers if l.name == name and l.type == "Pooling"), None)
+    p = layer.params.get("pooling_param", {}) if layer is not None else None
     if p is None or p.get("pool", "MAX") != "MAX" or p.get("global_pooling") or _hw(p, "pad", 0) != (0, 0):
-        return None
-    return _hw(p, "kernel", 0), _hw(p, "stride", 1)
+        return layer, None
+    return layer, (_hw(p, "kernel", 0), _hw(p, "stride", 1))
 
 
 def _check_pool(net: CaffeNet, name: str) -> None:
-    layer = next((l for l in net.layers if l.name == name), None)
-    if layer is None or layer.type != "Pooling":
-        raise BadInput(f"the prototxt has no Pooling layer {name!r} (found {layer.type if layer else 'nothing'}); "
+    layer, window = _pool_window(net, name)
+    if layer is None:
+        found = next((l.type for l in net.layers if l.name == name), "nothing")
+        raise BadInput(f"the prototxt has no Pooling layer {name!r} (found {found}); "
                          "VGG blocks are separated by 2x2 / stride 2 max pooling layers named like the release's")
-    p = layer.params.get("pooling_param", {})
-    got = (p.get("pool", "MAX"), _hw(p, "kernel", 0), _hw(p, "stride", 1), _hw(p, "pad", 0))
-    if got != ("MAX", (2, 2), (2, 2), (0, 0)) or p.get("global_pooling"):
-        raise BadInput(f"prototxt layer {name!r} is {p}; mlkd's VGG backbones need MAX pooling, kernel 2, stride 2, "
-                         "no padding")
+    if window != ((2, 2), (2, 2)):
+        raise BadInput(f"prototxt layer {name!r} is {layer.params.get('pooling_param', {})}; mlkd's VGG backbones "
+                         "need MAX pooling, kernel 2, stride 2, no padding")
 
 
 def fc_input_side(weights: Mapping[str, LayerBlobs], name: str, channels: int) -> int:
