@@ -12,14 +12,14 @@ import pytest
 import torch
 
 import mlkd
+from mlkd.data.base import collate
 from mlkd.distill.teacher import teacher_outputs
 from mlkd.errors import BadInput
 from mlkd.evaluation.evaluate import evaluate_teacher, teacher_report, visualize_teacher
 from mlkd.export.exporter import export_checkpoint
-from mlkd.data.base import collate
 from mlkd.inference.predict import predict_teacher, teacher_view
-from mlkd.models.inputs import teacher_inputs
 from mlkd.models.build import model_from_checkpoint
+from mlkd.models.inputs import teacher_inputs
 from mlkd.models.ops import flatten_proposals
 from mlkd.models.refine import refined_region_scores
 from mlkd.models.wsddn import wsddn_scores
